@@ -1,0 +1,43 @@
+# Every target that runs code creates .venv and installs what it needs, so a fresh clone works.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# Real data for tests and benchmarks sits beside the checkout; tests skip when it is absent.
+export GENLAB_DATA ?= $(abspath ../shared/data)
+
+.PHONY: install install-dev install-bench demo test test-slow bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade "pip>=23"
+
+# Stamps make re-installs cheap; they are re-made when pyproject.toml changes.
+$(VENV)/.stamp-base: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e .
+	touch $@
+$(VENV)/.stamp-dev: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e ".[dev]"
+	touch $@ $(VENV)/.stamp-base
+$(VENV)/.stamp-bench: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e ".[dev,bench]"
+	touch $@ $(VENV)/.stamp-dev $(VENV)/.stamp-base
+
+install: $(VENV)/.stamp-base
+install-dev: $(VENV)/.stamp-dev
+install-bench: $(VENV)/.stamp-bench
+
+demo: install
+	$(VENV)/bin/genlab demo --run-dir runs/demo
+
+test: install-dev
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install-dev
+	$(PY) -m pytest -m "slow" -q
+
+bench: install-bench
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,230 @@
+"""Training throughput of genlab's U-Net against diffusers' UNet2DModel at the same layout.
+
+One training step = forward + MSE loss + backward + AdamW step, on random data (the data loader is
+not measured). FLOPs per step are counted once per model with torch.utils.flop_counter
+(matmuls and convolutions, forward and backward; normalisations and element-wise ops are free),
+so "GFLOP/s" is the effective rate: counted work over wall time. The two models are timed in
+alternation (A, B, A, B, ...) so that noise from a shared machine hits both alike; each reported
+number is the median over repeats. Prints a Markdown table and the machine it ran on.
+
+    python benchmarks/train_throughput.py                   # the small CPU preset, batch 64
+    python benchmarks/train_throughput.py --attention-resolutions none --num-res-blocks 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from genlab.models.unet import UNet, UNetConfig
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    """Parse "1,2,2" (or "none" / "" for the empty tuple) into a tuple of ints."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(int(part) for part in text.split(","))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; defaults are the small CPU preset (28x28x1 images, batch 64)."""
+    parser = argparse.ArgumentParser(
+        description="Images/s and effective GFLOP/s of one U-Net training step (forward + MSE + "
+        "backward + AdamW), genlab's U-Net side by side with diffusers' UNet2DModel at matched "
+        "width, depth, resolution and attention placement.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    shape = parser.add_argument_group("data")
+    shape.add_argument("--batch-size", type=int, default=64, help="images per training step")
+    shape.add_argument("--image-size", type=int, default=28, help="height = width of the images")
+    shape.add_argument("--channels", type=int, default=1, help="image channels (1: grey, 3: RGB)")
+    arch = parser.add_argument_group("architecture (applied to both models)")
+    arch.add_argument("--base-channels", type=int, default=32, help="width of the first level")
+    arch.add_argument("--channel-mult", type=_int_tuple, default=(1, 2, 2),
+                      help="width multiplier per level, comma-separated")
+    arch.add_argument("--num-res-blocks", type=int, default=2,
+                      help="residual blocks per encoder level (diffusers: layers_per_block)")
+    arch.add_argument("--attention-resolutions", type=_int_tuple, default=(7,),
+                      help="feature-map sizes with self-attention, comma-separated, or 'none'")
+    arch.add_argument("--no-mid-attention", action="store_true",
+                      help="drop the middle block's attention (diffusers: add_attention=False)")
+    arch.add_argument("--num-heads", type=int, default=4, help="attention heads")
+    arch.add_argument("--dropout", type=float, default=0.1, help="residual-block dropout")
+    arch.add_argument("--no-scale-shift", action="store_true",
+                      help="add the time embedding (DDPM) instead of ADM's scale-shift norm")
+    arch.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups")
+    timing = parser.add_argument_group("timing")
+    timing.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    timing.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+    timing.add_argument("--repeats", type=int, default=5,
+                        help="timed repeats per model (alternating models); the median is reported")
+    timing.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, usually all cores)")
+    timing.add_argument("--channels-last", action="store_true",
+                        help="run both models in channels_last memory format")
+    timing.add_argument("--models", default="genlab,diffusers",
+                        help="comma-separated subset of: genlab, diffusers")
+    timing.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+    return parser.parse_args(argv)
+
+
+def build_genlab(args: argparse.Namespace) -> nn.Module:
+    """genlab's U-Net with the options of the command line."""
+    config = UNetConfig(
+        base_channels=args.base_channels,
+        channel_mult=args.channel_mult,
+        num_res_blocks=args.num_res_blocks,
+        attention_resolutions=args.attention_resolutions,
+        num_heads=args.num_heads,
+        dropout=args.dropout,
+        use_scale_shift_norm=not args.no_scale_shift,
+        norm_groups=args.norm_groups,
+        mid_attention=not args.no_mid_attention,
+    )
+    return UNet(config, args.channels, args.channels, args.image_size)
+
+
+class DiffusersUNet(nn.Module):
+    """diffusers' UNet2DModel with the same layout, called as model(x, t) -> tensor."""
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        widths = tuple(args.base_channels * m for m in args.channel_mult)
+        resolutions = [args.image_size // 2**i for i in range(len(widths))]
+        has_attention = [r in args.attention_resolutions for r in resolutions]
+        # diffusers fixes the head *width*; pick it so the head count equals ours at the attended widths.
+        attended = [w for w, a in zip(widths, has_attention) if a] + [widths[-1]]
+        head_dim = attended[0] // args.num_heads
+        self.model = UNet2DModel(
+            sample_size=args.image_size,
+            in_channels=args.channels,
+            out_channels=args.channels,
+            block_out_channels=widths,
+            layers_per_block=args.num_res_blocks,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in has_attention),
+            up_block_types=tuple(
+                "AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention)
+            ),
+            attention_head_dim=head_dim,
+            norm_num_groups=args.norm_groups,
+            attn_norm_num_groups=args.norm_groups,  # else diffusers drops the middle attention GroupNorm
+            dropout=args.dropout,
+            resnet_time_scale_shift="default" if args.no_scale_shift else "scale_shift",
+            add_attention=not args.no_mid_attention,
+            flip_sin_to_cos=True,  # cos first, as genlab's timestep_embedding
+            freq_shift=0,
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W), t (N,) -> predicted noise (N, C, H, W)."""
+        return self.model(x, t, return_dict=False)[0]
+
+
+def make_step(model: nn.Module, args: argparse.Namespace) -> Callable[[], None]:
+    """A closure doing one full training step of ``model`` on a fixed random batch."""
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch_size, args.channels, args.image_size, args.image_size)
+    x = torch.randn(shape, generator=generator)
+    target = torch.randn(shape, generator=generator)
+    t = torch.randint(0, 1000, (args.batch_size,), generator=generator)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        target = target.contiguous(memory_format=torch.channels_last)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss = F.mse_loss(model(x, t), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one call of ``step`` (matmuls and convolutions, forward and backward)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def time_steps(step: Callable[[], None], n: int) -> float:
+    """Seconds per step over n consecutive steps."""
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (as lscpu shows it), or platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build, warm up, count and time each model; print the Markdown table."""
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    builders = {"genlab": build_genlab, "diffusers": DiffusersUNet}
+    names = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = [name for name in names if name not in builders]
+    if unknown:
+        raise SystemExit(f"error: unknown model(s) {unknown}; choose from {sorted(builders)}")
+
+    steps, params, flops = {}, {}, {}
+    for name in names:
+        torch.manual_seed(args.seed)
+        model = builders[name](args)
+        params[name] = sum(p.numel() for p in model.parameters())
+        steps[name] = make_step(model, args)
+        flops[name] = count_flops(steps[name])  # also the first warm-up step
+        for _ in range(args.warmup):
+            steps[name]()
+
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:  # alternate, so machine noise is shared by both models
+            seconds[name].append(time_steps(steps[name], args.steps))
+
+    reference = "diffusers" if "diffusers" in names else names[0]
+    rate = {name: flops[name] / statistics.median(seconds[name]) / 1e9 for name in names}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model_name()}, "
+          f"{platform.system()} {platform.machine()}, python {platform.python_version()}")
+    print(f"batch {args.batch_size} x {args.channels}x{args.image_size}x{args.image_size}, "
+          f"base {args.base_channels}, mult {args.channel_mult}, res blocks {args.num_res_blocks}, "
+          f"attention at {args.attention_resolutions or 'none'}"
+          f"{'' if args.no_mid_attention else ' + middle'}, {args.num_heads} heads, "
+          f"dropout {args.dropout}, {'add' if args.no_scale_shift else 'scale-shift'} time embedding"
+          f"{', channels_last' if args.channels_last else ''}; "
+          f"median of {args.repeats} x {args.steps} steps after {args.warmup + 1} warm-up\n")
+    print(f"| model | params (M) | GFLOP/step | images/s | GFLOP/s | GFLOP/s ratio vs {reference} |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        images_per_s = args.batch_size / statistics.median(seconds[name])
+        print(f"| {name} | {params[name] / 1e6:.3f} | {flops[name] / 1e9:.2f} | "
+              f"{images_per_s:.1f} | {rate[name]:.2f} | {rate[name] / rate[reference]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

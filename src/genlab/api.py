@@ -1,0 +1,174 @@
+"""The Python API; the CLI is a thin layer over these functions (SPEC P2).
+
+    import genlab
+    run = genlab.train("ddpm", data="mnist5k", preset="small", overrides=["train.steps=500"])
+    images = run.sample(16, seed=0, sampler="ddim", steps=50)   # (16, 1, 28, 28) in [-1, 1]
+    run = genlab.load_run("runs/demo")                             # later, from the folder
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from genlab.config import RunConfig, build_config, list_presets, read_config_file
+from genlab.data import load_data
+from genlab.errors import ConfigError, GenlabError
+from genlab.methods import DataInfo, Method, get_method
+from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
+
+
+def data_info_for(cfg: RunConfig, images) -> DataInfo:
+    """Shape facts of the (fitted) training data."""
+    size = images.image_size
+    if not isinstance(size, int):
+        raise ConfigError(f"images are {size[0]}x{size[1]}; set data.image_size=N to train on square images")
+    num_classes = images.num_classes if images.labels is not None else None
+    return DataInfo(channels=images.channels, image_size=size, num_classes=num_classes or None)
+
+
+def default_run_dir(method: str, source: str) -> Path:
+    safe = source.replace(":", "_").replace("/", "_").strip("_")
+    return Path("runs") / f"{method}-{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass
+class Run:
+    """A trained (or training) run folder with its method loaded: sample from it, inspect its config."""
+
+    path: Path
+    config: RunConfig
+    method: Method
+    step: int
+    weights: str  # "ema" or "raw"
+
+    def sample(self, n: int, seed: int = 0, batch_size: int = 256, progress: bool = False, **options: Any) -> torch.Tensor:
+        """``n`` images in [-1, 1] (N, C, H, W), drawn in batches; same seed, same images."""
+        from tqdm.auto import tqdm
+
+        generator = torch.Generator().manual_seed(seed)
+        self.method.eval()
+        chunks = []
+        with tqdm(total=n, disable=not progress, desc="sample", unit="img") as bar:
+            for start in range(0, n, batch_size):
+                m = min(batch_size, n - start)
+                opts = dict(options)
+                if opts.get("labels") is not None:
+                    opts["labels"] = torch.as_tensor(opts["labels"])[start: start + m]
+                chunks.append(self.method.sample(m, generator=generator, **opts).cpu())
+                bar.update(m)
+        return torch.cat(chunks)
+
+
+def train(
+    method: str,
+    data: str | None = None,
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    data_root: str | None = None,
+    progress: bool = True,
+) -> Run:
+    """Train ``method`` and return the finished :class:`Run` (EMA weights loaded when present)."""
+    from genlab.train.trainer import Trainer
+
+    method_cls = get_method(method)
+    overrides = list(overrides)
+    base = None
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume needs --run-dir: the run folder to continue")
+        base = read_config_file(Path(run_dir) / "config.yaml")
+        if data is not None and data != base.get("data", {}).get("source"):
+            raise ConfigError(f"--data {data} differs from the run's data source {base['data']['source']!r}; "
+                              "a resumed run keeps its data")
+        preset = None  # the saved config already contains the preset
+    if data is not None:
+        overrides.insert(0, f"data.source={data}")
+        # A dataset-specific preset (ddpm_mnist_small.yaml) wins over the generic one (ddpm_small.yaml).
+        if preset is not None and f"{data.replace('-', '_')}_{preset}" in list_presets(method):
+            preset = f"{data.replace('-', '_')}_{preset}"
+    if data_root is not None:
+        overrides.insert(0, f"data.root={data_root}")
+    cfg = build_config(method, method_cls.Config, preset=preset, overrides=overrides, base=base)
+    if resume and base is not None:
+        changed = _changed_keys(base, cfg)
+        if changed - {"train.steps", "train.time_limit", "train.checkpoint_every", "train.sample_every",
+                      "train.log_every", "train.threads", "train.keep_checkpoints"}:
+            import warnings
+
+            warnings.warn(f"resuming with changed {sorted(changed)}: the continuation is no longer an exact resume")
+    if run_dir is None:
+        run_dir = default_run_dir(method, cfg.data.source)
+    run_dir = Path(run_dir)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    images = load_data(cfg.data)
+    torch.manual_seed(cfg.train.seed)  # weight initialisation is part of the run's seed
+    instance = method_cls(cfg.model, data_info_for(cfg, images))
+    trainer = Trainer(run_dir, cfg, instance, images, progress=progress)
+    trainer.fit(resume=resume)
+    return load_run(run_dir)
+
+
+def _changed_keys(base: dict, cfg: RunConfig) -> set[str]:
+    from genlab.config import to_dict
+
+    new = to_dict(cfg)
+    out = set()
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in set(a) | set(b):
+                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        elif a != b:
+            out.add(prefix)
+
+    walk(base, new, "")
+    return out
+
+
+def load_run(path: str | Path, weights: str = "ema", checkpoint: str | Path | None = None, device: str | None = None) -> Run:
+    """Load a run folder's method with its latest (or given) checkpoint; ``weights`` is "ema" or "raw"."""
+    path = Path(path)
+    if not path.is_dir():
+        raise GenlabError(f"{path}: no such run folder")
+    saved = read_config_file(path / "config.yaml")
+    method_cls = get_method(saved["method"])
+    cfg = build_config(saved["method"], method_cls.Config, base=saved)
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(path)
+    if ckpt is None:
+        raise GenlabError(f"{path}: no checkpoint yet (train it first, or wait for the first checkpoint)")
+    tensors, state = load_checkpoint(ckpt, device="cpu")
+    info = state.get("data_info")
+    if info is None:
+        images = load_data(cfg.data)
+        data_info = data_info_for(cfg, images)
+    else:
+        data_info = DataInfo(**info)
+    method = method_cls(cfg.model, data_info)
+    method.load_state_dict(tensors["model"])
+    if weights not in ("ema", "raw"):
+        raise ConfigError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    used = "raw"
+    if weights == "ema":
+        from genlab.train.checkpoint import unflatten_state
+        from genlab.train.ema import EMA
+
+        for name, module in method.ema_targets().items():
+            key = f"ema_{name}"
+            if key in tensors:
+                ema = EMA(module)
+                ema.load_state_dict(unflatten_state(tensors[key], state["skeletons"][key]))
+                ema.copy_to(module)
+                used = "ema"
+    if device is not None:
+        method.to(device)
+    elif torch.cuda.is_available():
+        method.to("cuda")
+    return Run(path=path, config=cfg, method=method.eval(), step=int(state["step"]), weights=used)

@@ -1,0 +1,48 @@
+"""The data section of a run's configuration, and where data and decoded caches live on disk."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from genlab.errors import ConfigError
+
+FITS = ("resize", "pad", "center-crop")
+
+
+@dataclass
+class DataConfig:
+    """Where training images come from and how they are shaped (SPEC DATA1)."""
+
+    source: str = "mnist5k"  # a name from `genlab data list`, or folder:PATH
+    root: str | None = None  # data root for mnist / fashion-mnist / cifar10; None: $GENLAB_DATA
+    split: str = "train"
+    image_size: int | None = None  # None: the source's native size
+    fit: Literal["resize", "pad", "center-crop"] = "resize"  # how images reach image_size
+    channels: int | None = None  # None: native; 1 <-> 3 converts grey <-> RGB
+    limit: int | None = None  # use only the first N examples (quick runs, tests)
+    hflip: bool = False  # random horizontal flips; carried here, applied by the trainer
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and (isinstance(self.image_size, bool) or self.image_size < 1):
+            raise ConfigError(f"data.image_size must be a positive integer or None, got {self.image_size!r}")
+        if self.fit not in FITS:
+            raise ConfigError(f"data.fit must be one of {', '.join(FITS)}, got {self.fit!r}")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"data.channels must be 1 (grey), 3 (RGB) or None (native), got {self.channels!r}")
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise ConfigError(f"data.limit must be a positive integer or None (all examples), got {self.limit!r}")
+
+
+def resolve_data_root(root: str | os.PathLike | None = None) -> Path | None:
+    """The data root: the argument, else the environment variable GENLAB_DATA, else None."""
+    if root is None or str(root) == "":
+        root = os.environ.get("GENLAB_DATA") or None
+    return None if root is None else Path(root).expanduser()
+
+
+def resolve_cache_dir() -> Path:
+    """genlab's cache folder: the environment variable GENLAB_CACHE, else ~/.cache/genlab."""
+    return Path(os.environ.get("GENLAB_CACHE") or Path.home() / ".cache" / "genlab").expanduser()

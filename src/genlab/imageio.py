@@ -1,0 +1,88 @@
+"""Writing and reading generated images: PNG grids and ``.npz`` files (key ``images``, uint8 NHWC)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from genlab.data import from_model_range
+from genlab.errors import DataError
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tile (N, C, H, W) images in [-1, 1] into one uint8 (H', W', C) array, ``nrow`` per row."""
+    u8 = from_model_range(images.detach().cpu())  # (N, C, H, W) uint8
+    n, c, h, w = u8.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y: y + h, x: x + w] = u8[i].permute(1, 2, 0).numpy()
+    return grid
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Save images in [-1, 1] as one PNG grid (``scale``: nearest-neighbour upscaling for small images)."""
+    grid = make_grid(images, nrow)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    _atomic_write(Path(path), lambda p: img.save(p, format="PNG"))
+    return Path(path)
+
+
+def save_npz(images: torch.Tensor, path: str | Path, **extra: np.ndarray) -> Path:
+    """Save images in [-1, 1] as ``images`` (uint8, N x H x W x C) in an .npz file."""
+    u8 = from_model_range(images.detach().cpu()).permute(0, 2, 3, 1).numpy()
+    _atomic_write(Path(path), lambda p: np.savez(open(p, "wb"), images=u8, **extra))
+    return Path(path)
+
+
+def load_npz(path: str | Path) -> torch.Tensor:
+    """Read ``images`` (uint8 N x H x W x C) from an .npz file as uint8 (N, C, H, W); never unpickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f.files:
+                raise DataError(f"{path}: no 'images' array (found {', '.join(f.files) or 'nothing'}); "
+                                "save uint8 images N x H x W x C under the key 'images'")
+            arr = f["images"]
+    except DataError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled object arrays) ...
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+        raise DataError(f"{path}: 'images' must be uint8 N x H x W x C, got {arr.dtype} with shape {arr.shape}")
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def save_images(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Save to ``.png`` (grid) or ``.npz`` by the file's suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".png":
+        return save_grid(images, path, nrow)
+    if suffix == ".npz":
+        return save_npz(images, path)
+    raise DataError(f"--out {path}: the file must end in .png (a grid) or .npz (uint8 images N x H x W x C)")

@@ -1,0 +1,71 @@
+"""The method interface: what every model family gives the one trainer.
+
+A method is an ``nn.Module`` that owns its networks and knows its family's math. The trainer never
+special-cases a family: it calls :meth:`Method.training_step` once per micro-batch and hands it a
+:class:`StepContext` through which the method draws its randomness and asks for optimiser steps
+(one call for a diffusion model, two for a GAN's D and G updates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Shape facts of the training data that size a method's networks."""
+
+    channels: int
+    image_size: int
+    num_classes: int | None = None
+
+
+class StepContext(Protocol):
+    """What the trainer offers a training step (see ``genlab.train.trainer``)."""
+
+    step: int  # optimiser step being computed (0-based)
+
+    def randn(self, *shape_per_sample: int) -> torch.Tensor: ...  # (n_local, *shape) on the device
+
+    def rand(self, *shape_per_sample: int) -> torch.Tensor: ...
+
+    def randint(self, low: int, high: int) -> torch.Tensor: ...  # (n_local,) long
+
+    def optimize(self, loss: torch.Tensor, group: str = "main") -> None: ...
+
+
+class Method(nn.Module):
+    """Base class of every family: networks, a training step, and sampling."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any, data_info: DataInfo):
+        super().__init__()
+        self.config = config
+        self.data_info = data_info
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters of each optimiser by name; one AdamW per entry, stepped by ``ctx.optimize``."""
+        return {"main": [p for p in self.parameters() if p.requires_grad]}
+
+    def ema_targets(self) -> dict[str, nn.Module]:
+        """Sub-modules whose weights the trainer averages (EMA) and uses for sampling."""
+        return {}
+
+    def training_step(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Compute losses on ``batch``, call ``ctx.optimize``, return the values to log."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:
+        """``n`` images in [-1, 1], (n, C, H, W)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device

@@ -1,0 +1,35 @@
+"""Evaluation metrics: distribution metrics on features (FID, KID, IS, PR/DC) and image metrics (SSIM, PSNR)."""
+
+from genlab.metrics.fid import FID, frechet_distance
+from genlab.metrics.image_quality import MS_SSIM_WEIGHTS, gaussian_window, ms_ssim, ms_ssim_scales, mse, psnr, ssim
+from genlab.metrics.inception_score import InceptionScore, InceptionScoreConfig, inception_score
+from genlab.metrics.kid import KID, KIDConfig, kernel_inception_distance, mmd2_unbiased, polynomial_kernel
+from genlab.metrics.prdc import PRDC, PRDCConfig, knn_radii, precision_recall_density_coverage
+from genlab.metrics.statistics import FeatureBank, GaussianStats, canonical_order
+
+__all__ = [
+    "FID",
+    "frechet_distance",
+    "KID",
+    "KIDConfig",
+    "kernel_inception_distance",
+    "mmd2_unbiased",
+    "polynomial_kernel",
+    "InceptionScore",
+    "InceptionScoreConfig",
+    "inception_score",
+    "PRDC",
+    "PRDCConfig",
+    "knn_radii",
+    "precision_recall_density_coverage",
+    "FeatureBank",
+    "GaussianStats",
+    "canonical_order",
+    "MS_SSIM_WEIGHTS",
+    "gaussian_window",
+    "mse",
+    "psnr",
+    "ssim",
+    "ms_ssim",
+    "ms_ssim_scales",
+]

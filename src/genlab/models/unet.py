@@ -1,0 +1,255 @@
+"""The U-Net denoiser of DDPM (Ho et al. 2020) and ADM (Dhariwal & Nichol 2021), SPEC D3.
+
+An encoder of residual blocks at decreasing resolutions, a middle block (residual, attention,
+residual) and a decoder that mirrors the encoder and concatenates its activations (skip
+connections). The sinusoidal time embedding, plus an optional class embedding, is added in every
+residual block; self-attention runs at the chosen feature-map resolutions, and cross-attention to a
+context sequence (text) joins it there when the network is built with ``context_dim``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from genlab.errors import ConfigError
+from genlab.nn.attention import SpatialAttention
+from genlab.nn.blocks import Downsample, ResBlock, Upsample, group_norm
+from genlab.nn.embeddings import TimestepEmbedder
+
+
+@dataclass
+class UNetConfig:
+    """Width, depth and layout of the U-Net; the image and label shapes are given to UNet itself."""
+
+    base_channels: int = 64  # channels of the first level; level i has base_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # one entry per resolution level
+    num_res_blocks: int = 2  # residual blocks per level in the encoder (the decoder has one more)
+    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes (pixels) with self-attention
+    num_heads: int = 4  # attention heads (ignored when num_head_channels is set)
+    num_head_channels: int | None = None  # fixed channels per head, heads = width // this (ADM)
+    dropout: float = 0.1  # dropout before the second conv of every residual block
+    use_scale_shift_norm: bool = True  # ADM's GN(h) * (1 + scale) + shift; False adds emb (DDPM)
+    norm_groups: int = 32  # GroupNorm groups; must divide every channel count
+    mid_attention: bool = True  # self-attention in the middle block, as in DDPM and ADM
+
+
+class UNetLayer(nn.Module):
+    """One U-Net layer: a residual block, then self-attention and cross-attention when enabled."""
+
+    def __init__(
+        self,
+        res: ResBlock,
+        attention: SpatialAttention | None = None,
+        cross_attention: SpatialAttention | None = None,
+    ):
+        super().__init__()
+        self.res = res
+        self.attention = attention
+        self.cross_attention = cross_attention
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (N, C_in, H, W), emb (N, E), context (N, S, D_ctx) or None -> (N, C_out, H, W)."""
+        h = self.res(x, emb)  # (N, C_out, H, W)
+        if self.attention is not None:
+            h = self.attention(h)  # (N, C_out, H, W)
+        if self.cross_attention is not None:
+            h = self.cross_attention(h, context)  # (N, C_out, H, W)
+        return h
+
+
+class UNet(nn.Module):
+    """Noise-prediction U-Net: forward(x_t, t, y=None, context=None) -> (N, out_channels, H, W).
+
+    With ``num_classes`` set, the class embedding table has num_classes + 1 rows; row num_classes
+    is the "null" class of classifier-free guidance (Ho & Salimans 2022) and ``y=None`` means every
+    sample is unconditional. With ``context_dim`` set, cross-attention to ``context`` (N, S,
+    context_dim) follows every self-attention layer (Rombach et al. 2022).
+    """
+
+    def __init__(
+        self,
+        config: UNetConfig,
+        in_channels: int,
+        out_channels: int,
+        image_size: int,
+        num_classes: int | None = None,
+        context_dim: int | None = None,
+    ):
+        super().__init__()
+        _validate(config, in_channels, out_channels, image_size, num_classes, context_dim)
+        self.config = config
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.context_dim = context_dim
+        self.downsample_factor = 2 ** (len(config.channel_mult) - 1)
+
+        base = config.base_channels
+        emb_dim = 4 * base  # DDPM / ADM: the embedding is four times the base width
+        self.time_embed = TimestepEmbedder(base, emb_dim)
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+
+        def res_block(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(
+                c_in, c_out, emb_dim, config.dropout, config.use_scale_shift_norm, config.norm_groups
+            )
+
+        def layer(c_in: int, c_out: int, resolution: int) -> UNetLayer:
+            if resolution not in config.attention_resolutions:
+                return UNetLayer(res_block(c_in, c_out))
+            return UNetLayer(res_block(c_in, c_out), *self._attention_pair(c_out))
+
+        # Encoder: conv_in, then num_res_blocks layers per level and a Downsample between levels.
+        self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels = [base]  # the width of every activation the decoder will concatenate
+        channels, resolution = base, image_size
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                self.down.append(layer(channels, base * mult, resolution))
+                channels = base * mult
+                skip_channels.append(channels)
+            if level < len(config.channel_mult) - 1:
+                self.down.append(Downsample(channels))
+                skip_channels.append(channels)
+                resolution //= 2
+
+        # Middle: residual, attention, residual at the lowest resolution.
+        mid_attention = self._attention_pair(channels) if config.mid_attention else ()
+        self.middle = nn.ModuleList(
+            [UNetLayer(res_block(channels, channels), *mid_attention), UNetLayer(res_block(channels, channels))]
+        )
+
+        # Decoder: num_res_blocks + 1 layers per level, each eating one skip; Upsample between levels.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mult))):
+            for _ in range(config.num_res_blocks + 1):
+                self.up.append(layer(channels + skip_channels.pop(), base * mult, resolution))
+                channels = base * mult
+            if level > 0:
+                self.up.append(Upsample(channels))
+                resolution *= 2
+
+        # Output head; the last conv starts at zero so the initial prediction is exactly 0 (DDPM).
+        self.norm_out = group_norm(channels, config.norm_groups)
+        self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+        pass
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _attention_pair(self, channels: int) -> tuple[SpatialAttention, SpatialAttention | None]:
+        """Self-attention at this width, plus cross-attention when the model has a context."""
+        c = self.config
+        heads = channels // c.num_head_channels if c.num_head_channels else c.num_heads
+        self_attention = SpatialAttention(channels, heads, c.norm_groups)
+        if self.context_dim is None:
+            return self_attention, None
+        return self_attention, SpatialAttention(channels, heads, c.norm_groups, self.context_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (N, C_in, H, W), t (N,) long or float, y (N,) long or None, context (N, S, D_ctx) -> (N, C_out, H, W)."""
+        n, _, height, width = x.shape
+        if height % self.downsample_factor or width % self.downsample_factor:
+            raise ConfigError(
+                f"input of size {height}x{width} is not divisible by {self.downsample_factor} "
+                f"(2 ** (len(channel_mult) - 1)): resize or pad the images, or use fewer levels"
+            )
+        if t.ndim == 0:
+            t = t.expand(n)
+        emb = self.time_embed(t)  # (N, E)
+        if self.class_embed is not None:
+            if y is None:  # all-null: the unconditional branch of classifier-free guidance
+                y = torch.full((n,), self.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.class_embed(y)  # (N, E)
+        elif y is not None:
+            raise ConfigError("class labels y were given but the UNet has num_classes=None: "
+                              "build it with num_classes=... or pass y=None")
+
+        h = self.conv_in(x)  # (N, base, H, W)
+        skips = [h]
+        for module in self.down:
+            h = module(h, emb, context) if isinstance(module, UNetLayer) else module(h)
+            skips.append(h)  # (N, C_level, H_level, W_level)
+        for module in self.middle:
+            h = module(h, emb, context)  # (N, C_last, H / f, W / f)
+        for module in self.up:
+            if isinstance(module, UNetLayer):
+                h = module(torch.cat([h, skips.pop()], dim=1), emb, context)  # (N, C_level, ., .)
+            else:
+                h = module(h)  # Upsample: (N, C, 2H', 2W')
+        h = nn.functional.silu(self.norm_out(h))  # (N, base * channel_mult[0], H, W)
+        return self.conv_out(h)  # (N, C_out, H, W)
+
+
+def _validate(
+    config: UNetConfig,
+    in_channels: int,
+    out_channels: int,
+    image_size: int,
+    num_classes: int | None,
+    context_dim: int | None,
+) -> None:
+    """Raise ConfigError, naming the value and the fix, for a U-Net that cannot be built."""
+    c = config
+    if c.base_channels < 1 or not c.channel_mult or min(c.channel_mult) < 1:
+        raise ConfigError(
+            f"base_channels={c.base_channels}, channel_mult={c.channel_mult}: need base_channels >= 1 "
+            "and a non-empty channel_mult of positive integers, e.g. (1, 2, 2)"
+        )
+    if c.num_res_blocks < 1:
+        raise ConfigError(f"num_res_blocks={c.num_res_blocks}: use at least 1")
+    if in_channels < 1 or out_channels < 1:
+        raise ConfigError(f"in_channels={in_channels}, out_channels={out_channels}: both must be >= 1")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ConfigError(f"dropout={c.dropout}: use a probability in [0, 1)")
+    factor = 2 ** (len(c.channel_mult) - 1)
+    if image_size < factor or image_size % factor:
+        raise ConfigError(
+            f"image_size={image_size} is not divisible by {factor} = 2 ** (len(channel_mult) - 1) "
+            f"for channel_mult={c.channel_mult}: use fewer levels or an image size that is a multiple of {factor}"
+        )
+    resolutions = [image_size // 2**i for i in range(len(c.channel_mult))]
+    missing = [r for r in c.attention_resolutions if r not in resolutions]
+    if missing:
+        raise ConfigError(
+            f"attention_resolutions={c.attention_resolutions} includes {missing}, which never occurs: "
+            f"the feature maps of this U-Net are {resolutions} pixels wide; pick among those or use ()"
+        )
+    if c.num_head_channels is not None:
+        widths = [c.base_channels * m for m in c.channel_mult]
+        bad = [w for w in widths if w % c.num_head_channels]
+        if c.num_head_channels < 1 or bad:
+            raise ConfigError(
+                f"num_head_channels={c.num_head_channels} does not divide the widths {bad}: "
+                "choose a divisor of every level's width, or set num_head_channels=None and use num_heads"
+            )
+    if num_classes is not None and num_classes < 1:
+        raise ConfigError(f"num_classes={num_classes}: use a positive count or None (unconditional)")
+    if context_dim is not None and context_dim < 1:
+        raise ConfigError(f"context_dim={context_dim}: use a positive width or None (no cross-attention)")
+
+
+def unet_ddpm_cifar10(**kwargs) -> UNet:
+    """The CIFAR-10 model of Ho et al. 2020 (35.7M parameters): ch 128, mult (1, 2, 2, 2), attention at 16."""
+    config = UNetConfig(
+        base_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        num_heads=1,  # DDPM's attention is single-head
+        dropout=0.1,
+        use_scale_shift_norm=False,  # DDPM adds the embedding; scale-shift is ADM's later change
+        norm_groups=32,
+    )
+    return UNet(config, in_channels=3, out_channels=3, image_size=32, **kwargs)

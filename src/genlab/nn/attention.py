@@ -1,0 +1,95 @@
+"""Multi-head attention, the one implementation shared by the U-Net, DiT and text conditioning.
+
+:class:`Attention` works on token sequences (N, L, D): self-attention, or cross-attention when
+built with ``context_dim`` (queries from the tokens, keys and values from a context (N, S, D_ctx),
+e.g. text encoder states, as in Stable Diffusion). :class:`SpatialAttention` applies it over the
+H*W positions of a feature map, as the attention block of DDPM / ADM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genlab.errors import ConfigError
+from genlab.nn.blocks import group_norm
+
+
+def multihead_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d_head)) v per head (Vaswani et al. 2017, eq. 1): q (N, L, D), k, v (N, S, D) -> (N, L, D)."""
+    n, length, dim = q.shape
+    head_dim = dim // num_heads
+    # Views only: the head split is a reshape of the last axis, SDPA reads the strides as they are.
+    q = q.view(n, length, num_heads, head_dim).transpose(1, 2)  # (N, h, L, d_head)
+    k = k.view(n, -1, num_heads, head_dim).transpose(1, 2)  # (N, h, S, d_head)
+    v = v.view(n, -1, num_heads, head_dim).transpose(1, 2)  # (N, h, S, d_head)
+    out = F.scaled_dot_product_attention(q, k, v)  # (N, h, L, d_head)
+    return out.transpose(1, 2).reshape(n, length, dim)  # (N, L, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over tokens, or cross-attention to a context when context_dim is set."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, bias: bool = True):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ConfigError(
+                f"num_heads={num_heads} does not divide the attention width {dim}: "
+                "choose a number of heads that divides every attention layer's channel count"
+            )
+        self.num_heads = num_heads
+        self.context_dim = context_dim
+        if context_dim is None:
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)  # one matmul for q, k, v
+        else:
+            self.to_q = nn.Linear(dim, dim, bias=bias)
+            self.to_kv = nn.Linear(context_dim, 2 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from tokens x (N, L, D) to themselves or to context (N, S, D_ctx) -> (N, L, D)."""
+        if self.context_dim is None:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # 3 x (N, L, D)
+        else:
+            if context is None:
+                raise ConfigError(
+                    "this cross-attention layer needs a context (N, S, D_ctx); pass context=... "
+                    "(e.g. text encoder states) or build the model without context_dim"
+                )
+            if context.shape[-1] != self.context_dim:
+                raise ConfigError(
+                    f"context has width {context.shape[-1]} but this layer was built with "
+                    f"context_dim={self.context_dim}: make them equal"
+                )
+            q = self.to_q(x)  # (N, L, D)
+            k, v = self.to_kv(context).chunk(2, dim=-1)  # 2 x (N, S, D)
+        return self.proj(multihead_attention(q, k, v, self.num_heads))  # (N, L, D)
+
+
+class SpatialAttention(nn.Module):
+    """x + Attention(GroupNorm(x)) over the H*W positions of a feature map (DDPM / ADM attention block).
+
+    The output projection starts at zero (Ho et al. 2020 use init_scale=0 there), so the block is
+    the identity at initialisation and the network starts as its attention-free version. With
+    ``context_dim`` set it is a cross-attention block: queries from the positions, keys and values
+    from the context.
+    """
+
+    def __init__(
+        self, channels: int, num_heads: int, norm_groups: int = 32, context_dim: int | None = None
+    ):
+        super().__init__()
+        self.norm = group_norm(channels, norm_groups)
+        self.attention = Attention(channels, num_heads, context_dim=context_dim)
+        nn.init.zeros_(self.attention.proj.weight)
+        nn.init.zeros_(self.attention.proj.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature map x (N, C, H, W), optional context (N, S, D_ctx) -> (N, C, H, W)."""
+        n, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, H*W, C)
+        out = self.attention(tokens, context)  # (N, H*W, C)
+        return x + out.transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W)

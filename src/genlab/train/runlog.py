@@ -1,0 +1,196 @@
+"""The run's training log: one JSON object per line in ``RUN/log.jsonl`` (SPEC P4).
+
+Each record is ``{"step": int, "time": unix seconds, "kind": str, "values": {...}}``; ``kind`` says
+what produced it ("train", "eval", "sample", "health", ...). Lines are written whole and flushed
+one by one, so a crash loses at most the line being written; :func:`read_log` drops such a partial
+last line with a warning, and :class:`RunLog` cuts it off before appending again.
+
+Strict JSON has no NaN or infinity, yet a diverging loss is worth logging: non-finite floats are
+written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` and :func:`read_log` turns those strings
+under ``values`` back into floats.
+
+On resume, :meth:`RunLog.truncate_after` drops the records written after the checkpoint being
+resumed, so the log never describes weights that no longer exist. Only the main process logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genlab.errors import ConfigError, GenlabError
+
+LOG_FILE = "log.jsonl"
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _log_path(path: str | os.PathLike) -> Path:
+    """``RUN/log.jsonl`` for a run folder; the path itself when it already names a .jsonl file."""
+    path = Path(path)
+    return path if path.suffix == ".jsonl" else path / LOG_FILE
+
+
+def _to_json(value: Any, key: str) -> Any:
+    """A JSON-able copy of a logged value: one-element tensors / arrays to numbers, larger ones to lists."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        value = value.item() if value.numel() == 1 else value.cpu().tolist()
+    elif isinstance(value, (np.ndarray, np.generic)):
+        value = value.item() if value.size == 1 else value.tolist()
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isfinite(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _to_json(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"cannot log '{key}': a {type(value).__name__} is not a number, string, tensor, list or dict")
+
+
+def _from_json(value: Any) -> Any:
+    """Undo the non-finite-float encoding of :func:`_to_json`."""
+    if isinstance(value, str):
+        return _NON_FINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def _complete_lines(path: Path) -> tuple[list[tuple[str, dict]], bool]:
+    """Parsed ``(line, record)`` pairs of a log file and whether a partial last line was dropped."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    # After the final "\n" split() yields "" for a complete file; anything else is an unterminated tail.
+    tail = lines.pop()
+    records: list[tuple[str, dict]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise GenlabError(
+                f"{path} line {number} is not valid JSON; the log is corrupt beyond its last line"
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise GenlabError(f"{path} line {number} is not a log record (a JSON object with an integer 'step')")
+        records.append((line, record))
+    dropped = False
+    if tail.strip():
+        try:
+            record = json.loads(tail)
+            complete = isinstance(record, dict) and isinstance(record.get("step"), int)
+        except ValueError:
+            complete = False
+        if complete:  # whole record, only its newline is missing
+            records.append((tail, record))
+        else:
+            dropped = True
+    return records, dropped
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a run's log (a run folder or a .jsonl path); a partial last line is dropped with a warning."""
+    path = _log_path(path)
+    if not path.is_file():
+        raise GenlabError(f"no training log at {path}; is this a genlab run folder?")
+    records, dropped = _complete_lines(path)
+    if dropped:
+        warnings.warn(f"{path}: dropped a partial last line (the run was interrupted while writing it)", stacklevel=2)
+    out = []
+    for _, record in records:
+        if isinstance(record.get("values"), dict):
+            record["values"] = _from_json(record["values"])
+        out.append(record)
+    return out
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    """Atomically replace the file's content with ``lines`` (temp file, fsync, rename)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Append-only JSON-lines log of a run, flushed line by line."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = _log_path(run_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            self._repair_tail()
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # line-buffered
+
+    def _repair_tail(self) -> None:
+        """Cut a partial last line left by a crash, so the next record does not glue onto it."""
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+        records, dropped = _complete_lines(self.path)
+        if dropped:
+            warnings.warn(f"{self.path}: dropped a partial last line left by an interrupted run", stacklevel=3)
+        _rewrite(self.path, [line for line, _ in records])
+
+    def log(self, step: int, values: dict[str, Any], kind: str = "train") -> dict[str, Any]:
+        """Append one record ``{step, time, kind, values}`` and flush it; returns the record written."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise ConfigError(f"log step must be an int, got {step!r}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"log values must be a dict of name -> number, got {type(values).__name__}")
+        record = {
+            "step": int(step),
+            "time": round(time.time(), 3),
+            "kind": str(kind),
+            "values": {str(k): _to_json(v, str(k)) for k, v in values.items()},
+        }
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        return record
+
+    def sync(self) -> None:
+        """Flush and fsync, so the log on disk is durable (call before writing a checkpoint)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def truncate_after(self, step: int) -> int:
+        """Drop every record with ``record["step"] > step`` (on resume from that step); returns how many."""
+        self._file.close()
+        records, dropped = _complete_lines(self.path)
+        kept = [line for line, record in records if record["step"] <= step]
+        _rewrite(self.path, kept)
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+        return len(records) - len(kept) + int(dropped)
+
+    def close(self) -> None:
+        """Flush, fsync and close the file."""
+        if not self._file.closed:
+            self.sync()
+            self._file.close()
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

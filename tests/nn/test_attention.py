@@ -1,0 +1,114 @@
+"""Multi-head attention: reference math, identity at init, equivariance, cross-attention."""
+
+import pytest
+import torch
+
+from genlab.errors import ConfigError
+from genlab.nn.attention import Attention, SpatialAttention, multihead_attention
+
+
+def reference_attention(q, k, v, num_heads):
+    """Per-head softmax(q k^T / sqrt(d)) v written out with explicit loops over heads."""
+    n, length, dim = q.shape
+    d = dim // num_heads
+    outs = []
+    for h in range(num_heads):
+        sl = slice(h * d, (h + 1) * d)
+        scores = q[..., sl] @ k[..., sl].transpose(1, 2) / d**0.5  # (N, L, S)
+        outs.append(scores.softmax(dim=-1) @ v[..., sl])  # (N, L, d)
+    return torch.cat(outs, dim=-1)
+
+
+def randomise_(module):
+    """Give every parameter (including zero-initialised ones) a random value."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    return module
+
+
+def test_multihead_attention_matches_reference():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 5, 12), torch.randn(2, 7, 12), torch.randn(2, 7, 12)
+    for heads in (1, 3, 4):
+        torch.testing.assert_close(
+            multihead_attention(q, k, v, heads), reference_attention(q, k, v, heads)
+        )
+
+
+def test_spatial_attention_is_identity_at_init():
+    torch.manual_seed(0)
+    block = SpatialAttention(16, num_heads=4, norm_groups=8)
+    x = torch.randn(2, 16, 5, 6)
+    assert torch.equal(block(x), x)
+
+
+def test_spatial_attention_equals_explicit_computation():
+    torch.manual_seed(0)
+    block = randomise_(SpatialAttention(8, num_heads=2, norm_groups=4))
+    x = torch.randn(2, 8, 3, 4)
+    tokens = torch.nn.functional.group_norm(x, 4, block.norm.weight, block.norm.bias)
+    tokens = tokens.flatten(2).transpose(1, 2)  # (N, HW, C)
+    q, k, v = (tokens @ block.attention.to_qkv.weight.T + block.attention.to_qkv.bias).chunk(3, -1)
+    out = reference_attention(q, k, v, 2) @ block.attention.proj.weight.T + block.attention.proj.bias
+    expected = x + out.transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(block(x), expected)
+
+
+def test_spatial_attention_is_permutation_equivariant_over_positions():
+    torch.manual_seed(0)
+    block = randomise_(SpatialAttention(8, num_heads=2, norm_groups=4))
+    x = torch.randn(2, 8, 4, 5)
+    perm = torch.randperm(20)
+    permute = lambda z: z.flatten(2)[:, :, perm].reshape(z.shape)  # noqa: E731
+    out = block(x)
+    assert not torch.allclose(out, x, atol=1e-3)  # the block does something
+    torch.testing.assert_close(block(permute(x)), permute(out))
+
+
+def test_self_attention_is_permutation_equivariant_over_tokens():
+    torch.manual_seed(0)
+    attention = Attention(12, num_heads=3)
+    x = torch.randn(2, 9, 12)
+    perm = torch.randperm(9)
+    torch.testing.assert_close(attention(x[:, perm]), attention(x)[:, perm])
+
+
+def test_cross_attention_to_identical_tokens_returns_value_projection():
+    torch.manual_seed(0)
+    attention = Attention(8, num_heads=2, context_dim=5)
+    x = torch.randn(3, 6, 8)  # distinct queries
+    token = torch.randn(3, 1, 5)
+    context = token.expand(3, 4, 5)  # four identical context tokens per sample
+    # Uniform weights over identical values: the output is proj(W_v c) whatever the query-key scores.
+    value = attention.to_kv(token)[..., 8:]  # (3, 1, 8)
+    expected = attention.proj(value).expand(3, 6, 8)
+    torch.testing.assert_close(attention(x, context), expected)
+
+
+def test_cross_attention_matches_reference():
+    torch.manual_seed(0)
+    attention = Attention(8, num_heads=4, context_dim=5)
+    x, context = torch.randn(2, 6, 8), torch.randn(2, 3, 5)
+    k, v = attention.to_kv(context).chunk(2, -1)
+    expected = attention.proj(reference_attention(attention.to_q(x), k, v, 4))
+    torch.testing.assert_close(attention(x, context), expected)
+
+
+def test_spatial_cross_attention_is_identity_at_init_and_uses_context():
+    torch.manual_seed(0)
+    block = SpatialAttention(8, num_heads=2, norm_groups=4, context_dim=5)
+    x, context = torch.randn(2, 8, 3, 3), torch.randn(2, 4, 5)
+    assert torch.equal(block(x, context), x)
+    randomise_(block)
+    assert not torch.allclose(block(x, context), block(x, context + 1.0))
+
+
+def test_attention_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="num_heads=3"):
+        Attention(8, num_heads=3)
+    cross = Attention(8, num_heads=2, context_dim=5)
+    with pytest.raises(ConfigError, match="needs a context"):
+        cross(torch.randn(1, 2, 8))
+    with pytest.raises(ConfigError, match="context_dim=5"):
+        cross(torch.randn(1, 2, 8), torch.randn(1, 3, 6))

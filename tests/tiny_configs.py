@@ -1,0 +1,20 @@
+"""Configs small enough for tests: a few dozen training steps in seconds."""
+
+# A DDPM small enough to train for a few dozen steps in seconds on 8x8 `digits`.
+TINY_DDPM = [
+    "model.unet.base_channels=16",
+    "model.unet.channel_mult=[1,2]",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_resolutions=[4]",
+    "model.unet.norm_groups=8",
+    "model.unet.dropout=0.0",
+    "model.num_timesteps=100",
+    "model.sample_steps=5",
+    "train.batch_size=32",
+    "train.lr=2e-3",
+    "train.lr_schedule=constant",
+    "train.warmup_steps=5",
+    "train.log_every=5",
+    "train.sample_n=4",
+    "train.threads=1",
+]
