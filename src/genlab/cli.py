@@ -21,6 +21,15 @@ examples:
 """
 
 
+EPILOG_EVAL = """\
+examples:
+  genlab eval runs/demo --ref mnist:test --n 10000 --sampler ddim --steps 50
+  genlab eval samples.npz --ref mnist:test --metrics fid,kid
+  genlab eval mnist:train --ref mnist:test --n 10000 --data-root ../shared/data
+  genlab eval ref --data mnist --split test --data-root ../shared/data
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="genlab",
@@ -54,6 +63,41 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_label", type=int, help="class label for class-conditional models")
     s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     s.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
+
+    e = sub.add_parser("eval", help="score a run, an .npz of images or a data split against real data",
+                       description="Score RUN (sampled with its EMA weights), FILE.npz (uint8 images N x H x W x C) or a "
+                                   "data split SOURCE:SPLIT against the reference split --ref. Prints one line per "
+                                   "metric, `name value` (`+- std` where there is one), then the protocol as `# key: "
+                                   "value` lines; for a run the result is merged into RUN/metrics.json.\n\n"
+                                   "`genlab eval ref --data mnist --split test` computes and caches the reference "
+                                   "statistics only (a run folder called ref: write ./ref).",
+                       epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("target", help="run folder, FILE.npz, SOURCE:SPLIT, or the word `ref`")
+    e.add_argument("--ref", default="mnist:test", help="reference SOURCE:SPLIT (default mnist:test)")
+    e.add_argument("--metrics", default="fid,kid,is,pr,dc", help="comma-separated: fid,kid,is,pr,dc (default all)")
+    e.add_argument("--n", type=int, help="images to score: samples of a run (default 10000), the first N of a file or split "
+                                        "(default all); with `eval ref`: reference images (default all)")
+    e.add_argument("--sampler", help="sampler for a run (default: the run's config)")
+    e.add_argument("--steps", type=int, help="sampling steps for a run (default: the run's config)")
+    e.add_argument("--seed", type=int, default=0, help="sampling and metric seed (default 0)")
+    e.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights of a run")
+    e.add_argument("--extractor", help="mnist, fashion-mnist, inception, an evaluator .safetensors or Inception .pth "
+                                       "(default: the shipped evaluator of the reference data, else inception)")
+    e.add_argument("--inception-weights", help="file of the FID Inception weights (else $GENLAB_INCEPTION_WEIGHTS)")
+    e.add_argument("--ref-n", type=int, help="use only the first N reference images (default all)")
+    e.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    e.add_argument("--json", help="also write the result (values and protocol) to this JSON file")
+    e.add_argument("--batch-size", type=int, default=500, help="images per forward batch (default 500)")
+    e.add_argument("--data", help="with `eval ref`: the data source (e.g. mnist)")
+    e.add_argument("--split", default="test", help="with `eval ref`: the split (default test)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    c = sub.add_parser("compare", help="one table and one bar chart of several runs' metrics",
+                       description="Print a Markdown table of the newest metrics.json entry of each run (or metrics "
+                                   "JSON file) and write a PNG bar chart. Evaluate the runs first with `genlab eval`.")
+    c.add_argument("runs", nargs="+", help="run folders or metrics JSON files")
+    c.add_argument("--ref", help="use the entries scored against this SOURCE:SPLIT (default: each run's newest)")
+    c.add_argument("--out", default="compare.png", help="bar chart file (default compare.png)")
 
     d = sub.add_parser("data", help="data sources", description="Inspect data sources.")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
@@ -99,6 +143,53 @@ def _cmd_sample(a) -> int:
     return 0
 
 
+def _format_value(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _cmd_eval(a) -> int:
+    from genlab import evaluation
+
+    extractor = a.extractor
+    if a.inception_weights is not None:
+        if extractor not in (None, "inception"):
+            raise GenlabError(f"--inception-weights is for the inception extractor, but --extractor is {extractor}")
+        extractor = a.inception_weights
+    if a.target == "ref":
+        if not a.data:
+            raise GenlabError("genlab eval ref needs --data SOURCE (e.g. --data mnist --split test)")
+        ref = evaluation.reference_stats(a.data, a.split, extractor, data_root=a.data_root, n=a.n,
+                                         batch_size=a.batch_size, progress=not a.no_progress)
+        print(f"reference {a.data}:{a.split}: {ref.n} images, extractor {ref.key['extractor']} "
+              f"(sha256 {ref.key['extractor_sha256'][:12]}...)")
+        print(ref.path if ref.path is not None else "(not cached: the cache folder is not writable)")
+        return 0
+    if a.data is not None:
+        raise GenlabError(f"--data {a.data} is for `genlab eval ref`; to score a data split write it as the target, "
+                          f"e.g. genlab eval {a.data}:{a.split} --ref {a.ref}")
+    result = evaluation.evaluate(a.target, ref=a.ref, metrics=a.metrics, n=a.n,
+                                 sampler=a.sampler, steps=a.steps, seed=a.seed, weights=a.weights, extractor=extractor,
+                                 data_root=a.data_root, ref_n=a.ref_n, batch_size=a.batch_size, json_path=a.json,
+                                 progress=not a.no_progress)
+    for name, value in result["metrics"].items():
+        std = result["std"].get(name)
+        print(f"{name} {_format_value(value)}" + (f" +- {_format_value(std)}" if std is not None else ""))
+    for key, value in result["protocol"].items():
+        if isinstance(value, dict):
+            value = " ".join(f"{k}={_format_value(v)}" for k, v in value.items())
+        print(f"# {key}: {_format_value(value)}")
+    return 0
+
+
+def _cmd_compare(a) -> int:
+    from genlab import evaluation
+
+    table, _ = evaluation.compare(a.runs, ref=a.ref, out=a.out)
+    print(table)
+    print(a.out)
+    return 0
+
+
 def _cmd_data(a) -> int:
     from genlab.data import list_sources
 
@@ -141,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = {"train": _cmd_train, "sample": _cmd_sample, "data": _cmd_data, "methods": _cmd_methods,
-               "demo": _cmd_demo}[a.command]
+               "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare}[a.command]
     try:
         return handler(a)
     except GenlabError as e:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from genlab.errors import DataError, GenlabError
+from genlab.errors import ConfigError, DataError, GenlabError
 from genlab.models import inception
 from genlab.models.inception import FIDInceptionV3, load_fid_inception, resize_bilinear_tf1
 
@@ -217,6 +217,8 @@ def test_preprocess_maps_minus_one_one_images_to_the_graph_input():
     torch.testing.assert_close(model.preprocess(grey), expected.expand(2, 3, 299, 299), atol=1e-5, rtol=0)
     with pytest.raises(DataError, match="got shape"):
         model.preprocess(torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ConfigError, match="input_size must be >= 75"):
+        FIDInceptionV3(input_size=64)
 
 
 def _spike(channels: int, size: int, row: int, col: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ def _fixed_loss(method: DDPM, seed: int = 123) -> float:
     t = torch.randint(0, method.config.num_timesteps, (len(x0),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     with torch.no_grad():
-        return float(diffusion_loss(method.unet(method.schedule.q_sample(x0, t, noise), t), noise))
+        return float(diffusion_loss(method.network(method.schedule.q_sample(x0, t, noise), t), noise))
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from genlab.methods.base import DataInfo, Method
 # name -> "module:Class"; imported lazily so `genlab --help` stays fast.
 METHODS = {
     "ddpm": "genlab.methods.ddpm:DDPM",
+    "classifier": "genlab.methods.classifier:ClassifierMethod",
 }
 
 

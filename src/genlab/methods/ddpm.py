@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 from genlab.diffusion import (
     NoiseSchedule,
@@ -25,6 +26,10 @@ class DDPMConfig:
     """A denoising U-Net, its noise schedule and training objective, and the default sampler."""
 
     unet: UNetConfig = field(default_factory=UNetConfig)
+    # Space-to-depth before the U-Net (pixel_unshuffle): p x p pixel patches become channels, so the
+    # network runs at 1/p of the resolution for ~p^2 less compute. p = 2 is what makes 28x28 diffusion
+    # train in minutes on a CPU; the diffusion itself still happens on every pixel.
+    patch_size: int = 1
     schedule: Literal["linear", "cosine", "sigmoid", "scaled-linear"] = "linear"
     num_timesteps: int = 1000
     prediction: Literal["eps", "x0", "v"] = "eps"
@@ -50,14 +55,25 @@ class DDPM(Method):
         if not 0.0 <= config.p_uncond < 1.0:
             raise ConfigError(f"model.p_uncond must be in [0, 1), got {config.p_uncond}")
         self.num_classes = data_info.num_classes if config.class_conditional else None
+        p = config.patch_size
+        if p < 1 or data_info.image_size % p:
+            raise ConfigError(f"model.patch_size={p} must be a positive divisor of the image size {data_info.image_size}")
         self.unet = UNet(
             config.unet,
-            in_channels=data_info.channels,
-            out_channels=data_info.channels,
-            image_size=data_info.image_size,
+            in_channels=data_info.channels * p * p,
+            out_channels=data_info.channels * p * p,
+            image_size=data_info.image_size // p,
             num_classes=self.num_classes,
         )
         self.schedule = NoiseSchedule.from_name(config.schedule, config.num_timesteps)
+
+    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's prediction at full resolution: (N, C, H, W) -> (N, C, H, W)."""
+        p = self.config.patch_size
+        if p == 1:
+            return self.unet(x_t, t, y)
+        h = F.pixel_unshuffle(x_t, p)  # (N, C p^2, H / p, W / p)
+        return F.pixel_shuffle(self.unet(h, t, y), p)  # (N, C, H, W)
 
     def ema_targets(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet}
@@ -74,7 +90,7 @@ class DDPM(Method):
             y = batch["label"].clone()
             drop = ctx.rand() < c.p_uncond  # classifier-free guidance: learn p(x) with the null class
             y[drop] = self.num_classes
-        output = self.unet(x_t, t, y)
+        output = self.network(x_t, t, y)
         target = training_target(c.prediction, x0, noise, t, self.schedule)
         weight = loss_weight(t, self.schedule, c.prediction, c.min_snr_gamma)
         loss = diffusion_loss(output, target, weight)
@@ -86,7 +102,7 @@ class DDPM(Method):
         prediction = self.config.prediction
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            output = self.unet(x_t, t, y)
+            output = self.network(x_t, t, y)
             if prediction == "eps":
                 return output
             # Fractional t (Karras solvers) is only meaningful for eps; others need an integer t.

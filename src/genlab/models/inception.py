@@ -33,6 +33,7 @@ from genlab.errors import ConfigError, DataError
 __all__ = [
     "FID_WEIGHTS_URL",
     "FID_WEIGHTS_FILENAME",
+    "FID_WEIGHTS_SHA256_PREFIX",
     "WEIGHTS_ENV_VAR",
     "INPUT_SIZE",
     "FEATURE_DIM",

@@ -139,7 +139,7 @@ class UNet(nn.Module):
         # Output head; the last conv starts at zero so the initial prediction is exactly 0 (DDPM).
         self.norm_out = group_norm(channels, config.norm_groups)
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
-        pass
+        nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     def _attention_pair(self, channels: int) -> tuple[SpatialAttention, SpatialAttention | None]:
