@@ -243,3 +243,15 @@ def test_registry_names_paths_and_missing_evaluators(tmp_path, monkeypatch, eval
         get_extractor("vgg")
     with pytest.raises(DataError, match="FID Inception weights not found"):
         get_extractor(tmp_path / "missing.pth")
+    card.unlink()  # a .safetensors without its card is taken for Inception weights, and these are not
+    with pytest.raises(DataError, match=r"has no evaluator card mnist\.json beside it and is not FID Inception weights"):
+        get_extractor(weights)
+
+
+def test_registry_reads_inception_safetensors(tmp_path, small_inception):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "fid.safetensors"
+    save_file({k: v.contiguous() for k, v in small_inception.state_dict().items()}, str(path))
+    extractor = get_extractor(path)
+    assert isinstance(extractor, InceptionExtractor) and extractor.sha256 == sha256_file(path)

@@ -40,6 +40,10 @@ class DDPMConfig:
     sample_steps: int = 50
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    # Clip predicted x0 to the data range in DDPM/DDIM steps. Needed with the cosine schedule: at
+    # t = T-1 its alpha_bar is ~1e-9, so x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) amplifies any eps
+    # error by ~3e4 and unclipped DDIM from trailing t = T-1 yields noise.
+    clip_denoised: bool = True
 
 
 class DDPM(Method):
@@ -144,5 +148,6 @@ class DDPM(Method):
         if labels is not None:
             labels = labels.to(self.device)
         x0 = run_sampler(sampler, self.denoiser(labels), x, self.schedule, steps, eta=eta,
-                         spacing=c.spacing, generator=generator, callback=callback)
+                         spacing=c.spacing, generator=generator, callback=callback,
+                         clip_denoised=c.clip_denoised if sampler in ("ddpm", "ddim") else None)
         return x0.clamp(-1, 1)

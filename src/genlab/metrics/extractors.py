@@ -317,8 +317,8 @@ def _evaluators_dir() -> Path:
 def get_extractor(name_or_path: str | os.PathLike, device: torch.device | str | None = None) -> FeatureExtractor:
     """The extractor called ``"inception"``, ``"mnist"`` or ``"fashion-mnist"``, or stored at a path.
 
-    Paths: ``*.safetensors`` / ``*.json`` (an evaluator and its card, side by side) or ``*.pth`` /
-    ``*.pt`` (FID Inception weights).
+    Paths: ``*.json`` or ``*.safetensors`` with a ``.json`` card beside it (an evaluator), else
+    ``*.safetensors`` / ``*.pth`` / ``*.pt`` (FID Inception weights).
     """
     key = str(name_or_path)
     normalised = key.lower().replace("_", "-")
@@ -334,9 +334,17 @@ def get_extractor(name_or_path: str | os.PathLike, device: torch.device | str | 
         extractor = ClassifierExtractor.from_files(weights)
     else:
         path = Path(key).expanduser()
-        if path.suffix in (".safetensors", ".json"):
-            extractor = ClassifierExtractor.from_files(path.with_suffix(".safetensors"), path.with_suffix(".json"))
-        elif path.suffix in (".pth", ".pt"):
+        card = path.with_suffix(".json")
+        if path.suffix == ".json" or (path.suffix == ".safetensors" and card.is_file()):
+            extractor = ClassifierExtractor.from_files(path.with_suffix(".safetensors"), card)
+        elif path.suffix == ".safetensors" and path.is_file():  # no card beside it: FID Inception weights?
+            try:
+                extractor = InceptionExtractor.from_file(path)
+            except DataError as error:
+                raise DataError(
+                    f"{path} has no evaluator card {card.name} beside it and is not FID Inception weights ({error})"
+                ) from None
+        elif path.suffix in (".safetensors", ".pth", ".pt"):
             extractor = InceptionExtractor.from_file(path)
         else:
             raise ConfigError(

@@ -1,0 +1,416 @@
+"""The evaluation pipeline: cached reference statistics, evaluate() on files, splits and runs, metrics.json,
+compare, periodic evaluation, evaluator export, the `genlab eval` / `genlab compare` commands, and the
+shipped evaluators (SPEC E1-E5)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genlab import api, evaluation
+from genlab.cli import main
+from genlab.data import load_data, to_model_range
+from genlab.errors import ConfigError, DataError
+from genlab.imageio import save_npz
+from genlab.metrics import (
+    GaussianStats,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall_density_coverage,
+)
+from genlab.metrics.extractors import CARD_KEYS, ClassifierExtractor, get_extractor, save_classifier_evaluator, sha256_file
+from genlab.models.classifier import Classifier, ClassifierConfig
+
+from conftest import DATA_ROOT
+from tiny_configs import TINY_DDPM
+
+# What every metrics.json entry must say about how its numbers were made (SPEC E5).
+PROTOCOL_FIELDS = ("n", "reference", "reference_n", "extractor", "extractor_sha256", "sampler", "steps", "weights",
+                   "checkpoint_step", "seed", "genlab", "torch", "date")
+
+
+def _tiny_evaluator(directory: Path, seed: int = 0, name: str = "tiny") -> Path:
+    """A randomly initialised 8x8 classifier saved as an evaluator (weights + card); returns the weights path."""
+    torch.manual_seed(seed)
+    model = Classifier(ClassifierConfig(image_size=8, channels=(8,), pooled_size=2, feature_dim=16))
+    weights, _ = save_classifier_evaluator(model, directory, name, training_command="random init (test)", seed=seed,
+                                           test_accuracy=0.1)
+    return weights
+
+
+class CountingExtractor:
+    """An extractor that counts its calls (to see whether reference statistics were recomputed)."""
+
+    def __init__(self, inner: ClassifierExtractor):
+        self.inner = inner
+        self.name, self.sha256 = inner.name, inner.sha256
+        self.feature_dim, self.num_classes = inner.feature_dim, inner.num_classes
+        self.calls = 0
+
+    def to(self, device):
+        self.inner.to(device)
+        return self
+
+    def features_and_logits(self, images):
+        self.calls += 1
+        return self.inner.features_and_logits(images)
+
+
+@pytest.fixture(scope="module")
+def evaluator_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("evaluators")
+    _tiny_evaluator(directory, seed=0, name="tiny")
+    _tiny_evaluator(directory, seed=1, name="tiny-other")
+    return directory
+
+
+@pytest.fixture
+def tiny(evaluator_dir) -> CountingExtractor:
+    return CountingExtractor(ClassifierExtractor.from_files(evaluator_dir / "tiny.safetensors"))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tiny_ddpm_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("eval") / "ddpm"
+    api.train("ddpm", data="digits", overrides=[*TINY_DDPM, "train.steps=3"], run_dir=run_dir, progress=False)
+    return run_dir
+
+
+def _save_u8_npz(images_u8: torch.Tensor, path: Path) -> Path:
+    return save_npz(to_model_range(images_u8), path)
+
+
+def _features(extractor, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) and probabilities (N, C) computed directly, without the pipeline."""
+    features, logits = extractor.features_and_logits(to_model_range(images_u8))
+    return features, torch.softmax(logits.double(), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference statistics.
+
+
+def test_reference_is_the_statistics_of_the_split(cache, tiny):
+    reference = evaluation.reference_stats("digits", "test", tiny, device="cpu")
+    images = load_data(source="digits", split="test").images
+    features, probabilities = _features(tiny.inner, images)
+    assert reference.n == len(images) == 297
+    torch.testing.assert_close(reference.features, features)
+    torch.testing.assert_close(reference.probabilities, probabilities)
+    expected = GaussianStats().update(features)
+    torch.testing.assert_close(reference.stats.mean, expected.mean)
+    torch.testing.assert_close(reference.stats.covariance, expected.covariance)
+    assert reference.path.is_file() and reference.path.parent == cache / "refs"
+    assert json.loads(reference.path.with_suffix(".json").read_text())["extractor_sha256"] == tiny.sha256
+
+
+def test_reference_cache_is_reused_and_rebuilt_when_its_key_changes(cache, tiny, evaluator_dir):
+    first = evaluation.reference_stats("digits", "test", tiny, device="cpu")
+    assert tiny.calls > 0
+    tiny.calls = 0
+    again = evaluation.reference_stats("digits", "test", tiny, device="cpu")
+    assert tiny.calls == 0, "the cached reference was recomputed"
+    assert again.path == first.path and torch.equal(again.stats.outer_sum, first.stats.outer_sum)
+    assert torch.equal(again.features, first.features)
+
+    # Each part of the key: N, split, extractor weights (same name, other sha256).
+    limited = evaluation.reference_stats("digits", "test", tiny, n=100, device="cpu")
+    assert tiny.calls > 0 and limited.n == 100 and limited.path != first.path
+    tiny.calls = 0
+    train = evaluation.reference_stats("digits", "train", tiny, device="cpu")
+    assert tiny.calls > 0 and train.n == 1500 and train.path != first.path
+    other = ClassifierExtractor.from_files(evaluator_dir / "tiny-other.safetensors")
+    other.name = tiny.name  # same name, different weights: only the sha256 tells them apart
+    counted_other = CountingExtractor(other)
+    rebuilt = evaluation.reference_stats("digits", "test", counted_other, device="cpu")
+    assert counted_other.calls > 0 and rebuilt.path != first.path
+    assert not torch.equal(rebuilt.features, first.features)
+
+    # A file whose stored key does not match (copied over, or stale) is rebuilt, as is a corrupt one.
+    rebuilt.path.write_bytes(first.path.read_bytes())
+    counted_other.calls = 0
+    fixed = evaluation.reference_stats("digits", "test", counted_other, device="cpu")
+    assert counted_other.calls > 0 and torch.equal(fixed.features, rebuilt.features)
+    first.path.write_bytes(b"not a safetensors file")
+    tiny.calls = 0
+    evaluation.reference_stats("digits", "test", tiny, device="cpu")
+    assert tiny.calls > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate() on files and splits: the pipeline equals the metric math on the same features.
+
+
+def test_evaluate_npz_equals_the_metric_math(cache, tiny, tmp_path):
+    real = load_data(source="digits", split="test").images  # (297, 1, 8, 8)
+    noise = torch.randint(0, 256, real.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    same = evaluation.evaluate(_save_u8_npz(real, tmp_path / "real.npz"), ref="digits:test", extractor=tiny,
+                               device="cpu")
+    assert same["metrics"]["fid"] < 1e-9  # identical sets
+    assert same["metrics"]["precision"] == 1.0 and same["metrics"]["recall"] == 1.0
+    assert same["metrics"]["coverage"] == 1.0
+
+    result = evaluation.evaluate(_save_u8_npz(noise, tmp_path / "noise.npz"), ref="digits:test", extractor=tiny,
+                                 device="cpu", seed=3)
+    real_features, _ = _features(tiny.inner, real)
+    fake_features, fake_probabilities = _features(tiny.inner, noise)
+    real_stats, fake_stats = GaussianStats().update(real_features), GaussianStats().update(fake_features)
+    fid = frechet_distance(fake_stats.mean, fake_stats.covariance, real_stats.mean, real_stats.covariance)
+    kid = kernel_inception_distance(real_features, fake_features, subsets=100, subset_size=1000,
+                                    generator=torch.Generator().manual_seed(3))
+    inception = inception_score(fake_probabilities, splits=10, generator=torch.Generator().manual_seed(3))
+    prdc = precision_recall_density_coverage(real_features, fake_features, 3, 5)
+    values, stds = result["metrics"], result["std"]
+    assert values["fid"] == pytest.approx(fid, rel=1e-9) and fid > 1e6 * max(same["metrics"]["fid"], 1e-15)
+    assert (values["kid"], stds["kid"]) == pytest.approx(kid, rel=1e-9)
+    assert (values["is"], stds["is"]) == pytest.approx(inception, rel=1e-9)
+    for name in ("precision", "recall", "density", "coverage"):
+        assert values[name] == pytest.approx(prdc[name], abs=1e-12)
+    protocol = result["protocol"]
+    assert protocol["n"] == 297 and protocol["reference"] == "digits:test" and protocol["reference_n"] == 297
+    assert protocol["extractor_sha256"] == tiny.sha256
+    assert protocol["target_sha256"] == sha256_file(tmp_path / "noise.npz")
+    assert all(field in protocol for field in PROTOCOL_FIELDS)
+
+
+def test_evaluate_uses_the_first_n_images_and_only_the_asked_metrics(cache, tiny, tmp_path):
+    real = load_data(source="digits", split="train").images[:100]
+    path = _save_u8_npz(real, tmp_path / "x.npz")
+    result = evaluation.evaluate(path, ref="digits:test", metrics="fid,pr", n=60, extractor=tiny, device="cpu")
+    assert set(result["metrics"]) == {"fid", "precision", "recall"} and result["std"] == {}
+    # The first 60 images, as a data split target gives them too.
+    split = evaluation.evaluate("digits:train", ref="digits:test", metrics=["fid"], n=60, extractor=tiny, device="cpu")
+    assert split["metrics"]["fid"] == result["metrics"]["fid"] and result["protocol"]["n"] == 60
+    with pytest.raises(DataError, match="fewer than n=200"):
+        evaluation.evaluate(path, ref="digits:test", n=200, extractor=tiny, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"ref": "digits"}, ConfigError, ["'digits'", "SOURCE:SPLIT"]),
+        ({"ref": "nosuch:test"}, DataError, ["nosuch"]),
+        ({"metrics": "fid,lpips"}, ConfigError, ["lpips", "fid, kid, is, pr, dc"]),
+        ({"weights": "last"}, ConfigError, ["last"]),
+        ({"sampler": "ddim"}, ConfigError, ["--sampler", "not a run folder"]),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(cache, tiny, tmp_path, kwargs, error, words):
+    path = _save_u8_npz(load_data(source="digits", split="test").images[:20], tmp_path / "x.npz")
+    with pytest.raises(error) as info:
+        evaluation.evaluate(path, **{"ref": "digits:test", "extractor": tiny, "device": "cpu", **kwargs})
+    assert "\n" not in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: sampling, metrics.json with protocols, compare, periodic evaluation.
+
+
+def test_evaluate_run_equals_evaluating_its_npz_and_writes_metrics_json(cache, tiny, tiny_ddpm_run, tmp_path):
+    result = evaluation.evaluate(tiny_ddpm_run, ref="digits:test", metrics="fid,kid", n=40, steps=3, seed=5,
+                                 extractor=tiny, device="cpu", batch_size=16)
+    # `genlab sample --out x.npz` with the same seed and options, then scored as a file: the same numbers.
+    images = api.load_run(tiny_ddpm_run).sample(40, seed=5, steps=3, batch_size=16)
+    from_file = evaluation.evaluate(save_npz(images, tmp_path / "s.npz"), ref="digits:test", metrics="fid,kid", seed=5,
+                                    extractor=tiny, device="cpu")
+    assert result["metrics"] == from_file["metrics"]
+    protocol = result["protocol"]
+    assert (protocol["sampler"], protocol["steps"], protocol["weights"], protocol["checkpoint_step"]) == ("ddim", 3, "ema", 3)
+    entries = evaluation.read_metrics(tiny_ddpm_run)
+    assert len(entries) == 1 and entries[0]["metrics"] == result["metrics"]
+    assert all(field in entries[0]["protocol"] for field in PROTOCOL_FIELDS)
+
+    # Same protocol, other metric: merged into the same entry. Other seed: a new entry.
+    evaluation.evaluate(tiny_ddpm_run, ref="digits:test", metrics="pr", n=40, steps=3, seed=5, extractor=tiny,
+                        device="cpu", batch_size=16)
+    entries = evaluation.read_metrics(tiny_ddpm_run)
+    assert len(entries) == 1 and set(entries[0]["metrics"]) == {"fid", "kid", "precision", "recall"}
+    assert entries[0]["metrics"]["fid"] == result["metrics"]["fid"]
+    evaluation.evaluate(tiny_ddpm_run, ref="digits:test", metrics="fid", n=40, steps=3, seed=6, extractor=tiny,
+                        device="cpu", batch_size=16)
+    entries = evaluation.read_metrics(tiny_ddpm_run)
+    assert [e["protocol"]["seed"] for e in entries] == [5, 6]
+    assert entries[1]["metrics"]["fid"] != entries[0]["metrics"]["fid"]
+    (tiny_ddpm_run / "metrics.json").unlink()
+
+
+def test_periodic_eval_scores_the_method_as_evaluate_scores_the_run(cache, tiny, tiny_ddpm_run):
+    run = api.load_run(tiny_ddpm_run, device="cpu")
+    values = evaluation.periodic_eval(run.method, ref="digits:test", n=24, metrics=("fid", "kid"), seed=2,
+                                      extractor=tiny, batch_size=8, sample_options={"steps": 3})
+    full = evaluation.evaluate(tiny_ddpm_run, ref="digits:test", metrics="fid,kid", n=24, steps=3, seed=2,
+                               extractor=tiny, device="cpu", batch_size=8, write=False)
+    assert values["fid"] == full["metrics"]["fid"] and values["kid"] == full["metrics"]["kid"]
+    assert values["kid_std"] == full["std"]["kid"] and values["eval_n"] == 24
+    assert run.method.training is False  # the caller's mode is restored
+
+
+def test_compare_tables_the_newest_entries_and_draws_a_chart(cache, tiny, tmp_path):
+    paths = []
+    for name, images in (("real", load_data(source="digits", split="train").images[:100]),
+                         ("noise", torch.randint(0, 256, (120, 1, 8, 8), dtype=torch.uint8))):
+        result = evaluation.evaluate(_save_u8_npz(images, tmp_path / f"{name}.npz"), ref="digits:test",
+                                     metrics="fid,kid", extractor=tiny, device="cpu",
+                                     json_path=tmp_path / f"{name}.json")
+        paths.append((tmp_path / f"{name}.json", result))
+    table, rows = evaluation.compare([p for p, _ in paths], out=tmp_path / "chart.png")
+    lines = table.splitlines()
+    assert lines[0].startswith("| run |") and "fid" in lines[0] and "kid" in lines[0]
+    for line, (path, result) in zip(lines[2:4], paths):
+        assert line.startswith(f"| {path.name} |")
+        assert f"{result['metrics']['fid']:.4g}" in line and f"+- {result['std']['kid']:.2g}" in line
+    assert "protocols differ in n" in table  # 100 vs 120 images
+    image = Image.open(tmp_path / "chart.png")
+    assert image.format == "PNG" and image.width > 200
+    with pytest.raises(DataError, match="no metrics against mnist:test"):
+        evaluation.compare([paths[0][0]], ref="mnist:test", out=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exporting a classifier run as an evaluator.
+
+
+def test_export_evaluator_writes_a_card_with_the_measured_accuracy(tmp_path, monkeypatch):
+    from genlab.train.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "sample_grid", lambda self, path: None)  # stand-in: no preview for classifiers
+    run = api.train("classifier", data="digits", run_dir=tmp_path / "run", progress=False, overrides=[
+        "model.net.channels=[8,16]", "model.net.pooled_size=2", "model.net.feature_dim=32", "model.max_shift=1",
+        "train.batch_size=64", "train.lr=3e-3", "train.warmup_steps=5", "train.steps=40", "train.threads=1"])
+    card = evaluation.export_evaluator(tmp_path / "run", "digits-eval", out_dir=tmp_path / "out",
+                                       training_command="genlab train classifier --data digits (test)")
+    weights = tmp_path / "out" / "digits-eval.safetensors"
+    assert all(key in card for key in CARD_KEYS)
+    assert card["sha256"] == sha256_file(weights) and card["train_steps"] == 40 and card["ema"] is True
+    test = load_data(source="digits", split="test")
+    with torch.no_grad():
+        accuracy = (run.method(test.to_model_range()).argmax(dim=1) == test.labels).double().mean().item()
+    assert card["test_accuracy"] == pytest.approx(accuracy, abs=1e-12) and card["test_accuracy"] > 0.3
+    assert get_extractor(weights).sha256 == card["sha256"]
+    with pytest.raises(ConfigError, match="'classifier' run"):
+        ddpm = tmp_path / "ddpm"
+        api.train("ddpm", data="digits", overrides=[*TINY_DDPM, "train.steps=1"], run_dir=ddpm, progress=False)
+        evaluation.export_evaluator(ddpm, "x", out_dir=tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_cli_eval_prints_metric_lines_then_the_protocol(cache, evaluator_dir, tmp_path, capsys):
+    images = load_data(source="digits", split="train").images[:64]
+    path = _save_u8_npz(images, tmp_path / "x.npz")
+    weights = evaluator_dir / "tiny.safetensors"
+    argv = ["eval", str(path), "--ref", "digits:test", "--metrics", "fid,kid,is,pr,dc", "--n", "50",
+            "--extractor", str(weights), "--json", str(tmp_path / "r.json"), "--no-progress"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = evaluation.evaluate(path, ref="digits:test", n=50, extractor=str(weights), write=False)
+    names = ["fid", "kid", "is", "precision", "recall", "density", "coverage"]
+    for line, name in zip(lines, names):
+        words = line.split()
+        assert words[0] == name and float(words[1]) == pytest.approx(result["metrics"][name], rel=1e-5)
+        if name in ("kid", "is"):
+            assert words[2] == "+-" and float(words[3]) == pytest.approx(result["std"][name], rel=1e-5)
+        else:
+            assert len(words) == 2
+    protocol = dict(line[2:].split(": ", 1) for line in lines[len(names):])
+    assert all(line.startswith("# ") for line in lines[len(names):])
+    assert protocol["n"] == "50" and protocol["reference"] == "digits:test"
+    assert protocol["extractor_sha256"] == sha256_file(weights)
+    assert json.loads((tmp_path / "r.json").read_text())["protocol"]["n"] == 50
+
+
+def test_cli_eval_ref_caches_the_reference(cache, evaluator_dir, capsys):
+    weights = evaluator_dir / "tiny.safetensors"
+    assert main(["eval", "ref", "--data", "digits", "--split", "test", "--extractor", str(weights), "--no-progress"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "297 images" in out[0] and Path(out[-1]).is_file() and Path(out[-1]).parent == cache / "refs"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["eval", "{npz}", "--ref", "nosuch:test"], ["nosuch"]),
+        (["eval", "{npz}", "--ref", "mnist"], ["'mnist'", "SOURCE:SPLIT"]),
+        (["eval", "/no/such/file.npz", "--ref", "digits:test"], ["/no/such/file.npz"]),
+        (["eval", "/no/such/thing", "--ref", "digits:test"], ["/no/such/thing", "SOURCE:SPLIT"]),
+        (["eval", "{npz}", "--ref", "digits:test", "--metrics", "fid,fad"], ["fad"]),
+        (["eval", "ref", "--split", "test"], ["--data"]),
+        (["compare", "/no/such/run"], ["/no/such/run"]),
+    ],
+)
+def test_cli_bad_input_gives_one_line_errors(cache, evaluator_dir, tmp_path, capsys, argv, words):
+    npz = _save_u8_npz(load_data(source="digits", split="test").images[:20], tmp_path / "x.npz")
+    argv = [a.replace("{npz}", str(npz)) for a in argv] + ["--extractor", str(evaluator_dir / "tiny.safetensors")] * (
+        argv[0] == "eval")
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert all(w in err for w in words), err
+
+
+def test_cli_compare_prints_a_table_and_writes_the_chart(cache, tiny, tmp_path, capsys):
+    json_path = tmp_path / "a.json"
+    evaluation.evaluate(_save_u8_npz(load_data(source="digits", split="train").images[:50], tmp_path / "a.npz"),
+                        ref="digits:test", metrics="fid", extractor=tiny, device="cpu", json_path=json_path)
+    assert main(["compare", str(json_path), "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("| run |") and out[2].startswith("| a.json |") and out[-1] == str(tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").format == "PNG"
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped evaluators.
+
+
+@pytest.mark.parametrize("name, minimum", [("mnist", 0.99), ("fashion-mnist", 0.90)])
+def test_shipped_evaluator_cards_are_complete_and_small(name, minimum):
+    weights = Path(evaluation.__file__).parent / "evaluators" / f"{name}.safetensors"
+    if not weights.is_file():
+        pytest.skip(f"{weights} has not been exported yet")
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert all(key in card for key in CARD_KEYS)
+    assert card["sha256"] == sha256_file(weights) and weights.stat().st_size < 2_000_000
+    assert card["test_accuracy"] >= minimum and card["test_images"] == 10000
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name, source", [("mnist", "mnist"), ("fashion-mnist", "fashion-mnist")])
+def test_shipped_evaluator_accuracy_reproduces_on_the_official_test_split(name, source, data_root):
+    weights = Path(evaluation.__file__).parent / "evaluators" / f"{name}.safetensors"
+    if not weights.is_file():
+        pytest.skip(f"{weights} has not been exported yet")
+    extractor = get_extractor(name)
+    test = load_data(source=source, split="test", root=str(data_root))
+    accuracy = evaluation.classifier_accuracy(extractor, test.images, test.labels)
+    assert accuracy == extractor.card["test_accuracy"]
+
+
+def test_default_extractor_for_digits_is_the_shipped_mnist_evaluator(cache, tmp_path):
+    if not (Path(evaluation.__file__).parent / "evaluators" / "mnist.safetensors").is_file():
+        pytest.skip("the shipped mnist evaluator has not been exported yet")
+    images = load_data(source="digits", split="train").images[:30]
+    result = evaluation.evaluate(_save_u8_npz(images, tmp_path / "d.npz"), ref="digits:test", metrics="fid",
+                                 device="cpu")
+    assert result["protocol"]["extractor"] == "mnist"
+    assert result["protocol"]["extractor_sha256"] == get_extractor("mnist").sha256
+    assert math.isfinite(result["metrics"]["fid"]) and result["metrics"]["fid"] > 0
