@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # Real data for tests and benchmarks sits beside the checkout; tests skip when it is absent.
 export GENLAB_DATA ?= $(abspath ../shared/data)
+# Tests start subprocesses (torchrun, gloo workers) on few cores: OpenMP threads that spin while
+# waiting starve each other there (5-20x slower measured on 2 cores); passive waiting avoids it.
+test test-slow: export OMP_WAIT_POLICY = PASSIVE
 
 .PHONY: install install-dev install-bench demo test test-slow bench clean
 

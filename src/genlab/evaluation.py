@@ -104,6 +104,9 @@ def _parse_ref(ref: str) -> tuple[str, str]:
 
     source, split = split_source_ref(str(ref))
     if split is None:
+        head, sep, _ = str(ref).rpartition(":")
+        if sep and head:
+            get_source(head)  # an unknown source: DataError listing the valid ones
         raise ConfigError(f"reference {ref!r} must be SOURCE:SPLIT, e.g. mnist:test or fashion-mnist:train")
     get_source(source)  # DataError listing the valid sources
     return source, split
@@ -319,6 +322,20 @@ def _versions() -> dict[str, str]:
     return {"genlab": genlab.__version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
+def _check_target(target: str | os.PathLike) -> None:
+    """Fail fast (before any reference is computed) on a target that is neither a run, an .npz file nor a split."""
+    text = str(target)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise DataError(f"{path}: not a run folder (no config.yaml)")
+    elif path.suffix.lower() == ".npz":
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+    elif split_source_ref(text)[1] is None:
+        raise DataError(f"{text}: not a run folder, an .npz file of images, or a data split SOURCE:SPLIT (e.g. mnist:train)")
+
+
 def _target_images(
     target: str | os.PathLike, n: int | None, seed: int, sampler: str | None, steps: int | None, weights: str,
     data_root, batch_size: int, progress: bool,
@@ -400,6 +417,7 @@ def evaluate(
         raise ConfigError(f"n must be at least 2 images, got {n}")
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    _check_target(target)
     device = torch.device(device) if device is not None else _default_device()
     extractor = _resolve_extractor(extractor, source, device)
     start = time.perf_counter()

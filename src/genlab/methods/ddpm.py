@@ -116,6 +116,14 @@ class DDPM(Method):
         return denoise
 
     @torch.no_grad()
+    def invert(self, x0: torch.Tensor, steps: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM inversion (eta = 0 run upwards): the noise x_T that DDIM with the same steps maps back to x0."""
+        from genlab.diffusion import ddim_invert, make_timesteps
+
+        timesteps = make_timesteps(self.config.num_timesteps, steps or self.config.sample_steps, self.config.spacing)
+        return ddim_invert(self.denoiser(labels), x0.to(self.device), self.schedule, timesteps)
+
+    @torch.no_grad()
     def sample(
         self,
         n: int,
