@@ -7,8 +7,12 @@ so "GFLOP/s" is the effective rate: counted work over wall time. The two models 
 alternation (A, B, A, B, ...) so that noise from a shared machine hits both alike; each reported
 number is the median over repeats. Prints a Markdown table and the machine it ran on.
 
-    python benchmarks/train_throughput.py                   # the small CPU preset, batch 64
-    python benchmarks/train_throughput.py --attention-resolutions none --num-res-blocks 1
+    python benchmarks/train_throughput.py                   # the small CPU preset (ddpm_small.yaml)
+    python benchmarks/train_throughput.py --patch-size 1 --channel-mult 1,2,2   # U-Net at 28x28x1
+
+The defaults are the U-Net of the ``ddpm_small`` preset: 28x28x1 images, batch 64, pixel_unshuffle
+by 2 so the U-Net sees 14x14x4 (``model.patch_size: 2``), base 32, mult (1, 2), one residual block
+per level, attention at 7x7 and in the middle, 4 heads, GroupNorm 8, no dropout.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; defaults are the small CPU preset (28x28x1 images, batch 64)."""
+    """Command-line options; defaults are the U-Net of the ddpm_small preset (28x28x1, batch 64)."""
     parser = argparse.ArgumentParser(
         description="Images/s and effective GFLOP/s of one U-Net training step (forward + MSE + "
         "backward + AdamW), genlab's U-Net side by side with diffusers' UNet2DModel at matched "
@@ -46,21 +50,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shape.add_argument("--batch-size", type=int, default=64, help="images per training step")
     shape.add_argument("--image-size", type=int, default=28, help="height = width of the images")
     shape.add_argument("--channels", type=int, default=1, help="image channels (1: grey, 3: RGB)")
+    shape.add_argument("--patch-size", type=int, default=2,
+                       help="pixel_unshuffle factor p before the U-Net (genlab's model.patch_size): "
+                       "the U-Net sees (image-size / p)^2 x channels p^2")
     arch = parser.add_argument_group("architecture (applied to both models)")
     arch.add_argument("--base-channels", type=int, default=32, help="width of the first level")
-    arch.add_argument("--channel-mult", type=_int_tuple, default=(1, 2, 2),
+    arch.add_argument("--channel-mult", type=_int_tuple, default=(1, 2),
                       help="width multiplier per level, comma-separated")
-    arch.add_argument("--num-res-blocks", type=int, default=2,
+    arch.add_argument("--num-res-blocks", type=int, default=1,
                       help="residual blocks per encoder level (diffusers: layers_per_block)")
     arch.add_argument("--attention-resolutions", type=_int_tuple, default=(7,),
-                      help="feature-map sizes with self-attention, comma-separated, or 'none'")
+                      help="feature-map sizes (of the U-Net input, after patching) with "
+                      "self-attention, comma-separated, or 'none'")
     arch.add_argument("--no-mid-attention", action="store_true",
                       help="drop the middle block's attention (diffusers: add_attention=False)")
     arch.add_argument("--num-heads", type=int, default=4, help="attention heads")
-    arch.add_argument("--dropout", type=float, default=0.1, help="residual-block dropout")
+    arch.add_argument("--dropout", type=float, default=0.0, help="residual-block dropout")
     arch.add_argument("--no-scale-shift", action="store_true",
                       help="add the time embedding (DDPM) instead of ADM's scale-shift norm")
-    arch.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups")
+    arch.add_argument("--norm-groups", type=int, default=8, help="GroupNorm groups")
     timing = parser.add_argument_group("timing")
     timing.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     timing.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
@@ -76,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def unet_shape(args: argparse.Namespace) -> tuple[int, int]:
+    """(channels, size) of the U-Net's input after pixel_unshuffle by the patch size."""
+    return args.channels * args.patch_size**2, args.image_size // args.patch_size
+
+
 def build_genlab(args: argparse.Namespace) -> nn.Module:
     """genlab's U-Net with the options of the command line."""
     config = UNetConfig(
@@ -89,7 +102,8 @@ def build_genlab(args: argparse.Namespace) -> nn.Module:
         norm_groups=args.norm_groups,
         mid_attention=not args.no_mid_attention,
     )
-    return UNet(config, args.channels, args.channels, args.image_size)
+    channels, size = unet_shape(args)
+    return UNet(config, channels, channels, size)
 
 
 class DiffusersUNet(nn.Module):
@@ -99,16 +113,17 @@ class DiffusersUNet(nn.Module):
         super().__init__()
         from diffusers import UNet2DModel
 
+        channels, size = unet_shape(args)
         widths = tuple(args.base_channels * m for m in args.channel_mult)
-        resolutions = [args.image_size // 2**i for i in range(len(widths))]
+        resolutions = [size // 2**i for i in range(len(widths))]
         has_attention = [r in args.attention_resolutions for r in resolutions]
         # diffusers fixes the head *width*; pick it so the head count equals ours at the attended widths.
         attended = [w for w, a in zip(widths, has_attention) if a] + [widths[-1]]
         head_dim = attended[0] // args.num_heads
         self.model = UNet2DModel(
-            sample_size=args.image_size,
-            in_channels=args.channels,
-            out_channels=args.channels,
+            sample_size=size,
+            in_channels=channels,
+            out_channels=channels,
             block_out_channels=widths,
             layers_per_block=args.num_res_blocks,
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in has_attention),
@@ -128,6 +143,23 @@ class DiffusersUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W), t (N,) -> predicted noise (N, C, H, W)."""
         return self.model(x, t, return_dict=False)[0]
+
+
+class Patched(nn.Module):
+    """pixel_unshuffle -> U-Net -> pixel_shuffle, as genlab's DDPM does with model.patch_size."""
+
+    def __init__(self, unet: nn.Module, patch_size: int):
+        super().__init__()
+        self.unet = unet
+        self.patch_size = patch_size
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W), t (N,) -> (N, C, H, W)."""
+        p = self.patch_size
+        if p == 1:
+            return self.unet(x, t)
+        h = F.pixel_unshuffle(x, p)  # (N, C p^2, H / p, W / p)
+        return F.pixel_shuffle(self.unet(h, t), p)  # (N, C, H, W)
 
 
 def make_step(model: nn.Module, args: argparse.Namespace) -> Callable[[], None]:
@@ -186,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.patch_size < 1 or args.image_size % args.patch_size:
+        raise SystemExit(f"error: --patch-size {args.patch_size} must divide --image-size {args.image_size}")
     builders = {"genlab": build_genlab, "diffusers": DiffusersUNet}
     names = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in names if name not in builders]
@@ -195,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     steps, params, flops = {}, {}, {}
     for name in names:
         torch.manual_seed(args.seed)
-        model = builders[name](args)
+        model = Patched(builders[name](args), args.patch_size)
         params[name] = sum(p.numel() for p in model.parameters())
         steps[name] = make_step(model, args)
         flops[name] = count_flops(steps[name])  # also the first warm-up step
@@ -211,18 +245,20 @@ def main(argv: list[str] | None = None) -> None:
     rate = {name: flops[name] / statistics.median(seconds[name]) / 1e9 for name in names}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model_name()}, "
           f"{platform.system()} {platform.machine()}, python {platform.python_version()}")
+    unet_channels, unet_size = unet_shape(args)
     print(f"batch {args.batch_size} x {args.channels}x{args.image_size}x{args.image_size}, "
+          f"U-Net input {unet_channels}x{unet_size}x{unet_size} (patch size {args.patch_size}), "
           f"base {args.base_channels}, mult {args.channel_mult}, res blocks {args.num_res_blocks}, "
           f"attention at {args.attention_resolutions or 'none'}"
           f"{'' if args.no_mid_attention else ' + middle'}, {args.num_heads} heads, "
           f"dropout {args.dropout}, {'add' if args.no_scale_shift else 'scale-shift'} time embedding"
           f"{', channels_last' if args.channels_last else ''}; "
           f"median of {args.repeats} x {args.steps} steps after {args.warmup + 1} warm-up\n")
-    print(f"| model | params (M) | GFLOP/step | images/s | GFLOP/s | GFLOP/s ratio vs {reference} |")
+    print(f"| model | params | GFLOP/step | images/s | GFLOP/s | GFLOP/s ratio vs {reference} |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in names:
         images_per_s = args.batch_size / statistics.median(seconds[name])
-        print(f"| {name} | {params[name] / 1e6:.3f} | {flops[name] / 1e9:.2f} | "
+        print(f"| {name} | {params[name]:,} | {flops[name] / 1e9:.2f} | "
               f"{images_per_s:.1f} | {rate[name]:.2f} | {rate[name] / rate[reference]:.3f} |")
 
 

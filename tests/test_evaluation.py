@@ -63,15 +63,6 @@ class CountingExtractor:
         return self.inner.features_and_logits(images)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy shared CPU each multi-threaded op waits for a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def evaluator_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("evaluators")
@@ -294,9 +285,6 @@ def test_compare_tables_the_newest_entries_and_draws_a_chart(cache, tiny, tmp_pa
 
 
 def test_export_evaluator_writes_a_card_with_the_measured_accuracy(tmp_path, monkeypatch):
-    from genlab.train.trainer import Trainer
-
-    monkeypatch.setattr(Trainer, "sample_grid", lambda self, path: None)  # stand-in: no preview for classifiers
     run = api.train("classifier", data="digits", run_dir=tmp_path / "run", progress=False, overrides=[
         "model.net.channels=[8,16]", "model.net.pooled_size=2", "model.net.feature_dim=32", "model.max_shift=1",
         "train.batch_size=64", "train.lr=3e-3", "train.warmup_steps=5", "train.steps=40", "train.threads=1"])
@@ -403,6 +391,7 @@ def test_shipped_evaluator_cards_are_complete_and_small(name, minimum):
     assert card["test_accuracy"] >= minimum and card["test_images"] == 10000
 
 
+@pytest.mark.slow  # 10,000 test images through the network: about 5 s each on a busy 2-core CPU
 @pytest.mark.data
 @pytest.mark.parametrize("name, source", [("mnist", "mnist"), ("fashion-mnist", "fashion-mnist")])
 def test_shipped_evaluator_accuracy_reproduces_on_the_official_test_split(name, source, data_root):

@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=500, help="images per forward batch (default 500)")
     e.add_argument("--data", help="with `eval ref`: the data source (e.g. mnist)")
     e.add_argument("--split", default="test", help="with `eval ref`: the split (default test)")
+    e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster on a busy CPU)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     c = sub.add_parser("compare", help="one table and one bar chart of several runs' metrics",
@@ -150,6 +151,12 @@ def _format_value(value) -> str:
 def _cmd_eval(a) -> int:
     from genlab import evaluation
 
+    if a.threads is not None:
+        import torch
+
+        if a.threads < 1:
+            raise GenlabError(f"--threads must be at least 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
     extractor = a.extractor
     if a.inception_weights is not None:
         if extractor not in (None, "inception"):
@@ -238,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except GenlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
         return 130

@@ -49,6 +49,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 0  # preview grid every K steps (0: only at the end)
     sample_n: int = 64
+    eval_every: int = 0  # FID/KID of eval_n samples against eval_ref every K steps, logged (0: never)
+    eval_n: int = 1000
+    eval_ref: str | None = None  # e.g. "mnist:test"
     time_limit: float | None = None  # minutes of wall time; stop (and checkpoint) when reached
     threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
     device: str | None = None  # None: accelerate's choice (CUDA when present)

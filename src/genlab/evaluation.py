@@ -73,8 +73,9 @@ K_PRECISION_RECALL, K_DENSITY_COVERAGE = 3, 5
 REFERENCE_FORMAT = 1  # bump when what a reference file holds changes, to invalidate old caches
 METRICS_FILE = "metrics.json"
 DEFAULT_N = 10000  # samples drawn from a run when n is not given (the usual FID-10k protocol)
-# Protocol fields that describe when and how fast, not what was measured: not part of an entry's identity.
-_VOLATILE = ("date", "seconds")
+# Protocol fields that describe when, how fast and by which path, not what was measured: not part of an
+# entry's identity (a run scored as runs/x and as /abs/runs/x/ merges into one entry).
+_VOLATILE = ("date", "seconds", "target")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +86,14 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Rename a finished temporary file onto ``path`` with ordinary permissions (mkstemp makes it owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)  # atomic on POSIX and Windows
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +101,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -231,7 +240,7 @@ def _write_reference(path: Path, reference: Reference) -> Path | None:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"key": key_text})
-            os.replace(tmp, path)
+            _publish(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -290,29 +299,47 @@ def score_images(
     batch_size: int = 500,
     device: str | torch.device | None = None,
     progress: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """(values, stds) of ``metrics`` for uint8 images (N, C, H, W) against a reference, with the same extractor."""
+    """(values, stds) of ``metrics`` for uint8 images (N, C, H, W) against a reference, with the same extractor.
+
+    ``timings``, when given, receives the seconds spent on features and on each metric.
+    """
     metrics = _parse_metrics(metrics)
     if reference.key["extractor_sha256"] != extractor.sha256:
         raise ConfigError(f"the reference was computed with extractor {reference.key['extractor']} "
                           f"({reference.key['extractor_sha256'][:12]}...), not {extractor.name} ({extractor.sha256[:12]}...)")
     device = torch.device(device) if device is not None else _default_device()
+    timings = timings if timings is not None else {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
     stats, features, probabilities = _features_and_probabilities(extractor, images_u8, batch_size, device, progress, "score")
+    lap("features")
     values: dict[str, float] = {}
     stds: dict[str, float] = {}
     if "fid" in metrics:
         values["fid"] = frechet_distance(stats.mean, stats.covariance, reference.stats.mean, reference.stats.covariance)
+        lap("fid")
     if "kid" in metrics:
         values["kid"], stds["kid"] = kernel_inception_distance(
             reference.features, features, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
             generator=torch.Generator().manual_seed(seed))
+        lap("kid")
     if "is" in metrics:
         values["is"], stds["is"] = inception_score(probabilities, splits=min(IS_SPLITS, len(probabilities)),
                                                    generator=torch.Generator().manual_seed(seed))
+        lap("is")
     if "pr" in metrics or "dc" in metrics:
         prdc = precision_recall_density_coverage(reference.features, features, K_PRECISION_RECALL, K_DENSITY_COVERAGE)
         names = (("precision", "recall") if "pr" in metrics else ()) + (("density", "coverage") if "dc" in metrics else ())
         values.update({name: prdc[name] for name in names})
+        lap("prdc")
     return values, stds
 
 
@@ -361,7 +388,9 @@ def _target_images(
             "checkpoint_step": run.step,
             "weights": run.weights,
             "sampler": sampler or getattr(config, "sampler", None),
-            "steps": steps or getattr(config, "sample_steps", None),
+            # Without --steps the method picks them; the config's sample_steps is that choice for its own sampler.
+            "steps": steps if steps is not None else (
+                getattr(config, "sample_steps", None) if sampler in (None, getattr(config, "sampler", None)) else "default"),
         }
         return images_u8, info, path
     if sampler is not None or steps is not None:
@@ -427,10 +456,9 @@ def evaluate(
     start = time.perf_counter()
     images_u8, info, run_dir = _target_images(target, n, seed, sampler, steps, weights, data_root, batch_size, progress)
     sample_seconds = time.perf_counter() - start
-    start = time.perf_counter()
+    timings: dict[str, float] = {}
     values, stds = score_images(images_u8, reference, extractor, metrics, seed=seed, batch_size=batch_size,
-                                device=device, progress=progress)
-    score_seconds = time.perf_counter() - start
+                                device=device, progress=progress, timings=timings)
     protocol = {
         "n": len(images_u8),
         "image_shape": list(images_u8.shape[1:]),
@@ -448,8 +476,9 @@ def evaluate(
         "k_density_coverage": K_DENSITY_COVERAGE,
         **_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # Wall time of each stage; "score" is features plus metrics, i.e. the cost of scoring N images.
         "seconds": {"reference": round(reference_seconds, 3), "sample": round(sample_seconds, 3),
-                    "score": round(score_seconds, 3)},
+                    "score": round(sum(timings.values()), 3), **timings},
     }
     result = {"metrics": values, "std": stds, "protocol": protocol}
     if write and run_dir is not None:
@@ -566,6 +595,8 @@ def compare(
     """
     if not runs:
         raise ConfigError("compare needs at least one run folder or metrics JSON file")
+    if out is not None and Path(out).suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: the chart is a PNG; give a file name ending in .png")
     rows = []
     for run in runs:
         path = Path(run)
@@ -606,8 +637,6 @@ def _bar_chart(rows: list[dict], columns: list[str], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out {out}: the chart is a PNG; give a file name ending in .png")
     names = [Path(r["run"]).name or r["run"] for r in rows]
     fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(2.6 * max(1, len(columns)) + 1, 3.2), squeeze=False)
     for ax, column in zip(axes[0], columns):
@@ -622,7 +651,7 @@ def _bar_chart(rows: list[dict], columns: list[str], out: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out)
+        _publish(tmp, out)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

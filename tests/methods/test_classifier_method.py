@@ -30,25 +30,11 @@ TINY_CLASSIFIER = [
 ]
 
 
-@pytest.fixture
-def skip_preview_grids(monkeypatch):
-    """Stand-in until the trainer skips its final sample grid for methods that do not generate images."""
-    from genlab.train.trainer import Trainer
-
-    original = Trainer.sample_grid
-
-    def sample_grid(self, path):
-        if getattr(self.method, "generates_images", True):
-            original(self, path)
-
-    monkeypatch.setattr(Trainer, "sample_grid", sample_grid)
-
-
 def test_registered_under_its_name():
     assert get_method("classifier") is ClassifierMethod
 
 
-def test_training_on_digits_lowers_the_loss_and_classifies_the_test_split(tmp_path, skip_preview_grids):
+def test_training_on_digits_lowers_the_loss_and_classifies_the_test_split(tmp_path):
     run = api.train("classifier", data="digits", overrides=[*TINY_CLASSIFIER, "train.steps=60"],
                     run_dir=tmp_path / "run", progress=False)
     records = [r for r in read_log(tmp_path / "run") if r["kind"] == "train"]

@@ -123,3 +123,25 @@ def test_two_processes_give_the_same_weights_as_one(tmp_path):
     # a little by 8 Adam steps, stays far below the size of one update (lr 2e-3).
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=2e-5), (k, (a[k] - b[k]).abs().max())
+
+
+def test_periodic_eval_is_logged_and_needs_a_reference(tmp_path, monkeypatch):
+    import genlab.evaluation as evaluation
+    from genlab.train.runlog import read_log
+
+    calls = []
+
+    def fake_periodic_eval(method, *, ref, n, data_root=None):
+        calls.append((ref, n, method.training))  # scored in eval mode, with the EMA weights
+        return {"fid": 1.5, "eval_n": n}
+
+    monkeypatch.setattr(evaluation, "periodic_eval", fake_periodic_eval)
+    api.train("ddpm", data="digits", run_dir=tmp_path / "r", progress=False,
+              overrides=TINY_DDPM + ["train.steps=10", "train.eval_every=5", "train.eval_ref=digits:test",
+                                     "train.eval_n=7"])
+    evals = [r for r in read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [5, 10] and evals[0]["values"]["fid"] == 1.5
+    assert calls == [("digits:test", 7, False)] * 2
+    with pytest.raises(ConfigError, match="eval_ref"):
+        api.train("ddpm", data="digits", run_dir=tmp_path / "s", progress=False,
+                  overrides=TINY_DDPM + ["train.steps=5", "train.eval_every=5"])

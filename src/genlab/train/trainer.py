@@ -256,17 +256,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ previews
 
+    def _with_ema_weights(self) -> ExitStack:
+        """Context in which the method holds its EMA weights (in eval mode); raw weights after."""
+        stack = ExitStack()
+        targets = self.method.ema_targets()
+        for name, ema in self.emas.items():
+            stack.enter_context(ema.averaged(targets[name]))
+        self.method.eval()
+        stack.callback(self.method.train)
+        return stack
+
     def sample_grid(self, path: Path) -> None:
         """Save a preview grid drawn with EMA weights from a fixed seed (comparable across steps)."""
         from genlab.imageio import save_grid
 
-        with ExitStack() as stack:
-            for name, ema in self.emas.items():
-                stack.enter_context(ema.averaged(self.method.ema_targets()[name]))
-            self.method.eval()
+        if not getattr(self.method, "generates_images", True):
+            return
+        with self._with_ema_weights():
             images = self.method.sample(self.cfg.train.sample_n, generator=torch.Generator().manual_seed(0))
-            self.method.train()
         save_grid(images, path)
+
+    def periodic_eval(self) -> dict[str, float]:
+        """FID/KID of train.eval_n EMA samples against train.eval_ref (fixed seed: comparable over steps)."""
+        from genlab.evaluation import periodic_eval
+
+        tc = self.cfg.train
+        if tc.eval_ref is None:
+            raise ConfigError("train.eval_every needs train.eval_ref, e.g. train.eval_ref=mnist:test")
+        with self._with_ema_weights():
+            return periodic_eval(self.method, ref=tc.eval_ref, n=tc.eval_n, data_root=self.cfg.data.root)
 
     # ------------------------------------------------------------------ the loop
 
@@ -332,6 +350,8 @@ class Trainer:
                     self.save()
                 if self.is_main and tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+                if self.is_main and tc.eval_every and self.step % tc.eval_every == 0 and log is not None:
+                    log.log(self.step, self.periodic_eval(), kind="eval")
                 if time_up:
                     break
         except TrainingDiverged as e:
