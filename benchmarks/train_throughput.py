@@ -3,9 +3,11 @@
 One training step = forward + MSE loss + backward + AdamW step, on random data (the data loader is
 not measured). FLOPs per step are counted once per model with torch.utils.flop_counter
 (matmuls and convolutions, forward and backward; normalisations and element-wise ops are free),
-so "GFLOP/s" is the effective rate: counted work over wall time. The two models are timed in
-alternation (A, B, A, B, ...) so that noise from a shared machine hits both alike; each reported
-number is the median over repeats. Prints a Markdown table and the machine it ran on.
+so "GFLOP/s" is the effective rate: counted work over wall time. The models are timed in
+alternation, in A B B A order, so that noise from a shared machine hits both alike; images/s and
+GFLOP/s are medians over repeats, and the ratio is the median of the per-repeat ratios (each
+repeat's two timings are taken back to back, which cancels slow drifts of the machine's load).
+Prints a Markdown table and the machine it ran on.
 
     python benchmarks/train_throughput.py                   # the small CPU preset (ddpm_small.yaml)
     python benchmarks/train_throughput.py --patch-size 1 --channel-mult 1,2,2   # U-Net at 28x28x1
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from genlab.errors import ConfigError
 from genlab.models.unet import UNet, UNetConfig
 
 
@@ -71,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arch.add_argument("--norm-groups", type=int, default=8, help="GroupNorm groups")
     timing = parser.add_argument_group("timing")
     timing.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    timing.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
-    timing.add_argument("--repeats", type=int, default=5,
+    timing.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    timing.add_argument("--repeats", type=int, default=12,
                         help="timed repeats per model (alternating models); the median is reported")
     timing.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, usually all cores)")
@@ -117,7 +120,8 @@ class DiffusersUNet(nn.Module):
         widths = tuple(args.base_channels * m for m in args.channel_mult)
         resolutions = [size // 2**i for i in range(len(widths))]
         has_attention = [r in args.attention_resolutions for r in resolutions]
-        # diffusers fixes the head *width*; pick it so the head count equals ours at the attended widths.
+        # diffusers fixes the head *width*; pick it so the head count equals ours at the first
+        # attended width (FLOPs do not depend on the head count, only the kernel shapes do).
         attended = [w for w, a in zip(widths, has_attention) if a] + [widths[-1]]
         head_dim = attended[0] // args.num_heads
         self.model = UNet2DModel(
@@ -229,7 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     steps, params, flops = {}, {}, {}
     for name in names:
         torch.manual_seed(args.seed)
-        model = Patched(builders[name](args), args.patch_size)
+        try:
+            model = Patched(builders[name](args), args.patch_size)
+        except ConfigError as error:
+            raise SystemExit(f"error: {error}") from None
         params[name] = sum(p.numel() for p in model.parameters())
         steps[name] = make_step(model, args)
         flops[name] = count_flops(steps[name])  # also the first warm-up step
@@ -237,12 +244,19 @@ def main(argv: list[str] | None = None) -> None:
             steps[name]()
 
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.repeats):
-        for name in names:  # alternate, so machine noise is shared by both models
+    for repeat in range(args.repeats):
+        # A B, then B A: alternate, and alternate who goes first, so both share the machine's noise.
+        for name in names if repeat % 2 == 0 else names[::-1]:
             seconds[name].append(time_steps(steps[name], args.steps))
 
     reference = "diffusers" if "diffusers" in names else names[0]
     rate = {name: flops[name] / statistics.median(seconds[name]) / 1e9 for name in names}
+    # Per repeat, (GFLOP/s of name) / (GFLOP/s of reference) from two timings taken back to back.
+    paired = {
+        name: sorted((flops[name] / s) / (flops[reference] / r)
+                     for s, r in zip(seconds[name], seconds[reference]))
+        for name in names
+    }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model_name()}, "
           f"{platform.system()} {platform.machine()}, python {platform.python_version()}")
     unet_channels, unet_size = unet_shape(args)
@@ -254,12 +268,19 @@ def main(argv: list[str] | None = None) -> None:
           f"dropout {args.dropout}, {'add' if args.no_scale_shift else 'scale-shift'} time embedding"
           f"{', channels_last' if args.channels_last else ''}; "
           f"median of {args.repeats} x {args.steps} steps after {args.warmup + 1} warm-up\n")
-    print(f"| model | params | GFLOP/step | images/s | GFLOP/s | GFLOP/s ratio vs {reference} |")
+    print(f"| model | params | GFLOP/step | images/s | GFLOP/s | GFLOP/s ratio vs {reference} "
+          "(paired median) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in names:
         images_per_s = args.batch_size / statistics.median(seconds[name])
         print(f"| {name} | {params[name]:,} | {flops[name] / 1e9:.2f} | "
-              f"{images_per_s:.1f} | {rate[name]:.2f} | {rate[name] / rate[reference]:.3f} |")
+              f"{images_per_s:.1f} | {rate[name]:.2f} | {statistics.median(paired[name]):.3f} |")
+    for name in names:
+        if name != reference:
+            quartiles = statistics.quantiles(paired[name], n=4) if len(paired[name]) > 1 else paired[name] * 3
+            print(f"\n{name} / {reference} per-repeat GFLOP/s ratios: min {paired[name][0]:.3f}, "
+                  f"quartiles {quartiles[0]:.3f} / {quartiles[1]:.3f} / {quartiles[2]:.3f}, "
+                  f"max {paired[name][-1]:.3f}")
 
 
 if __name__ == "__main__":

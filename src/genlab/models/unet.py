@@ -123,7 +123,10 @@ class UNet(nn.Module):
         # Middle: residual, attention, residual at the lowest resolution.
         mid_attention = self._attention_pair(channels) if config.mid_attention else ()
         self.middle = nn.ModuleList(
-            [UNetLayer(res_block(channels, channels), *mid_attention), UNetLayer(res_block(channels, channels))]
+            [
+                UNetLayer(res_block(channels, channels), *mid_attention),
+                UNetLayer(res_block(channels, channels)),
+            ]
         )
 
         # Decoder: num_res_blocks + 1 layers per level, each eating one skip; Upsample between levels.
@@ -158,7 +161,10 @@ class UNet(nn.Module):
         y: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (N, C_in, H, W), t (N,) long or float, y (N,) long or None, context (N, S, D_ctx) -> (N, C_out, H, W)."""
+        """Predict from x (N, C_in, H, W) at t (N,) (long or float) -> (N, C_out, H, W).
+
+        y: (N,) long class labels, or None for the null class; context: (N, S, context_dim) or None.
+        """
         n, _, height, width = x.shape
         if height % self.downsample_factor or width % self.downsample_factor:
             raise ConfigError(
@@ -217,7 +223,7 @@ def _validate(
     if image_size < factor or image_size % factor:
         raise ConfigError(
             f"image_size={image_size} is not divisible by {factor} = 2 ** (len(channel_mult) - 1) "
-            f"for channel_mult={c.channel_mult}: use fewer levels or an image size that is a multiple of {factor}"
+            f"for channel_mult={c.channel_mult}: use fewer levels or a multiple of {factor}"
         )
     resolutions = [image_size // 2**i for i in range(len(c.channel_mult))]
     missing = [r for r in c.attention_resolutions if r not in resolutions]

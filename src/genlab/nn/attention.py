@@ -19,7 +19,10 @@ from genlab.nn.blocks import group_norm
 def multihead_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d_head)) v per head (Vaswani et al. 2017, eq. 1): q (N, L, D), k, v (N, S, D) -> (N, L, D)."""
+    """softmax(q k^T / sqrt(d_head)) v per head (Vaswani et al. 2017, eq. 1).
+
+    q (N, L, D), k and v (N, S, D) -> (N, L, D); D is split into num_heads heads of D / num_heads.
+    """
     n, length, dim = q.shape
     head_dim = dim // num_heads
     # Views only: the head split is a reshape of the last axis, SDPA reads the strides as they are.
