@@ -5,12 +5,27 @@ from __future__ import annotations
 import importlib
 
 from genlab.errors import ConfigError
-from genlab.methods.base import DataInfo, Method
+from genlab.methods.base import DataInfo, Method, OptimizerSpec
 
 # name -> "module:Class"; imported lazily so `genlab --help` stays fast.
 METHODS = {
     "ddpm": "genlab.methods.ddpm:DDPM",
     "classifier": "genlab.methods.classifier:ClassifierMethod",
+    "noisy-classifier": "genlab.methods.noisy_classifier:NoisyClassifier",
+    "ae": "genlab.methods.autoencoder:Autoencoder",
+    "dae": "genlab.methods.autoencoder:DenoisingAutoencoder",
+    "vae": "genlab.methods.autoencoder:VAE",
+    "kl-ae": "genlab.methods.autoencoder:KLAutoencoder",
+    "vqvae": "genlab.methods.vq:VQVAE",
+    "vqgan": "genlab.methods.vq:VQGAN",
+    "vq-ae": "genlab.methods.vq:VQAutoencoder",
+    "pixelcnn": "genlab.methods.prior:PixelCNNPrior",
+    "gpt": "genlab.methods.prior:GPTPrior",
+    "gan": "genlab.methods.gan:GAN",
+    "stylegan": "genlab.methods.stylegan:StyleGAN",
+    "pix2pix": "genlab.methods.pix2pix:Pix2Pix",
+    "dit": "genlab.methods.dit:DiT",
+    "ldm": "genlab.methods.ldm:LDM",
 }
 
 
@@ -19,7 +34,10 @@ def get_method(name: str) -> type[Method]:
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'; valid methods: {', '.join(sorted(METHODS))}")
     module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:  # registered ahead of its implementation
+        raise ConfigError(f"method '{name}' is not available in this version of genlab ({e})") from e
 
 
-__all__ = ["METHODS", "DataInfo", "Method", "get_method"]
+__all__ = ["METHODS", "DataInfo", "Method", "OptimizerSpec", "get_method"]

@@ -9,7 +9,7 @@ special-cases a family: it calls :meth:`Method.training_step` once per micro-bat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -22,6 +22,23 @@ class DataInfo:
     channels: int
     image_size: int
     num_classes: int | None = None
+
+
+@dataclass
+class OptimizerSpec:
+    """One optimiser of a method: its parameters and the settings that differ from ``train.*``.
+
+    ``None`` means "use the run's train.lr / train.adam_betas / train.weight_decay". GANs use this
+    for two time-scale learning rates (TTUR), Adam(0.5, 0.999) or SGD for the discriminator.
+    The run's warm-up and LR schedule multiply every group's learning rate.
+    """
+
+    params: list[nn.Parameter]
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    kind: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float | None = None
+    momentum: float = 0.0  # SGD only
 
 
 class StepContext(Protocol):
@@ -49,8 +66,8 @@ class Method(nn.Module):
         self.config = config
         self.data_info = data_info
 
-    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters of each optimiser by name; one AdamW per entry, stepped by ``ctx.optimize``."""
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter] | OptimizerSpec]:
+        """Parameters (or an :class:`OptimizerSpec`) of each optimiser by name, stepped by ``ctx.optimize``."""
         return {"main": [p for p in self.parameters() if p.requires_grad]}
 
     def ema_targets(self) -> dict[str, nn.Module]:

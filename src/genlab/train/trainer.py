@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from genlab.config import RunConfig, save_config, to_dict
 from genlab.data import ImageSet, to_model_range
 from genlab.errors import ConfigError, TrainingDiverged
-from genlab.methods.base import Method
+from genlab.methods.base import Method, OptimizerSpec
 from genlab.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -64,6 +64,23 @@ def lr_lambda(cfg) -> Any:
         return 1.0 - progress
 
     return f
+
+
+def make_optimizer(spec: OptimizerSpec | list, tc) -> torch.optim.Optimizer:
+    """The optimiser a method asked for; unset fields of the spec come from the run's train config."""
+    if not isinstance(spec, OptimizerSpec):
+        spec = OptimizerSpec(params=list(spec))
+    params = [p for p in spec.params if p.requires_grad]
+    if not params:
+        raise ConfigError("a method declared an optimiser group without trainable parameters")
+    lr = tc.lr if spec.lr is None else spec.lr
+    weight_decay = tc.weight_decay if spec.weight_decay is None else spec.weight_decay
+    if spec.kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=weight_decay)
+    if spec.kind != "adamw":
+        raise ConfigError(f"unknown optimiser kind {spec.kind!r}; valid: adamw, sgd")
+    betas = tuple(tc.adam_betas) if spec.betas is None else tuple(spec.betas)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 class _StepContext:
@@ -139,9 +156,11 @@ class Trainer:
         self.method = method.to(self.device)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
-        for group, params in method.optimizer_groups().items():
-            opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
+        self.group_params: dict[str, list[torch.nn.Parameter]] = {}
+        for group, spec in method.optimizer_groups().items():
+            opt = make_optimizer(spec, tc)
             self.optimizers[group] = opt
+            self.group_params[group] = [p for g in opt.param_groups for p in g["params"]]
             self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
         self.emas = {}
         if tc.ema_decay is not None:
@@ -164,10 +183,16 @@ class Trainer:
         lo = position * self.micro_batch + self.rank * self.local_batch
         idx = self._perm[lo: lo + self.local_batch]
         images = to_model_range(self.data.images[idx])  # (n, C, H, W) float in [-1, 1]
+        conditions = getattr(self.data, "conditions", None)  # paired data: the input image of each pair
+        condition = None if conditions is None else to_model_range(conditions[idx])
         if self.cfg.data.hflip:
             flip = torch.rand(self.micro_batch, generator=gen)[self.rank * self.local_batch:][: self.local_batch] < 0.5
             images[flip] = images[flip].flip(-1)
+            if condition is not None:
+                condition[flip] = condition[flip].flip(-1)
         batch = {"image": images.to(self.device, non_blocking=True)}
+        if condition is not None:
+            batch["condition"] = condition.to(self.device, non_blocking=True)
         if self.data.labels is not None:
             batch["label"] = self.data.labels[idx].to(self.device)
         return batch
@@ -185,11 +210,13 @@ class Trainer:
                 f"loss of '{group}' is {loss.item()} at step {ctx.step}; training stopped and the last checkpoint "
                 f"({self._last_checkpoint_name()}) is intact: lower train.lr, enable train.grad_clip or check the data"
             )
-        (loss / self.cfg.train.grad_accum).backward()
+        # Gradients flow only into this group's parameters: a generator's loss backpropagates through
+        # the discriminator but must not leave gradients there for D's next step.
+        (loss / self.cfg.train.grad_accum).backward(inputs=self.group_params[group])
         if not ctx.is_last_micro:
             return
         opt = self.optimizers[group]
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for p in self.group_params[group] if p.grad is not None]
         if self.world > 1 and params:
             # One flat all-reduce per step: average gradients over processes (DDP's maths, explicit).
             flat = torch.cat([p.grad.reshape(-1) for p in params])
@@ -200,8 +227,9 @@ class Trainer:
                 n = p.grad.numel()
                 p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
                 offset += n
-        if self.cfg.train.grad_clip is not None and params:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        if params:  # the norm before clipping is logged for every group: exploding gradients show up
+            max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             ctx.logs[f"grad_norm_{group}" if len(self.optimizers) > 1 else "grad_norm"] = norm.detach()
         opt.step()
         self.schedulers[group].step()
@@ -341,7 +369,7 @@ class Trainer:
                     values["elapsed_s"] = self.elapsed
                     if log is not None:
                         log.log(self.step, values)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "loss_d", "loss_g")})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "d_loss", "g_loss")})
                     sums, count, window_start, images_seen = {}, 0, now, 0
                 time_up = tc.time_limit is not None and self.elapsed >= tc.time_limit * 60
                 if time_up:
