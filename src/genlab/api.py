@@ -63,6 +63,51 @@ class Run:
                 bar.update(m)
         return torch.cat(chunks)
 
+    def _need(self, attribute: str, what: str) -> None:
+        if not hasattr(self.method, attribute):
+            raise ConfigError(f"{self.path}: a {self.config.method} run cannot {what}; "
+                              "that needs an autoencoder-family run (ae, dae, vae, kl-ae, vqvae, vqgan, vq-ae)")
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Reconstructions in [-1, 1] of images in [-1, 1] (N, C, H, W), in batches."""
+        self._need("reconstruct", "reconstruct images")
+        self.method.eval()
+        return torch.cat([self.method.reconstruct(images[i: i + batch_size].to(self.method.device)).cpu()
+                          for i in range(0, len(images), batch_size)])
+
+    @torch.no_grad()
+    def interpolate(self, start: torch.Tensor, end: torch.Tensor, steps: int = 8) -> torch.Tensor:
+        """Images along the latent path from ``start`` to ``end``: (pairs, steps, C, H, W).
+
+        Autoencoders interpolate linearly between the encodings of two images; GANs interpolate
+        spherically between two latent vectors z (a Gaussian's mass lies near a sphere, so the
+        straight line would pass through unlikely small-norm latents).
+        """
+        if steps < 2:
+            raise ConfigError(f"interpolation needs at least 2 steps, got {steps}")
+        method = self.method.eval()
+        w = torch.linspace(0, 1, steps)
+        if hasattr(method, "encode"):
+            za, zb = method.encode(start.to(method.device)), method.encode(end.to(method.device))
+            path = torch.stack([(1 - t) * za + t * zb for t in w], 1)  # (P, S, ...)
+            images = method.decode(path.flatten(0, 1))
+        elif hasattr(method, "synthesize"):
+            za, zb = start.to(method.device), end.to(method.device)
+            path = torch.stack([slerp(za, zb, float(t)) for t in w], 1)
+            images = method.synthesize(path.flatten(0, 1))
+        else:
+            raise ConfigError(f"{self.path}: a {self.config.method} run has no latent space to interpolate in")
+        return images.clamp(-1, 1).cpu().unflatten(0, (len(start), steps))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between rows of ``a`` and ``b`` (N, D) (Shoemake 1985; White 2016 for GANs)."""
+    a_unit, b_unit = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    omega = torch.acos((a_unit * b_unit).sum(1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))  # (N, 1)
+    so = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
+
 
 def train(
     method: str,
@@ -88,6 +133,7 @@ def train(
             raise ConfigError(f"--data {data} differs from the run's data source {base['data']['source']!r}; "
                               "a resumed run keeps its data")
         preset = None  # the saved config already contains the preset
+    overrides = _resolve_parent_run(overrides, data, data_root, resume)
     if data is not None:
         overrides.insert(0, f"data.source={data}")
         # A dataset-specific preset (ddpm_mnist_small.yaml) wins over the generic one (ddpm_small.yaml).
@@ -114,6 +160,54 @@ def train(
     trainer = Trainer(run_dir, cfg, instance, images, progress=progress)
     trainer.fit(resume=resume)
     return load_run(run_dir)
+
+
+# Config fields that name a frozen parent run: a prior's VQ model, an LDM's autoencoder, an inverter's GAN.
+PARENT_RUN_KEYS = ("codes", "autoencoder", "gan")
+
+
+def _resolve_parent_run(overrides: list[str], data: str | None, data_root: str | None, resume: bool) -> list[str]:
+    """Make a parent run path absolute and, unless --data is given, train on the parent's data."""
+    out = list(overrides)
+    for i, text in enumerate(overrides):
+        key, _, value = text.partition("=")
+        if key.removeprefix("model.") not in PARENT_RUN_KEYS or not value or value in ("null", "None"):
+            continue
+        parent = Path(value).expanduser()
+        if not (parent / "config.yaml").is_file():
+            raise ConfigError(f"{key}={value}: not a run folder (no config.yaml); pass the folder of a trained run")
+        out[i] = f"{key}={parent.resolve()}"
+        if data is None and not resume:
+            # The parent's data section first, so the prior or LDM sees the images its parent was trained on.
+            parent_data = read_config_file(parent / "config.yaml").get("data", {})
+            for name in ("source", "image_size", "fit", "channels"):
+                if parent_data.get(name) is not None:
+                    out.insert(0, f"data.{name}={parent_data[name]}")
+            if data_root is None and parent_data.get("root"):
+                out.insert(0, f"data.root={parent_data['root']}")
+    return out
+
+
+def heldout_images(run: "Run", data: str | None = None, n: int | None = None, data_root: str | None = None):
+    """Held-out images for a run, fitted to its size and channels: ``data`` ("SOURCE:SPLIT") or the run's test split.
+
+    mnist5k has no test split; its held-out images are mnist:test (which needs the data root).
+    """
+    import dataclasses
+
+    from genlab.data import split_source_ref
+
+    cfg = run.config.data
+    if data is None:
+        source = "mnist" if cfg.source == "mnist5k" else cfg.source
+        split = "test"
+    else:
+        source, split = split_source_ref(data)
+        if split is None:
+            raise ConfigError(f"{data}: give the held-out data as SOURCE:SPLIT, e.g. mnist:test")
+    root = data_root if data_root is not None else cfg.root
+    held = dataclasses.replace(cfg, source=source, split=split, root=root, limit=n, hflip=False)
+    return load_data(held)
 
 
 def _changed_keys(base: dict, cfg: RunConfig) -> set[str]:

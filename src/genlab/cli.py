@@ -30,6 +30,52 @@ examples:
 """
 
 
+EPILOG_SAMPLE = """\
+guidance (diffusion models):
+  --guidance-scale w   classifier-free guidance, eps = eps_uncond + w (eps_cond - eps_uncond):
+                       w = 1 is the plain conditional model, w = 0 the unconditional one
+                       (the (1 + w') form of some papers is w = 1 + w')
+  --negative-class k   the unconditional branch is replaced by class k ("not like a k")
+  --classifier RUN --classifier-scale s    classifier guidance with a noisy-classifier run
+  --rule NAME[:weight[:key=value,...]]     rule guidance on the predicted x0, e.g. --rule symmetry:2
+
+examples:
+  genlab sample runs/demo --n 64 --out grid.png --sampler dpmpp-2m --steps 10
+  genlab sample runs/cfg --class 3 --guidance-scale 3 --out threes.png
+  genlab sample runs/stylegan --truncation 0.7 --out sg.png
+  genlab sample runs/gpt --temperature 0.9 --top-k 50 --out gpt.png
+"""
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """Sampling options shared by `sample` and `eval` (each method accepts the ones that apply to it)."""
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale w (1 = no guidance)")
+    p.add_argument("--negative-class", type=int, help="negative conditioning: class for the unconditional branch")
+    p.add_argument("--classifier", metavar="RUN", help="noisy-classifier run for classifier guidance")
+    p.add_argument("--classifier-scale", type=float, help="classifier guidance scale s")
+    p.add_argument("--rule", action="append", metavar="NAME[:W]", help="rule guidance (repeatable): brightness, "
+                                                                        "symmetry, ink, region, or module:function")
+    p.add_argument("--truncation", type=float, help="truncation psi of GAN latents (1 = none, 0 = the mean)")
+    p.add_argument("--temperature", type=float, help="softmax temperature of autoregressive priors")
+    p.add_argument("--top-k", type=int, help="sample autoregressive priors from the k most likely codes only")
+
+
+def _sampling_options(a, n: int) -> dict:
+    """The sampling options given on the command line, as keyword arguments of Method.sample."""
+    import torch
+
+    options = {k: v for k, v in (("sampler", a.sampler), ("steps", a.steps), ("eta", getattr(a, "eta", None)),
+                                 ("guidance_scale", a.guidance_scale), ("classifier", a.classifier),
+                                 ("classifier_scale", a.classifier_scale), ("rules", a.rule),
+                                 ("truncation", a.truncation), ("temperature", a.temperature), ("top_k", a.top_k))
+               if v is not None}
+    if getattr(a, "class_label", None) is not None:
+        options["labels"] = torch.full((n,), a.class_label, dtype=torch.long)
+    if a.negative_class is not None:
+        options["negative_labels"] = torch.full((n,), a.negative_class, dtype=torch.long)
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="genlab",
@@ -48,11 +94,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="run folder (default runs/<method>-<data>-<timestamp>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--codes", metavar="RUN", help="pixelcnn/gpt: the vqvae, vqgan or vq-ae run whose code maps to model "
+                                                   "(sets model.codes; --data defaults to that run's data)")
+    t.add_argument("--autoencoder", metavar="RUN", help="ldm: the kl-ae or vq-ae run whose latents to diffuse "
+                                                        "(sets model.autoencoder; --data defaults to that run's data)")
+    t.add_argument("--gan", metavar="RUN", help="gan-encoder: the gan or stylegan run to invert (sets model.gan)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     s = sub.add_parser("sample", help="draw samples from a run into a .png grid or an .npz file",
                        description="Sample from a trained run. FILE ending in .png writes a grid; .npz writes "
-                                   "'images' as uint8 N x H x W x C.")
+                                   "'images' as uint8 N x H x W x C.",
+                       epilog=EPILOG_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("run", help="run folder")
     s.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same images")
@@ -63,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_label", type=int, help="class label for class-conditional models")
     s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     s.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
+    _add_sampling_options(s)
 
     e = sub.add_parser("eval", help="score a run, an .npz of images or a data split against real data",
                        description="Score RUN (sampled with its EMA weights), FILE.npz (uint8 images N x H x W x C) or a "
@@ -92,6 +145,51 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="with `eval ref`: the split (default test)")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster on a busy CPU)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--kind", choices=("auto", "generation", "reconstruction"), default="auto",
+                   help="for a run: generation metrics of samples, reconstruction metrics (MSE, PSNR, SSIM, and the "
+                        "ELBO / codebook usage where they apply) on held-out images, or auto: whatever the run does")
+    e.add_argument("--recon-data", metavar="SOURCE:SPLIT", help="held-out images for reconstruction metrics "
+                                                               "(default: the run's test split; mnist:test for mnist5k)")
+    e.add_argument("--class", dest="class_label", type=int, help="sample this class only (class-conditional runs)")
+    _add_sampling_options(e)
+
+    r = sub.add_parser("reconstruct", help="inputs above, reconstructions below, for an autoencoder-family run",
+                       description="Reconstruct held-out images with an autoencoder-family run (ae, dae, vae, kl-ae, "
+                                   "vqvae, vqgan, vq-ae) and save one PNG: the inputs in the upper rows, their "
+                                   "reconstructions in the rows below. Prints the PSNR of these images.")
+    r.add_argument("run", help="run folder")
+    r.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    r.add_argument("--out", required=True, help="output .png")
+    r.add_argument("--data", metavar="SOURCE:SPLIT", help="images to reconstruct (default: the run's test split)")
+    r.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    r.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+
+    i = sub.add_parser("interpolate", help="walk the latent space between pairs of images (or GAN latents)",
+                       description="Autoencoders: encode pairs of held-out images and decode the straight line between "
+                                   "their latents. GANs: decode the great-circle path between two random latents. One "
+                                   "row per pair, from the first endpoint on the left to the second on the right.")
+    i.add_argument("run", help="run folder")
+    i.add_argument("--out", required=True, help="output .png")
+    i.add_argument("--pairs", type=int, default=4, help="number of rows (default 4)")
+    i.add_argument("--steps", type=int, default=8, help="images per row, endpoints included (default 8)")
+    i.add_argument("--seed", type=int, default=0, help="which images / latents are paired (default 0)")
+    i.add_argument("--data", metavar="SOURCE:SPLIT", help="images to pair (default: the run's test split)")
+    i.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    i.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+
+    tr = sub.add_parser("translate", help="image-to-image translation with a pix2pix run",
+                        description="Translate input images (A) to outputs (B) with a pix2pix run. --input is a PNG "
+                                    "or an .npz (uint8 N x H x W x C); without --input, held-out images are turned into "
+                                    "the run's task inputs (edges, masked, low-res) and the PNG shows input / output / "
+                                    "target rows with the PSNR and SSIM printed.")
+    tr.add_argument("run", help="pix2pix run folder")
+    tr.add_argument("--input", help="input image (.png) or images (.npz)")
+    tr.add_argument("--out", required=True, help="output .png (grid) or .npz")
+    tr.add_argument("--n", type=int, default=16, help="without --input: number of held-out images (default 16)")
+    tr.add_argument("--data", metavar="SOURCE:SPLIT", help="without --input: held-out images (default: the run's test split)")
+    tr.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of random task inputs (masks) (default 0)")
+    tr.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
 
     c = sub.add_parser("compare", help="one table and one bar chart of several runs' metrics",
                        description="Print a Markdown table of the newest metrics.json entry of each run (or metrics "
@@ -117,7 +215,9 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(a) -> int:
     from genlab import api
 
-    run = api.train(a.method, data=a.data, preset=a.preset, overrides=a.overrides, run_dir=a.run_dir,
+    parents = [f"model.{k}={v}" for k, v in (("codes", a.codes), ("autoencoder", a.autoencoder), ("gan", a.gan))
+               if v is not None]
+    run = api.train(a.method, data=a.data, preset=a.preset, overrides=parents + list(a.overrides), run_dir=a.run_dir,
                     resume=a.resume, data_root=a.data_root, progress=not a.no_progress)
     print(run.path)
     return 0
@@ -135,9 +235,7 @@ def _cmd_sample(a) -> int:
     if out.suffix.lower() not in (".png", ".npz"):
         raise GenlabError(f"--out {out}: the file must end in .png (a grid) or .npz (uint8 images N x H x W x C)")
     run = api.load_run(a.run, weights=a.weights)
-    options = {k: v for k, v in (("sampler", a.sampler), ("steps", a.steps), ("eta", a.eta)) if v is not None}
-    if a.class_label is not None:
-        options["labels"] = torch.full((a.n,), a.class_label, dtype=torch.long)
+    options = _sampling_options(a, a.n)
     images = run.sample(a.n, seed=a.seed, batch_size=a.batch_size, progress=True, **options)
     save_images(images, out)
     print(out)
@@ -171,13 +269,35 @@ def _cmd_eval(a) -> int:
               f"(sha256 {ref.key['extractor_sha256'][:12]}...)")
         print(ref.path if ref.path is not None else "(not cached: the cache folder is not writable)")
         return 0
+    if a.kind != "generation" and Path(a.target).is_dir():
+        from genlab.methods import get_method
+        from genlab.config import read_config_file
+
+        cls = get_method(read_config_file(Path(a.target) / "config.yaml")["method"])
+        reconstructs, generates = hasattr(cls, "reconstruct"), getattr(cls, "generates_images", True)
+        if a.kind == "reconstruction" and not reconstructs:
+            raise GenlabError(f"{a.target}: a {cls.name} run does not reconstruct images; use --kind generation")
+        if reconstructs:
+            result = evaluation.evaluate_reconstruction(a.target, data=a.recon_data, n=a.n, weights=a.weights,
+                                                        data_root=a.data_root, batch_size=a.batch_size,
+                                                        json_path=None if generates else a.json,
+                                                        progress=not a.no_progress)
+            _print_result(result)
+            if a.kind == "reconstruction" or not generates:
+                return 0
     if a.data is not None:
         raise GenlabError(f"--data {a.data} is for `genlab eval ref`; to score a data split write it as the target, "
                           f"e.g. genlab eval {a.data}:{a.split} --ref {a.ref}")
     result = evaluation.evaluate(a.target, ref=a.ref, metrics=a.metrics, n=a.n,
                                  sampler=a.sampler, steps=a.steps, seed=a.seed, weights=a.weights, extractor=extractor,
                                  data_root=a.data_root, ref_n=a.ref_n, batch_size=a.batch_size, json_path=a.json,
-                                 progress=not a.no_progress)
+                                 progress=not a.no_progress,
+                                 sample_options=_sampling_options(a, a.n or evaluation.DEFAULT_N))
+    _print_result(result)
+    return 0
+
+
+def _print_result(result: dict) -> None:
     for name, value in result["metrics"].items():
         std = result["std"].get(name)
         print(f"{name} {_format_value(value)}" + (f" +- {_format_value(std)}" if std is not None else ""))
@@ -185,6 +305,117 @@ def _cmd_eval(a) -> int:
         if isinstance(value, dict):
             value = " ".join(f"{k}={_format_value(v)}" for k, v in value.items())
         print(f"# {key}: {_format_value(value)}")
+
+
+def _cmd_reconstruct(a) -> int:
+    import torch
+
+    from genlab import api
+    from genlab.imageio import save_grid
+    from genlab.metrics import psnr
+
+    if a.n < 1:
+        raise GenlabError(f"--n must be at least 1, got {a.n}")
+    run = api.load_run(a.run, weights=a.weights)
+    run._need("reconstruct", "reconstruct images")
+    x = api.heldout_images(run, a.data, a.n, a.data_root).to_model_range()
+    x_hat = run.reconstruct(x)
+    nrow = min(len(x), 16)
+    save_grid(torch.cat([_pad_rows(x, nrow), _pad_rows(x_hat, nrow)]), a.out, nrow=nrow, scale=2)
+    print(f"psnr {psnr(x_hat, x).item():.2f} dB over {len(x)} images (inputs above, reconstructions below)")
+    print(a.out)
+    return 0
+
+
+def _pad_rows(images, nrow: int):
+    """Pad a block of images with black tiles to whole rows, so blocks stack as rows in one grid."""
+    import torch
+
+    missing = -len(images) % nrow
+    return torch.cat([images, -torch.ones(missing, *images.shape[1:])]) if missing else images
+
+
+def _cmd_interpolate(a) -> int:
+    import torch
+
+    from genlab import api
+    from genlab.imageio import save_grid
+
+    if a.pairs < 1:
+        raise GenlabError(f"--pairs must be at least 1, got {a.pairs}")
+    run = api.load_run(a.run, weights=a.weights)
+    g = torch.Generator().manual_seed(a.seed)
+    if hasattr(run.method, "encode"):
+        held = api.heldout_images(run, a.data, None, a.data_root).to_model_range()
+        idx = torch.randperm(len(held), generator=g)[: 2 * a.pairs]
+        if len(idx) < 2 * a.pairs:
+            raise GenlabError(f"{len(held)} held-out images are too few for {a.pairs} pairs")
+        start, end = held[idx[: a.pairs]], held[idx[a.pairs:]]
+    elif hasattr(run.method, "latent_dim"):
+        start = torch.randn(a.pairs, run.method.latent_dim, generator=g)
+        end = torch.randn(a.pairs, run.method.latent_dim, generator=g)
+    else:
+        raise GenlabError(f"{a.run}: a {run.config.method} run has no latent space to interpolate in")
+    images = run.interpolate(start, end, a.steps)  # (pairs, steps, C, H, W)
+    save_grid(images.flatten(0, 1), a.out, nrow=a.steps, scale=2)
+    print(a.out)
+    return 0
+
+
+def _cmd_translate(a) -> int:
+    import torch
+
+    from genlab import api
+    from genlab.imageio import load_npz, save_grid, save_images
+    from genlab.data import to_model_range
+
+    run = api.load_run(a.run, weights=a.weights)
+    method = run.method
+    if not hasattr(method, "translate"):
+        raise GenlabError(f"{a.run}: a {run.config.method} run does not translate images; use a pix2pix run")
+    d = method.data_info
+    if a.input is not None:
+        path = Path(a.input)
+        if not path.is_file():
+            raise GenlabError(f"--input {path}: no such file")
+        if path.suffix.lower() == ".npz":
+            a_u8 = load_npz(path)
+        else:
+            import numpy as np
+
+            from genlab.data.folder import decode_image
+
+            a_u8 = torch.from_numpy(np.ascontiguousarray(decode_image(path.read_bytes(), str(path)))).permute(2, 0, 1)[None]
+        want = getattr(method, "input_channels", d.channels)
+        if a_u8.shape[1] != want:  # grey <-> colour, as the data pipeline converts
+            if a_u8.shape[1] == 1:
+                a_u8 = a_u8.expand(-1, want, -1, -1)
+            else:  # ITU-R 601 luma, PIL's "L" conversion
+                luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                a_u8 = (a_u8.float() * luma).sum(1, keepdim=True).round().to(torch.uint8)
+        if tuple(a_u8.shape[-2:]) != (d.image_size, d.image_size):
+            raise GenlabError(f"--input {path}: images are {a_u8.shape[-2]}x{a_u8.shape[-1]}, the run translates "
+                              f"{d.image_size}x{d.image_size}; resize them first")
+        with torch.no_grad():
+            b = method.translate(to_model_range(a_u8).to(method.device)).cpu()
+        save_images(b, a.out)
+        print(a.out)
+        return 0
+    from genlab.methods.pix2pix import evaluate_pairs
+
+    target = api.heldout_images(run, a.data, a.n, a.data_root).to_model_range()
+    g = torch.Generator().manual_seed(a.seed)
+    with torch.no_grad():
+        inputs = method.make_input(target.to(method.device), generator=g).cpu()
+        outputs = method.translate(inputs.to(method.device)).cpu()
+    scores = evaluate_pairs(method, target, torch.Generator().manual_seed(a.seed))
+    shown = inputs if inputs.shape[1] == target.shape[1] else inputs[:, : target.shape[1]]
+    nrow = min(len(target), 16)
+    save_grid(torch.cat([_pad_rows(shown, nrow), _pad_rows(outputs, nrow), _pad_rows(target, nrow)]), a.out,
+              nrow=nrow, scale=2)
+    print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()) + f" over {len(target)} images "
+          "(rows: input, output, target)")
+    print(a.out)
     return 0
 
 
@@ -239,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = {"train": _cmd_train, "sample": _cmd_sample, "data": _cmd_data, "methods": _cmd_methods,
-               "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare}[a.command]
+               "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare, "reconstruct": _cmd_reconstruct,
+               "interpolate": _cmd_interpolate, "translate": _cmd_translate}[a.command]
     try:
         return handler(a)
     except GenlabError as e:
