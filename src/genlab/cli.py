@@ -191,6 +191,31 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="seed of random task inputs (masks) (default 0)")
     tr.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
 
+    v = sub.add_parser("invert", help="project images into a GAN's latent space (and edit them)",
+                       description="Invert images with a gan or stylegan run: optimise the latent (z for a DCGAN, w for "
+                                   "a StyleGAN) to minimise MSE + perceptual distance, starting from a trained "
+                                   "gan-encoder's prediction when --encoder is given (--steps 0: the encoder alone). "
+                                   "The PNG shows targets above and inversions below (and, with --edit K, each "
+                                   "inversion moved along the K-th principal direction of the latents). Prints the PSNR.",
+                       epilog="examples:\n  genlab invert runs/gan --image digit.png --out inv.png\n"
+                              "  genlab invert runs/gan --data mnist:test --n 100 --encoder runs/enc --steps 0 --out inv.png\n"
+                              "  genlab invert runs/stylegan --data mnist:test --n 8 --edit 0 --out edit.png",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("run", help="gan or stylegan run folder")
+    v.add_argument("--image", help="image to invert (.png, or .npz of uint8 N x H x W x C)")
+    v.add_argument("--data", metavar="SOURCE:SPLIT", help="without --image: held-out images (default: the run's test split)")
+    v.add_argument("--n", type=int, default=16, help="without --image: number of held-out images (default 16)")
+    v.add_argument("--out", required=True, help="output .png")
+    v.add_argument("--space", choices=("z", "w", "w+"), help="latent space (default: w for StyleGAN, z for DCGAN)")
+    v.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300; 0 with --encoder: encoder only)")
+    v.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the latent (default 0.05)")
+    v.add_argument("--perceptual-weight", type=float, default=0.1, help="weight of the perceptual term (default 0.1)")
+    v.add_argument("--encoder", metavar="RUN", help="a gan-encoder run trained on this GAN: its prediction starts the search")
+    v.add_argument("--edit", type=int, metavar="K", help="also show edits along the K-th principal direction (0 = first)")
+    v.add_argument("--strength", type=float, default=3.0, help="edit range in standard deviations (default 3)")
+    v.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    v.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+
     c = sub.add_parser("compare", help="one table and one bar chart of several runs' metrics",
                        description="Print a Markdown table of the newest metrics.json entry of each run (or metrics "
                                    "JSON file) and write a PNG bar chart. Evaluate the runs first with `genlab eval`.")
@@ -366,7 +391,7 @@ def _cmd_translate(a) -> int:
     import torch
 
     from genlab import api
-    from genlab.imageio import load_npz, save_grid, save_images
+    from genlab.imageio import save_grid, save_images
     from genlab.data import to_model_range
 
     run = api.load_run(a.run, weights=a.weights)
@@ -376,23 +401,7 @@ def _cmd_translate(a) -> int:
     d = method.data_info
     if a.input is not None:
         path = Path(a.input)
-        if not path.is_file():
-            raise GenlabError(f"--input {path}: no such file")
-        if path.suffix.lower() == ".npz":
-            a_u8 = load_npz(path)
-        else:
-            import numpy as np
-
-            from genlab.data.folder import decode_image
-
-            a_u8 = torch.from_numpy(np.ascontiguousarray(decode_image(path.read_bytes(), str(path)))).permute(2, 0, 1)[None]
-        want = getattr(method, "input_channels", d.channels)
-        if a_u8.shape[1] != want:  # grey <-> colour, as the data pipeline converts
-            if a_u8.shape[1] == 1:
-                a_u8 = a_u8.expand(-1, want, -1, -1)
-            else:  # ITU-R 601 luma, PIL's "L" conversion
-                luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-                a_u8 = (a_u8.float() * luma).sum(1, keepdim=True).round().to(torch.uint8)
+        a_u8 = _read_images_file(path, getattr(method, "input_channels", d.channels))
         if tuple(a_u8.shape[-2:]) != (d.image_size, d.image_size):
             raise GenlabError(f"--input {path}: images are {a_u8.shape[-2]}x{a_u8.shape[-1]}, the run translates "
                               f"{d.image_size}x{d.image_size}; resize them first")
@@ -415,6 +424,93 @@ def _cmd_translate(a) -> int:
               nrow=nrow, scale=2)
     print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()) + f" over {len(target)} images "
           "(rows: input, output, target)")
+    print(a.out)
+    return 0
+
+
+def _read_images_file(path: Path, channels: int):
+    """uint8 (N, C, H, W) from a .png or an .npz, converted to ``channels`` (grey <-> colour)."""
+    import numpy as np
+    import torch
+
+    from genlab.data.folder import decode_image
+    from genlab.imageio import load_npz
+
+    if not path.is_file():
+        raise GenlabError(f"{path}: no such file")
+    if path.suffix.lower() == ".npz":
+        u8 = load_npz(path)
+    else:
+        u8 = torch.from_numpy(np.ascontiguousarray(decode_image(path.read_bytes(), str(path)))).permute(2, 0, 1)[None]
+    if u8.shape[1] != channels:
+        if u8.shape[1] == 1:
+            u8 = u8.expand(-1, channels, -1, -1)
+        else:  # ITU-R 601 luma, PIL's "L" conversion
+            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            u8 = (u8.float() * luma).sum(1, keepdim=True).round().to(torch.uint8)
+    return u8
+
+
+def _cmd_invert(a) -> int:
+    import torch
+
+    from genlab import api, inversion
+    from genlab.data import to_model_range
+    from genlab.imageio import save_grid
+
+    run = api.load_run(a.run)
+    method = run.method
+    d = method.data_info
+    if a.image is not None:
+        target = to_model_range(_read_images_file(Path(a.image), d.channels))
+        if tuple(target.shape[-2:]) != (d.image_size, d.image_size):
+            raise GenlabError(f"--image {a.image}: images are {target.shape[-2]}x{target.shape[-1]}, the GAN makes "
+                              f"{d.image_size}x{d.image_size}; resize them first")
+    else:
+        target = api.heldout_images(run, a.data, a.n, a.data_root).to_model_range()
+    space = inversion.latent_space(method, a.space)
+    init, encoder = None, None
+    if a.encoder is not None:
+        encoder = api.load_run(a.encoder).method
+        if getattr(encoder, "name", None) != "gan-encoder":
+            raise GenlabError(f"--encoder {a.encoder}: not a gan-encoder run")
+        if encoder.space != space:
+            raise GenlabError(f"--encoder predicts {encoder.space} but --space is {space}")
+        with torch.no_grad():
+            init = encoder.invert(target.to(encoder.device)).to(method.device)
+    elif a.steps == 0:
+        raise GenlabError("--steps 0 means no optimisation: give --encoder RUN, or steps > 0")
+    result = inversion.project(method, target, space=space, steps=a.steps, lr=a.lr,
+                               perceptual_weight=a.perceptual_weight, init=init)
+    psnr = inversion.psnr_of(result.images, target)
+    rows = [target, result.images.cpu()]
+    nrow = min(len(target), 16)
+    if a.edit is not None:
+        if encoder is not None:
+            held = api.heldout_images(run, a.data, 1000, a.data_root).to_model_range()
+            with torch.no_grad():
+                pool = torch.cat([encoder.invert(held[i: i + 250].to(encoder.device)) for i in range(0, len(held), 250)])
+        elif space != "z":  # GANSpace: PCA of mapped styles
+            g = torch.Generator().manual_seed(a.seed)
+            with torch.no_grad():
+                pool = method.mapping(torch.randn(2000, method.latent_dim, generator=g).to(method.device))
+        else:
+            raise GenlabError("--edit on a DCGAN needs --encoder RUN: its directions come from encoded real images")
+        _, directions, stds = inversion.principal_directions(pool.flatten(1).cpu(), k=a.edit + 1)
+        if a.edit >= len(directions):
+            raise GenlabError(f"--edit {a.edit}: only {len(directions)} directions available")
+        strengths = torch.linspace(-a.strength, a.strength, 7)
+        if space == "w+":  # a style direction moves every layer's w alike
+            directions = directions[:, None].expand(-1, method.num_ws, -1)
+        edits = inversion.edit_along(method, result.latents, directions[a.edit], float(stds[a.edit]), space, strengths)
+        save_grid(edits.flatten(0, 1).cpu(), a.out, nrow=len(strengths), scale=2)
+        print(f"psnr {psnr.mean():.2f} dB; edits along direction {a.edit} (std {float(stds[a.edit]):.3g}) "
+              f"from -{a.strength} to +{a.strength} std, one row per image")
+        print(a.out)
+        return 0
+    save_grid(torch.cat([_pad_rows(r, nrow) for r in rows]), a.out, nrow=nrow, scale=2)
+    how = ("encoder" if a.steps == 0 else f"encoder + {a.steps} steps") if encoder is not None else f"{a.steps} steps"
+    print(f"psnr {psnr.mean():.2f} dB over {len(target)} images ({space}, {how}; targets above, inversions below)")
     print(a.out)
     return 0
 
@@ -471,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = {"train": _cmd_train, "sample": _cmd_sample, "data": _cmd_data, "methods": _cmd_methods,
                "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare, "reconstruct": _cmd_reconstruct,
-               "interpolate": _cmd_interpolate, "translate": _cmd_translate}[a.command]
+               "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert}[a.command]
     try:
         return handler(a)
     except GenlabError as e:

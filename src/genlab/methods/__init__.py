@@ -24,6 +24,7 @@ METHODS = {
     "gan": "genlab.methods.gan:GAN",
     "stylegan": "genlab.methods.stylegan:StyleGAN",
     "pix2pix": "genlab.methods.pix2pix:Pix2Pix",
+    "gan-encoder": "genlab.methods.gan_encoder:GANEncoder",
     "dit": "genlab.methods.dit:DiT",
     "ldm": "genlab.methods.ldm:LDM",
 }
