@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # The shared data beside the checkout (../shared/data) unless GENLAB_DATA says otherwise.
 DATA_ROOT = Path(os.environ.get("GENLAB_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -17,6 +18,16 @@ def data_root() -> Path:
     if not DATA_ROOT.is_dir():
         pytest.skip(f"real data folder {DATA_ROOT} is absent (set GENLAB_DATA to ../shared/data)")
     return DATA_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests run tiny models: one torch thread is as fast there and immune to other processes on the cores
+    (OpenMP threads spin-waiting for a busy core made small convolutions ~100x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
