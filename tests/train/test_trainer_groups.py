@@ -18,6 +18,7 @@ from genlab.train.trainer import Trainer
 @dataclass
 class _ToyConfig:
     d_kind: str = "sgd"
+    n_critic: int = 1
 
 
 class _ToyGAN(Method):
@@ -41,20 +42,21 @@ class _ToyGAN(Method):
     def training_step(self, batch, ctx):
         real = batch["image"].flatten(1)
         fake = self.generator(ctx.randn(4))
-        d_loss = nn.functional.softplus(-self.discriminator(real)).mean() + \
-            nn.functional.softplus(self.discriminator(fake.detach())).mean()
-        ctx.optimize(d_loss, "discriminator")
+        for _ in range(self.config.n_critic):
+            d_loss = nn.functional.softplus(-self.discriminator(real)).mean() + \
+                nn.functional.softplus(self.discriminator(fake.detach())).mean()
+            ctx.optimize(d_loss, "discriminator")
         self.d_before_g_step = [p.detach().clone() for p in self.discriminator.parameters()]
         g_loss = nn.functional.softplus(-self.discriminator(fake)).mean()
         ctx.optimize(g_loss, "generator")
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
 
 
-def _trainer(tmp_path, d_kind="sgd", **train):
+def _trainer(tmp_path, d_kind="sgd", n_critic=1, **train):
     cfg = RunConfig(method="toy-gan", data=DataConfig(source="digits"),
-                    train=TrainConfig(steps=3, batch_size=16, warmup_steps=0, ema_decay=None, threads=1,
-                                      grad_clip=None, **train),
-                    model=_ToyConfig(d_kind=d_kind))
+                    train=TrainConfig(**{"steps": 3, "batch_size": 16, "warmup_steps": 0, "ema_decay": None,
+                                         "threads": 1, "grad_clip": None, **train}),
+                    model=_ToyConfig(d_kind=d_kind, n_critic=n_critic))
     data = load_data(cfg.data)
     method = _ToyGAN(cfg.model, DataInfo(channels=1, image_size=8))
     return Trainer(tmp_path / "run", cfg, method, data, progress=False)
@@ -112,3 +114,12 @@ def test_grad_norms_are_logged_per_group(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     train_rows = [r["values"] for r in rows if "grad_norm_generator" in r["values"]]
     assert len(train_rows) == 3 and all(r["grad_norm_discriminator"] > 0 for r in train_rows)
+
+
+def test_schedule_advances_once_per_step_however_often_a_group_steps(tmp_path):
+    # Warm-up over 10 steps: after 3 training steps both groups are at 4/10 of their lr, although the
+    # critic stepped 3 times per training step.
+    trainer = _trainer(tmp_path, n_critic=3, warmup_steps=10)
+    trainer.fit()
+    assert trainer.optimizers["discriminator"].param_groups[0]["lr"] == pytest.approx(3e-2 * 4 / 10)
+    assert trainer.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(1e-2 * 4 / 10)

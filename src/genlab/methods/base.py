@@ -45,6 +45,9 @@ class StepContext(Protocol):
     """What the trainer offers a training step (see ``genlab.train.trainer``)."""
 
     step: int  # optimiser step being computed (0-based)
+    micro: int  # index of this micro-batch within the step (gradient accumulation)
+    is_last_micro: bool  # optimiser steps happen on the last micro-batch
+    logs: dict[str, torch.Tensor]  # values the trainer adds for this step (e.g. grad_norm_<group>)
 
     def randn(self, *shape_per_sample: int) -> torch.Tensor: ...  # (n_local, *shape) on the device
 

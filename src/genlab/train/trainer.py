@@ -232,7 +232,6 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             ctx.logs[f"grad_norm_{group}" if len(self.optimizers) > 1 else "grad_norm"] = norm.detach()
         opt.step()
-        self.schedulers[group].step()
         opt.zero_grad(set_to_none=True)
 
     def _last_checkpoint_name(self) -> str:
@@ -351,6 +350,10 @@ class Trainer:
                         out = self.method.training_step(batch, ctx)
                     for name, value in {**out, **ctx.logs}.items():
                         logs[name] = value
+                # One schedule step per training step for every group, however often the method stepped
+                # it (a WGAN critic steps n_critic times; its warm-up must not run n_critic times faster).
+                for scheduler in self.schedulers.values():
+                    scheduler.step()
                 targets = self.method.ema_targets()
                 for name, ema in self.emas.items():
                     ema.update(targets[name])
