@@ -22,6 +22,7 @@ class DataInfo:
     channels: int
     image_size: int
     num_classes: int | None = None
+    source: str | None = None  # the data source's name (e.g. "fashion-mnist"): picks evaluator networks
 
 
 @dataclass

@@ -97,7 +97,7 @@ class GAN(Method):
                                    num_classes=self.num_classes, class_embed_dim=c.class_embed_dim)
         self.discriminator = Discriminator(data_info.channels, data_info.image_size, base_channels=c.d_channels,
                                            norm=c.norm_d, spectral_norm=c.spectral_norm, num_classes=self.num_classes)
-        self.health = TrainingHealth(c.health, data_info.channels, data_info.image_size) if c.health.enabled else None
+        self.health = TrainingHealth(c.health, data_info.channels, data_info.image_size, data_info.source) if c.health.enabled else None
 
     @staticmethod
     def _validate(c: GANConfig, data_info: DataInfo) -> None:

@@ -45,7 +45,7 @@ class HealthConfig:
     enabled: bool = True
     every: int = 200  # steps between diversity checks on a fixed z batch (0: never)
     num_samples: int = 200  # size of the fixed z batch
-    # "auto": the shipped "mnist" evaluator for 1-channel 28x28 data, else pixel distances; a name
+    # "auto": the data source's shipped evaluator for 1-channel 28x28 data (mnist, fashion-mnist), else pixel distances; a name
     # ("mnist", "fashion-mnist") or path of an evaluator; "none": pixel distances.
     evaluator: str = "auto"
     min_entropy: float = 1.0  # nats, of at most ln(num_classes) (2.30 for 10 classes)
@@ -79,7 +79,8 @@ def pixel_diversity(images: torch.Tensor) -> torch.Tensor:
 class TrainingHealth:
     """Watches a GAN's logs and samples; warns once per episode of each failure and reports ``health_*`` values."""
 
-    def __init__(self, config: HealthConfig | None = None, channels: int = 1, image_size: int = 28):
+    def __init__(self, config: HealthConfig | None = None, channels: int = 1, image_size: int = 28,
+                 source: str | None = None):
         self.config = config = config or HealthConfig()
         if config.every < 0 or config.window < 1 or config.num_samples < 2:
             raise ConfigError(
@@ -87,8 +88,13 @@ class TrainingHealth:
                 f"num_samples ({config.num_samples}) >= 2"
             )
         name = config.evaluator
-        if name == "auto":
-            name = "mnist" if (channels, image_size) == (1, 28) else "none"
+        if name == "auto":  # the data's own evaluator when the project ships one (mnist for unknown 1x28x28)
+            from genlab.evaluation import DEFAULT_EXTRACTORS
+
+            if source is not None:
+                name = DEFAULT_EXTRACTORS.get(source, "none") if (channels, image_size) == (1, 28) else "none"
+            else:
+                name = "mnist" if (channels, image_size) == (1, 28) else "none"
         self.evaluator_name = None if name == "none" else name
         self._extractor = None
         self._d_losses: deque[float] = deque(maxlen=config.window)
