@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,8 +353,10 @@ class Trainer:
                         logs[name] = value
                 # One schedule step per training step for every group, however often the method stepped
                 # it (a WGAN critic steps n_critic times; its warm-up must not run n_critic times faster).
-                for scheduler in self.schedulers.values():
-                    scheduler.step()
+                with warnings.catch_warnings():  # a group not stepped yet (a VQGAN's D before its start) is fine
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                    for scheduler in self.schedulers.values():
+                        scheduler.step()
                 targets = self.method.ema_targets()
                 for name, ema in self.emas.items():
                     ema.update(targets[name])
