@@ -304,7 +304,7 @@ def _cmd_eval(a) -> int:
             raise GenlabError(f"{a.target}: a {cls.name} run does not reconstruct images; use --kind generation")
         if reconstructs:
             result = evaluation.evaluate_reconstruction(a.target, data=a.recon_data, n=a.n, weights=a.weights,
-                                                        data_root=a.data_root, batch_size=a.batch_size,
+                                                        data_root=a.data_root, batch_size=a.batch_size, seed=a.seed,
                                                         json_path=None if generates else a.json,
                                                         progress=not a.no_progress)
             _print_result(result)

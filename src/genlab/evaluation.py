@@ -524,6 +524,7 @@ def evaluate_reconstruction(
     json_path: str | os.PathLike | None = None,
     write: bool = True,
     progress: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Reconstruction MSE / PSNR / SSIM of an autoencoder-family run on held-out images (SPEC E4), plus
     the test ELBO of a VAE and the codebook usage of a VQ model.
@@ -544,6 +545,7 @@ def evaluate_reconstruction(
     images = held.to_model_range()
     method = run.method
     sq_err, ssims, nll, codes = [], [], [], []
+    generator = torch.Generator().manual_seed(seed)  # the ELBO's one-sample estimate: reproducible
     start = time.perf_counter()
     with torch.no_grad():
         for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="reconstruct"):
@@ -554,7 +556,7 @@ def evaluate_reconstruction(
             if min(x.shape[-2:]) >= 11:
                 ssims.append(ssim(x_hat, xc, data_range=2.0, reduction="none"))
             if hasattr(method, "negative_elbo"):
-                nll.append(method.negative_elbo(x).double().cpu())
+                nll.append(method.negative_elbo(x, generator=generator).double().cpu())
             if hasattr(method, "encode_codes"):
                 codes.append(method.encode_codes(x).flatten().cpu())
     seconds = time.perf_counter() - start
@@ -586,6 +588,7 @@ def evaluate_reconstruction(
         "checkpoint_step": run.step,
         "weights": run.weights,
         "rounding": "reconstructions rounded to 8-bit before scoring",
+        "seed": seed,
         "data_range": 2.0,
         "ssim_window": "gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03",
         "psnr": "mean over images of 10 log10(4 / MSE_i); psnr_dataset = 10 log10(4 / mean MSE)",
