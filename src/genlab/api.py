@@ -57,8 +57,9 @@ class Run:
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
                 opts = dict(options)
-                if opts.get("labels") is not None:
-                    opts["labels"] = torch.as_tensor(opts["labels"])[start: start + m]
+                for key in ("labels", "negative_labels"):  # per-image options follow the batch
+                    if opts.get(key) is not None:
+                        opts[key] = torch.as_tensor(opts[key])[start: start + m]
                 chunks.append(self.method.sample(m, generator=generator, **opts).cpu())
                 bar.update(m)
         return torch.cat(chunks)

@@ -49,11 +49,13 @@ def latent_space(method, space: str | None) -> str:
 
 
 def render(method, latents: torch.Tensor, space: str, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """G(latents) for latents in ``space`` (differentiable)."""
+    """G(latents) for latents in ``space`` (differentiable). A StyleGAN's per-layer noise is fixed (seed 0),
+    so the same latent always gives the same image while it is optimised."""
     if space == "z":
         return method.synthesize(latents, labels)
     ws = latents if space == "w+" else latents[:, None].expand(-1, method.num_ws, -1)  # (N, num_ws, w_dim)
-    return method.synthesize_w(ws)
+    generator = torch.Generator(device=method.device).manual_seed(0)
+    return method.synthesize_w(ws, generator=generator)
 
 
 def initial_latents(method, n: int, space: str, generator: torch.Generator | None = None) -> torch.Tensor:
