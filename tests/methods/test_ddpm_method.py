@@ -15,6 +15,16 @@ from genlab.methods.ddpm import DDPM, DDPMConfig
 MU, S = 0.3, 0.2  # data ~ N(MU, S^2 I): the optimal eps predictor is closed form
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks and many small steps: extra intra-op threads only add contention (30x slower
+    on a busy 2-core machine), so use one and restore the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _gaussian_method(bias: float, **overrides) -> DDPM:
     """A DDPM whose network is replaced by the exact Gaussian eps predictor plus a constant error."""
     tiny = ["model.unet.base_channels=8", "model.unet.channel_mult=[1]", "model.unet.attention_resolutions=[]",
@@ -81,3 +91,141 @@ def test_invert_then_sample_returns_the_image():
     assert noise.std() > 0.8  # really went to the noise end
     back = method.sample(64, noise=noise, sampler="ddim", steps=200)
     assert (back - x0).abs().mean() < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned variance and guidance options (issue 6)
+
+TINY_UNET = ["model.unet.base_channels=8", "model.unet.channel_mult=[1]", "model.unet.attention_resolutions=[]",
+             "model.unet.norm_groups=4", "model.num_timesteps=100"]
+
+
+class _Context:
+    """A stand-in for the trainer's step context: seeded randomness, optimize() records the loss."""
+
+    def __init__(self, n, seed=0):
+        self.n, self.step, self.gen, self.losses = n, 0, torch.Generator().manual_seed(seed), []
+
+    def randn(self, *shape):
+        return torch.randn(self.n, *shape, generator=self.gen)
+
+    def rand(self, *shape):
+        return torch.rand(self.n, *shape, generator=self.gen)
+
+    def randint(self, low, high):
+        return torch.randint(low, high, (self.n,), generator=self.gen)
+
+    def optimize(self, loss, group="main"):
+        self.losses.append(loss)
+
+
+def _tiny(info, *overrides):
+    cfg = build_config("ddpm", DDPMConfig, overrides=TINY_UNET + list(overrides)).model
+    return DDPM(cfg, info)
+
+
+def test_learn_sigma_doubles_the_output_and_trains_only_the_variance_through_the_vlb():
+    """Hybrid loss = MSE + vlb_weight * T * L_t with the mean detached in L_t: the gradient on the
+    prediction channels is exactly the MSE's, and the variance channels get the vlb's."""
+    method = _tiny(DataInfo(channels=1, image_size=4), "model.learn_sigma=true", "model.vlb_weight=0.01")
+    assert method.unet.conv_out.out_channels == 2
+    batch = {"image": torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1}
+    outputs = []
+
+    def network(x_t, t, y=None):
+        out = (0.1 * torch.randn(6, 2, 4, 4, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+        outputs.append(out)
+        return out
+
+    method.network = network
+    ctx = _Context(6)
+    logs = method.training_step(batch, ctx)
+    loss, out = ctx.losses[0], outputs[0]
+    assert loss.item() == pytest.approx(logs["mse"].item() + 0.01 * 100 * logs["vlb"].item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, out)
+    replay = _Context(6)
+    t, noise = replay.randint(0, 100), replay.randn(1, 4, 4)
+    mse_grad = 2 * (out[:, :1].detach() - noise) / noise.numel()  # d mean((eps_hat - eps)^2) / d eps_hat
+    torch.testing.assert_close(grad[:, :1], mse_grad, rtol=1e-5, atol=1e-7)
+    assert grad[:, 1:].abs().sum() > 0
+    assert t.shape == (6,)
+
+
+def _conditional_method(**overrides):
+    method = _tiny(DataInfo(channels=1, image_size=4, num_classes=3), "model.class_conditional=true",
+                   *[f"model.{k}={v}" for k, v in overrides.items()])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # zero-initialised convs (output, residual branches) would hide x and y
+        for parameter in method.parameters():
+            if parameter.dim() > 1 and not parameter.any():
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=gen))
+    return method.eval()
+
+
+class _ZeroGradientClassifier(torch.nn.Module):
+    """A stand-in noisy classifier whose logits ignore x_t (zero gradient), with the DDPM's schedule."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.schedule, self.data_info, self.config = method.schedule, method.data_info, method.config
+        self.bias = torch.nn.Parameter(torch.tensor([0.5, -0.2, 0.1]))
+
+    def forward(self, x_t, t):
+        return 0 * x_t.flatten(1).sum(1, keepdim=True) + self.bias
+
+    def log_prob_gradient(self, x_t, t, labels):  # marks it as a noise-aware classifier
+        raise AssertionError("not used by DDPM.sample")
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "heun", "dpmpp-2m"])
+def test_sample_no_op_guidance_options_equal_plain_sampling(sampler, learn_sigma):
+    method = _conditional_method(eta=0.5, learn_sigma=str(learn_sigma).lower())
+    labels = torch.tensor([0, 1, 2, 1])
+
+    def draw(**options):
+        return method.sample(4, generator=torch.Generator().manual_seed(3), sampler=sampler, steps=4, labels=labels, **options)
+
+    plain = draw()
+    assert torch.equal(draw(guidance_scale=1.0), plain)
+    assert torch.equal(draw(classifier=_ZeroGradientClassifier(method), classifier_scale=7.0), plain)
+    assert torch.equal(draw(rules=["symmetry:0", (lambda x0: x0.flatten(1).mean(1), 0.0)]), plain)
+    assert (draw(guidance_scale=4.0) - plain).abs().max() > 1e-4
+    assert (draw(rules=["brightness:100:target=1"]) - plain).abs().max() > 1e-4
+
+
+def test_sample_cfg_runs_one_batched_pass_per_step():
+    method = _conditional_method()
+    batches = []
+    network = method.network
+
+    def counting(x_t, t, y=None):
+        batches.append((len(x_t), None if y is None else y.tolist()))
+        return network(x_t, t, y)
+
+    method.network = counting
+    method.sample(2, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=5, labels=torch.tensor([0, 2]),
+                  guidance_scale=3.0, negative_labels=torch.tensor([1, 1]))
+    assert batches == [(4, [0, 2, 1, 1])] * 5
+    batches.clear()
+    method.sample(2, generator=torch.Generator().manual_seed(0), sampler="heun", steps=3, labels=torch.tensor([0, 2]),
+                  guidance_scale=3.0)
+    assert batches == [(4, [0, 2, 3, 3])] * 5  # null class = num_classes; heun: 2 * 3 - 1 calls
+
+
+def test_sample_option_errors():
+    method = _conditional_method()
+    unconditional = _tiny(DataInfo(channels=1, image_size=4, num_classes=3))
+    with pytest.raises(ConfigError, match="cfg_scale"):
+        method.sample(2, cfg_scale=3.0)
+    with pytest.raises(ConfigError, match="labels"):
+        method.sample(2, guidance_scale=3.0)
+    with pytest.raises(ConfigError, match="class-conditional"):
+        unconditional.sample(2, labels=torch.tensor([0, 1]), guidance_scale=3.0)
+    with pytest.raises(ConfigError, match="unknown rule"):
+        method.sample(2, labels=torch.tensor([0, 1]), rules=["sparkle"])
+    other = _tiny(DataInfo(channels=1, image_size=4, num_classes=3), "model.schedule=cosine")
+    with pytest.raises(ConfigError, match="noise schedule"):
+        method.sample(2, labels=torch.tensor([0, 1]), classifier=_ZeroGradientClassifier(other))
+    with pytest.raises(ConfigError, match="noise-aware"):
+        method.sample(2, labels=torch.tensor([0, 1]), classifier=torch.nn.Linear(2, 2))

@@ -4,7 +4,10 @@ Every sampler takes ``denoise(x_t, t) -> eps_hat``: x_t (N, C, H, W) on the vari
 process of :class:`~genlab.diffusion.schedule.NoiseSchedule` and t (N,) the timesteps, and returns
 the predicted noise, a tensor like x_t. A method wraps its network so that it always answers in
 eps (see :func:`genlab.diffusion.objectives.model_output_to_x0_eps`); guidance wraps ``denoise``
-again, so every sampler gets every guidance.
+again (:mod:`genlab.diffusion.guidance`), so every sampler gets every guidance. A model with a
+learned variance (improved DDPM) may answer ``(eps_hat, v)`` instead, v (N, C, H, W) the
+interpolation fraction of :func:`learned_log_variance`: DDPM ancestral sampling uses it, every
+other sampler drops it (DDIM and the ODE solvers have no variance to learn).
 
 - DDPM and DDIM call ``denoise`` with integer timesteps (torch.long).
 - The Karras-sigma solvers (Euler, Heun, DPM-Solver++(2M)) call it with **fractional** timesteps
@@ -15,6 +18,9 @@ again, so every sampler gets every guidance.
   ``sigmas=`` (keyword) replaces those levels (num_steps + 1 values, decreasing, ending in 0);
   levels beyond the schedule's range are evaluated at its end timesteps (t clamped to [0, T - 1]).
   On the same levels, Euler is exactly DDIM with eta = 0 (Karras et al. 2022, sec. 3).
+  The default sigma_max is capped at DEFAULT_SIGMA_MAX = 80 (Karras et al. 2022, Table 1, for data
+  in [-1, 1]): the cosine schedule reaches sigma ~2e4 at t = T - 1, and Karras spacing from there
+  spends most of a 10-step budget above sigma = 1000, where x is pure noise to the model.
 
 ``x`` is always the starting noise x_T ~ N(0, I) and the result is x_0. ``generator`` (a
 torch.Generator) draws every random number of a stochastic sampler, so a seed reproduces a sample;
@@ -36,12 +42,31 @@ import torch
 from genlab.diffusion.schedule import NoiseSchedule
 from genlab.errors import ConfigError
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+MeanShift = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 Spacing = Literal["leading", "trailing", "linspace"]
 
 SPACINGS = ("leading", "trailing", "linspace")
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m")
+DEFAULT_SIGMA_MAX = 80.0  # Karras et al. 2022 (EDM), Table 1: data in [-1, 1]
+
+
+def split_output(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(eps_hat, v or None) of a denoiser's answer: a tensor, or (eps_hat, v) with a learned variance."""
+    if isinstance(output, tuple):
+        return output[0], output[1]
+    return output, None
+
+
+def learned_log_variance(v: torch.Tensor, beta: float, posterior_variance: float) -> torch.Tensor:
+    """log Sigma = v log beta_t + (1 - v) log beta_tilde_t (Nichol & Dhariwal 2021, eq. 15), like v.
+
+    v = 1 gives the upper bound beta_t, v = 0 the posterior variance beta_tilde_t; v is not clamped
+    (the paper lets the network extrapolate a little). beta_tilde_t = 0 (the first step of a chain)
+    is replaced by the next value's, as ``posterior_log_variance_clipped`` does.
+    """
+    return v * math.log(beta) + (1 - v) * math.log(posterior_variance)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +163,7 @@ def sample_ddpm(
     generator: torch.Generator | None = None,
     clip_denoised: bool = True,
     callback: Callback | None = None,
+    mean_shift: MeanShift | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020 Alg. 2) with the posterior variance; nfe = len(timesteps).
 
@@ -145,6 +171,11 @@ def sample_ddpm(
     x_{t_prev} ~ q(x_{t_prev} | x_t, x0_hat). With a subset of timesteps (default: all T) the
     posterior is that of the respaced chain (:meth:`NoiseSchedule.respace`, improved DDPM), whose
     step j goes from timesteps[i] to timesteps[i + 1]; the last step returns x0_hat, without noise.
+
+    When ``denoise`` answers (eps, v) the variance is the learned one of :func:`learned_log_variance`
+    on the respaced chain's beta and beta_tilde (improved DDPM), else beta_tilde. ``mean_shift(x_t,
+    t, variance) -> delta`` (like x_t) is added to the mean of every noisy step: classifier guidance
+    shifts it by s Sigma grad log p(y | x_t) (Dhariwal & Nichol 2021, Alg. 1).
     """
     if timesteps is None:
         timesteps = torch.arange(schedule.num_timesteps - 1, -1, -1)
@@ -153,7 +184,7 @@ def sample_ddpm(
     for i, t in enumerate(ts):
         j = len(ts) - 1 - i  # index of t in the respaced (ascending) chain
         t_batch = _full_timesteps(t, x)
-        eps = denoise(x, t_batch)  # (N, C, H, W)
+        eps, v = split_output(denoise(x, t_batch))  # (N, C, H, W) each
         abar = _alpha_cumprod(schedule, t)
         x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)  # Ho et al. eq. 15
         if clip_denoised:
@@ -165,7 +196,18 @@ def sample_ddpm(
             continue
         # q(x_{t_prev} | x_t, x_0) of the respaced chain, Ho et al. eq. 6-7.
         mean = float(chain.posterior_mean_coef1[j]) * x0 + float(chain.posterior_mean_coef2[j]) * x
-        x = mean + math.sqrt(float(chain.posterior_variance[j])) * _randn_like(x, generator)
+        if v is None:
+            std = math.sqrt(float(chain.posterior_variance[j]))
+            variance = torch.full_like(x, std**2)
+        else:
+            log_variance = learned_log_variance(
+                v, float(chain.betas[j]), math.exp(float(chain.posterior_log_variance_clipped[j]))
+            )
+            variance = log_variance.exp()
+            std = (0.5 * log_variance).exp()
+        if mean_shift is not None:
+            mean = mean + mean_shift(x, t_batch, variance)
+        x = mean + std * _randn_like(x, generator)
     return x
 
 
@@ -228,7 +270,7 @@ def sample_ddim(
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         t_batch = _full_timesteps(t, x)
-        eps = denoise(x, t_batch)  # (N, C, H, W)
+        eps, _ = split_output(denoise(x, t_batch))  # (N, C, H, W); a learned variance is unused
         noise = _randn_like(x, generator) if eta > 0 and t_prev >= 0 else None
         x_prev, x0 = ddim_step(x, eps, t, t_prev, schedule, eta=eta, noise=noise, clip_denoised=clip_denoised)
         if callback is not None:
@@ -263,10 +305,10 @@ def ddim_invert(
     for i in range(len(ts) - 1, -1, -1):
         t, s = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
         t_batch = _full_timesteps(t, x)
-        eps = denoise(x, t_batch)  # (N, C, H, W), at the less noisy x_s
+        eps, _ = split_output(denoise(x, t_batch))  # (N, C, H, W), at the less noisy x_s
         x_t, x0_hat = ddim_step(x, eps, s, t, schedule)  # the same update, run from s up to t
         for _ in range(fixed_point_iterations):
-            eps = denoise(x_t, t_batch)  # at the current estimate of x_t
+            eps, _ = split_output(denoise(x_t, t_batch))  # at the current estimate of x_t
             x_t, x0_hat = ddim_step(x, eps, s, t, schedule)
         if callback is not None:
             callback(len(ts) - 1 - i, t_batch, x, x0_hat)
@@ -302,19 +344,35 @@ class _KarrasDenoiser:
         t = float(self.schedule.sigma_to_t(torch.tensor(sigma, dtype=torch.float64)))
         t_batch = _full_timesteps(t, x)  # fractional timesteps (N,)
         x_t = x / math.sqrt(1 + sigma**2)  # the network's variance-preserving input
-        x0 = x - sigma * self.denoise(x_t, t_batch)
+        x0 = x - sigma * split_output(self.denoise(x_t, t_batch))[0]
         if self.callback is not None and step is not None:
             self.callback(step, t_batch, x_t, x0)
         return x0
 
 
+def karras_sigma_max(schedule: NoiseSchedule, sigma_max: float | None = None) -> float:
+    """The highest noise level the Karras solvers start from: min(schedule's sigma_{T-1}, sigma_max),
+    sigma_max defaulting to DEFAULT_SIGMA_MAX (80); ``math.inf`` keeps the schedule's whole range."""
+    cap = DEFAULT_SIGMA_MAX if sigma_max is None else sigma_max
+    if not cap > float(schedule.sigmas[0]):
+        raise ConfigError(
+            f"sigma_max={sigma_max!r} must exceed the schedule's smallest sigma "
+            f"{float(schedule.sigmas[0]):.3g}: use e.g. 80, or None for the default"
+        )
+    return min(float(schedule.sigmas[-1]), cap)
+
+
 def _karras_setup(
-    x: torch.Tensor, schedule: NoiseSchedule, num_steps: int, sigmas: torch.Tensor | None
+    x: torch.Tensor,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    sigmas: torch.Tensor | None,
+    sigma_max: float | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
-    """The noise levels (default: Karras sigmas spanning the schedule) and x_T ~ N(0, I) lifted to
-    the variance-exploding scale x = x_T sqrt(1 + sigma_max^2) = x_T / sqrt(abar_T)."""
+    """The noise levels (default: Karras sigmas from :func:`karras_sigma_max` down to the schedule's
+    sigma_0) and x_T ~ N(0, I) lifted to the variance-exploding scale x = x_T sqrt(1 + sigma_max^2)."""
     if sigmas is None:
-        sigmas = karras_sigmas(num_steps, float(schedule.sigmas[0]), float(schedule.sigmas[-1]))
+        sigmas = karras_sigmas(num_steps, float(schedule.sigmas[0]), karras_sigma_max(schedule, sigma_max))
     levels = [float(v) for v in torch.as_tensor(sigmas).flatten()]
     decreasing = all(a > b for a, b in zip(levels, levels[1:]))
     if len(levels) != num_steps + 1 or levels[-1] != 0 or not decreasing:
@@ -334,11 +392,12 @@ def sample_euler(
     callback: Callback | None = None,
     *,
     sigmas: torch.Tensor | None = None,
+    sigma_max: float | None = None,
 ) -> torch.Tensor:
     """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras Alg. 1 /
     Alg. 2 without churn or correction); nfe = num_steps. Deterministic (generator is unused)."""
     model = _KarrasDenoiser(denoise, schedule, callback)
-    x, sigmas = _karras_setup(x, schedule, num_steps, sigmas)
+    x, sigmas = _karras_setup(x, schedule, num_steps, sigmas, sigma_max)
     for i in range(num_steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d = (x - model(x, sigma, step=i)) / sigma  # dx/dsigma, Karras eq. 3
@@ -355,11 +414,12 @@ def sample_heun(
     callback: Callback | None = None,
     *,
     sigmas: torch.Tensor | None = None,
+    sigma_max: float | None = None,
 ) -> torch.Tensor:
     """Heun's 2nd-order method on the probability-flow ODE (Karras Alg. 1, deterministic Alg. 2);
     nfe = 2 num_steps - 1 (the last step, to sigma = 0, is an Euler step). Deterministic."""
     model = _KarrasDenoiser(denoise, schedule, callback)
-    x, sigmas = _karras_setup(x, schedule, num_steps, sigmas)
+    x, sigmas = _karras_setup(x, schedule, num_steps, sigmas, sigma_max)
     for i in range(num_steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d = (x - model(x, sigma, step=i)) / sigma
@@ -381,6 +441,7 @@ def sample_dpmpp_2m(
     callback: Callback | None = None,
     *,
     sigmas: torch.Tensor | None = None,
+    sigma_max: float | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data-prediction form; nfe = num_steps. Deterministic.
 
@@ -390,7 +451,7 @@ def sample_dpmpp_2m(
     the last (to sigma = 0, where the update is x_next = D) are first order.
     """
     model = _KarrasDenoiser(denoise, schedule, callback)
-    x, sigmas = _karras_setup(x, schedule, num_steps, sigmas)
+    x, sigmas = _karras_setup(x, schedule, num_steps, sigmas, sigma_max)
     x0_prev, h_prev = None, None
     for i in range(num_steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -431,23 +492,31 @@ def sample(
     clip_denoised: bool | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    mean_shift: MeanShift | None = None,
+    sigma_max: float | None = None,
 ) -> torch.Tensor:
     """Run the sampler named ``sampler`` (one of SAMPLERS) for ``num_steps`` steps from noise x.
 
     DDPM and DDIM visit :func:`make_timesteps` (T, num_steps, spacing); ``eta`` applies to DDIM only
-    and ``clip_denoised`` (None: the sampler's default) to DDPM and DDIM only.
+    and ``clip_denoised`` (None: the sampler's default) to DDPM and DDIM only. ``mean_shift`` is
+    DDPM's (see :func:`sample_ddpm`; other samplers take guidance through ``denoise``) and
+    ``sigma_max`` the Karras solvers' (see :func:`karras_sigma_max`).
     """
     num_function_evaluations(sampler, num_steps)  # validates the name
     if eta != 0 and sampler != "ddim":
         raise ConfigError(f"eta={eta} applies only to the ddim sampler, not {sampler!r}: drop it or use ddim")
+    if mean_shift is not None and sampler != "ddpm":
+        raise ConfigError(f"mean_shift applies only to the ddpm sampler, not {sampler!r}: shift eps instead")
+    if sigma_max is not None and sampler in ("ddpm", "ddim"):
+        raise ConfigError(f"sigma_max applies only to euler, heun and dpmpp-2m, not {sampler!r}")
     if sampler in ("ddpm", "ddim"):
         timesteps = make_timesteps(schedule.num_timesteps, num_steps, spacing)
         clip = {} if clip_denoised is None else {"clip_denoised": clip_denoised}
         options = {"generator": generator, "callback": callback, **clip}
         if sampler == "ddpm":
-            return sample_ddpm(denoise, x, schedule, timesteps, **options)
+            return sample_ddpm(denoise, x, schedule, timesteps, mean_shift=mean_shift, **options)
         return sample_ddim(denoise, x, schedule, timesteps, eta=eta, **options)
     if clip_denoised:
         raise ConfigError(f"clip_denoised applies only to ddpm and ddim, not {sampler!r}")
     solver = {"euler": sample_euler, "heun": sample_heun, "dpmpp-2m": sample_dpmpp_2m}[sampler]
-    return solver(denoise, x, schedule, num_steps, generator=generator, callback=callback)
+    return solver(denoise, x, schedule, num_steps, generator=generator, callback=callback, sigma_max=sigma_max)

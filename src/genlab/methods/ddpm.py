@@ -1,4 +1,5 @@
-"""Pixel-space diffusion (DDPM, Ho et al. 2020) with DDIM and fast samplers (SPEC D1-D5)."""
+"""Pixel-space diffusion (DDPM, Ho et al. 2020) with DDIM, fast samplers, learned variance and
+guidance (SPEC D1-D9)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ import torch.nn.functional as F
 
 from genlab.diffusion import (
     NoiseSchedule,
+    classifier_free_guidance,
+    classifier_guidance,
+    classifier_log_prob_gradient,
+    classifier_mean_shift,
     diffusion_loss,
     loss_weight,
     model_output_to_x0_eps,
+    rule_guidance,
     sample as run_sampler,
     training_target,
+    vlb_terms,
 )
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method
@@ -44,6 +51,13 @@ class DDPMConfig:
     # t = T-1 its alpha_bar is ~1e-9, so x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) amplifies any eps
     # error by ~3e4 and unclipped DDIM from trailing t = T-1 yields noise.
     clip_denoised: bool = True
+    # Improved DDPM (Nichol & Dhariwal 2021): the U-Net also outputs v (twice the channels), the
+    # variance interpolation log Sigma = v log beta_t + (1 - v) log beta_tilde_t, trained by the
+    # hybrid loss L_simple + vlb_weight * L_vlb (lambda = 0.001, stop-gradient on the mean in L_vlb).
+    learn_sigma: bool = False
+    vlb_weight: float = 0.001
+    # Highest noise level of the Karras solvers (euler, heun, dpmpp-2m); None: min(schedule's, 80).
+    sigma_max: float | None = None
 
 
 class DDPM(Method):
@@ -62,22 +76,37 @@ class DDPM(Method):
         p = config.patch_size
         if p < 1 or data_info.image_size % p:
             raise ConfigError(f"model.patch_size={p} must be a positive divisor of the image size {data_info.image_size}")
+        if config.vlb_weight < 0:
+            raise ConfigError(f"model.vlb_weight must be >= 0 (0.001 in improved DDPM), got {config.vlb_weight}")
+        outputs = 2 if config.learn_sigma else 1  # the prediction, and v when the variance is learned
         self.unet = UNet(
             config.unet,
             in_channels=data_info.channels * p * p,
-            out_channels=data_info.channels * p * p,
+            out_channels=outputs * data_info.channels * p * p,
             image_size=data_info.image_size // p,
             num_classes=self.num_classes,
         )
         self.schedule = NoiseSchedule.from_name(config.schedule, config.num_timesteps)
+        self._classifiers: dict[str, Method] = {}  # run path -> loaded noisy classifier (not a submodule)
 
     def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's prediction at full resolution: (N, C, H, W) -> (N, C, H, W)."""
+        """The model's output at full resolution: (N, C, H, W) -> (N, C, H, W), or (N, 2C, H, W) with
+        learn_sigma (the prediction's channels first, then the variance's)."""
         p = self.config.patch_size
         if p == 1:
             return self.unet(x_t, t, y)
         h = F.pixel_unshuffle(x_t, p)  # (N, C p^2, H / p, W / p)
-        return F.pixel_shuffle(self.unet(h, t, y), p)  # (N, C, H, W)
+        # pixel_shuffle maps input channels [k p^2, (k + 1) p^2) to output channel k, so the first
+        # C p^2 U-Net channels (the prediction) become the first C output channels.
+        return F.pixel_shuffle(self.unet(h, t, y), p)  # (N, C or 2C, H, W)
+
+    def _split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prediction, v) of a network output; v = (raw + 1) / 2 as in improved DDPM's code, None
+        without learn_sigma."""
+        if not self.config.learn_sigma:
+            return output, None
+        prediction, raw = output.chunk(2, dim=1)  # (N, C, H, W) each
+        return prediction, (raw + 1) / 2
 
     def ema_targets(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet}
@@ -94,26 +123,58 @@ class DDPM(Method):
             y = batch["label"].clone()
             drop = ctx.rand() < c.p_uncond  # classifier-free guidance: learn p(x) with the null class
             y[drop] = self.num_classes
-        output = self.network(x_t, t, y)
+        output, v = self._split(self.network(x_t, t, y))
         target = training_target(c.prediction, x0, noise, t, self.schedule)
         weight = loss_weight(t, self.schedule, c.prediction, c.min_snr_gamma)
         loss = diffusion_loss(output, target, weight)
+        logs = {}
+        if v is not None:
+            # Improved DDPM hybrid loss: L_vlb = T E_t[L_t] trains only Sigma (the mean is detached);
+            # lambda L_vlb = vlb_weight * T * mean L_t, as in Nichol & Dhariwal's code (bits/dim).
+            _, eps_hat = model_output_to_x0_eps(output.detach(), x_t, t, self.schedule, c.prediction)
+            vlb = vlb_terms(self.schedule, x0, x_t, t, eps_hat, v).mean()
+            logs = {"mse": loss.detach(), "vlb": vlb.detach()}
+            loss = loss + c.vlb_weight * c.num_timesteps * vlb
         ctx.optimize(loss)
-        return {"loss": loss.detach()}
+        return {"loss": loss.detach(), **logs}
 
     def denoiser(self, y: torch.Tensor | None = None):
-        """The eps-predicting callable the samplers expect: denoise(x_t, t) -> eps_hat."""
-        prediction = self.config.prediction
+        """The eps-predicting callable the samplers expect: denoise(x_t, t) -> eps_hat, or
+        (eps_hat, v) with learn_sigma."""
+        return lambda x_t, t: self._denoise(x_t, t, y)
 
-        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            output = self.network(x_t, t, y)
-            if prediction == "eps":
-                return output
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+        """eps_hat (or (eps_hat, v)) at (x_t, t) with labels y (None: unconditional/null class)."""
+        output, v = self._split(self.network(x_t, t, y))
+        if self.config.prediction != "eps":
             # Fractional t (Karras solvers) is only meaningful for eps; others need an integer t.
-            _, eps = model_output_to_x0_eps(output, x_t, t.round().long(), self.schedule, prediction)
-            return eps
+            _, output = model_output_to_x0_eps(output, x_t, t.round().long(), self.schedule, self.config.prediction)
+        return output if v is None else (output, v)
 
-        return denoise
+    def _load_classifier(self, classifier: Any) -> Method:
+        """A noise-aware classifier (method object or run path) checked against this model."""
+        if isinstance(classifier, (str, bytes)) or hasattr(classifier, "__fspath__"):
+            key = str(classifier)
+            if key not in self._classifiers:
+                from genlab.api import load_run
+
+                self._classifiers[key] = load_run(key, weights="ema").method
+            classifier = self._classifiers[key]
+        if not hasattr(classifier, "log_prob_gradient") or not hasattr(classifier, "schedule"):
+            raise ConfigError(f"classifier {type(classifier).__name__} is not a noise-aware classifier: "
+                              "train one with `genlab train noisy-classifier`")
+        theirs, ours = classifier.schedule.betas, self.schedule.betas
+        if theirs.shape != ours.shape or not torch.allclose(theirs, ours):
+            raise ConfigError(
+                f"the classifier was trained on a different noise schedule ({classifier.config.schedule}, "
+                f"{len(theirs)} steps) than this model ({self.config.schedule}, {len(ours)} steps): "
+                "train it with the same model.schedule and model.num_timesteps"
+            )
+        d, e = self.data_info, classifier.data_info
+        if (d.channels, d.image_size) != (e.channels, e.image_size):
+            raise ConfigError(f"the classifier sees {e.channels}x{e.image_size}px images, this model "
+                              f"{d.channels}x{d.image_size}px: train it on the same data")
+        return classifier.to(self.device).eval()
 
     @torch.no_grad()
     def invert(self, x0: torch.Tensor, steps: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,9 +196,27 @@ class DDPM(Method):
         labels: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         callback: Any = None,
+        guidance_scale: float | None = None,
+        negative_labels: torch.Tensor | None = None,
+        classifier: Any = None,
+        classifier_scale: float = 1.0,
+        rules: list | None = None,
         **unknown: Any,
     ) -> torch.Tensor:
-        """Draw ``n`` images with the configured (or given) sampler; ``labels`` (n,) for class-conditional models."""
+        """Draw ``n`` images with the configured (or given) sampler, optionally guided.
+
+        - ``labels`` (n,) long: the class of each sample (class-conditional model and/or classifier).
+        - ``guidance_scale`` w (classifier-free guidance, class-conditional models trained with
+          p_uncond > 0): eps = eps_uncond + w (eps_cond - eps_uncond). w = 1 (or None) is the plain
+          conditional model, w = 0 the unconditional one, w > 1 stronger conditioning; the
+          "(1 + w')" form of Ho & Salimans has w = 1 + w'. ``negative_labels`` (n,) replace the
+          unconditional branch (steer away from those classes).
+        - ``classifier`` (a loaded noisy-classifier method or its run path) with ``classifier_scale``
+          s: classifier guidance towards ``labels`` (shifts DDPM's mean by s Sigma grad, other
+          samplers' eps by -sqrt(1 - abar) s grad; Dhariwal & Nichol 2021).
+        - ``rules``: rule specs ("symmetry:2", "brightness:1:target=0.3", "module:function", see
+          :mod:`genlab.diffusion.guidance`) or (function, weight) pairs, steering x0_hat by gradient.
+        """
         if unknown:
             raise ConfigError(f"ddpm sampling does not take {', '.join(sorted(unknown))}")
         c = self.config
@@ -146,16 +225,48 @@ class DDPM(Method):
         eta = c.eta if eta is None else eta
         if sampler != "ddim":
             eta = 0.0
-        if labels is not None and self.num_classes is None:
-            raise ConfigError("--class needs a class-conditional model (train with model.class_conditional=true)")
+        if labels is not None and self.num_classes is None and classifier is None:
+            raise ConfigError("--class needs a class-conditional model (train with model.class_conditional=true) "
+                              "or a noise-aware classifier (--classifier RUN)")
+        if (guidance_scale is not None or negative_labels is not None) and self.num_classes is None:
+            raise ConfigError("classifier-free guidance (guidance_scale, negative_labels) needs a class-conditional "
+                              "model (train with model.class_conditional=true and p_uncond > 0)")
+        if (guidance_scale is not None or negative_labels is not None or classifier is not None) and labels is None:
+            raise ConfigError("guidance needs labels: give the class of each sample (--class K)")
         d = self.data_info
         if noise is None:
             noise = torch.randn(n, d.channels, d.image_size, d.image_size, generator=generator,
                                 device="cpu" if generator is None else generator.device)
         x = noise.to(self.device)
         if labels is not None:
-            labels = labels.to(self.device)
-        x0 = run_sampler(sampler, self.denoiser(labels), x, self.schedule, steps, eta=eta,
+            labels = torch.as_tensor(labels).long().to(self.device)
+            if labels.shape != (len(x),):
+                raise ConfigError(f"labels of shape {tuple(labels.shape)}: give one class per sample ({len(x)},)")
+        conditioning = labels if self.num_classes is not None else None
+        denoise = self.denoiser(conditioning)
+        if guidance_scale is not None or negative_labels is not None:
+            if negative_labels is not None:
+                negative_labels = torch.as_tensor(negative_labels).long().to(self.device)
+            denoise = classifier_free_guidance(
+                self._denoise, labels, 1.0 if guidance_scale is None else float(guidance_scale),
+                null_label=self.num_classes, negative_labels=negative_labels,
+            )
+        mean_shift = None
+        if classifier is not None:
+            gradient = classifier_log_prob_gradient(self._load_classifier(classifier), labels)
+            if sampler == "ddpm":
+                mean_shift = classifier_mean_shift(gradient, float(classifier_scale)) if classifier_scale else None
+            else:
+                denoise = classifier_guidance(denoise, self.schedule, gradient, float(classifier_scale))
+        if rules:
+            denoise = rule_guidance(denoise, self.schedule, rules)
+        karras = sampler in ("euler", "heun", "dpmpp-2m")
+        x0 = run_sampler(sampler, denoise, x, self.schedule, steps, eta=eta,
                          spacing=c.spacing, generator=generator, callback=callback,
-                         clip_denoised=c.clip_denoised if sampler in ("ddpm", "ddim") else None)
+                         clip_denoised=c.clip_denoised if sampler in ("ddpm", "ddim") else None,
+                         mean_shift=mean_shift, sigma_max=c.sigma_max if karras else None)
+        return self._finish(x0)
+
+    def _finish(self, x0: torch.Tensor) -> torch.Tensor:
+        """The sampler's x_0 as the method's output: images clamped to [-1, 1] (latent models override)."""
         return x0.clamp(-1, 1)
