@@ -18,3 +18,36 @@ TINY_DDPM = [
     "train.sample_n=4",
     "train.threads=1",
 ]
+
+# Networks small enough to train a few dozen steps in seconds on 8x8 `digits` (f = 2: 4x4 latents).
+TINY_AE = [
+    "model.net.base_channels=8",
+    "model.net.channel_mult=[1,2]",
+    "model.net.num_res_blocks=0",
+    "model.net.norm_groups=4",
+    "train.batch_size=16",
+    "train.lr=3e-3",
+    "train.lr_schedule=constant",
+    "train.warmup_steps=0",
+    "train.ema_decay=null",
+    "train.log_every=5",
+    "train.sample_n=4",
+    "train.threads=1",
+]
+
+# Tiny VQ networks for 8x8 digits: f = 2 (4x4 code maps), 16 codes of dimension 4.
+TINY_VQ = [
+    "model.net.base_channels=8",
+    "model.net.channel_mult=[1,2]",
+    "model.net.num_res_blocks=0",
+    "model.net.norm_groups=4",
+    "model.quantizer.codebook_size=16",
+    "model.quantizer.dim=4",
+    "train.batch_size=32",
+    "train.lr=2e-3",
+    "train.lr_schedule=constant",
+    "train.warmup_steps=0",
+    "train.ema_decay=null",
+    "train.log_every=5",
+    "train.threads=1",
+]

@@ -25,21 +25,8 @@ from genlab.methods.autoencoder import (
 )
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 
-# Networks small enough to train a few dozen steps in seconds on 8x8 `digits` (f = 2: 4x4 latents).
-TINY_AE = [
-    "model.net.base_channels=8",
-    "model.net.channel_mult=[1,2]",
-    "model.net.num_res_blocks=0",
-    "model.net.norm_groups=4",
-    "train.batch_size=16",
-    "train.lr=3e-3",
-    "train.lr_schedule=constant",
-    "train.warmup_steps=0",
-    "train.ema_decay=null",
-    "train.log_every=5",
-    "train.sample_n=4",
-    "train.threads=1",
-]
+from tiny_configs import TINY_AE
+
 TINY = {
     "ae": TINY_AE,
     "dae": TINY_AE + ["model.corruption=gaussian+mask", "model.patch_size=2", "model.mask_ratio=0.25"],

@@ -13,22 +13,8 @@ from genlab.methods import DataInfo, get_method
 from genlab.methods.vq import VQGAN, VQVAE, VQAutoencoder
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 
-# Tiny networks for 8x8 digits: f = 2 (4x4 code maps), 16 codes of dimension 4, a 1-layer PatchGAN.
-TINY_VQ = [
-    "model.net.base_channels=8",
-    "model.net.channel_mult=[1,2]",
-    "model.net.num_res_blocks=0",
-    "model.net.norm_groups=4",
-    "model.quantizer.codebook_size=16",
-    "model.quantizer.dim=4",
-    "train.batch_size=32",
-    "train.lr=2e-3",
-    "train.lr_schedule=constant",
-    "train.warmup_steps=0",
-    "train.ema_decay=null",
-    "train.log_every=5",
-    "train.threads=1",
-]
+from tiny_configs import TINY_VQ
+
 TINY_GAN = ["model.loss.perceptual=0", "model.disc.base_channels=8", "model.disc.num_layers=1"]
 TINY = {"vqvae": TINY_VQ, "vqgan": TINY_VQ + TINY_GAN, "vq-ae": TINY_VQ + TINY_GAN}
 
