@@ -1,0 +1,279 @@
+"""The ldm method: diffusion on encode(x) * latent_scale of a frozen kl-ae, decoded by decode(z / latent_scale)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import genlab.api
+from genlab import api
+from genlab.config import build_config
+from genlab.data import load_data
+from genlab.diffusion import diffusion_loss
+from genlab.errors import ConfigError
+from genlab.methods import DataInfo
+from genlab.methods.ddpm import DDPM
+from genlab.methods.ldm import LDM
+
+TINY_KL_AE = [  # 8x8 digits -> 4x4x4 latents (f = 2)
+    "model.net.base_channels=8",
+    "model.net.channel_mult=[1,2]",
+    "model.net.num_res_blocks=0",
+    "model.net.norm_groups=4",
+    "model.latent_channels=4",
+    "train.batch_size=32",
+    "train.lr=3e-3",
+    "train.lr_schedule=constant",
+    "train.warmup_steps=0",
+    "train.ema_decay=null",
+    "train.sample_n=4",
+    "train.threads=1",
+]
+TINY_LDM = [
+    "model.unet.base_channels=16",
+    "model.unet.channel_mult=[1,2]",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_resolutions=[2]",
+    "model.unet.norm_groups=8",
+    "model.unet.dropout=0.0",
+    "model.dit.hidden_size=32",
+    "model.dit.depth=1",
+    "model.dit.num_heads=2",
+    "model.dit.patch_size=1",
+    "model.num_timesteps=100",
+    "model.sample_steps=5",
+    "train.batch_size=32",
+    "train.lr=2e-3",
+    "train.lr_schedule=constant",
+    "train.warmup_steps=5",
+    "train.log_every=5",
+    "train.sample_n=4",
+    "train.threads=1",
+]
+DIGITS = DataInfo(channels=1, image_size=8, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def kl_ae_run(tmp_path_factory):
+    """A tiny kl-ae trained for a few steps on digits (its latent_scale estimated from those batches)."""
+    path = tmp_path_factory.mktemp("ldm") / "kl-ae"
+    api.train("kl-ae", data="digits", overrides=TINY_KL_AE + ["train.steps=15"], run_dir=path, progress=False)
+    return path
+
+
+def _ldm(kl_ae_run, *overrides: str) -> LDM:
+    torch.manual_seed(0)
+    cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM + [f"autoencoder={kl_ae_run}", *overrides]).model
+    return LDM(cfg, DIGITS)
+
+
+def _digits(n: int = 256) -> torch.Tensor:
+    return load_data(build_config("ldm", LDM.Config, overrides=["data.source=digits"]).data).to_model_range()[:n]
+
+
+class _Context:
+    """A stand-in for the trainer's step context: seeded randomness, optimize() records the loss."""
+
+    def __init__(self, n, seed=0):
+        self.n, self.step, self.gen, self.losses = n, 0, torch.Generator().manual_seed(seed), []
+
+    def randn(self, *shape):
+        return torch.randn(self.n, *shape, generator=self.gen)
+
+    def rand(self, *shape):
+        return torch.rand(self.n, *shape, generator=self.gen)
+
+    def randint(self, low, high):
+        return torch.randint(low, high, (self.n,), generator=self.gen)
+
+    def optimize(self, loss, group="main"):
+        self.losses.append(loss)
+
+
+def test_diffusion_sees_scaled_latents_and_sampling_decodes_them_unscaled(kl_ae_run, monkeypatch):
+    method = _ldm(kl_ae_run)
+    assert method.latent_shape == (4, 4, 4) and method.data_info == DIGITS
+    method.autoencoder.latent_scale.fill_(2.5)
+    x = _digits(8)
+    seen = {}
+
+    def spy_step(self, batch, ctx):
+        seen["z"] = batch["image"]
+        return {}
+
+    monkeypatch.setattr(DDPM, "training_step", spy_step)
+    method.training_step({"image": x}, _Context(8))
+    with torch.no_grad():
+        torch.testing.assert_close(seen["z"], method.autoencoder.encode(x) * 2.5)
+
+    decode = method.autoencoder.decode
+    sample_latents = method._sample_latents
+
+    def spy_decode(z, **options):
+        seen["decoded"] = z
+        return decode(z, **options)
+
+    def spy_latents(noise, **options):
+        seen["z0"] = sample_latents(noise, **options)
+        return seen["z0"]
+
+    monkeypatch.setattr(method.autoencoder, "decode", spy_decode)
+    monkeypatch.setattr(method, "_sample_latents", spy_latents)
+    images = method.sample(5, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3)
+    assert images.shape == (5, 1, 8, 8)  # pixels of the data size, not latents
+    torch.testing.assert_close(seen["decoded"], seen["z0"] / 2.5)
+    torch.testing.assert_close(images, decode(seen["z0"] / 2.5).clamp(-1, 1))
+    assert images.abs().max() <= 1
+
+
+MU, S = 1.7, 0.3  # latents ~ N(MU, S^2 I), far outside [-1, 1]: the optimal eps predictor is closed form
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m"])
+def test_latents_are_neither_clipped_nor_clamped(kl_ae_run, monkeypatch, sampler):
+    # With the exact denoiser for N(MU, S^2) latents, sampled latents must have mean MU: a clip of
+    # x0_hat or a final clamp to [-1, 1] (right for pixels, wrong for latents) would cap them at 1.
+    method = _ldm(kl_ae_run, "model.schedule=linear")
+    assert method.config.clip_denoised is False
+    schedule = method.schedule
+
+    def network(x_t, t, y=None):
+        abar = schedule.gather(schedule.alphas_cumprod, t.round().long(), x_t)
+        return torch.sqrt(1 - abar) * (x_t - torch.sqrt(abar) * MU) / (abar * S**2 + 1 - abar)
+
+    method.network = network
+    seen = {}
+    decode = method.autoencoder.decode
+
+    def spy_decode(z, **options):
+        seen["z"] = z
+        return decode(z, **options)
+
+    monkeypatch.setattr(method.autoencoder, "decode", spy_decode)
+    method.sample(300, generator=torch.Generator().manual_seed(0), sampler=sampler, steps=50)
+    z0 = seen["z"] * method.latent_scale
+    assert abs(z0.mean().item() - MU) < 0.05
+    assert abs(z0.std().item() - S) < 0.05
+
+
+@pytest.mark.parametrize("network", ["unet", "dit"])
+def test_ldm_trains_on_a_frozen_kl_ae_and_samples_pixels(kl_ae_run, tmp_path, network):
+    run = api.train("ldm", data="digits", run_dir=tmp_path / "r", progress=False,
+                    overrides=TINY_LDM + [f"autoencoder={kl_ae_run}", f"model.network={network}", "train.steps=30",
+                                          "train.ema_decay=null"])
+    method = run.method
+    assert isinstance(method.ema_targets()[network], torch.nn.Module)
+    assert (network == "dit") != hasattr(method, "unet")
+    # The autoencoder is frozen: our checkpoint holds exactly the parent's weights, and it stays in eval mode.
+    parent = api.load_run(kl_ae_run).method
+    ours = {k.removeprefix("autoencoder."): v for k, v in method.state_dict().items() if k.startswith("autoencoder.")}
+    assert ours.keys() == parent.state_dict().keys()
+    assert all(torch.equal(ours[k].cpu(), v.cpu()) for k, v in parent.state_dict().items())
+    method.train()
+    assert not method.autoencoder.training and method.ema_targets()[network].training
+    assert not any(p.requires_grad for p in method.autoencoder.parameters())
+
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        z = method.encode_latents(_digits())
+    t = torch.randint(0, method.config.num_timesteps, (len(z),), generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    torch.manual_seed(0)
+    fresh = LDM(run.config.model, run.method.data_info)
+
+    def probe(m):
+        with torch.no_grad():
+            return float(diffusion_loss(m.network(m.schedule.q_sample(z, t, noise), t), noise))
+
+    before, after = probe(fresh), probe(method.eval())
+    assert after < 0.7 * before
+
+    images = run.sample(4, seed=0)
+    assert images.shape == (4, 1, 8, 8) and images.abs().max() <= 1
+    assert torch.equal(images, api.load_run(tmp_path / "r").sample(4, seed=0))
+    assert (images - run.sample(4, seed=1)).abs().max() > 1e-3
+
+
+def test_missing_or_wrong_autoencoder_is_a_one_line_config_error(monkeypatch):
+    cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM).model
+    with pytest.raises(ConfigError, match="--autoencoder RUN") as e:
+        LDM(cfg, DIGITS)
+    assert "\n" not in str(e.value)
+
+    class _Classifier(torch.nn.Module):  # a run whose method has no latent space
+        name = "classifier"
+
+    class _Run:
+        method = _Classifier()
+
+    monkeypatch.setattr(genlab.api, "load_run", lambda *a, **k: _Run())
+    cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM + ["autoencoder=/some/run"]).model
+    with pytest.raises(ConfigError, match="kl-ae or vq-ae"):
+        LDM(cfg, DIGITS)
+
+
+def test_vq_ae_latents_are_snapped_to_the_codebook_before_decoding(monkeypatch):
+    # Rombach et al.'s VQ-regularised LDM decodes through the quantiser: every latent vector the
+    # decoder sees after sampling is a codebook entry (divided out of the scale, as for kl-ae).
+    from genlab.methods.vq import VQAutoencoder
+
+    cfg = build_config("vq-ae", VQAutoencoder.Config, overrides=[
+        "model.net.base_channels=8", "model.net.channel_mult=[1,2]", "model.net.num_res_blocks=0",
+        "model.net.norm_groups=4", "model.quantizer.codebook_size=16", "model.quantizer.dim=4",
+        "model.loss.perceptual=0", "model.disc.base_channels=8", "model.disc.num_layers=1"]).model
+    torch.manual_seed(0)
+    parent = VQAutoencoder(cfg, DIGITS)
+    parent.latent_scale.fill_(0.5)
+
+    class _Run:
+        method = parent
+
+    monkeypatch.setattr(genlab.api, "load_run", lambda *a, **k: _Run())
+    method = _ldm("/some/vq-ae-run")
+    assert method.latent_shape == (4, 4, 4)
+    seen = {}
+    convolve = parent.post_quant_conv.forward
+    monkeypatch.setattr(parent.post_quant_conv, "forward", lambda z: (seen.__setitem__("z", z), convolve(z))[1])
+    images = method.sample(3, generator=torch.Generator().manual_seed(0), steps=3)
+    assert images.shape == (3, 1, 8, 8)
+    vectors = seen["z"].permute(0, 2, 3, 1).reshape(-1, 4)  # (3 * 16, 4)
+    distance = torch.cdist(vectors, parent.quantizer.lookup(torch.arange(16).view(1, 4, 4)).permute(0, 2, 3, 1).reshape(16, 4))
+    assert distance.min(1).values.max() < 1e-3  # codes are ~0.1 apart; cdist round-off is ~1e-5
+
+
+def _stand_in_kl_ae(monkeypatch, ae_preset, info):
+    """Make load_run return an untrained kl-ae built from one of its presets."""
+    from genlab.methods.autoencoder import KLAutoencoder
+
+    ae_cfg = build_config("kl-ae", KLAutoencoder.Config, preset=ae_preset, overrides=["model.loss.perceptual=0"]).model
+
+    class _Run:
+        method = KLAutoencoder(ae_cfg, info)
+
+    monkeypatch.setattr(genlab.api, "load_run", lambda *a, **k: _Run())
+
+
+@pytest.mark.parametrize("preset, ae_preset, info", [
+    ("small", "small", DataInfo(1, 28, None)),
+    ("mnist_small", "mnist_small", DataInfo(1, 28, 10)),
+    ("full", "full", DataInfo(3, 32, 10)),
+])
+def test_presets_fit_the_latents_of_the_matching_kl_ae_preset(monkeypatch, preset, ae_preset, info):
+    # ldm_small's single-level U-Net must fit kl_ae_small's 7x7x4 latents, ldm_full's 3 levels the 8x8x4 of kl_ae_full.
+    _stand_in_kl_ae(monkeypatch, ae_preset, info)
+    cfg = build_config("ldm", LDM.Config, preset=preset, overrides=["autoencoder=/some/kl-ae-run"]).model
+    method = LDM(cfg, info)
+    assert method.latent_shape == ((4, 7, 7) if info.image_size == 28 else (4, 8, 8))
+    assert cfg.clip_denoised is False and cfg.schedule == "linear"
+    z = torch.randn(2, *method.latent_shape)
+    assert method.network(z, torch.tensor([0, 999])).shape == z.shape
+
+
+def test_dit_patches_must_divide_the_latent_size(monkeypatch):
+    _stand_in_kl_ae(monkeypatch, "small", DataInfo(1, 28, None))
+    cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit"]).model
+    with pytest.raises(ConfigError, match="latent size 7"):
+        LDM(cfg, DataInfo(1, 28, None))  # the default dit.patch_size=2 does not divide 7
+    cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit",
+                                                                     "model.dit.patch_size=7"]).model
+    assert LDM(cfg, DataInfo(1, 28, None)).dit.grid == 1
