@@ -104,3 +104,26 @@ def test_reconstruct_on_a_run_without_an_encoder_is_a_one_line_error(tmp_path, c
     assert main(["reconstruct", str(run), "--out", str(tmp_path / "r.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "autoencoder" in err and "\n" not in err
+
+
+def test_pix2pix_translate_and_eval_score_the_same_held_out_pairs(tmp_path, capsys):
+    run = tmp_path / "p2p"
+    assert main(["train", "pix2pix", "--data", "digits", "--run-dir", str(run), "--no-progress", "model.task=lowres",
+                 "model.generator.base_channels=8", "model.disc_base_channels=8", "train.steps=3", "train.batch_size=16",
+                 "train.threads=1"]) == 0
+    capsys.readouterr()
+    assert main(["translate", str(run), "--n", "8", "--out", str(tmp_path / "t.png")]) == 0
+    printed = capsys.readouterr().out.split()
+    psnr_translate = float(printed[printed.index("psnr") + 1])
+    assert main(["eval", str(run), "--n", "8"]) == 0
+    entry = [e for e in read_metrics(run) if e["protocol"].get("kind") == "translation"][-1]
+    assert entry["protocol"]["task"] == "lowres" and entry["protocol"]["n"] == 8
+    assert entry["metrics"]["psnr"] == pytest.approx(psnr_translate, abs=1e-3)
+    # an independent computation of the same number
+    from genlab.data.paired import lowres
+    r = api.load_run(run)
+    b = _digits_test(8)
+    with torch.no_grad():
+        b_hat = r.method.translate(lowres(b))
+    mse = ((b_hat - b) ** 2).flatten(1).mean(1)
+    assert entry["metrics"]["psnr"] == pytest.approx(float((10 * torch.log10(4 / mse)).mean()), abs=1e-3)

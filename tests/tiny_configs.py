@@ -51,3 +51,16 @@ TINY_VQ = [
     "train.log_every=5",
     "train.threads=1",
 ]
+
+# A GAN small enough to train for a few dozen steps in seconds on 8x8 `digits`.
+TINY_DCGAN = [
+    "model.latent_dim=16",
+    "model.g_channels=16",
+    "model.d_channels=16",
+    "model.health.every=0",
+    "train.batch_size=32",
+    "train.warmup_steps=0",
+    "train.log_every=5",
+    "train.sample_n=4",
+    "train.threads=1",
+]

@@ -28,7 +28,9 @@ def data_info_for(cfg: RunConfig, images) -> DataInfo:
     if not isinstance(size, int):
         raise ConfigError(f"images are {size[0]}x{size[1]}; set data.image_size=N to train on square images")
     num_classes = images.num_classes if images.labels is not None else None
-    return DataInfo(channels=images.channels, image_size=size, num_classes=num_classes or None, source=cfg.data.source)
+    conditions = getattr(images, "conditions", None)
+    return DataInfo(channels=images.channels, image_size=size, num_classes=num_classes or None, source=cfg.data.source,
+                    condition_channels=None if conditions is None else int(conditions.shape[1]))
 
 
 def default_run_dir(method: str, source: str) -> Path:

@@ -148,8 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--kind", choices=("auto", "generation", "reconstruction"), default="auto",
                    help="for a run: generation metrics of samples, reconstruction metrics (MSE, PSNR, SSIM, and the "
                         "ELBO / codebook usage where they apply) on held-out images, or auto: whatever the run does")
-    e.add_argument("--recon-data", metavar="SOURCE:SPLIT", help="held-out images for reconstruction metrics "
-                                                               "(default: the run's test split; mnist:test for mnist5k)")
+    e.add_argument("--recon-data", metavar="SOURCE:SPLIT", help="held-out images for reconstruction (or pix2pix "
+                                                               "translation) metrics (default: the run's test split; "
+                                                               "mnist:test for mnist5k)")
     e.add_argument("--class", dest="class_label", type=int, help="sample this class only (class-conditional runs)")
     _add_sampling_options(e)
 
@@ -299,6 +300,10 @@ def _cmd_eval(a) -> int:
         from genlab.config import read_config_file
 
         cls = get_method(read_config_file(Path(a.target) / "config.yaml")["method"])
+        if hasattr(cls, "translate"):  # image-to-image: PSNR / SSIM on held-out pairs
+            _print_result(evaluation.evaluate_translation(a.target, data=a.recon_data, n=a.n, weights=a.weights,
+                                                          data_root=a.data_root, seed=a.seed))
+            return 0
         reconstructs, generates = hasattr(cls, "reconstruct"), getattr(cls, "generates_images", True)
         if a.kind == "reconstruction" and not reconstructs:
             raise GenlabError(f"{a.target}: a {cls.name} run does not reconstruct images; use --kind generation")
@@ -412,12 +417,15 @@ def _cmd_translate(a) -> int:
         return 0
     from genlab.methods.pix2pix import evaluate_pairs
 
-    target = api.heldout_images(run, a.data, a.n, a.data_root).to_model_range()
+    held = api.heldout_images(run, a.data, a.n, a.data_root)
+    target = held.to_model_range()
     g = torch.Generator().manual_seed(a.seed)
+    given = None if held.conditions is None else to_model_range(held.conditions)  # paired data: the real inputs
     with torch.no_grad():
-        inputs = method.make_input(target.to(method.device), generator=g).cpu()
+        inputs = given if given is not None else method.make_input(target.to(method.device), generator=g).cpu()
         outputs = method.translate(inputs.to(method.device)).cpu()
-    scores = evaluate_pairs(method, target, torch.Generator().manual_seed(a.seed))
+    scores = evaluate_pairs(method, target, torch.Generator().manual_seed(a.seed), images_a=given)
+    print(f"discriminator receptive field {method.receptive_field} px ({method.disc_layers} layers)")
     shown = inputs if inputs.shape[1] == target.shape[1] else inputs[:, : target.shape[1]]
     nrow = min(len(target), 16)
     save_grid(torch.cat([_pad_rows(shown, nrow), _pad_rows(outputs, nrow), _pad_rows(target, nrow)]), a.out,

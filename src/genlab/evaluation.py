@@ -60,6 +60,7 @@ __all__ = [
     "read_metrics",
     "merge_metrics",
     "evaluate_reconstruction",
+    "evaluate_translation",
 ]
 
 METRICS = ("fid", "kid", "is", "pr", "dc")
@@ -605,6 +606,52 @@ def evaluate_reconstruction(
         merge_metrics(Path(target) / METRICS_FILE, result)
     if json_path is not None:
         _atomic_write_text(Path(json_path), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def evaluate_translation(
+    target: str | os.PathLike,
+    data: str | None = None,
+    n: int | None = None,
+    weights: str = "ema",
+    data_root: str | os.PathLike | None = None,
+    seed: int = 0,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Test PSNR / SSIM of an image-to-image run (pix2pix) on held-out pairs: translate(input) vs target.
+
+    Derived tasks build the inputs from the targets (edges, masked with a seeded mask, low-res);
+    paired data uses the split's own A images. See :func:`genlab.methods.pix2pix.evaluate_pairs`.
+    """
+    from genlab.api import heldout_images, load_run
+    from genlab.methods.pix2pix import evaluate_pairs
+
+    run = load_run(target, weights=weights)
+    held = heldout_images(run, data, n, None if data_root is None else str(data_root))
+    start = time.perf_counter()
+    values = evaluate_pairs(run.method, held.images, torch.Generator().manual_seed(seed), images_a=held.conditions)
+    count = values.pop("n")
+    protocol = {
+        "kind": "translation",
+        "task": run.config.model.task,
+        "n": count,
+        "data": f"{held.source}:{held.split}",
+        "method": run.config.method,
+        "checkpoint_step": run.step,
+        "weights": run.weights,
+        "seed": seed,
+        "data_range": 2.0,
+        "psnr": "mean over images of 10 log10(4 / MSE_i), MSE floored at 8-bit quantisation noise",
+        "ssim_window": "gaussian 11x11 (the largest odd size that fits smaller images), sigma 1.5",
+        "receptive_field": run.method.receptive_field,
+        **_versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": {"translate": round(time.perf_counter() - start, 3)},
+        "target": str(target),
+    }
+    result = {"metrics": values, "std": {}, "protocol": protocol}
+    if write:
+        merge_metrics(Path(target) / METRICS_FILE, result)
     return result
 
 

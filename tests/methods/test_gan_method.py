@@ -18,18 +18,8 @@ from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 from genlab.train.health import HealthWarning
 from genlab.train.trainer import make_optimizer
 
-# A GAN small enough to train for a few dozen steps in seconds on 8x8 `digits`.
-TINY_GAN = [
-    "model.latent_dim=16",
-    "model.g_channels=16",
-    "model.d_channels=16",
-    "model.health.every=0",
-    "train.batch_size=32",
-    "train.warmup_steps=0",
-    "train.log_every=5",
-    "train.sample_n=4",
-    "train.threads=1",
-]
+from tiny_configs import TINY_DCGAN
+
 LOSSES = ["vanilla", "nonsaturating", "hinge", "lsgan", "wgan", "wgan-gp"]
 DIGITS = DataInfo(channels=1, image_size=8, num_classes=10)
 
@@ -51,7 +41,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 def _method(loss: str = "nonsaturating", **overrides) -> GAN:
     extra = {"norm_d": "none"} if loss == "wgan-gp" else {}
     extra.update(overrides)
-    cfg = build_config("gan", GANConfig, overrides=TINY_GAN + [f"model.loss={loss}"]
+    cfg = build_config("gan", GANConfig, overrides=TINY_DCGAN + [f"model.loss={loss}"]
                        + [f"model.{k}={v}" for k, v in extra.items()]).model
     torch.manual_seed(0)
     return GAN(cfg, DIGITS)
@@ -328,7 +318,7 @@ def test_a_collapsed_generator_triggers_the_health_warning_from_training_step(di
 @pytest.mark.parametrize("loss", LOSSES)
 def test_trains_on_digits_with_every_loss(loss, tmp_path):
     extra = ["model.norm_d=none"] if loss == "wgan-gp" else []
-    run = api.train("gan", data="digits", overrides=TINY_GAN + extra + [f"model.loss={loss}", "train.steps=5"],
+    run = api.train("gan", data="digits", overrides=TINY_DCGAN + extra + [f"model.loss={loss}", "train.steps=5"],
                     run_dir=tmp_path / "r", progress=False)
     from genlab.train.runlog import read_log
 
@@ -351,7 +341,7 @@ def _state(run_dir) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_resume_gives_the_same_weights_optimisers_and_ema_as_straight_training(tmp_path):
-    common = TINY_GAN + ["train.checkpoint_every=4", "train.ema_decay=0.9", "model.label_smoothing=true",
+    common = TINY_DCGAN + ["train.checkpoint_every=4", "train.ema_decay=0.9", "model.label_smoothing=true",
                          "model.instance_noise=0.1", "model.dropout_g=0.1", "model.d_optimizer=sgd",
                          "model.d_momentum=0.9", "model.lr_d=1e-2", "model.class_conditional=true",
                          "model.health.every=3", "model.health.evaluator=none"]
@@ -370,7 +360,7 @@ def test_resume_gives_the_same_weights_optimisers_and_ema_as_straight_training(t
 
 def test_the_health_monitor_does_not_change_training(tmp_path):
     """Diversity checks use their own generator and eval mode: weights and BN statistics are untouched."""
-    common = TINY_GAN + ["train.steps=6", "train.checkpoint_every=100", "model.health.evaluator=none"]
+    common = TINY_DCGAN + ["train.steps=6", "train.checkpoint_every=100", "model.health.evaluator=none"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HealthWarning)
         api.train("gan", data="digits", overrides=common + ["model.health.every=1"], run_dir=tmp_path / "a",
@@ -382,7 +372,7 @@ def test_the_health_monitor_does_not_change_training(tmp_path):
 
 
 def test_sampling_a_run_is_reproducible(tmp_path):
-    run = api.train("gan", data="digits", overrides=TINY_GAN + ["train.steps=3"], run_dir=tmp_path / "r", progress=False)
+    run = api.train("gan", data="digits", overrides=TINY_DCGAN + ["train.steps=3"], run_dir=tmp_path / "r", progress=False)
     again = api.load_run(tmp_path / "r")
     x = run.sample(10, seed=4)
     assert torch.equal(x, run.sample(10, seed=4)) and torch.equal(x, again.sample(10, seed=4))
@@ -391,6 +381,6 @@ def test_sampling_a_run_is_reproducible(tmp_path):
 
 def test_several_critic_updates_refuse_gradient_accumulation(tmp_path):
     with pytest.raises(ConfigError, match="grad_accum"):
-        api.train("gan", data="digits", overrides=TINY_GAN + ["model.loss=wgan", "train.grad_accum=2", "train.steps=2"],
+        api.train("gan", data="digits", overrides=TINY_DCGAN + ["model.loss=wgan", "train.grad_accum=2", "train.steps=2"],
                   run_dir=tmp_path / "r", progress=False)
     assert latest_checkpoint(tmp_path / "r") is None

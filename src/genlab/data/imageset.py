@@ -35,10 +35,20 @@ class ImageSet:
     source: str  # e.g. "mnist", "folder:/photos"
     split: str  # e.g. "train", "test"
     origin: str | None = None  # the file or folder the images were read from (for protocols)
+    # Paired data (paired:PATH, image-to-image translation): conditions[i] is the input image whose
+    # target is images[i]; uint8 (N, C', H, W), same N, H, W as images, C' may differ from C.
+    conditions: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise ValueError(f"ImageSet.images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.conditions is not None:
+            c = self.conditions
+            if c.dtype != torch.uint8 or c.ndim != 4 or c.shape[0] != len(self.images) or c.shape[-2:] != self.images.shape[-2:]:
+                raise ValueError(
+                    f"ImageSet.conditions must be uint8 ({len(self.images)}, C', {self.images.shape[2]}, {self.images.shape[3]}) "
+                    f"aligned with the images, got {c.dtype} {tuple(c.shape)}"
+                )
         if self.labels is not None:
             if self.labels.shape != (len(self.images),) or self.labels.dtype != torch.long:
                 raise ValueError(f"ImageSet.labels must be int64 ({len(self.images)},), got {self.labels.dtype} {tuple(self.labels.shape)}")
@@ -92,4 +102,5 @@ class ImageSet:
             source=self.source,
             split=self.split,
             origin=self.origin,
+            conditions=None if self.conditions is None else self.conditions[idx],
         )

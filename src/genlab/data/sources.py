@@ -18,6 +18,9 @@ Sources (``genlab data list``):
 - ``folder:PATH``: any folder (or .tar/.tar.gz archive) of images, see :mod:`genlab.data.folder`.
   When PATH has a sub-folder named like the split (``train``, ``test``), that sub-folder is the
   split; otherwise the whole folder is the "train" split.
+- ``paired:PATH``: (input, target) pairs for image-to-image translation from PATH/A and PATH/B
+  (or PATH/<split>/{A,B}), matched by file name, see :mod:`genlab.data.paired`. The targets are
+  the images, the inputs ``ImageSet.conditions``.
 
 Order within a split is fixed (files' order; image folders interleave classes round-robin), so
 ``data.limit=N`` always picks the same N examples.
@@ -52,6 +55,7 @@ from genlab.data.folder import (
 )
 from genlab.data.idx import read_bytes, read_idx
 from genlab.data.imageset import ImageSet
+from genlab.data.paired import PAIRED_PREFIX, load_paired
 from genlab.data.transforms import convert_channels, fit_size
 from genlab.errors import DataError
 
@@ -88,7 +92,9 @@ def register_source(source: Source) -> Source:
 def list_sources() -> list[tuple[str, str, bool]]:
     """(name, description, needs_root) of every source, for ``genlab data list``."""
     rows = [(s.name, s.description, s.needs_root) for s in SOURCES.values()]
-    return rows + [("folder:PATH", "any folder or .tar/.tar.gz of images (png, jpg, bmp, webp, gif); class = first-level sub-folder", False)]
+    return rows + [("folder:PATH", "any folder or .tar/.tar.gz of images (png, jpg, bmp, webp, gif); class = first-level sub-folder", False),
+                   ("paired:PATH", "image pairs for pix2pix: inputs in PATH/A, targets in PATH/B (or PATH/<split>/{A,B}), "
+                                   "matched by name", False)]
 
 
 def get_source(name: str) -> Source:
@@ -97,8 +103,12 @@ def get_source(name: str) -> Source:
         if not name[len("folder:") :]:
             raise DataError("data.source=folder: needs a path, e.g. folder:~/photos")
         return Source(name, "image folder", False, None, _load_folder)
+    if name.startswith(PAIRED_PREFIX):
+        if not name[len(PAIRED_PREFIX) :]:
+            raise DataError("data.source=paired: needs a path, e.g. paired:~/facades (with A/ and B/ inside)")
+        return Source(name, "paired image folders", False, None, load_paired)
     if name not in SOURCES:
-        valid = ", ".join([*SOURCES, "folder:PATH"])
+        valid = ", ".join([*SOURCES, "folder:PATH", "paired:PATH"])
         raise DataError(f"unknown data source {name!r}; valid sources: {valid}")
     return SOURCES[name]
 
@@ -106,7 +116,8 @@ def get_source(name: str) -> Source:
 def split_source_ref(text: str) -> tuple[str, str | None]:
     """Split a reference like "mnist:test" or "folder:/photos:train" into (source, split or None)."""
     head, sep, tail = text.rpartition(":")
-    if sep and tail and "/" not in tail and (head in SOURCES or (head.startswith("folder:") and len(head) > len("folder:"))):
+    is_path_source = any(head.startswith(p) and len(head) > len(p) for p in ("folder:", PAIRED_PREFIX))
+    if sep and tail and "/" not in tail and (head in SOURCES or is_path_source):
         return head, tail
     return text, None
 
@@ -122,15 +133,18 @@ def load_data(cfg: DataConfig | None = None, **overrides) -> ImageSet:
         hint = f"; {source.split_hint}" if source.split_hint else ""
         raise DataError(f"data source {cfg.source!r} has no split {cfg.split!r} (splits: {', '.join(source.splits)}){hint}")
     data = source.load(cfg, resolve_data_root(cfg.root))
-    images, labels = data.images, data.labels
+    images, labels, conditions = data.images, data.labels, data.conditions
     if cfg.limit is not None and cfg.limit < len(images):
         images = images[: cfg.limit].clone()  # clone: do not keep the full split alive
         labels = None if labels is None else labels[: cfg.limit].clone()
+        conditions = None if conditions is None else conditions[: cfg.limit].clone()
     if cfg.image_size is not None:
         images = fit_size(images, cfg.image_size, cfg.fit)
-    if cfg.channels is not None:
+        conditions = None if conditions is None else fit_size(conditions, cfg.image_size, cfg.fit)
+    if cfg.channels is not None:  # the targets' channels; paired inputs keep theirs (edges stay grey)
         images = convert_channels(images, cfg.channels)
-    return ImageSet(images.contiguous(), labels, data.class_names, cfg.source, cfg.split, data.origin)
+    conditions = None if conditions is None else conditions.contiguous()
+    return ImageSet(images.contiguous(), labels, data.class_names, cfg.source, cfg.split, data.origin, conditions=conditions)
 
 
 # ---------------------------------------------------------------------------------------------

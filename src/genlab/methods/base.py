@@ -23,6 +23,7 @@ class DataInfo:
     image_size: int
     num_classes: int | None = None
     source: str | None = None  # the data source's name (e.g. "fashion-mnist"): picks evaluator networks
+    condition_channels: int | None = None  # channels of the input images of paired data (pix2pix)
 
 
 @dataclass
