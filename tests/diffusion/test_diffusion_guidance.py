@@ -36,14 +36,6 @@ S = 0.3
 NULL = 2  # the null label of a 2-class model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def schedule():
     return NoiseSchedule.from_name("linear", 1000)

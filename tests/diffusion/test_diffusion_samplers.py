@@ -37,16 +37,6 @@ diffusers = pytest.importorskip("diffusers")
 MU, S = 0.3, 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Samplers here run hundreds of steps on tiny tensors: intra-op threads only add overhead (up to
-    40x on a busy 2-core machine), so use one and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def schedule():
     return NoiseSchedule.from_name("linear", 1000)

@@ -18,14 +18,6 @@ from genlab.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine OpenMP spinning makes small convs ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 REAL = torch.tensor([2.0, -1.0, 0.5, 3.0], dtype=torch.float64)
 FAKE = torch.tensor([-0.5, 1.5, 0.0, -2.0], dtype=torch.float64)
 

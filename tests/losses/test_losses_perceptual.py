@@ -18,15 +18,6 @@ from genlab.errors import ConfigError, DataError
 from genlab.losses import PerceptualLoss, ReconstructionLoss, ReconstructionLossConfig, gram_matrix, style_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine OpenMP spinning makes small convs ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> torch.Tensor:
     """Eight digit-like stroke images (rings, bars, crosses; white on black) of 28x28 in [-1, 1]: (8, 1, 28, 28)."""

@@ -25,15 +25,6 @@ from genlab.losses import (
 from genlab.metrics.image_quality import ms_ssim, ssim
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine OpenMP spinning makes small convs ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(seed: int, shape=(3, 1, 16, 16)) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(shape, generator=generator) * 2 - 1

@@ -24,14 +24,6 @@ LOSSES = ["vanilla", "nonsaturating", "hinge", "lsgan", "wgan", "wgan-gp"]
 DIGITS = DataInfo(channels=1, image_size=8, num_classes=10)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     data = load_data(DataConfig(source="digits"))

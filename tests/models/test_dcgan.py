@@ -9,15 +9,6 @@ from genlab.errors import ConfigError
 from genlab.models.dcgan import Discriminator, Generator, base_grid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread (and are not slowed by other work on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("size, expected", [(8, (4, 1)), (28, (7, 2)), (32, (4, 3)), (64, (4, 4)), (12, (6, 1))])
 def test_base_grid_factors_the_image_size(size, expected):
     s, k = base_grid(size)

@@ -15,14 +15,6 @@ from genlab.data import DataConfig, load_data
 from genlab.train.health import HealthConfig, HealthWarning, TrainingHealth, class_entropy, pixel_diversity
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _quiet_health(**overrides) -> TrainingHealth:
     return TrainingHealth(HealthConfig(**overrides), channels=1, image_size=28)
 
