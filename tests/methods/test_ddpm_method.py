@@ -15,16 +15,6 @@ from genlab.methods.ddpm import DDPM, DDPMConfig
 MU, S = 0.3, 0.2  # data ~ N(MU, S^2 I): the optimal eps predictor is closed form
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks and many small steps: extra intra-op threads only add contention (30x slower
-    on a busy 2-core machine), so use one and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _gaussian_method(bias: float, **overrides) -> DDPM:
     """A DDPM whose network is replaced by the exact Gaussian eps predictor plus a constant error."""
     tiny = ["model.unet.base_channels=8", "model.unet.channel_mult=[1]", "model.unet.attention_resolutions=[]",

@@ -107,18 +107,18 @@ def test_diffusion_sees_scaled_latents_and_sampling_decodes_them_unscaled(kl_ae_
         torch.testing.assert_close(seen["z"], method.autoencoder.encode(x) * 2.5)
 
     decode = method.autoencoder.decode
-    sample_latents = method._sample_latents
+    finish = method._finish
 
     def spy_decode(z, **options):
         seen["decoded"] = z
         return decode(z, **options)
 
-    def spy_latents(noise, **options):
-        seen["z0"] = sample_latents(noise, **options)
-        return seen["z0"]
+    def spy_finish(z0):  # the sampler's latents, before they are decoded
+        seen["z0"] = z0
+        return finish(z0)
 
     monkeypatch.setattr(method.autoencoder, "decode", spy_decode)
-    monkeypatch.setattr(method, "_sample_latents", spy_latents)
+    monkeypatch.setattr(method, "_finish", spy_finish)
     images = method.sample(5, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3)
     assert images.shape == (5, 1, 8, 8)  # pixels of the data size, not latents
     torch.testing.assert_close(seen["decoded"], seen["z0"] / 2.5)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from genlab.diffusion import (
     NoiseSchedule,
@@ -65,6 +66,9 @@ class DDPM(Method):
 
     name = "ddpm"
     Config = DDPMConfig
+    # The attribute (and EMA target) holding the denoising network: its weights are saved as
+    # "<network_name>.*" and "ema_<network_name>", so subclasses with another network rename it.
+    network_name = "unet"
 
     def __init__(self, config: DDPMConfig, data_info: DataInfo):
         super().__init__(config, data_info)
@@ -79,26 +83,33 @@ class DDPM(Method):
         if config.vlb_weight < 0:
             raise ConfigError(f"model.vlb_weight must be >= 0 (0.001 in improved DDPM), got {config.vlb_weight}")
         outputs = 2 if config.learn_sigma else 1  # the prediction, and v when the variance is learned
-        self.unet = UNet(
-            config.unet,
-            in_channels=data_info.channels * p * p,
-            out_channels=outputs * data_info.channels * p * p,
-            image_size=data_info.image_size // p,
-            num_classes=self.num_classes,
-        )
+        network = self._make_network(in_channels=data_info.channels * p * p,
+                                     out_channels=outputs * data_info.channels * p * p,
+                                     image_size=data_info.image_size // p)
+        self.add_module(self.network_name, network)
         self.schedule = NoiseSchedule.from_name(config.schedule, config.num_timesteps)
         self._classifiers: dict[str, Method] = {}  # run path -> loaded noisy classifier (not a submodule)
+
+    def _make_network(self, in_channels: int, out_channels: int, image_size: int) -> nn.Module:
+        """The denoising network for (N, in_channels, image_size, image_size) inputs: the U-Net."""
+        return UNet(self.config.unet, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
+                    num_classes=self.num_classes)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The denoising network (``self.unet``, or the subclass's ``network_name`` attribute)."""
+        return getattr(self, self.network_name)
 
     def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The model's output at full resolution: (N, C, H, W) -> (N, C, H, W), or (N, 2C, H, W) with
         learn_sigma (the prediction's channels first, then the variance's)."""
         p = self.config.patch_size
         if p == 1:
-            return self.unet(x_t, t, y)
+            return self.backbone(x_t, t, y)
         h = F.pixel_unshuffle(x_t, p)  # (N, C p^2, H / p, W / p)
         # pixel_shuffle maps input channels [k p^2, (k + 1) p^2) to output channel k, so the first
         # C p^2 U-Net channels (the prediction) become the first C output channels.
-        return F.pixel_shuffle(self.unet(h, t, y), p)  # (N, C or 2C, H, W)
+        return F.pixel_shuffle(self.backbone(h, t, y), p)  # (N, C or 2C, H, W)
 
     def _split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prediction, v) of a network output; v = (raw + 1) / 2 as in improved DDPM's code, None
@@ -108,8 +119,8 @@ class DDPM(Method):
         prediction, raw = output.chunk(2, dim=1)  # (N, C, H, W) each
         return prediction, (raw + 1) / 2
 
-    def ema_targets(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet}
+    def ema_targets(self) -> dict[str, nn.Module]:
+        return {self.network_name: self.backbone}
 
     def training_step(self, batch: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
         """Ho et al. 2020 Alg. 1: t ~ U{0..T-1}, x_t = q_sample(x0, t, eps), regress the target."""
@@ -218,7 +229,7 @@ class DDPM(Method):
           :mod:`genlab.diffusion.guidance`) or (function, weight) pairs, steering x0_hat by gradient.
         """
         if unknown:
-            raise ConfigError(f"ddpm sampling does not take {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{self.name} sampling does not take {', '.join(sorted(unknown))}")
         c = self.config
         sampler = sampler or c.sampler
         steps = steps or (c.num_timesteps if sampler == "ddpm" and c.sampler != "ddpm" else c.sample_steps)
@@ -233,9 +244,8 @@ class DDPM(Method):
                               "model (train with model.class_conditional=true and p_uncond > 0)")
         if (guidance_scale is not None or negative_labels is not None or classifier is not None) and labels is None:
             raise ConfigError("guidance needs labels: give the class of each sample (--class K)")
-        d = self.data_info
         if noise is None:
-            noise = torch.randn(n, d.channels, d.image_size, d.image_size, generator=generator,
+            noise = torch.randn(n, *self._noise_shape(), generator=generator,
                                 device="cpu" if generator is None else generator.device)
         x = noise.to(self.device)
         if labels is not None:
@@ -259,7 +269,7 @@ class DDPM(Method):
             else:
                 denoise = classifier_guidance(denoise, self.schedule, gradient, float(classifier_scale))
         if rules:
-            denoise = rule_guidance(denoise, self.schedule, rules)
+            denoise = self._rule_guidance(denoise, rules)
         karras = sampler in ("euler", "heun", "dpmpp-2m")
         x0 = run_sampler(sampler, denoise, x, self.schedule, steps, eta=eta,
                          spacing=c.spacing, generator=generator, callback=callback,
@@ -270,3 +280,12 @@ class DDPM(Method):
     def _finish(self, x0: torch.Tensor) -> torch.Tensor:
         """The sampler's x_0 as the method's output: images clamped to [-1, 1] (latent models override)."""
         return x0.clamp(-1, 1)
+
+    def _noise_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the noise the sampler starts from: an image's (latent models: a latent's)."""
+        d = self.data_info
+        return (d.channels, d.image_size, d.image_size)
+
+    def _rule_guidance(self, denoise, rules: list):
+        """``denoise`` steered by ``rules`` judging the predicted x0 (latent models judge its decoded image)."""
+        return rule_guidance(denoise, self.schedule, rules)

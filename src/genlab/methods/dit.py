@@ -9,10 +9,8 @@ presets let one reproduce.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from genlab.errors import ConfigError
@@ -20,12 +18,6 @@ from genlab.methods.base import DataInfo
 from genlab.methods.ddpm import DDPM, DDPMConfig
 from genlab.models.dit import DiT as DiTNetwork
 from genlab.models.dit import DiTConfig
-from genlab.models.unet import UNetConfig
-
-# The smallest U-Net DDPM.__init__ can build; it is discarded at once (DDPM has no network-builder
-# hook yet: see make_dit_denoiser).
-_PLACEHOLDER_UNET = UNetConfig(base_channels=1, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
-                               num_heads=1, dropout=0.0, norm_groups=1, mid_attention=False)
 
 
 @dataclass
@@ -39,19 +31,16 @@ class DiTMethodConfig(DDPMConfig):
     dit: DiTConfig = field(default_factory=DiTConfig)
 
 
-def placeholder_unet_config(config: DDPMConfig) -> DDPMConfig:
-    """``config`` with the tiny throw-away U-Net, for DDPM.__init__ before the DiT replaces it."""
-    return dataclasses.replace(config, unet=_PLACEHOLDER_UNET, patch_size=1)
+def reject_pixel_patches(config: DDPMConfig) -> None:
+    """Refuse DDPM's pixel patching (model.patch_size) for a DiT denoiser, which cuts its own patches."""
+    if config.patch_size != 1:
+        raise ConfigError(f"model.patch_size={config.patch_size}: a DiT cuts its own patches; "
+                          "set model.dit.patch_size instead and leave model.patch_size=1")
 
 
-def make_dit_denoiser(method: DDPM, dit_config: DiTConfig, channels: int, image_size: int) -> DiTNetwork:
-    """Drop the U-Net DDPM.__init__ built and return the DiT denoiser for ``channels`` x ``image_size``^2 inputs.
-
-    The output has twice the channels with learn_sigma (the prediction, then improved DDPM's v).
-    """
-    del method.unet
-    outputs = 2 if method.config.learn_sigma else 1
-    return DiTNetwork(dit_config, in_channels=channels, out_channels=outputs * channels, image_size=image_size,
+def make_dit_network(method: DDPM, in_channels: int, out_channels: int, image_size: int) -> DiTNetwork:
+    """The DiT denoiser of ``method`` (whose config has a ``dit`` section), for DDPM's network hook."""
+    return DiTNetwork(method.config.dit, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
                       num_classes=method.num_classes)
 
 
@@ -60,18 +49,12 @@ class DiT(DDPM):
 
     name = "dit"
     Config = DiTMethodConfig
+    network_name = "dit"  # the network is ``self.dit``, its EMA "ema_dit"
 
     def __init__(self, config: DiTMethodConfig, data_info: DataInfo):
-        if config.patch_size != 1:
-            raise ConfigError(f"model.patch_size={config.patch_size}: a DiT cuts its own patches; "
-                              "set model.dit.patch_size instead and leave model.patch_size=1")
-        super().__init__(placeholder_unet_config(config), data_info)
-        self.config = config  # the user's config (its unet section is unused)
-        self.dit = make_dit_denoiser(self, config.dit, data_info.channels, data_info.image_size)
+        reject_pixel_patches(config)
+        super().__init__(config, data_info)
 
-    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The DiT's output: (N, C, H, W) -> (N, C, H, W), or (N, 2C, H, W) with learn_sigma."""
-        return self.dit(x_t, t, y)
-
-    def ema_targets(self) -> dict[str, nn.Module]:
-        return {"dit": self.dit}
+    def _make_network(self, in_channels: int, out_channels: int, image_size: int) -> nn.Module:
+        """The DiT for (N, in_channels, image_size, image_size) inputs (twice the channels out with learn_sigma)."""
+        return make_dit_network(self, in_channels, out_channels, image_size)

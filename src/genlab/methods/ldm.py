@@ -16,12 +16,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from genlab.diffusion import classifier_free_guidance, parse_rule, rule_guidance
-from genlab.diffusion import sample as run_sampler
+from genlab.diffusion import parse_rule
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo
 from genlab.methods.ddpm import DDPM
-from genlab.methods.dit import DiTMethodConfig, make_dit_denoiser, placeholder_unet_config
+from genlab.methods.dit import DiTMethodConfig, make_dit_network, reject_pixel_patches
 
 MISSING_AUTOENCODER = ("ldm needs a frozen autoencoder: pass --autoencoder RUN (a trained kl-ae or vq-ae run folder), "
                        "i.e. model.autoencoder=RUN")
@@ -61,9 +60,8 @@ class LDM(DDPM):
     def __init__(self, config: LDMConfig, data_info: DataInfo):
         if not config.autoencoder:
             raise ConfigError(MISSING_AUTOENCODER)
-        if config.network == "dit" and config.patch_size != 1:
-            raise ConfigError(f"model.patch_size={config.patch_size}: a DiT cuts its own patches; "
-                              "set model.dit.patch_size instead and leave model.patch_size=1")
+        if config.network == "dit":
+            reject_pixel_patches(config)
         parent = load_autoencoder(config.autoencoder)
         seen = parent.data_info
         if (seen.channels, seen.image_size) != (data_info.channels, data_info.image_size):
@@ -80,16 +78,24 @@ class LDM(DDPM):
             raise ConfigError(f"model.dit.patch_size={config.dit.patch_size} must divide the latent size {h} "
                               f"(the autoencoder's latents are {c}x{h}x{w}): choose a divisor of {h}, e.g. 1")
         latent_info = DataInfo(channels=c, image_size=h, num_classes=data_info.num_classes)
-        super().__init__(placeholder_unet_config(config) if config.network == "dit" else config, latent_info)
-        self.config = config
+        super().__init__(config, latent_info)  # the denoiser is built for the latents
         self.data_info = data_info  # the pixel data's: the CLI and evaluation rely on it
         self.latent_info = latent_info
         self.autoencoder = parent  # a submodule: its weights (and latent_scale) are saved with ours
         # Rombach et al.'s VQ-regularised models absorb the quantiser into the decoder: the diffused
         # latents are snapped to the codebook before decoding.
         self._decode_options = {"quantize": True} if hasattr(parent, "codebook_size") else {}
-        if config.network == "dit":
-            self.dit = make_dit_denoiser(self, config.dit, c, h)
+
+    @property
+    def network_name(self) -> str:
+        """``self.unet`` or ``self.dit`` (and its EMA target), as model.network says."""
+        return self.config.network
+
+    def _make_network(self, in_channels: int, out_channels: int, image_size: int) -> nn.Module:
+        """The U-Net or (network: dit) the DiT for noisy latents (N, in_channels, image_size, image_size)."""
+        if self.config.network == "dit":
+            return make_dit_network(self, in_channels, out_channels, image_size)
+        return super()._make_network(in_channels, out_channels, image_size)
 
     def train(self, mode: bool = True) -> "LDM":
         """Switch the denoiser's mode; the frozen autoencoder always stays in eval mode."""
@@ -114,16 +120,11 @@ class LDM(DDPM):
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (N, c, h, w) -> images decode(z / latent_scale) clamped to [-1, 1] (N, C, H, W)."""
-        return self.autoencoder.decode(z / self.latent_scale, **self._decode_options).clamp(-1, 1)
+        return self._decode_unclamped(z).clamp(-1, 1)
 
-    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The denoiser on noisy latents (N, c, h, w) -> (N, c, h, w), or (N, 2c, h, w) with learn_sigma."""
-        if self.config.network == "dit":
-            return self.dit(x_t, t, y)
-        return super().network(x_t, t, y)
-
-    def ema_targets(self) -> dict[str, nn.Module]:
-        return {"dit": self.dit} if self.config.network == "dit" else {"unet": self.unet}
+    def _decode_unclamped(self, z: torch.Tensor) -> torch.Tensor:
+        """decode(z / latent_scale) (N, C, H, W) without the clamp, which would stop rule gradients."""
+        return self.autoencoder.decode(z / self.latent_scale, **self._decode_options)
 
     def training_step(self, batch: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
         """DDPM's loss on the latents of the batch (the autoencoder gets no gradient)."""
@@ -137,92 +138,37 @@ class LDM(DDPM):
         return super().invert(self.encode_latents(x0.to(self.device)), steps=steps, labels=labels)
 
     @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        *,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-        classifier: Any = None,
-        rules: list | None = None,
-        **options: Any,
-    ) -> torch.Tensor:
-        """``n`` images (n, C, H, W) in [-1, 1]: sample latents with DDPM's samplers, then decode them.
+    def sample(self, n: int, *, classifier: Any = None, **options: Any) -> torch.Tensor:
+        """``n`` images (n, C, H, W) in [-1, 1]: DDPM.sample on the latents, decoded (see ``_finish``).
 
-        Takes DDPM's options (sampler, steps, eta, labels, guidance_scale, negative_labels, callback);
-        ``noise`` is latent noise (n, c, h, w). ``rules`` judge the decoded image of the predicted
-        latent x0, so "brightness" or "symmetry" keep their pixel meaning (the gradient flows through
-        the frozen decoder). Classifier guidance is not offered: a noisy classifier scores noisy
-        pixels, not noisy latents.
+        Takes DDPM's options (sampler, steps, eta, labels, guidance_scale, negative_labels, rules,
+        callback); ``noise`` is latent noise (n, c, h, w). ``rules`` judge the decoded image of the
+        predicted latent x0, so "brightness" or "symmetry" keep their pixel meaning (the gradient flows
+        through the frozen decoder). Classifier guidance is not offered: a noisy classifier scores
+        noisy pixels, not noisy latents.
         """
         if classifier is not None:
             raise ConfigError("ldm sampling has no classifier guidance (a noisy classifier scores pixels, not latents): "
                               "use classifier-free guidance (--guidance-scale) or rules")
-        if noise is None:
-            noise = torch.randn(n, *self.latent_shape, generator=generator,
-                                device="cpu" if generator is None else generator.device)
-        pixel_rules = [self._pixel_rule(parse_rule(r)) for r in rules] if rules else None
-        z0 = self._sample_latents(noise.to(self.device), generator=generator, rules=pixel_rules, **options)
-        return self.decode_latents(z0)
+        return super().sample(n, **options)
+
+    def _noise_shape(self) -> tuple[int, int, int]:
+        """The sampler starts from latent noise (c, h, w)."""
+        return self.latent_shape
+
+    def _finish(self, x0: torch.Tensor) -> torch.Tensor:
+        """Sampled latents (N, c, h, w), NOT clamped (they have unit variance, not the range [-1, 1]), decoded."""
+        return self.decode_latents(x0)
+
+    def _rule_guidance(self, denoise, rules: list):
+        """DDPM's rule guidance with each rule judging decode(z0 / latent_scale) instead of the latent z0."""
+        return super()._rule_guidance(denoise, [self._pixel_rule(parse_rule(r)) for r in rules])
 
     def _pixel_rule(self, rule):
         """A rule on predicted latents from a rule on images: rule(decode(z0 / latent_scale))."""
         fn = rule.fn
 
         def on_latents(z0: torch.Tensor, **params: Any) -> torch.Tensor:
-            return fn(self.autoencoder.decode(z0 / self.latent_scale, **self._decode_options), **params)
+            return fn(self._decode_unclamped(z0), **params)
 
         return dataclasses.replace(rule, fn=on_latents)
-
-    def _sample_latents(
-        self,
-        x: torch.Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        sampler: str | None = None,
-        steps: int | None = None,
-        eta: float | None = None,
-        labels: torch.Tensor | None = None,
-        callback: Any = None,
-        guidance_scale: float | None = None,
-        negative_labels: torch.Tensor | None = None,
-        rules: list | None = None,
-        **unknown: Any,
-    ) -> torch.Tensor:
-        """Latents z_0 (N, c, h, w) from latent noise ``x``, NOT clamped.
-
-        This mirrors DDPM.sample (minus classifier guidance) because DDPM.sample ends with a clamp to
-        [-1, 1] that would destroy unit-variance latents; with a ``_finish(x0)`` hook in DDPM.sample
-        (default: the clamp) this method reduces to ``DDPM.sample`` plus that override.
-        """
-        if unknown:
-            raise ConfigError(f"ldm sampling does not take {', '.join(sorted(unknown))}")
-        c = self.config
-        sampler = sampler or c.sampler
-        steps = steps or (c.num_timesteps if sampler == "ddpm" and c.sampler != "ddpm" else c.sample_steps)
-        eta = (c.eta if eta is None else eta) if sampler == "ddim" else 0.0
-        guided = guidance_scale is not None or negative_labels is not None
-        if (labels is not None or guided) and self.num_classes is None:
-            raise ConfigError("--class and classifier-free guidance need a class-conditional model "
-                              "(train with model.class_conditional=true and p_uncond > 0)")
-        if guided and labels is None:
-            raise ConfigError("guidance needs labels: give the class of each sample (--class K)")
-        if labels is not None:
-            labels = torch.as_tensor(labels).long().to(self.device)
-            if labels.shape != (len(x),):
-                raise ConfigError(f"labels of shape {tuple(labels.shape)}: give one class per sample ({len(x)},)")
-        denoise = self.denoiser(labels)
-        if guided:
-            if negative_labels is not None:
-                negative_labels = torch.as_tensor(negative_labels).long().to(self.device)
-            denoise = classifier_free_guidance(
-                self._denoise, labels, 1.0 if guidance_scale is None else float(guidance_scale),
-                null_label=self.num_classes, negative_labels=negative_labels,
-            )
-        if rules:
-            denoise = rule_guidance(denoise, self.schedule, rules)
-        karras = sampler in ("euler", "heun", "dpmpp-2m")
-        return run_sampler(sampler, denoise, x, self.schedule, steps, eta=eta, spacing=c.spacing,
-                           generator=generator, callback=callback,
-                           clip_denoised=c.clip_denoised if sampler in ("ddpm", "ddim") else None,
-                           sigma_max=c.sigma_max if karras else None)
