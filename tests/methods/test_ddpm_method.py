@@ -11,6 +11,7 @@ from genlab.config import build_config
 from genlab.errors import ConfigError
 from genlab.methods import DataInfo
 from genlab.methods.ddpm import DDPM, DDPMConfig
+from step_context import RecordingContext
 
 MU, S = 0.3, 0.2  # data ~ N(MU, S^2 I): the optimal eps predictor is closed form
 
@@ -90,25 +91,6 @@ TINY_UNET = ["model.unet.base_channels=8", "model.unet.channel_mult=[1]", "model
              "model.unet.norm_groups=4", "model.num_timesteps=100"]
 
 
-class _Context:
-    """A stand-in for the trainer's step context: seeded randomness, optimize() records the loss."""
-
-    def __init__(self, n, seed=0):
-        self.n, self.step, self.gen, self.losses = n, 0, torch.Generator().manual_seed(seed), []
-
-    def randn(self, *shape):
-        return torch.randn(self.n, *shape, generator=self.gen)
-
-    def rand(self, *shape):
-        return torch.rand(self.n, *shape, generator=self.gen)
-
-    def randint(self, low, high):
-        return torch.randint(low, high, (self.n,), generator=self.gen)
-
-    def optimize(self, loss, group="main"):
-        self.losses.append(loss)
-
-
 def _tiny(info, *overrides):
     cfg = build_config("ddpm", DDPMConfig, overrides=TINY_UNET + list(overrides)).model
     return DDPM(cfg, info)
@@ -128,12 +110,12 @@ def test_learn_sigma_doubles_the_output_and_trains_only_the_variance_through_the
         return out
 
     method.network = network
-    ctx = _Context(6)
+    ctx = RecordingContext(6)
     logs = method.training_step(batch, ctx)
     loss, out = ctx.losses[0], outputs[0]
     assert loss.item() == pytest.approx(logs["mse"].item() + 0.01 * 100 * logs["vlb"].item(), rel=1e-6)
     (grad,) = torch.autograd.grad(loss, out)
-    replay = _Context(6)
+    replay = RecordingContext(6)
     t, noise = replay.randint(0, 100), replay.randn(1, 4, 4)
     mse_grad = 2 * (out[:, :1].detach() - noise) / noise.numel()  # d mean((eps_hat - eps)^2) / d eps_hat
     torch.testing.assert_close(grad[:, :1], mse_grad, rtol=1e-5, atol=1e-7)

@@ -16,6 +16,7 @@ from genlab.methods import DataInfo
 from genlab.methods.dit import DiT
 from genlab.models.dit import CONDITIONINGS
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
+from step_context import RecordingContext
 
 TINY_DIT = [
     "model.dit.hidden_size=32",
@@ -96,7 +97,7 @@ def test_learn_sigma_puts_the_variance_in_the_second_half_of_the_dit_output():
         method = _method("model.learn_sigma=true", f"model.vlb_weight={vlb_weight}", "conditioning=adaln")
         out = method.network(batch["image"], torch.zeros(8, dtype=torch.long))
         assert out.shape == (8, 2, 8, 8)
-        ctx = _Context(8)
+        ctx = RecordingContext(8)
         method.training_step(batch, ctx)
         ctx.losses[0].backward()
         grad = method.dit.final.linear.weight.grad.abs().sum(1)  # (p*p*2C,) one entry per output row
@@ -104,25 +105,6 @@ def test_learn_sigma_puts_the_variance_in_the_second_half_of_the_dit_output():
     eps_rows, v_rows = rows[0.0]
     assert (eps_rows > 0).all() and (v_rows == 0).all()
     assert (rows[0.01][1] > 0).all()
-
-
-class _Context:
-    """A stand-in for the trainer's step context: seeded randomness, optimize() records the loss."""
-
-    def __init__(self, n, seed=0):
-        self.n, self.step, self.gen, self.losses = n, 0, torch.Generator().manual_seed(seed), []
-
-    def randn(self, *shape):
-        return torch.randn(self.n, *shape, generator=self.gen)
-
-    def rand(self, *shape):
-        return torch.rand(self.n, *shape, generator=self.gen)
-
-    def randint(self, low, high):
-        return torch.randint(low, high, (self.n,), generator=self.gen)
-
-    def optimize(self, loss, group="main"):
-        self.losses.append(loss)
 
 
 def test_unconditional_guidance_branch_is_the_dit_null_class():

@@ -14,6 +14,7 @@ from genlab.errors import ConfigError
 from genlab.methods import DataInfo
 from genlab.methods.ddpm import DDPM
 from genlab.methods.ldm import LDM
+from step_context import RecordingContext
 
 TINY_KL_AE = [  # 8x8 digits -> 4x4x4 latents (f = 2)
     "model.net.base_channels=8",
@@ -71,25 +72,6 @@ def _digits(n: int = 256) -> torch.Tensor:
     return load_data(build_config("ldm", LDM.Config, overrides=["data.source=digits"]).data).to_model_range()[:n]
 
 
-class _Context:
-    """A stand-in for the trainer's step context: seeded randomness, optimize() records the loss."""
-
-    def __init__(self, n, seed=0):
-        self.n, self.step, self.gen, self.losses = n, 0, torch.Generator().manual_seed(seed), []
-
-    def randn(self, *shape):
-        return torch.randn(self.n, *shape, generator=self.gen)
-
-    def rand(self, *shape):
-        return torch.rand(self.n, *shape, generator=self.gen)
-
-    def randint(self, low, high):
-        return torch.randint(low, high, (self.n,), generator=self.gen)
-
-    def optimize(self, loss, group="main"):
-        self.losses.append(loss)
-
-
 def test_diffusion_sees_scaled_latents_and_sampling_decodes_them_unscaled(kl_ae_run, monkeypatch):
     method = _ldm(kl_ae_run)
     assert method.latent_shape == (4, 4, 4) and method.data_info == DIGITS
@@ -102,7 +84,7 @@ def test_diffusion_sees_scaled_latents_and_sampling_decodes_them_unscaled(kl_ae_
         return {}
 
     monkeypatch.setattr(DDPM, "training_step", spy_step)
-    method.training_step({"image": x}, _Context(8))
+    method.training_step({"image": x}, RecordingContext(8))
     with torch.no_grad():
         torch.testing.assert_close(seen["z"], method.autoencoder.encode(x) * 2.5)
 
