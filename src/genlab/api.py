@@ -139,9 +139,7 @@ def train(
     overrides = _resolve_parent_run(overrides, data, data_root, resume)
     if data is not None:
         overrides.insert(0, f"data.source={data}")
-        # A dataset-specific preset (ddpm_mnist_small.yaml) wins over the generic one (ddpm_small.yaml).
-        if preset is not None and f"{data.replace('-', '_')}_{preset}" in list_presets(method):
-            preset = f"{data.replace('-', '_')}_{preset}"
+        preset = resolve_preset(method, data, preset)
     if data_root is not None:
         overrides.insert(0, f"data.root={data_root}")
     cfg = build_config(method, method_cls.Config, preset=preset, overrides=overrides, base=base)
@@ -163,6 +161,13 @@ def train(
     trainer = Trainer(run_dir, cfg, instance, images, progress=progress)
     trainer.fit(resume=resume)
     return load_run(run_dir)
+
+
+def resolve_preset(method: str, data: str | None, preset: str | None) -> str | None:
+    """A dataset-specific preset (ddpm_mnist_small.yaml) wins over the generic one (ddpm_small.yaml)."""
+    if data is not None and preset is not None and f"{data.replace('-', '_')}_{preset}" in list_presets(method):
+        return f"{data.replace('-', '_')}_{preset}"
+    return preset
 
 
 # Config fields that name a frozen parent run: a prior's VQ model, an LDM's autoencoder, an inverter's GAN.
