@@ -85,3 +85,11 @@ def test_full_preset_is_the_35_7m_ddpm_cifar10_model():
     n = sum(p.numel() for p in method.parameters())
     assert abs(n - 35.7e6) < 0.1e6, n  # Ho et al. 2020, CIFAR-10 model
     assert cfg.data.source == "cifar10" and cfg.train.lr == 2e-4 and cfg.train.ema_decay == 0.9999
+
+
+def test_presets_of_a_longer_method_name_are_not_listed_under_the_shorter_one():
+    from genlab.config import list_presets
+
+    assert "small" in list_presets("gan-encoder")
+    assert not any(p.startswith("encoder") for p in list_presets("gan"))
+    assert "wgan_gp_small" in list_presets("gan")

@@ -548,7 +548,7 @@ def _cmd_methods(a) -> int:
     from genlab.methods import METHODS
 
     for name in sorted(METHODS):
-        print(f"{name:12s} presets: {', '.join(list_presets(name)) or '-'}")
+        print(f"{name:18s} presets: {', '.join(list_presets(name)) or '-'}")
     return 0
 
 

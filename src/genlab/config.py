@@ -244,8 +244,13 @@ def preset_dir() -> Path:
 
 def list_presets(method: str) -> list[str]:
     """Preset names available for ``method`` (file ``<method>_<preset>.yaml``)."""
+    from genlab.methods import METHODS
+
     prefix = method.replace("-", "_") + "_"
-    return sorted(p.stem[len(prefix):] for p in preset_dir().glob(f"{prefix}*.yaml"))
+    # gan_encoder_small.yaml belongs to "gan-encoder", not to "gan": skip longer method names' files.
+    longer = [m.replace("-", "_") + "_" for m in METHODS if m != method and m.replace("-", "_").startswith(prefix)]
+    return sorted(p.stem[len(prefix):] for p in preset_dir().glob(f"{prefix}*.yaml")
+                  if not any(p.stem.startswith(other) for other in longer))
 
 
 def load_preset(method: str, preset: str) -> dict:
