@@ -559,7 +559,15 @@ def _cmd_demo(a) -> int:
     return 0
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings for people: one line naming the problem (no source file or code line)."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _format_warning
     parser = _parser()
     # Overrides (key=value) may stand anywhere, also after options: collect them from the leftovers.
     a, rest = parser.parse_known_args(argv)
