@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from genlab.errors import ConfigError
+from genlab.nn.blocks import norm_2d
 
 __all__ = ["base_grid", "Generator", "Discriminator", "NormKind"]
 
@@ -42,16 +43,6 @@ def base_grid(image_size: int) -> tuple[int, int]:
         )
     return s, k
 
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    """The 2-d normalisation layer ``kind`` (batch, instance with affine parameters, or none)."""
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    if kind == "none":
-        return nn.Identity()
-    raise ConfigError(f"unknown norm {kind!r}; valid: batch, instance, none")
 
 
 def _upsample(c_in: int, c_out: int, kind: str, bias: bool) -> nn.Module:
@@ -101,10 +92,10 @@ class Generator(nn.Module):
         self.class_embed = nn.Embedding(num_classes, class_embed_dim) if num_classes else None
         stem_in = latent_dim + (class_embed_dim if num_classes else 0)
         self.stem = nn.Linear(stem_in, widths[0] * self.s * self.s, bias=bias)
-        self.stem_act = nn.Sequential(_norm(norm, widths[0]), nn.ReLU(inplace=True))
+        self.stem_act = nn.Sequential(norm_2d(norm, widths[0]), nn.ReLU(inplace=True))
         blocks = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            blocks += [_upsample(c_in, c_out, upsample, bias), _norm(norm, c_out), nn.ReLU(inplace=True)]
+            blocks += [_upsample(c_in, c_out, upsample, bias), norm_2d(norm, c_out), nn.ReLU(inplace=True)]
             if dropout > 0:
                 blocks.append(nn.Dropout(dropout))
         self.blocks = nn.Sequential(*blocks)
@@ -139,7 +130,7 @@ class Discriminator(nn.Module):
         widths = [base_channels * 2**i for i in range(k)]  # (d, 2d, ..., d 2^(k-1))
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=norm == "none"), _norm(norm, c_out),
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=norm == "none"), norm_2d(norm, c_out),
                        nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(*layers)
         self.feature_dim = widths[-1] * s * s

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from genlab.errors import ConfigError
+from genlab.nn.blocks import norm_2d
 
 KERNEL, PADDING = 4, 1
 
@@ -58,14 +59,6 @@ def patchgan_output_size(image_size: int, num_layers: int) -> int:
     return size
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
-    """The normalisation layer after each inner convolution."""
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    return nn.Identity()
-
 
 class PatchDiscriminator(nn.Module):
     """(N, C, H, W) images -> (N, 1, h, w) real/fake logits, one per overlapping patch."""
@@ -98,7 +91,7 @@ class PatchDiscriminator(nn.Module):
             layers.append(conv)
             if not last:
                 if normalised:
-                    layers.append(_init_weights(_norm(norm, out)))
+                    layers.append(_init_weights(norm_2d(norm, out)))
                 layers.append(nn.LeakyReLU(0.2))
             ch = out
         self.net = nn.Sequential(*layers)

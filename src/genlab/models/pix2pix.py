@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from genlab.errors import ConfigError
+from genlab.nn.blocks import norm_2d
 from genlab.models.patchgan import patchgan_output_size, patchgan_receptive_field
 
 PIX2PIX_FIELD_RATIO = 70 / 256  # the paper's 70x70 PatchGAN at 256 px
@@ -43,13 +44,6 @@ def unet_depth(image_size: int) -> int:
     return max(1, math.ceil(math.log2(image_size)))
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    return nn.Identity()
-
 
 class DownBlock(nn.Module):
     """Encoder block: [LeakyReLU(0.2)] -> Conv 4x4 stride 2 -> [norm]; halves H and W."""
@@ -60,7 +54,7 @@ class DownBlock(nn.Module):
         self.act = nn.LeakyReLU(0.2) if activate else nn.Identity()
         # A following BatchNorm's shift makes a conv bias redundant.
         self.conv = nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1, bias=not (normalise and norm == "batch"))
-        self.norm = _norm(norm, out_channels) if normalise else nn.Identity()
+        self.norm = norm_2d(norm, out_channels) if normalise else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(self.act(x)))  # (N, out, H / 2, W / 2)
@@ -75,7 +69,7 @@ class UpBlock(nn.Module):
         self.act = nn.ReLU()
         self.conv = nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1,
                                        bias=not (normalise and norm == "batch"))
-        self.norm = _norm(norm, out_channels) if normalise else nn.Identity()
+        self.norm = norm_2d(norm, out_channels) if normalise else nn.Identity()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:

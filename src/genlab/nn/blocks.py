@@ -9,6 +9,17 @@ from torch import nn
 from genlab.errors import ConfigError
 
 
+def norm_2d(kind: str, channels: int) -> nn.Module:
+    """The 2-d normalisation layer ``kind`` of GAN-style networks: batch, instance (with affine parameters) or none."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "none":
+        return nn.Identity()
+    raise ConfigError(f"unknown norm {kind!r}; valid: batch, instance, none")
+
+
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     """GroupNorm over ``channels`` in ``groups`` groups (Wu & He 2018), checked for divisibility."""
     if groups < 1 or channels % groups:
