@@ -1,13 +1,7 @@
 """Configs small enough for tests: a few dozen training steps in seconds."""
 
-# A DDPM small enough to train for a few dozen steps in seconds on 8x8 `digits`.
-TINY_DDPM = [
-    "model.unet.base_channels=16",
-    "model.unet.channel_mult=[1,2]",
-    "model.unet.num_res_blocks=1",
-    "model.unet.attention_resolutions=[4]",
-    "model.unet.norm_groups=8",
-    "model.unet.dropout=0.0",
+# The noise schedule and training loop shared by every tiny diffusion model (DDPM, DiT, LDM).
+TINY_DIFFUSION_TRAINING = [
     "model.num_timesteps=100",
     "model.sample_steps=5",
     "train.batch_size=32",
@@ -18,6 +12,16 @@ TINY_DDPM = [
     "train.sample_n=4",
     "train.threads=1",
 ]
+
+# A DDPM small enough to train for a few dozen steps in seconds on 8x8 `digits`.
+TINY_DDPM = [
+    "model.unet.base_channels=16",
+    "model.unet.channel_mult=[1,2]",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_resolutions=[4]",
+    "model.unet.norm_groups=8",
+    "model.unet.dropout=0.0",
+] + TINY_DIFFUSION_TRAINING
 
 # Networks small enough to train a few dozen steps in seconds on 8x8 `digits` (f = 2: 4x4 latents).
 TINY_AE = [

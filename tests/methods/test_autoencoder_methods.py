@@ -26,6 +26,7 @@ from genlab.methods.autoencoder import (
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 
 from tiny_configs import TINY_AE
+from step_context import SeededDraws
 
 TINY = {
     "ae": TINY_AE,
@@ -43,22 +44,13 @@ def _method(name: str, *overrides: str):
     return CLASSES[name](cfg, DIGITS)
 
 
-class FakeContext:
+class FakeContext(SeededDraws):
     """A step context with seeded noise whose optimize() only back-propagates (no optimiser)."""
 
     def __init__(self, n: int, seed: int = 0, step: int = 0):
         self.n, self.step = n, step
         self.generator = torch.Generator().manual_seed(seed)
         self.losses = []
-
-    def randn(self, *shape):
-        return torch.randn(self.n, *shape, generator=self.generator)
-
-    def rand(self, *shape):
-        return torch.rand(self.n, *shape, generator=self.generator)
-
-    def randint(self, low, high):
-        return torch.randint(low, high, (self.n,), generator=self.generator)
 
     def optimize(self, loss, group="main"):
         self.losses.append(loss.detach())

@@ -17,22 +17,14 @@ from genlab.methods.dit import DiT
 from genlab.models.dit import CONDITIONINGS
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 from step_context import RecordingContext
+from tiny_configs import TINY_DIFFUSION_TRAINING
 
 TINY_DIT = [
     "model.dit.hidden_size=32",
     "model.dit.depth=2",
     "model.dit.num_heads=2",
     "model.dit.patch_size=2",
-    "model.num_timesteps=100",
-    "model.sample_steps=5",
-    "train.batch_size=32",
-    "train.lr=2e-3",
-    "train.lr_schedule=constant",
-    "train.warmup_steps=5",
-    "train.log_every=5",
-    "train.sample_n=4",
-    "train.threads=1",
-]
+] + TINY_DIFFUSION_TRAINING
 DIGITS = DataInfo(channels=1, image_size=8, num_classes=10)
 
 

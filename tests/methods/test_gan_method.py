@@ -19,6 +19,7 @@ from genlab.train.health import HealthWarning
 from genlab.train.trainer import make_optimizer
 
 from tiny_configs import TINY_DCGAN
+from step_context import SeededDraws
 
 LOSSES = ["vanilla", "nonsaturating", "hinge", "lsgan", "wgan", "wgan-gp"]
 DIGITS = DataInfo(channels=1, image_size=8, num_classes=10)
@@ -39,7 +40,7 @@ def _method(loss: str = "nonsaturating", **overrides) -> GAN:
     return GAN(cfg, DIGITS)
 
 
-class FakeContext:
+class FakeContext(SeededDraws):
     """A stand-in for the trainer's step context: seeded draws, one optimiser per group, a record of calls."""
 
     def __init__(self, method: GAN, n: int, step: int = 0, seed: int = 0, lr: float = 2e-4,
@@ -53,15 +54,6 @@ class FakeContext:
         self.full_backward = full_backward
         self.calls: list[tuple[str, dict[str, bool]]] = []  # group, {other group: had gradients}
         self.logs: dict[str, torch.Tensor] = {}
-
-    def randn(self, *shape):
-        return torch.randn(self.n, *shape, generator=self.generator)
-
-    def rand(self, *shape):
-        return torch.rand(self.n, *shape, generator=self.generator)
-
-    def randint(self, low, high):
-        return torch.randint(low, high, (self.n,), generator=self.generator)
 
     def optimize(self, loss, group="main"):
         if self.full_backward:  # backpropagate into everything, to see where the loss reaches

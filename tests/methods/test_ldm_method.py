@@ -15,6 +15,7 @@ from genlab.methods import DataInfo
 from genlab.methods.ddpm import DDPM
 from genlab.methods.ldm import LDM
 from step_context import RecordingContext
+from tiny_configs import TINY_DIFFUSION_TRAINING
 
 TINY_KL_AE = [  # 8x8 digits -> 4x4x4 latents (f = 2)
     "model.net.base_channels=8",
@@ -41,16 +42,7 @@ TINY_LDM = [
     "model.dit.depth=1",
     "model.dit.num_heads=2",
     "model.dit.patch_size=1",
-    "model.num_timesteps=100",
-    "model.sample_steps=5",
-    "train.batch_size=32",
-    "train.lr=2e-3",
-    "train.lr_schedule=constant",
-    "train.warmup_steps=5",
-    "train.log_every=5",
-    "train.sample_n=4",
-    "train.threads=1",
-]
+] + TINY_DIFFUSION_TRAINING
 DIGITS = DataInfo(channels=1, image_size=8, num_classes=10)
 
 

@@ -15,6 +15,7 @@ from genlab.errors import ConfigError
 from genlab.methods import DataInfo
 from genlab.methods.stylegan import StyleGAN, StyleGANConfig, path_lengths
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
+from step_context import SeededDraws
 
 # A StyleGAN small enough for a few dozen steps in seconds on 8x8 `digits` (4 -> 8 resolutions).
 TINY_STYLEGAN = [
@@ -49,7 +50,7 @@ def _digits(n: int = 32) -> dict[str, torch.Tensor]:
     return {"image": data.to_model_range()[:n], "label": data.labels[:n]}
 
 
-class _Ctx:
+class _Ctx(SeededDraws):
     """A minimal StepContext: draws from a seeded generator; optimize() steps only the ``trainable`` groups."""
 
     def __init__(self, step: int, n: int, optimizers: dict, trainable: set[str], seed: int = 0):
@@ -57,15 +58,6 @@ class _Ctx:
         self.generator = torch.Generator().manual_seed(seed * 7919 + step)
         self.optimizers, self.trainable = optimizers, trainable
         self.losses: dict[str, torch.Tensor] = {}
-
-    def randn(self, *shape):
-        return torch.randn(self.n, *shape, generator=self.generator)
-
-    def rand(self, *shape):
-        return torch.rand(self.n, *shape, generator=self.generator)
-
-    def randint(self, low, high):
-        return torch.randint(low, high, (self.n,), generator=self.generator)
 
     def optimize(self, loss, group="main"):
         self.losses[group] = loss.detach()
