@@ -15,7 +15,7 @@ from PIL import Image
 
 from genlab import api, evaluation
 from genlab.cli import main
-from genlab.data import load_data, to_model_range
+from genlab.data import from_model_range, load_data, to_model_range
 from genlab.errors import ConfigError, DataError
 from genlab.imageio import save_npz
 from genlab.metrics import (
@@ -246,6 +246,40 @@ def test_evaluate_run_equals_evaluating_its_npz_and_writes_metrics_json(cache, t
     assert [e["protocol"]["seed"] for e in entries] == [5, 6]
     assert entries[1]["metrics"]["fid"] != entries[0]["metrics"]["fid"]
     (tiny_ddpm_run / "metrics.json").unlink()
+
+
+def test_class_all_asks_each_class_equally_and_scores_the_evaluator_verdict(cache, tiny, tmp_path):
+    run_dir = tmp_path / "cond"
+    api.train("ddpm", data="digits", overrides=[*TINY_DDPM, "train.steps=2", "model.class_conditional=true",
+                                                 "model.p_uncond=0.2"], run_dir=run_dir, progress=False)
+    result = evaluation.evaluate(run_dir, ref="digits:test", metrics="fid", n=30, steps=2, seed=3, extractor=tiny,
+                                 device="cpu", batch_size=8, write=False,
+                                 sample_options={"labels": "all", "guidance_scale": 2.0})
+    labels = torch.arange(30) % 10
+    assert result["protocol"]["sample_options"]["labels"] == {"classes": {k: 3 for k in range(10)}}
+    # The same samples drawn by hand and judged by hand: the evaluator's argmax against the asked class.
+    images = api.load_run(run_dir).sample(30, seed=3, steps=2, batch_size=8, labels=labels, guidance_scale=2.0)
+    images_u8 = from_model_range(images)
+    _, logits = tiny.features_and_logits(to_model_range(images_u8))
+    expected = float((logits.argmax(1) == labels).double().mean())
+    assert result["metrics"]["class_accuracy"] == pytest.approx(expected, abs=1e-12)
+    # Asking for a class of a dataset without labels is a one-line error.
+    with pytest.raises(ConfigError, match="no class labels"):
+        evaluation.evaluate(tiny_unlabelled_run(tmp_path), ref="digits:test", metrics="fid", n=4, steps=1,
+                            extractor=tiny, device="cpu", write=False, sample_options={"labels": "all"})
+
+
+def tiny_unlabelled_run(tmp_path: Path) -> Path:
+    """An unconditional DDPM run on an image folder (no labels at all)."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    run_dir = tmp_path / "unlabelled"
+    api.train("ddpm", data=f"folder:{folder}", overrides=[*TINY_DDPM, "train.steps=1", "train.batch_size=4"],
+              run_dir=run_dir, progress=False)
+    return run_dir
 
 
 def test_periodic_eval_scores_the_method_as_evaluate_scores_the_run(cache, tiny, tiny_ddpm_run):

@@ -54,6 +54,9 @@ class Run:
 
         generator = torch.Generator().manual_seed(seed)
         self.method.eval()
+        options = dict(options)
+        if isinstance(options.get("labels"), str):
+            options["labels"] = self.labels(options["labels"], n)
         chunks = []
         with tqdm(total=n, disable=not progress, desc="sample", unit="img") as bar:
             for start in range(0, n, batch_size):
@@ -65,6 +68,15 @@ class Run:
                 chunks.append(self.method.sample(m, generator=generator, **opts).cpu())
                 bar.update(m)
         return torch.cat(chunks)
+
+    def labels(self, spec: str, n: int) -> torch.Tensor:
+        """Class labels for ``n`` samples from a spec: ``"all"`` is every class equally often, in turn."""
+        if spec != "all":
+            raise ConfigError(f"labels {spec!r}: give a class index or 'all'")
+        num_classes = self.method.data_info.num_classes
+        if not num_classes:
+            raise ConfigError(f"{self.path}: the run's data has no class labels, so there is no class to ask for")
+        return torch.arange(n) % num_classes
 
     def _need(self, attribute: str, what: str) -> None:
         if not hasattr(self.method, attribute):

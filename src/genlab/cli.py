@@ -60,6 +60,16 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help="sample autoregressive priors from the k most likely codes only")
 
 
+def _class_label(text: str) -> int | str:
+    """--class: a class index or the word `all`."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a class index (0, 1, ...) or `all`") from None
+
+
 def _sampling_options(a, n: int) -> dict:
     """The sampling options given on the command line, as keyword arguments of Method.sample."""
     import torch
@@ -70,7 +80,8 @@ def _sampling_options(a, n: int) -> dict:
                                  ("truncation", a.truncation), ("temperature", a.temperature), ("top_k", a.top_k))
                if v is not None}
     if getattr(a, "class_label", None) is not None:
-        options["labels"] = torch.full((n,), a.class_label, dtype=torch.long)
+        # "all": the run resolves it to balanced labels 0, 1, ..., C-1, 0, 1, ... (it knows C).
+        options["labels"] = "all" if a.class_label == "all" else torch.full((n,), a.class_label, dtype=torch.long)
     if a.negative_class is not None:
         options["negative_labels"] = torch.full((n,), a.negative_class, dtype=torch.long)
     return options
@@ -112,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", help="ddpm, ddim, euler, heun, dpmpp-2m (default: the run's config)")
     s.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
     s.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 ancestral-like")
-    s.add_argument("--class", dest="class_label", type=int, help="class label for class-conditional models")
+    s.add_argument("--class", dest="class_label", type=_class_label, metavar="K|all",
+                   help="class K for every sample, or `all`: classes 0..C-1 in turn (class-conditional runs)")
     s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     s.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
     _add_sampling_options(s)
@@ -151,7 +163,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--recon-data", metavar="SOURCE:SPLIT", help="held-out images for reconstruction (or pix2pix "
                                                                "translation) metrics (default: the run's test split; "
                                                                "mnist:test for mnist5k)")
-    e.add_argument("--class", dest="class_label", type=int, help="sample this class only (class-conditional runs)")
+    e.add_argument("--class", dest="class_label", type=_class_label, metavar="K|all",
+                   help="sample class K only, or `all`: every class equally often; also reports class_accuracy, the "
+                        "share of samples the evaluator assigns to their requested class (class-conditional runs, "
+                        "or --classifier guidance)")
     _add_sampling_options(e)
 
     r = sub.add_parser("reconstruct", help="inputs above, reconstructions below, for an autoencoder-family run",

@@ -381,6 +381,8 @@ def _target_images(
         run = load_run(path, weights=weights)
         options = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
         options.update(sample_options)
+        if isinstance(options.get("labels"), str):  # "all": balanced classes, resolved by the run
+            options["labels"] = sample_options["labels"] = run.labels(options["labels"], n)
         config = run.config.model
         images = run.sample(n, seed=seed, batch_size=batch_size, progress=progress, **options)
         # Round to 8-bit pixels as `genlab sample --out x.npz` stores them: the same samples give the same score.
@@ -460,12 +462,18 @@ def evaluate(
                                 device=device, progress=progress)
     reference_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    sample_options = dict(sample_options or {})  # _target_images resolves labels="all" in this copy
     images_u8, info, run_dir = _target_images(target, n, seed, sampler, steps, weights, data_root, batch_size, progress,
-                                              sample_options or {})
+                                              sample_options)
     sample_seconds = time.perf_counter() - start
     timings: dict[str, float] = {}
     values, stds = score_images(images_u8, reference, extractor, metrics, seed=seed, batch_size=batch_size,
                                 device=device, progress=progress, timings=timings)
+    labels = sample_options.get("labels")
+    if isinstance(labels, torch.Tensor) and extractor.name != "inception":
+        # Samples asked for a class: the evaluator (a classifier of the data's own classes; Inception's
+        # ImageNet classes cannot judge digits) says whether they got it (SPEC E4).
+        values["class_accuracy"] = classifier_accuracy(extractor, images_u8, labels, batch_size=batch_size)
     protocol = {
         "n": len(images_u8),
         "image_shape": list(images_u8.shape[1:]),

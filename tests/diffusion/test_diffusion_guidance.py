@@ -147,6 +147,17 @@ def test_cfg_makes_one_batched_network_call_per_step(schedule, name):
     assert calls == [16] * num_function_evaluations(name, 6)
 
 
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_cfg_at_zero_is_the_unconditional_model_in_one_unbatched_pass(schedule, name):
+    calls = []
+    labels, x = torch.ones(8, dtype=torch.long), _noise((8, 1, 1, 1), seed=6)
+    model = labelled_model(schedule, calls=calls)
+    out = run(name, classifier_free_guidance(model, labels, 0.0, null_label=NULL), x, schedule, 6)
+    assert calls == [8] * num_function_evaluations(name, 6)
+    unconditional = run(name, lambda x_t, t: model(x_t, t, torch.full_like(labels, NULL)), x, schedule, 6)
+    assert torch.equal(out, unconditional)
+
+
 # ---------------------------------------------------------------------------------------------
 # No-op scales are exactly the unguided sampler
 

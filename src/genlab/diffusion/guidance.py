@@ -68,7 +68,8 @@ def classifier_free_guidance(
     conditioning replaces the unconditional branch, so samples are pushed away from that class).
 
     Convention: w = ``guidance_scale``; w = 1 is the plain conditional model (returned unwrapped,
-    exactly, with a single N-sample pass), w = 0 the unconditional one, w > 1 extrapolates beyond
+    exactly, with a single N-sample pass), w = 0 the unconditional one (or the negative class's; also
+    a single pass), w > 1 extrapolates beyond
     the conditional. Ho & Salimans write eps = (1 + w') eps_cond - w' eps_uncond: the same with
     w = 1 + w' (their w' = 0 is our w = 1). For Gaussians the guided score is the conditional score
     plus (w - 1) (conditional - unconditional score), i.e. that of p(x | y)^w p(x)^(1 - w).
@@ -87,6 +88,12 @@ def classifier_free_guidance(
 
         return conditional
     other = negative_labels if negative_labels is not None else torch.full_like(labels, null_label)
+    if guidance_scale == 0:  # only the other branch counts: one N-sample pass, not a wasted 2N one
+
+        def unconditional(x_t: torch.Tensor, t: torch.Tensor):
+            return denoise_with_labels(x_t, t, other.to(x_t.device))
+
+        return unconditional
 
     def guided(x_t: torch.Tensor, t: torch.Tensor):
         n = len(x_t)
