@@ -447,3 +447,24 @@ def test_default_extractor_for_digits_is_the_shipped_mnist_evaluator(cache, tmp_
     assert result["protocol"]["extractor"] == "mnist"
     assert result["protocol"]["extractor_sha256"] == get_extractor("mnist").sha256
     assert math.isfinite(result["metrics"]["fid"]) and result["metrics"]["fid"] > 0
+
+
+def _merge_many(path: str, worker: int) -> None:
+    for i in range(15):
+        evaluation.merge_metrics(path, {"metrics": {"fid": float(i)}, "std": {},
+                                        "protocol": {"n": 10, "seed": 1000 * worker + i, "date": "now"}})
+
+
+def test_parallel_evaluations_of_one_run_keep_every_entry(tmp_path):
+    """Four processes merging into one metrics.json at once: none may overwrite another's entry."""
+    import multiprocessing
+
+    path = tmp_path / "metrics.json"
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    workers = [context.Process(target=_merge_many, args=(str(path), w)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    seeds = sorted(e["protocol"]["seed"] for e in evaluation.read_metrics(path))
+    assert seeds == sorted(1000 * w + i for w in range(4) for i in range(15))

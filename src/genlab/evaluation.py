@@ -24,6 +24,7 @@ x.npz`` stores them, so ``genlab eval RUN`` and ``genlab eval x.npz`` give the s
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -686,20 +687,39 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     raise DataError(f"{path} is not a genlab metrics file (no 'entries')")
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive lock on ``path`` + ".lock" (POSIX; elsewhere no lock): evaluations of one run
+    started in parallel must not read the same metrics.json and each write back without the other's entry."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; parallel evaluations of one run may lose an entry
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def merge_metrics(path: str | os.PathLike, result: dict) -> Path:
     """Add ``result`` to ``metrics.json``: merged into the entry with the same protocol, else appended."""
     path = Path(path)
-    entries = read_metrics(path)
-    identity = _protocol_identity(result["protocol"])
-    for entry in entries:
-        if _protocol_identity(entry["protocol"]) == identity:
-            entry["metrics"].update(result["metrics"])
-            entry["std"] = {**entry.get("std", {}), **result["std"]}
-            entry["protocol"] = result["protocol"]  # newest date and timings
-            break
-    else:
-        entries.append(result)
-    _atomic_write_text(path, json.dumps({"entries": entries}, indent=2) + "\n")
+    with _exclusive(path):
+        entries = read_metrics(path)
+        identity = _protocol_identity(result["protocol"])
+        for entry in entries:
+            if _protocol_identity(entry["protocol"]) == identity:
+                entry["metrics"].update(result["metrics"])
+                entry["std"] = {**entry.get("std", {}), **result["std"]}
+                entry["protocol"] = result["protocol"]  # newest date and timings
+                break
+        else:
+            entries.append(result)
+        _atomic_write_text(path, json.dumps({"entries": entries}, indent=2) + "\n")
     return path
 
 
