@@ -33,6 +33,21 @@ def _gaussian_method(bias: float, **overrides) -> DDPM:
     return method
 
 
+def test_heldout_loss_of_the_exact_denoiser_is_the_closed_form():
+    """x0 ~ N(MU, S^2): the optimal eps predictor's error per pixel is abar S^2 / (abar S^2 + 1 - abar);
+    the held-out loss (t uniform over 0..T-1) must be its mean over t, whatever the batch size."""
+    method = _gaussian_method(0.0)
+    images = MU + S * torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    abar = method.schedule.alphas_cumprod.double()
+    expected = float((abar * S**2 / (abar * S**2 + 1 - abar)).mean())
+    loss = method.heldout_loss(images, seed=3, batch_size=500)
+    assert abs(loss - expected) < 0.01 * expected + 4e-3, (loss, expected)
+    assert method.heldout_loss(images, seed=3, batch_size=37) == pytest.approx(loss, rel=1e-6)
+    # ... and an eps error of 0.05 adds its square to every pixel's error
+    # (up to the cross term 2 b mean(error), which is Monte-Carlo small)
+    assert _gaussian_method(0.05).heldout_loss(images, seed=3) == pytest.approx(loss + 0.05**2, abs=3e-4)
+
+
 @pytest.mark.parametrize("sampler, steps", [("ddim", 50), ("ddpm", 100)])
 def test_cosine_schedule_sampling_survives_a_small_eps_error(sampler, steps):
     # At t = T-1 the cosine schedule has alpha_bar ~ 1e-9: without clipping x0, an eps error of 0.01

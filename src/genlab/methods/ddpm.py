@@ -125,15 +125,24 @@ class DDPM(Method):
     def training_step(self, batch: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
         """Ho et al. 2020 Alg. 1: t ~ U{0..T-1}, x_t = q_sample(x0, t, eps), regress the target."""
         c = self.config
-        x0 = batch["image"]  # (n, C, H, W) in [-1, 1]
+        x0 = self._diffused(batch["image"])  # (n, C, H, W): images in [-1, 1] (latent models: latents)
         t = ctx.randint(0, c.num_timesteps)  # (n,)
         noise = ctx.randn(*x0.shape[1:])  # (n, C, H, W)
-        x_t = self.schedule.q_sample(x0, t, noise)
         y = None
         if self.num_classes is not None:
             y = batch["label"].clone()
             drop = ctx.rand() < c.p_uncond  # classifier-free guidance: learn p(x) with the null class
             y[drop] = self.num_classes
+        loss, logs = self.loss(x0, t, noise, y)
+        ctx.optimize(loss)
+        return {"loss": loss.detach(), **logs}
+
+    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective at given (x0, t, noise, labels): (loss, extra logs). x0 is what is
+        diffused (latent models: the scaled latents)."""
+        c = self.config
+        x_t = self.schedule.q_sample(x0, t, noise)
         output, v = self._split(self.network(x_t, t, y))
         target = training_target(c.prediction, x0, noise, t, self.schedule)
         weight = loss_weight(t, self.schedule, c.prediction, c.min_snr_gamma)
@@ -146,8 +155,34 @@ class DDPM(Method):
             vlb = vlb_terms(self.schedule, x0, x_t, t, eps_hat, v).mean()
             logs = {"mse": loss.detach(), "vlb": vlb.detach()}
             loss = loss + c.vlb_weight * c.num_timesteps * vlb
-        ctx.optimize(loss)
-        return {"loss": loss.detach(), **logs}
+        return loss, logs
+
+    @torch.no_grad()
+    def heldout_loss(self, images: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0,
+                     batch_size: int = 500) -> float:
+        """The training loss on held-out images (N, C, H, W) in [-1, 1], with t and noise drawn from
+        ``seed`` (the same draws for every run: runs of one data set are compared on equal terms)
+        and the true labels (no condition dropout). Lower is better; comparable between runs with
+        the same prediction target, schedule and weighting."""
+        n = len(images)
+        shape = self._diffused(images[:1].to(self.device)).shape[1:]
+        # All draws up front: the result does not depend on batch_size.
+        generator = torch.Generator().manual_seed(seed)
+        t_all = torch.randint(0, self.config.num_timesteps, (n,), generator=generator)
+        noise_all = torch.randn((n, *shape), generator=generator)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            x0 = self._diffused(images[start: start + batch_size].to(self.device))
+            t = t_all[start: start + len(x0)].to(self.device)
+            noise = noise_all[start: start + len(x0)].to(self.device)
+            y = None if self.num_classes is None or labels is None else labels[start: start + len(x0)].to(self.device)
+            loss, _ = self.loss(x0, t, noise, y)
+            total += float(loss) * len(x0)
+        return total / n
+
+    def _diffused(self, images: torch.Tensor) -> torch.Tensor:
+        """What the model diffuses, from images in [-1, 1]: the images (latent models: their latents)."""
+        return images
 
     def denoiser(self, y: torch.Tensor | None = None):
         """The eps-predicting callable the samplers expect: denoise(x_t, t) -> eps_hat, or

@@ -126,11 +126,10 @@ class LDM(DDPM):
         """decode(z / latent_scale) (N, C, H, W) without the clamp, which would stop rule gradients."""
         return self.autoencoder.decode(z / self.latent_scale, **self._decode_options)
 
-    def training_step(self, batch: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
-        """DDPM's loss on the latents of the batch (the autoencoder gets no gradient)."""
+    def _diffused(self, images: torch.Tensor) -> torch.Tensor:
+        """DDPM's loss is taken on the scaled latents of the images (the autoencoder gets no gradient)."""
         with torch.no_grad():
-            z = self.encode_latents(batch["image"])  # (n, c, h, w)
-        return super().training_step({**batch, "image": z}, ctx)
+            return self.encode_latents(images)  # (n, c, h, w)
 
     @torch.no_grad()
     def invert(self, x0: torch.Tensor, steps: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
