@@ -37,7 +37,7 @@ guidance (diffusion models):
                        (the (1 + w') form of some papers is w = 1 + w')
   --negative-class k   the unconditional branch is replaced by class k ("not like a k")
   --classifier RUN --classifier-scale s    classifier guidance with a noisy-classifier run
-  --rule NAME[:weight[:key=value,...]]     rule guidance on the predicted x0, e.g. --rule symmetry:2
+  --rule NAME[:weight[:key=value,...]]     rule guidance on the predicted x0, e.g. --rule symmetry:50
 
 examples:
   genlab sample runs/demo --n 64 --out grid.png --sampler dpmpp-2m --steps 10

@@ -237,9 +237,9 @@ def test_classifier_guided_samples_come_from_the_labelled_class(schedule, name, 
 # Rules
 
 
-def test_rule_gradient_is_the_gradient_of_the_rule_through_the_denoiser(schedule):
-    """eps_guided - eps = sqrt(1 - abar) grad_{x_t} sum_i w_i rule_i(x0_hat(x_t)): checked by central
-    finite differences (float64) of the weighted rule losses through a nonlinear denoiser."""
+def test_rule_guidance_takes_one_gradient_step_of_the_rules_on_x0(schedule):
+    """The guided eps must predict x0_hat - grad_{x0} sum_i w_i rule_i(x0_hat) at the same x_t: the
+    gradient checked by central finite differences (float64) of the weighted rule losses."""
     rules = [parse_rule("brightness:2:target=0.8"), parse_rule("symmetry:1.5"), parse_rule("ink:0.7:target=0.1"),
              parse_rule("region:3:box=0,0,0.5,0.75")]
 
@@ -247,12 +247,12 @@ def test_rule_gradient_is_the_gradient_of_the_rule_through_the_denoiser(schedule
         return mixture_eps(schedule, x_t, t)
 
     x = 0.7 * _noise((3, 1, 4, 4), seed=9)
-    t = torch.full((3,), 300)
+    t = torch.tensor([100, 300, 700])  # a per-sample abar
     guided = rule_guidance(denoise, schedule, rules)
     a, b = schedule.signal_noise_scales(t, x)
+    x0_hat = (x - b * denoise(x, t)) / a
 
-    def total_loss(x_t):
-        x0 = (x_t - b * denoise(x_t, t)) / a
+    def total_loss(x0):
         return sum(r.weight * r.loss(x0).sum() for r in rules)
 
     numeric = torch.zeros_like(x)
@@ -261,8 +261,9 @@ def test_rule_gradient_is_the_gradient_of_the_rule_through_the_denoiser(schedule
         step = torch.zeros(x.numel(), dtype=x.dtype)
         step[index] = h
         step = step.reshape(x.shape)
-        numeric.view(-1)[index] = (total_loss(x + step) - total_loss(x - step)) / (2 * h)
-    torch.testing.assert_close((guided(x, t) - denoise(x, t)) / b, numeric, rtol=1e-5, atol=1e-7)
+        numeric.view(-1)[index] = (total_loss(x0_hat + step) - total_loss(x0_hat - step)) / (2 * h)
+    x0_guided = (x - b * guided(x, t)) / a
+    torch.testing.assert_close(x0_guided, x0_hat - numeric, rtol=1e-5, atol=1e-7)
 
 
 def test_brightness_rule_guidance_brightens_the_samples(schedule):
