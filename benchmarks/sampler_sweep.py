@@ -42,12 +42,8 @@ def counted_nfe(run: api.Run, sampler: str, steps: int, options: dict) -> int:
         calls += 1
 
     handle = run.method.backbone.register_forward_hook(count)
-    try:
-        labels = options.get("labels")
-        opts = dict(options, labels=run.labels(labels, 2) if isinstance(labels, str) else labels)
-        with torch.no_grad():
-            run.method.sample(2, generator=torch.Generator().manual_seed(0), sampler=sampler, steps=steps,
-                              **{k: v for k, v in opts.items() if v is not None})
+    try:  # Run.sample: resolves labels="all" and slices per-image options to the batch, as evaluate does
+        run.sample(2, seed=0, sampler=sampler, steps=steps, **{k: v for k, v in options.items() if v is not None})
     finally:
         handle.remove()
     return calls
