@@ -21,6 +21,7 @@ import torch
 from genlab import api
 from genlab.config import build_config
 from genlab.methods import get_method
+from genlab.methods.capabilities import Generates, has
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 
 
@@ -58,7 +59,7 @@ def main() -> None:
                         overrides=[f"train.steps={a.warmup + a.steps}"])
         per_step = (_elapsed(run_dir) - before) / a.steps
         ms_per_image = None
-        if getattr(run.method, "generates_images", True):
+        if has(run.method, Generates):
             t0 = time.perf_counter()
             run.sample(a.sample_n, seed=0, batch_size=a.sample_n)
             ms_per_image = 1000 * (time.perf_counter() - t0) / a.sample_n

@@ -313,13 +313,14 @@ def _cmd_eval(a) -> int:
     if a.kind != "generation" and Path(a.target).is_dir():
         from genlab.methods import get_method
         from genlab.config import read_config_file
+        from genlab.methods.capabilities import Generates, has
 
         cls = get_method(read_config_file(Path(a.target) / "config.yaml")["method"])
         if hasattr(cls, "translate"):  # image-to-image: PSNR / SSIM on held-out pairs
             _print_result(evaluation.evaluate_translation(a.target, data=a.recon_data, n=a.n, weights=a.weights,
                                                           data_root=a.data_root, seed=a.seed))
             return 0
-        reconstructs, generates = hasattr(cls, "reconstruct"), getattr(cls, "generates_images", True)
+        reconstructs, generates = hasattr(cls, "reconstruct"), has(cls, Generates)
         if a.kind == "reconstruction" and not reconstructs:
             raise GenlabError(f"{a.target}: a {cls.name} run does not reconstruct images; use --kind generation")
         if reconstructs:

@@ -376,7 +376,7 @@ def _target_images(
     text = str(target)
     path = Path(text).expanduser()
     if path.is_dir():
-        from genlab.api import load_run
+        from genlab.runs import load_run
 
         n = DEFAULT_N if n is None else n
         run = load_run(path, weights=weights)
@@ -546,7 +546,7 @@ def evaluate_reconstruction(
     """
     from tqdm.auto import tqdm
 
-    from genlab.api import heldout_images, load_run
+    from genlab.runs import heldout_images, load_run
     from genlab.metrics import ssim
 
     run = load_run(target, weights=weights)
@@ -632,7 +632,7 @@ def evaluate_translation(
     Derived tasks build the inputs from the targets (edges, masked with a seeded mask, low-res);
     paired data uses the split's own A images. See :func:`genlab.methods.pix2pix.evaluate_pairs`.
     """
-    from genlab.api import heldout_images, load_run
+    from genlab.runs import heldout_images, load_run
     from genlab.methods.pix2pix import evaluate_pairs
 
     run = load_run(target, weights=weights)
@@ -887,7 +887,7 @@ def export_evaluator(
     exported weights reloaded through :class:`~genlab.metrics.extractors.ClassifierExtractor` (what
     the metrics will use). ``out_dir`` defaults to the package's ``evaluators/`` folder.
     """
-    from genlab.api import load_run
+    from genlab.runs import load_run
     from genlab.metrics.extractors import ClassifierExtractor, save_classifier_evaluator
 
     run = load_run(run_dir, weights=weights, device="cpu")

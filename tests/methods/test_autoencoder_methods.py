@@ -15,6 +15,7 @@ from genlab.config import build_config
 from genlab.data import load_data
 from genlab.errors import ConfigError
 from genlab.methods import DataInfo
+from genlab.methods.capabilities import Generates, has
 from genlab.methods.autoencoder import (
     VAE,
     Autoencoder,
@@ -151,7 +152,7 @@ def test_vae_sampling_takes_temperature_and_rejects_unknown_options():
 @pytest.mark.parametrize("name", ["ae", "dae", "kl-ae"])
 def test_autoencoders_without_prior_refuse_to_sample(name):
     method = _method(name)
-    assert method.generates_images is False and method.latent_prior == "none"
+    assert not has(method, Generates) and method.latent_prior == "none"
     with pytest.raises(ConfigError, match="no prior.*genlab reconstruct"):
         method.sample(4)
 

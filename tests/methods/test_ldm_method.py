@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import genlab.api
+import genlab.runs
 from genlab import api
 from genlab.config import build_config
 from genlab.data import load_data
@@ -182,7 +182,7 @@ def test_missing_or_wrong_autoencoder_is_a_one_line_config_error(monkeypatch):
     class _Run:
         method = _Classifier()
 
-    monkeypatch.setattr(genlab.api, "load_run", lambda *a, **k: _Run())
+    monkeypatch.setattr(genlab.runs, "load_run", lambda *a, **k: _Run())
     cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM + ["autoencoder=/some/run"]).model
     with pytest.raises(ConfigError, match="kl-ae or vq-ae"):
         LDM(cfg, DIGITS)
@@ -204,7 +204,7 @@ def test_vq_ae_latents_are_snapped_to_the_codebook_before_decoding(monkeypatch):
     class _Run:
         method = parent
 
-    monkeypatch.setattr(genlab.api, "load_run", lambda *a, **k: _Run())
+    monkeypatch.setattr(genlab.runs, "load_run", lambda *a, **k: _Run())
     method = _ldm("/some/vq-ae-run")
     assert method.latent_shape == (4, 4, 4)
     seen = {}
@@ -226,7 +226,7 @@ def _stand_in_kl_ae(monkeypatch, ae_preset, info):
     class _Run:
         method = KLAutoencoder(ae_cfg, info)
 
-    monkeypatch.setattr(genlab.api, "load_run", lambda *a, **k: _Run())
+    monkeypatch.setattr(genlab.runs, "load_run", lambda *a, **k: _Run())
 
 
 @pytest.mark.parametrize("preset, ae_preset, info", [

@@ -10,6 +10,7 @@ from genlab.config import build_config, list_presets
 from genlab.data import load_data
 from genlab.errors import ConfigError
 from genlab.methods import DataInfo, get_method
+from genlab.methods.capabilities import Generates, NoiseAwareClassifier, has
 from genlab.methods.ddpm import DDPM, DDPMConfig
 from genlab.methods.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
 from genlab.train.runlog import read_log
@@ -41,7 +42,7 @@ def trained(tmp_path_factory):
 
 def test_registered_and_not_an_image_generator():
     assert get_method("noisy-classifier") is NoisyClassifier
-    assert NoisyClassifier.generates_images is False
+    assert not has(NoisyClassifier, Generates) and has(NoisyClassifier, NoiseAwareClassifier)
     method = NoisyClassifier(NoisyClassifierConfig(), DataInfo(channels=1, image_size=8, num_classes=10))
     with pytest.raises(ConfigError, match="does not generate images"):
         method.sample(2)

@@ -16,6 +16,7 @@ from genlab.data import load_data
 from genlab.data.paired import lowres, luminance, sobel_edges
 from genlab.errors import ConfigError
 from genlab.methods import DataInfo
+from genlab.methods.capabilities import Generates, Translates, has
 from genlab.methods.pix2pix import Pix2Pix, Pix2PixConfig, evaluate_pairs
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 from genlab.train.runlog import read_log
@@ -81,7 +82,7 @@ def test_translate_and_sample_contract():
     method = _method("lowres").eval()
     out = method.translate(_targets())
     assert out.shape == (4, 1, 8, 8) and out.abs().max() <= 1
-    assert Pix2Pix.generates_images is False
+    assert not has(Pix2Pix, Generates) and has(Pix2Pix, Translates)
     with pytest.raises(ConfigError, match="genlab translate"):
         method.sample(4)
     with pytest.raises(ConfigError, match=r"\(N, 1, H, W\)"):

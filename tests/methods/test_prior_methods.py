@@ -2,7 +2,7 @@
 NLL, resume is exact, the VQ parent stays frozen, samples are reproducible.
 
 The VQ parent here is a stand-in (``FakeVQ``: 2x2 mean pooling quantised to K grey levels), injected
-by monkeypatching ``genlab.api.load_run`` for a run folder that holds only a config.yaml.
+by monkeypatching ``genlab.runs.load_run`` for a run folder that holds only a config.yaml.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from genlab import api
+from genlab import api, runs
 from genlab.config import build_config
 from genlab.data import load_data
 from genlab.errors import ConfigError
@@ -59,18 +59,18 @@ class FakeVQ(nn.Module):
 
 @pytest.fixture
 def fake_parent(monkeypatch, tmp_path) -> str:
-    """A VQ run folder (config.yaml only) whose api.load_run gives a FakeVQ; other paths load for real."""
+    """A VQ run folder (config.yaml only) whose runs.load_run gives a FakeVQ; other paths load for real."""
     folder = tmp_path / "fake-vq"
     folder.mkdir()
     (folder / "config.yaml").write_text("method: vqvae\ndata:\n  source: digits\n")
-    real = api.load_run
+    real = runs.load_run
 
     def load_run(path, *args, **kwargs):
         if Path(path).resolve() == folder.resolve():
             return SimpleNamespace(method=FakeVQ().eval())
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(api, "load_run", load_run)
+    monkeypatch.setattr(runs, "load_run", load_run)
     return str(folder)
 
 

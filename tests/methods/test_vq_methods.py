@@ -10,6 +10,7 @@ from genlab.config import build_config
 from genlab.data import load_data
 from genlab.errors import ConfigError
 from genlab.methods import DataInfo, get_method
+from genlab.methods.capabilities import Generates, has
 from genlab.methods.vq import VQGAN, VQVAE, VQAutoencoder
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -144,7 +145,7 @@ def test_codes_api_is_consistent():
 def test_sampling_points_to_the_priors():
     for name in ("vqvae", "vqgan", "vq-ae"):
         method = _method(name)
-        assert method.generates_images is False
+        assert not has(method, Generates)
         with pytest.raises(ConfigError, match="pixelcnn --codes"):
             method.sample(4)
 

@@ -26,7 +26,6 @@ class _ToyGAN(Method):
 
     name = "toy-gan"
     Config = _ToyConfig
-    generates_images = False
 
     def __init__(self, config, data_info):
         super().__init__(config, data_info)

@@ -25,6 +25,7 @@ from torch import nn
 from genlab.errors import ConfigError, DataError
 from genlab.losses import ReconstructionLoss, ReconstructionLossConfig, kl_diagonal_gaussian, reparameterize
 from genlab.methods.base import DataInfo, Method
+from genlab.methods.capabilities import Encodes, Generates, HasELBO, LatentCodec, Reconstructs
 from genlab.models.autoencoder import (
     AutoencoderNetConfig,
     Decoder,
@@ -102,10 +103,9 @@ class KLAutoencoderConfig:
 # Shared machinery
 
 
-class _AutoencoderFamily(Method):
+class _AutoencoderFamily(Method, Reconstructs, Encodes):
     """Encoder/decoder pair, optional dense bottleneck, and the encode/decode/reconstruct API."""
 
-    generates_images = False
     latent_prior = "none"
     posterior = False  # True: the encoder outputs mean and log-variance of a diagonal Gaussian q(z|x)
 
@@ -325,12 +325,11 @@ def discretized_log_likelihood(
     return torch.where(x < -0.999, first, torch.where(x > 0.999, last, middle))
 
 
-class VAE(_AutoencoderFamily):
+class VAE(_AutoencoderFamily, Generates, HasELBO):
     """Gaussian-posterior VAE with a discretised decoder: loss = -log p(x|z) + beta KL(q(z|x) || N(0, I)) (SPEC AE3)."""
 
     name = "vae"
     Config = VAEConfig
-    generates_images = True
     latent_prior = "gaussian"
     posterior = True
 
@@ -407,7 +406,7 @@ class VAE(_AutoencoderFamily):
 # AE7: KL-regularised autoencoder for latent diffusion
 
 
-class KLAutoencoder(_AutoencoderFamily):
+class KLAutoencoder(_AutoencoderFamily, LatentCodec):
     """Spatial-latent autoencoder, tiny KL term, data-derived latent scale (Stable Diffusion's first stage)."""
 
     name = "kl-ae"

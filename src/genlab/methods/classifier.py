@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,6 @@ class ClassifierMethod(Method):
 
     name = "classifier"
     Config = ClassifierMethodConfig
-    generates_images: ClassVar[bool] = False  # the trainer's preview grids do not apply
 
     def __init__(self, config: ClassifierMethodConfig, data_info: DataInfo):
         super().__init__(config, data_info)

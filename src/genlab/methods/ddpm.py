@@ -26,6 +26,7 @@ from genlab.diffusion import (
 )
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method
+from genlab.methods.capabilities import Denoiser, Generates
 from genlab.models.unet import UNet, UNetConfig
 
 
@@ -61,7 +62,7 @@ class DDPMConfig:
     sigma_max: float | None = None
 
 
-class DDPM(Method):
+class DDPM(Method, Generates, Denoiser):
     """eps/x0/v-prediction diffusion in pixel space with an ADM-style U-Net."""
 
     name = "ddpm"
@@ -202,7 +203,7 @@ class DDPM(Method):
         if isinstance(classifier, (str, bytes)) or hasattr(classifier, "__fspath__"):
             key = str(classifier)
             if key not in self._classifiers:
-                from genlab.api import load_run
+                from genlab.runs import load_run
 
                 self._classifiers[key] = load_run(key, weights="ema").method
             classifier = self._classifiers[key]

@@ -34,6 +34,7 @@ import torch
 from genlab.errors import ConfigError
 from genlab.losses import clip_weights_, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from genlab.methods.base import DataInfo, Method, OptimizerSpec
+from genlab.methods.capabilities import GANLatent, Generates
 from genlab.models.dcgan import Discriminator, Generator
 from genlab.train.health import HealthConfig, TrainingHealth
 
@@ -76,7 +77,7 @@ class GANConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
 
 
-class GAN(Method):
+class GAN(Method, Generates, GANLatent):
     """DCGAN (Radford et al. 2016) with L4 losses, G2 stabilisers and optional class conditioning (G5)."""
 
     name = "gan"

@@ -42,13 +42,12 @@ class GANEncoder(Method):
 
     name = "gan-encoder"
     Config = GANEncoderConfig
-    generates_images = False
 
     def __init__(self, config: GANEncoderConfig, data_info: DataInfo):
         super().__init__(config, data_info)
         if not config.gan:
             raise ConfigError("gan-encoder needs the GAN to invert: pass --gan RUN (a gan or stylegan run folder)")
-        from genlab.api import load_run
+        from genlab.runs import load_run
 
         gan = load_run(config.gan, weights="ema", device="cpu").method
         if (gan.data_info.channels, gan.data_info.image_size) != (data_info.channels, data_info.image_size):

@@ -40,7 +40,7 @@ class LDMConfig(DiTMethodConfig):
 
 def load_autoencoder(path: str) -> nn.Module:
     """The frozen autoencoder method of a kl-ae / vq-ae run folder (EMA weights, on the CPU)."""
-    from genlab.api import load_run
+    from genlab.runs import load_run
 
     parent = load_run(path, weights="ema", device="cpu").method
     missing = [a for a in ("encode", "decode", "latent_scale") if not hasattr(parent, a)]

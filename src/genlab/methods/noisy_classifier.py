@@ -14,7 +14,7 @@ Sampling uses it through :meth:`NoisyClassifier.log_prob_gradient`: ``genlab sam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import nn
 from genlab.diffusion import NoiseSchedule, classifier_log_prob_gradient
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method
+from genlab.methods.capabilities import NoiseAwareClassifier
 from genlab.nn.blocks import Downsample, ResBlock, group_norm
 from genlab.nn.embeddings import TimestepEmbedder
 
@@ -85,12 +86,11 @@ class TimeConditionedEncoder(nn.Module):
         return self.head(h)  # (N, K)
 
 
-class NoisyClassifier(Method):
+class NoisyClassifier(Method, NoiseAwareClassifier):
     """Cross-entropy on forward-process-noised images; guides a diffusion model of the same schedule."""
 
     name = "noisy-classifier"
     Config = NoisyClassifierConfig
-    generates_images: ClassVar[bool] = False
 
     def __init__(self, config: NoisyClassifierConfig, data_info: DataInfo):
         super().__init__(config, data_info)

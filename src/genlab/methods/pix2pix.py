@@ -44,6 +44,7 @@ from genlab.data.paired import (
 from genlab.errors import ConfigError
 from genlab.losses import discriminator_loss, generator_loss, l1_loss
 from genlab.methods.base import DataInfo, Method, OptimizerSpec
+from genlab.methods.capabilities import Translates
 from genlab.models.patchgan import PatchDiscriminator, patchgan_receptive_field
 from genlab.models.pix2pix import UNetGenerator, UNetGeneratorConfig, patchgan_layers_for
 
@@ -78,12 +79,11 @@ class Pix2PixConfig:
     lowres_upsample: Literal["nearest", "bilinear"] = "bilinear"
 
 
-class Pix2Pix(Method):
+class Pix2Pix(Method, Translates):
     """Conditional GAN for paired image-to-image translation: U-Net G, PatchGAN D on concat(a, b), cGAN + lambda L1."""
 
     name = "pix2pix"
     Config = Pix2PixConfig
-    generates_images = False  # translates inputs; nothing to sample from noise
 
     def __init__(self, config: Pix2PixConfig, data_info: DataInfo):
         super().__init__(config, data_info)

@@ -20,6 +20,7 @@ from torch import nn
 
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method
+from genlab.methods.capabilities import Generates
 from genlab.models.gpt import GPT, GPTConfig, KVCache
 from genlab.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 
@@ -82,7 +83,7 @@ class GPTPriorConfig:
     top_k: int | None = None
 
 
-class CodePrior(Method):
+class CodePrior(Method, Generates):
     """Shared machinery of the priors: the frozen VQ parent, the likelihood loss, sampling options."""
 
     def __init__(self, config: Any, data_info: DataInfo):
@@ -99,9 +100,9 @@ class CodePrior(Method):
         if not codes:
             raise ConfigError(f"{self.name} models the codes of a trained VQ run: pass --codes RUN "
                               "(a vqvae, vqgan or vq-ae run folder; or model.codes=RUN)")
-        from genlab import api  # late: api imports the method registry
+        from genlab import runs  # late: runs imports the method registry
 
-        parent = api.load_run(codes, weights="ema").method
+        parent = runs.load_run(codes, weights="ema").method
         missing = [a for a in _VQ_API if not hasattr(parent, a)]
         if missing:
             raise ConfigError(f"{codes} is a {getattr(parent, 'name', type(parent).__name__)} run without discrete "

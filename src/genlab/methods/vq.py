@@ -33,6 +33,7 @@ from genlab.losses import (
     generator_loss,
 )
 from genlab.methods.base import DataInfo, Method, OptimizerSpec
+from genlab.methods.capabilities import DiscreteCodes, Encodes, LatentCodec, Reconstructs
 from genlab.models.autoencoder import AutoencoderNetConfig, Decoder, Encoder, downsampling_factor, latent_size
 from genlab.models.patchgan import PatchDiscriminator, PatchGANConfig, patchgan_output_size
 from genlab.nn.quantize import QuantizerConfig, VectorQuantizer, perplexity
@@ -77,12 +78,11 @@ class VQAutoencoderConfig(VQGANConfig):
     latent_scale_decay: float = 0.99  # EMA decay of the latent moments behind latent_scale
 
 
-class VQVAE(Method):
+class VQVAE(Method, Reconstructs, Encodes, DiscreteCodes):
     """VQ-VAE: encoder, nearest-neighbour codebook with straight-through gradients, decoder."""
 
     name = "vqvae"
     Config = VQVAEConfig
-    generates_images = False  # a prior over its codes samples (pixelcnn / gpt)
     latent_prior = "none"
 
     def __init__(self, config: VQVAEConfig, data_info: DataInfo):
@@ -235,7 +235,7 @@ class VQGAN(VQVAE):
         return logs
 
 
-class VQAutoencoder(VQGAN):
+class VQAutoencoder(VQGAN, LatentCodec):
     """VQ-regularised autoencoder for latent diffusion (Rombach et al. 2022), with ``latent_scale`` = 1 / std(z_q)."""
 
     name = "vq-ae"

@@ -34,6 +34,7 @@ from genlab.config import RunConfig, save_config, to_dict
 from genlab.data import ImageSet, to_model_range
 from genlab.errors import ConfigError, TrainingDiverged
 from genlab.methods.base import Method, OptimizerSpec
+from genlab.methods.capabilities import Generates, has
 from genlab.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -298,7 +299,7 @@ class Trainer:
         """Save a preview grid drawn with EMA weights from a fixed seed (comparable across steps)."""
         from genlab.imageio import save_grid
 
-        if not getattr(self.method, "generates_images", True):
+        if not has(self.method, Generates):  # classifiers, autoencoders, translators: no grids
             return
         with self._with_ema_weights():
             images = self.method.sample(self.cfg.train.sample_n, generator=torch.Generator().manual_seed(0))
