@@ -94,16 +94,23 @@ def test_a_prior_trains_on_the_codes_of_a_vq_run_and_defaults_to_its_data(tmp_pa
     assert main(["sample", str(prior), "--n", "3", "--out", str(out)]) == 0
 
 
-def test_reconstruct_on_a_run_without_an_encoder_is_a_one_line_error(tmp_path, capsys):
+def test_requests_a_run_cannot_serve_name_the_missing_capability(tmp_path, capsys):
     from tiny_configs import TINY_DDPM
 
     run = tmp_path / "ddpm"
     assert main(["train", "ddpm", "--data", "digits", "--run-dir", str(run), "--no-progress", *TINY_DDPM,
                  "train.steps=2"]) == 0
     capsys.readouterr()
-    assert main(["reconstruct", str(run), "--out", str(tmp_path / "r.png")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "autoencoder" in err and "\n" not in err
+    out = str(tmp_path / "r.png")
+    # Each request names the capability a ddpm lacks (and the methods that have it), in one line.
+    for argv, capability, offered in ((["reconstruct", str(run), "--out", out], "'Reconstructs'", "vae"),
+                                      (["interpolate", str(run), "--out", out], "'Encodes'", "stylegan"),
+                                      (["translate", str(run), "--out", out], "'Translates'", "pix2pix"),
+                                      (["invert", str(run), "--out", out], "'GANLatent'", "gan")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {run}: a ddpm run cannot ") and "\n" not in err, err
+        assert f"needs the capability {capability}" in err and offered in err, err
 
 
 def test_pix2pix_translate_and_eval_score_the_same_held_out_pairs(tmp_path, capsys):

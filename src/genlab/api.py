@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from genlab.config import RunConfig, build_config, list_presets, read_config_file
+from genlab.config import RunConfig, build_config, list_presets, preset_path, read_config_file
 from genlab.data import load_data
 from genlab.errors import ConfigError
 from genlab.methods import get_method
-from genlab.runs import Run, data_info_for, heldout_images, load_run, slerp
+from genlab.runs import Run, build_method, data_info_for, heldout_images, load_run, slerp, stored_parent_records
 from genlab.train.checkpoint import latest_checkpoint
 
 
@@ -36,8 +36,14 @@ def train(
     resume: bool = False,
     data_root: str | None = None,
     progress: bool = True,
+    announce: Callable[[str], None] | None = None,
 ) -> Run:
-    """Train ``method`` and return the finished :class:`Run` (EMA weights loaded when present)."""
+    """Train ``method`` and return the finished :class:`Run` (EMA weights loaded when present).
+
+    A child method (one with frozen parents, e.g. ldm's ``model.autoencoder=RUN``) trains on its
+    parent's data unless ``data`` is given, and its preset is resolved as if ``data`` were the
+    parent's source. ``announce`` receives one line naming the preset file used, before training.
+    """
     from genlab.train.trainer import Trainer
 
     method_cls = get_method(method)
@@ -51,13 +57,16 @@ def train(
             raise ConfigError(f"--data {data} differs from the run's data source {base['data']['source']!r}; "
                               "a resumed run keeps its data")
         preset = None  # the saved config already contains the preset
-    overrides = _resolve_parent_run(overrides, data, data_root, resume)
+    overrides, parent_source = _resolve_parent_runs(method_cls, overrides, data, data_root, resume)
     if data is not None:
         overrides.insert(0, f"data.source={data}")
-        preset = resolve_preset(method, data, preset)
+    preset = resolve_preset(method, data or parent_source, preset)
     if data_root is not None:
         overrides.insert(0, f"data.root={data_root}")
     cfg = build_config(method, method_cls.Config, preset=preset, overrides=overrides, base=base)
+    if announce is not None:
+        used = "none (the run's saved config)" if resume else "none (defaults)"
+        announce(f"preset: {_shown_path(preset_path(method, preset)) if preset is not None else used}")
     if resume and base is not None:
         changed = _changed_keys(base, cfg)
         if changed - {"train.steps", "train.time_limit", "train.checkpoint_every", "train.sample_every",
@@ -72,7 +81,7 @@ def train(
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     images = load_data(cfg.data)
     torch.manual_seed(cfg.train.seed)  # weight initialisation is part of the run's seed
-    instance = method_cls(cfg.model, data_info_for(cfg, images))
+    instance = build_method(cfg, data_info_for(cfg, images), stored_parent_records(run_dir) if resume else None)
     trainer = Trainer(run_dir, cfg, instance, images, progress=progress)
     trainer.fit(resume=resume)
     return load_run(run_dir)
@@ -85,16 +94,23 @@ def resolve_preset(method: str, data: str | None, preset: str | None) -> str | N
     return preset
 
 
-# Config fields that name a frozen parent run: a prior's VQ model, an LDM's autoencoder, an inverter's GAN.
-PARENT_RUN_KEYS = ("codes", "autoencoder", "gan")
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    path = path.resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
-def _resolve_parent_run(overrides: list[str], data: str | None, data_root: str | None, resume: bool) -> list[str]:
-    """Make a parent run path absolute and, unless --data is given, train on the parent's data."""
-    out = list(overrides)
+def _resolve_parent_runs(method_cls, overrides: list[str], data: str | None, data_root: str | None, resume: bool
+                         ) -> tuple[list[str], str | None]:
+    """Make each parent run path (``model.<role>=RUN``) absolute and, unless --data is given, train on the
+    parent's data. Returns the overrides and the parent's data source (None if not taken from a parent)."""
+    out, source = list(overrides), None
     for i, text in enumerate(overrides):
         key, _, value = text.partition("=")
-        if key.removeprefix("model.") not in PARENT_RUN_KEYS or not value or value in ("null", "None"):
+        if key.removeprefix("model.") not in method_cls.parents or not value or value in ("null", "None"):
             continue
         parent = Path(value).expanduser()
         if not (parent / "config.yaml").is_file():
@@ -108,7 +124,8 @@ def _resolve_parent_run(overrides: list[str], data: str | None, data_root: str |
                     out.insert(0, f"data.{name}={parent_data[name]}")
             if data_root is None and parent_data.get("root"):
                 out.insert(0, f"data.root={parent_data['root']}")
-    return out
+            source = parent_data.get("source") or source
+    return out, source
 
 
 def _changed_keys(base: dict, cfg: RunConfig) -> set[str]:

@@ -259,7 +259,7 @@ def _cmd_train(a) -> int:
     parents = [f"model.{k}={v}" for k, v in (("codes", a.codes), ("autoencoder", a.autoencoder), ("gan", a.gan))
                if v is not None]
     run = api.train(a.method, data=a.data, preset=a.preset, overrides=parents + list(a.overrides), run_dir=a.run_dir,
-                    resume=a.resume, data_root=a.data_root, progress=not a.no_progress)
+                    resume=a.resume, data_root=a.data_root, progress=not a.no_progress, announce=print)
     print(run.path)
     return 0
 
@@ -358,12 +358,13 @@ def _cmd_reconstruct(a) -> int:
 
     from genlab import api
     from genlab.imageio import save_grid
+    from genlab.methods.capabilities import Reconstructs
     from genlab.metrics import psnr
 
     if a.n < 1:
         raise GenlabError(f"--n must be at least 1, got {a.n}")
     run = api.load_run(a.run, weights=a.weights)
-    run._need("reconstruct", "reconstruct images")
+    run._need(Reconstructs, "reconstruct images")
     x = api.heldout_images(run, a.data, a.n, a.data_root).to_model_range()
     x_hat = run.reconstruct(x)
     nrow = min(len(x), 16)
@@ -386,22 +387,22 @@ def _cmd_interpolate(a) -> int:
 
     from genlab import api
     from genlab.imageio import save_grid
+    from genlab.methods.capabilities import Encodes, GANLatent, has
 
     if a.pairs < 1:
         raise GenlabError(f"--pairs must be at least 1, got {a.pairs}")
     run = api.load_run(a.run, weights=a.weights)
+    run._need((Encodes, GANLatent), "interpolate")
     g = torch.Generator().manual_seed(a.seed)
-    if hasattr(run.method, "encode"):
+    if has(run.method, Encodes):
         held = api.heldout_images(run, a.data, None, a.data_root).to_model_range()
         idx = torch.randperm(len(held), generator=g)[: 2 * a.pairs]
         if len(idx) < 2 * a.pairs:
             raise GenlabError(f"{len(held)} held-out images are too few for {a.pairs} pairs")
         start, end = held[idx[: a.pairs]], held[idx[a.pairs:]]
-    elif hasattr(run.method, "latent_dim"):
+    else:  # a GAN latent
         start = torch.randn(a.pairs, run.method.latent_dim, generator=g)
         end = torch.randn(a.pairs, run.method.latent_dim, generator=g)
-    else:
-        raise GenlabError(f"{a.run}: a {run.config.method} run has no latent space to interpolate in")
     images = run.interpolate(start, end, a.steps)  # (pairs, steps, C, H, W)
     save_grid(images.flatten(0, 1), a.out, nrow=a.steps, scale=2)
     print(a.out)
@@ -412,13 +413,13 @@ def _cmd_translate(a) -> int:
     import torch
 
     from genlab import api
-    from genlab.imageio import save_grid, save_images
     from genlab.data import to_model_range
+    from genlab.imageio import save_grid, save_images
+    from genlab.methods.capabilities import Translates
 
     run = api.load_run(a.run, weights=a.weights)
+    run._need(Translates, "translate images")
     method = run.method
-    if not hasattr(method, "translate"):
-        raise GenlabError(f"{a.run}: a {run.config.method} run does not translate images; use a pix2pix run")
     d = method.data_info
     if a.input is not None:
         path = Path(a.input)
@@ -481,8 +482,10 @@ def _cmd_invert(a) -> int:
     from genlab import api, inversion
     from genlab.data import to_model_range
     from genlab.imageio import save_grid
+    from genlab.methods.capabilities import GANLatent
 
     run = api.load_run(a.run)
+    run._need(GANLatent, "be inverted (it has no generator latent space)")
     method = run.method
     d = method.data_info
     if a.image is not None:

@@ -253,11 +253,17 @@ def list_presets(method: str) -> list[str]:
                   if not any(p.stem.startswith(other) for other in longer))
 
 
+def preset_path(method: str, preset: str) -> Path:
+    """The file of preset ``preset``: a path to a YAML file, or ``configs/<method>_<preset>.yaml``."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    return preset_dir() / f"{method.replace('-', '_')}_{preset}.yaml"
+
+
 def load_preset(method: str, preset: str) -> dict:
     """Read preset ``configs/<method>_<preset>.yaml`` (or a path to a YAML file)."""
-    path = Path(preset)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = preset_dir() / f"{method.replace('-', '_')}_{preset}.yaml"
+    path = preset_path(method, preset)
     if not path.is_file():
         valid = list_presets(method)
         raise ConfigError(

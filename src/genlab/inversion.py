@@ -23,6 +23,7 @@ import torch
 
 from genlab.errors import ConfigError
 from genlab.losses import PerceptualLoss
+from genlab.methods.capabilities import GANLatent, StyleSpace, has, require
 
 
 @dataclass
@@ -36,15 +37,14 @@ class Projection:
 
 
 def latent_space(method, space: str | None) -> str:
-    """The space to invert into: "w" for a StyleGAN (mapping network present), "z" otherwise."""
-    has_w = hasattr(method, "synthesize_w")
+    """The space to invert into: "w" for a StyleGAN (a declared style space w), "z" otherwise."""
+    require(method, GANLatent, "be inverted (it has no generator latent space)")
+    has_w = has(method, StyleSpace)
     space = space or ("w" if has_w else "z")
     if space not in ("z", "w", "w+"):
         raise ConfigError(f"latent space must be z, w or w+, got {space!r}")
     if space != "z" and not has_w:
-        raise ConfigError(f"space {space} needs a StyleGAN run (a mapping network z -> w); invert a DCGAN in z")
-    if not hasattr(method, "synthesize"):
-        raise ConfigError(f"a {getattr(method, 'name', type(method).__name__)} run has no generator to invert")
+        require(method, StyleSpace, f"be inverted in {space} (only a StyleGAN has a w space; invert a DCGAN in z)")
     return space
 
 

@@ -5,21 +5,32 @@ A run is a folder (ARCHITECTURE: "A run is a folder"): ``config.yaml`` (the reso
 ``metrics.json``. :func:`load_run` rebuilds the method from the saved config and a checkpoint;
 :class:`Run` samples, reconstructs and interpolates with it. The CLI, the evaluation and the
 public API (:mod:`genlab.api`) read runs through this module.
+
+Child runs (ARCHITECTURE: "A child run"): a method declares its frozen parents (``Method.parents``:
+role -> capability). :func:`build_method` is the one place that provides them: at training time it
+loads each parent run named by ``model.<role>`` (EMA weights, frozen); the child's checkpoint then
+stores each parent's config, data shape, method and provenance (:func:`parent_record`) in its
+``state.json``, next to the parent's weights inside the child's own tensors. Loading a child
+rebuilds each parent from that stored copy, so the child keeps working after the parent folder is
+moved or deleted; the parent's path is provenance only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from genlab.config import RunConfig, build_config, read_config_file
+from genlab.config import RunConfig, build_config, read_config_file, to_dict
 from genlab.data import load_data
 from genlab.errors import ConfigError, GenlabError
 from genlab.methods import DataInfo, Method, get_method
-from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
+from genlab.methods.capabilities import Encodes, GANLatent, NoiseAwareClassifier, Reconstructs, has, require
+from genlab.train.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint
 
 
 def data_info_for(cfg: RunConfig, images) -> DataInfo:
@@ -52,6 +63,8 @@ class Run:
         options = dict(options)
         if isinstance(options.get("labels"), str):
             options["labels"] = self.labels(options["labels"], n)
+        if options.get("classifier") is not None:
+            options["classifier"] = guidance_classifier(options["classifier"], self.method.device)
         chunks = []
         with tqdm(total=n, disable=not progress, desc="sample", unit="img") as bar:
             for start in range(0, n, batch_size):
@@ -73,15 +86,19 @@ class Run:
             raise ConfigError(f"{self.path}: the run's data has no class labels, so there is no class to ask for")
         return torch.arange(n) % num_classes
 
-    def _need(self, attribute: str, what: str) -> None:
-        if not hasattr(self.method, attribute):
-            raise ConfigError(f"{self.path}: a {self.config.method} run cannot {what}; "
-                              "that needs an autoencoder-family run (ae, dae, vae, kl-ae, vqvae, vqgan, vq-ae)")
+    def __repr__(self) -> str:
+        return f"Run(method={self.config.method!r}, step={self.step}, weights={self.weights!r}, path='{self.path}')"
+
+    def _need(self, capability: type | tuple[type, ...] | str, what: str) -> None:
+        """A one-line ConfigError naming the missing capability unless the run's method declares it."""
+        if isinstance(capability, str):  # the attribute names older callers pass (evaluation: "reconstruct")
+            capability = {"reconstruct": Reconstructs}[capability]
+        require(self.method, capability, what, where=str(self.path))
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Reconstructions in [-1, 1] of images in [-1, 1] (N, C, H, W), in batches."""
-        self._need("reconstruct", "reconstruct images")
+        self._need(Reconstructs, "reconstruct images")
         self.method.eval()
         return torch.cat([self.method.reconstruct(images[i: i + batch_size].to(self.method.device)).cpu()
                           for i in range(0, len(images), batch_size)])
@@ -98,16 +115,15 @@ class Run:
             raise ConfigError(f"interpolation needs at least 2 steps, got {steps}")
         method = self.method.eval()
         w = torch.linspace(0, 1, steps)
-        if hasattr(method, "encode"):
+        if has(method, Encodes):
             za, zb = method.encode(start.to(method.device)), method.encode(end.to(method.device))
             path = torch.stack([(1 - t) * za + t * zb for t in w], 1)  # (P, S, ...)
             images = method.decode(path.flatten(0, 1))
-        elif hasattr(method, "synthesize"):
+        else:
+            self._need((Encodes, GANLatent), "interpolate")
             za, zb = start.to(method.device), end.to(method.device)
             path = torch.stack([slerp(za, zb, float(t)) for t in w], 1)
             images = method.synthesize(path.flatten(0, 1))
-        else:
-            raise ConfigError(f"{self.path}: a {self.config.method} run has no latent space to interpolate in")
         return images.clamp(-1, 1).cpu().unflatten(0, (len(start), steps))
 
 
@@ -141,6 +157,65 @@ def heldout_images(run: "Run", data: str | None = None, n: int | None = None, da
     return load_data(held)
 
 
+def guidance_classifier(classifier: Any, device: torch.device | str | None = None) -> Method:
+    """A noise-aware classifier for classifier guidance: a method as it is, or a run folder loaded (EMA weights).
+
+    Classifier guidance is no parent: the classifier is used at sampling time only and is not saved.
+    """
+    if isinstance(classifier, (str, Path)):
+        where = str(classifier)
+        classifier = load_run(classifier, weights="ema", device=device).method
+        require(classifier, NoiseAwareClassifier, "guide sampling (--classifier needs a noisy-classifier run: "
+                "train one with `genlab train noisy-classifier`)", where=where)
+    return classifier
+
+
+def parent_record(run: Run) -> dict[str, Any]:
+    """What a child stores of a parent run in its state.json: enough to rebuild it, plus provenance."""
+    return {"method": run.config.method, "config": to_dict(run.config),
+            "data_info": dataclasses.asdict(run.method.data_info), "parents": run.method.parent_records,
+            "path": str(run.path.resolve()), "step": run.step, "weights": run.weights}
+
+
+def _rebuild_parent(record: dict[str, Any]) -> Method:
+    """A parent method rebuilt from its stored record (its weights come with the child's state dict)."""
+    cls = get_method(record["method"])
+    cfg = build_config(record["method"], cls.Config, base=record["config"])
+    return build_method(cfg, DataInfo(**record["data_info"]), record.get("parents") or {})
+
+
+def build_method(cfg: RunConfig, data_info: DataInfo, records: dict[str, dict] | None = None) -> Method:
+    """The method of ``cfg`` for data of shape ``data_info``, with its frozen parents.
+
+    Each parent the method declares is rebuilt from ``records`` (the copies a child checkpoint stores)
+    or, without a record (training, or a checkpoint written before parents were stored), loaded from
+    the run folder ``model.<role>`` names, with its EMA weights on the CPU. The method's constructor
+    checks each parent's capability; ``method.parent_records`` is what the trainer saves.
+    """
+    method_cls = get_method(cfg.method)
+    if not method_cls.parents:
+        return method_cls(cfg.model, data_info)
+    parents, kept = {}, {}
+    for role in method_cls.parents:
+        record = (records or {}).get(role)
+        if record is not None:
+            parents[role], kept[role] = _rebuild_parent(record), record
+        elif getattr(cfg.model, role, None):
+            parent_run = load_run(getattr(cfg.model, role), weights="ema", device="cpu")
+            parents[role], kept[role] = parent_run.method, parent_record(parent_run)
+    method = method_cls(cfg.model, data_info, parents=parents)  # names a missing or incapable parent
+    method.parent_records = kept
+    return method
+
+
+def stored_parent_records(run_dir: str | Path) -> dict[str, dict] | None:
+    """The parent records of a run's latest checkpoint (None: no checkpoint, or one written before parents were stored)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None or not (ckpt / STATE_FILE).is_file():
+        return None
+    return json.loads((ckpt / STATE_FILE).read_text()).get("parents")
+
+
 def load_run(path: str | Path, weights: str = "ema", checkpoint: str | Path | None = None, device: str | None = None) -> Run:
     """Load a run folder's method with its latest (or given) checkpoint; ``weights`` is "ema" or "raw"."""
     path = Path(path)
@@ -159,7 +234,7 @@ def load_run(path: str | Path, weights: str = "ema", checkpoint: str | Path | No
         data_info = data_info_for(cfg, images)
     else:
         data_info = DataInfo(**info)
-    method = method_cls(cfg.model, data_info)
+    method = build_method(cfg, data_info, state.get("parents"))
     method.load_state_dict(tensors["model"])
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw', got {weights!r}")

@@ -14,6 +14,7 @@ from genlab.cli import main
 from genlab.data import DataConfig, load_data
 from genlab.errors import ConfigError
 from genlab.inversion import psnr_of, render
+from genlab.runs import build_method
 
 from tiny_configs import TINY_DCGAN
 
@@ -40,7 +41,7 @@ def test_encoder_learns_the_generator_coordinates_and_leaves_the_gan_frozen(gan_
                     run_dir=tmp_path / "enc", progress=False)
     assert run.config.data.source == "digits"  # the GAN's data by default
     encoder = run.method
-    fresh = type(encoder)(run.config.model, encoder.data_info)
+    fresh = build_method(run.config, encoder.data_info)
     gan = api.load_run(gan_run).method
     assert _latent_error(encoder, gan) < 0.7 * _latent_error(fresh, gan)
     for (name, p), q in zip(encoder.gan.named_parameters(), gan.parameters()):

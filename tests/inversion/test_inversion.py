@@ -9,9 +9,10 @@ from torch import nn
 
 from genlab.errors import ConfigError
 from genlab.inversion import edit_along, principal_directions, project, psnr_of
+from genlab.methods.capabilities import GANLatent
 
 
-class _LinearGAN(nn.Module):
+class _LinearGAN(nn.Module, GANLatent):
     """G(z) = tanh(A z + b) as a 1x4x4 image: inverting it is a smooth problem with a unique answer."""
 
     latent_dim = 3

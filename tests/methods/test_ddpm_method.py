@@ -10,6 +10,7 @@ import torch
 from genlab.config import build_config
 from genlab.errors import ConfigError
 from genlab.methods import DataInfo
+from genlab.methods.capabilities import NoiseAwareClassifier
 from genlab.methods.ddpm import DDPM, DDPMConfig
 from step_context import RecordingContext
 
@@ -149,7 +150,7 @@ def _conditional_method(**overrides):
     return method.eval()
 
 
-class _ZeroGradientClassifier(torch.nn.Module):
+class _ZeroGradientClassifier(torch.nn.Module, NoiseAwareClassifier):
     """A stand-in noisy classifier whose logits ignore x_t (zero gradient), with the DDPM's schedule."""
 
     def __init__(self, method):
@@ -160,7 +161,7 @@ class _ZeroGradientClassifier(torch.nn.Module):
     def forward(self, x_t, t):
         return 0 * x_t.flatten(1).sum(1, keepdim=True) + self.bias
 
-    def log_prob_gradient(self, x_t, t, labels):  # marks it as a noise-aware classifier
+    def log_prob_gradient(self, x_t, t, labels):
         raise AssertionError("not used by DDPM.sample")
 
 

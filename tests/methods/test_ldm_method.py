@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import genlab.runs
 from genlab import api
 from genlab.config import build_config
 from genlab.data import load_data
@@ -14,6 +13,7 @@ from genlab.errors import ConfigError
 from genlab.methods import DataInfo
 from genlab.methods.ddpm import DDPM
 from genlab.methods.ldm import LDM
+from genlab.runs import build_method
 from step_context import RecordingContext
 from tiny_configs import TINY_DIFFUSION_TRAINING
 
@@ -55,9 +55,13 @@ def kl_ae_run(tmp_path_factory):
 
 
 def _ldm(kl_ae_run, *overrides: str) -> LDM:
+    """An ldm on the run ``kl_ae_run`` (built as training builds it), or on a given autoencoder method."""
     torch.manual_seed(0)
-    cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM + [f"autoencoder={kl_ae_run}", *overrides]).model
-    return LDM(cfg, DIGITS)
+    if isinstance(kl_ae_run, torch.nn.Module):
+        cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM + ["autoencoder=/a/run", *overrides]).model
+        return LDM(cfg, DIGITS, parents={"autoencoder": kl_ae_run})
+    return build_method(build_config("ldm", LDM.Config, overrides=TINY_LDM + [f"autoencoder={kl_ae_run}", *overrides]),
+                        DIGITS)
 
 
 def _digits(n: int = 256) -> torch.Tensor:
@@ -155,7 +159,7 @@ def test_ldm_trains_on_a_frozen_kl_ae_and_samples_pixels(kl_ae_run, tmp_path, ne
     t = torch.randint(0, method.config.num_timesteps, (len(z),), generator=g)
     noise = torch.randn(z.shape, generator=g)
     torch.manual_seed(0)
-    fresh = LDM(run.config.model, run.method.data_info)
+    fresh = build_method(run.config, run.method.data_info)
 
     def probe(m):
         with torch.no_grad():
@@ -170,22 +174,21 @@ def test_ldm_trains_on_a_frozen_kl_ae_and_samples_pixels(kl_ae_run, tmp_path, ne
     assert (images - run.sample(4, seed=1)).abs().max() > 1e-3
 
 
-def test_missing_or_wrong_autoencoder_is_a_one_line_config_error(monkeypatch):
-    cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM).model
-    with pytest.raises(ConfigError, match="--autoencoder RUN") as e:
-        LDM(cfg, DIGITS)
-    assert "\n" not in str(e.value)
+def test_missing_or_wrong_autoencoder_is_a_one_line_config_error():
+    cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM)
+    for build in (lambda: LDM(cfg.model, DIGITS), lambda: build_method(cfg, DIGITS)):
+        with pytest.raises(ConfigError, match="--autoencoder RUN .a kl-ae or vq-ae run folder") as e:
+            build()
+        assert "\n" not in str(e.value)
 
-    class _Classifier(torch.nn.Module):  # a run whose method has no latent space
+    class _Classifier(torch.nn.Module):  # a method without the LatentCodec capability
         name = "classifier"
 
-    class _Run:
-        method = _Classifier()
-
-    monkeypatch.setattr(genlab.runs, "load_run", lambda *a, **k: _Run())
     cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM + ["autoencoder=/some/run"]).model
-    with pytest.raises(ConfigError, match="kl-ae or vq-ae"):
-        LDM(cfg, DIGITS)
+    with pytest.raises(ConfigError, match="model.autoencoder=/some/run: a classifier run cannot .*'LatentCodec'.*"
+                                          "which kl-ae, vq-ae have") as e:
+        LDM(cfg, DIGITS, parents={"autoencoder": _Classifier()})
+    assert "\n" not in str(e.value)
 
 
 def test_vq_ae_latents_are_snapped_to_the_codebook_before_decoding(monkeypatch):
@@ -201,11 +204,7 @@ def test_vq_ae_latents_are_snapped_to_the_codebook_before_decoding(monkeypatch):
     parent = VQAutoencoder(cfg, DIGITS)
     parent.latent_scale.fill_(0.5)
 
-    class _Run:
-        method = parent
-
-    monkeypatch.setattr(genlab.runs, "load_run", lambda *a, **k: _Run())
-    method = _ldm("/some/vq-ae-run")
+    method = _ldm(parent)
     assert method.latent_shape == (4, 4, 4)
     seen = {}
     convolve = parent.post_quant_conv.forward
@@ -217,16 +216,12 @@ def test_vq_ae_latents_are_snapped_to_the_codebook_before_decoding(monkeypatch):
     assert distance.min(1).values.max() < 1e-3  # codes are ~0.1 apart; cdist round-off is ~1e-5
 
 
-def _stand_in_kl_ae(monkeypatch, ae_preset, info):
-    """Make load_run return an untrained kl-ae built from one of its presets."""
+def _stand_in_kl_ae(ae_preset, info) -> dict:
+    """The parents of an ldm: an untrained kl-ae built from one of its presets."""
     from genlab.methods.autoencoder import KLAutoencoder
 
     ae_cfg = build_config("kl-ae", KLAutoencoder.Config, preset=ae_preset, overrides=["model.loss.perceptual=0"]).model
-
-    class _Run:
-        method = KLAutoencoder(ae_cfg, info)
-
-    monkeypatch.setattr(genlab.runs, "load_run", lambda *a, **k: _Run())
+    return {"autoencoder": KLAutoencoder(ae_cfg, info)}
 
 
 @pytest.mark.parametrize("preset, ae_preset, info", [
@@ -234,22 +229,21 @@ def _stand_in_kl_ae(monkeypatch, ae_preset, info):
     ("mnist_small", "mnist_small", DataInfo(1, 28, 10)),
     ("full", "full", DataInfo(3, 32, 10)),
 ])
-def test_presets_fit_the_latents_of_the_matching_kl_ae_preset(monkeypatch, preset, ae_preset, info):
+def test_presets_fit_the_latents_of_the_matching_kl_ae_preset(preset, ae_preset, info):
     # ldm_small's single-level U-Net must fit kl_ae_small's 7x7x4 latents, ldm_full's 3 levels the 8x8x4 of kl_ae_full.
-    _stand_in_kl_ae(monkeypatch, ae_preset, info)
     cfg = build_config("ldm", LDM.Config, preset=preset, overrides=["autoencoder=/some/kl-ae-run"]).model
-    method = LDM(cfg, info)
+    method = LDM(cfg, info, parents=_stand_in_kl_ae(ae_preset, info))
     assert method.latent_shape == ((4, 7, 7) if info.image_size == 28 else (4, 8, 8))
     assert cfg.clip_denoised is False and cfg.schedule == "linear"
     z = torch.randn(2, *method.latent_shape)
     assert method.network(z, torch.tensor([0, 999])).shape == z.shape
 
 
-def test_dit_patches_must_divide_the_latent_size(monkeypatch):
-    _stand_in_kl_ae(monkeypatch, "small", DataInfo(1, 28, None))
+def test_dit_patches_must_divide_the_latent_size():
+    parents = _stand_in_kl_ae("small", DataInfo(1, 28, None))
     cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit"]).model
     with pytest.raises(ConfigError, match="latent size 7"):
-        LDM(cfg, DataInfo(1, 28, None))  # the default dit.patch_size=2 does not divide 7
+        LDM(cfg, DataInfo(1, 28, None), parents)  # the default dit.patch_size=2 does not divide 7
     cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit",
                                                                      "model.dit.patch_size=7"]).model
-    assert LDM(cfg, DataInfo(1, 28, None)).dit.grid == 1
+    assert LDM(cfg, DataInfo(1, 28, None), parents).dit.grid == 1

@@ -13,6 +13,7 @@ from genlab.methods import DataInfo, get_method
 from genlab.methods.capabilities import Generates, NoiseAwareClassifier, has
 from genlab.methods.ddpm import DDPM, DDPMConfig
 from genlab.methods.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
+from genlab.runs import guidance_classifier
 from genlab.train.runlog import read_log
 
 TINY_NOISY_CLASSIFIER = [
@@ -99,12 +100,13 @@ def test_guiding_a_ddpm_by_run_path_raises_the_classifier_probability(trained):
     for sampler in ("ddpm", "ddim"):
         options = {"generator": torch.Generator().manual_seed(2), "sampler": sampler, "steps": 20}
         plain = ddpm.sample(32, **options)
-        guided = ddpm.sample(32, labels=labels, classifier=str(path), classifier_scale=20.0, **options)
+        guided = ddpm.sample(32, labels=labels, classifier=guidance_classifier(str(path)), classifier_scale=20.0,
+                             **options)
         assert score(guided) > score(plain) + 0.5, sampler
     other = DDPM(build_config("ddpm", DDPMConfig, overrides=["model.unet.base_channels=8", "model.unet.channel_mult=[1]",
                  "model.unet.attention_resolutions=[]", "model.unet.norm_groups=4"]).model, DataInfo(channels=1, image_size=8))
     with pytest.raises(ConfigError, match="noise schedule"):
-        other.sample(2, labels=labels[:2], classifier=str(path))
+        other.sample(2, labels=labels[:2], classifier=guidance_classifier(str(path)))
 
 
 def test_small_preset_matches_the_ddpm_small_schedule():

@@ -2,13 +2,14 @@
 NLL, resume is exact, the VQ parent stays frozen, samples are reproducible.
 
 The VQ parent here is a stand-in (``FakeVQ``: 2x2 mean pooling quantised to K grey levels), injected
-by monkeypatching ``genlab.runs.load_run`` for a run folder that holds only a config.yaml.
+by monkeypatching ``genlab.runs`` (``load_run`` and ``get_method``) for a run folder that holds only a config.yaml.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +22,8 @@ from genlab import api, runs
 from genlab.config import build_config
 from genlab.data import load_data
 from genlab.errors import ConfigError
-from genlab.methods import DataInfo, get_method
+from genlab.methods import DataInfo, Method, get_method
+from genlab.methods.capabilities import DiscreteCodes
 from genlab.methods.prior import GPTPrior, PixelCNNPrior, sample_from_logits
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 from genlab.train.runlog import read_log
@@ -37,16 +39,21 @@ COMMON = ["train.batch_size=32", "train.lr=3e-3", "train.lr_schedule=constant",
           "train.warmup_steps=5", "train.log_every=5", "train.sample_n=4", "train.threads=1"]
 
 
-class FakeVQ(nn.Module):
+@dataclass
+class FakeVQConfig:
+    """The stand-in VQ method has nothing to configure."""
+
+
+class FakeVQ(Method, DiscreteCodes):
     """Stand-in VQ method on 8x8 grey images: 2x2 mean pooling, nearest of K grey levels; 4x4 codes."""
 
-    name = "vqvae"
+    name = "fake-vq"
+    Config = FakeVQConfig
     codebook_size = K
     code_shape = (4, 4)
 
-    def __init__(self):
-        super().__init__()
-        self.data_info = DataInfo(channels=1, image_size=8, num_classes=10)
+    def __init__(self, config: FakeVQConfig | None = None, data_info: DataInfo | None = None):
+        super().__init__(config or FakeVQConfig(), data_info or DataInfo(channels=1, image_size=8, num_classes=10))
         self.levels = nn.Parameter(torch.linspace(-1, 1, K))  # a parameter, so freezing is observable
 
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,17 +66,19 @@ class FakeVQ(nn.Module):
 
 @pytest.fixture
 def fake_parent(monkeypatch, tmp_path) -> str:
-    """A VQ run folder (config.yaml only) whose runs.load_run gives a FakeVQ; other paths load for real."""
+    """A VQ run folder (config.yaml only) that genlab.runs loads as a FakeVQ (method 'fake-vq'); others load for real."""
     folder = tmp_path / "fake-vq"
     folder.mkdir()
-    (folder / "config.yaml").write_text("method: vqvae\ndata:\n  source: digits\n")
-    real = runs.load_run
+    (folder / "config.yaml").write_text("method: fake-vq\ndata:\n  source: digits\n")
+    real_get_method, real_load_run = runs.get_method, runs.load_run
 
     def load_run(path, *args, **kwargs):
         if Path(path).resolve() == folder.resolve():
-            return SimpleNamespace(method=FakeVQ().eval())
-        return real(path, *args, **kwargs)
+            cfg = build_config("fake-vq", FakeVQConfig, overrides=["data.source=digits"])
+            return runs.Run(path=folder, config=cfg, method=FakeVQ().eval(), step=0, weights="ema")
+        return real_load_run(path, *args, **kwargs)
 
+    monkeypatch.setattr(runs, "get_method", lambda name: FakeVQ if name == "fake-vq" else real_get_method(name))
     monkeypatch.setattr(runs, "load_run", load_run)
     return str(folder)
 
@@ -78,7 +87,7 @@ def _method(name: str, codes: str, *overrides: str):
     cls = get_method(name)
     cfg = build_config(name, cls.Config, overrides=COMMON + TINY[name] + [f"model.codes={codes}", *overrides])
     torch.manual_seed(0)
-    return cls(cfg.model, DataInfo(channels=1, image_size=8, num_classes=10))
+    return runs.build_method(cfg, DataInfo(channels=1, image_size=8, num_classes=10))
 
 
 def _digit_codes(n: int = 256) -> torch.Tensor:
@@ -212,9 +221,9 @@ def test_sampling_options_are_checked(fake_parent):
     overrides = COMMON + [f"model.codes={fake_parent}", "model.class_conditional=true"]
     conditional = build_config("gpt", GPTPrior.Config, overrides=overrides).model
     with pytest.raises(ConfigError, match="labelled"):
-        GPTPrior(conditional, DataInfo(channels=1, image_size=8, num_classes=None))
+        GPTPrior(conditional, DataInfo(channels=1, image_size=8, num_classes=None), {"codes": FakeVQ()})
     with pytest.raises(ConfigError, match="VQ run's data"):
-        GPTPrior(method.config, DataInfo(channels=3, image_size=8))
+        GPTPrior(method.config, DataInfo(channels=3, image_size=8), {"codes": FakeVQ()})
 
 
 @pytest.mark.parametrize("name", ["pixelcnn", "gpt"])

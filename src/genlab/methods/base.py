@@ -9,10 +9,13 @@ special-cases a family: it calls :meth:`Method.training_step` once per micro-bat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Mapping, Protocol
 
 import torch
 from torch import nn
+
+from genlab.errors import ConfigError
+from genlab.methods.capabilities import Capability, capable_methods, require
 
 
 @dataclass(frozen=True)
@@ -60,16 +63,63 @@ class StepContext(Protocol):
     def optimize(self, loss: torch.Tensor, group: str = "main") -> None: ...
 
 
+@dataclass(frozen=True)
+class ParentRun:
+    """A frozen parent run a child method is built on (ARCHITECTURE: "A child run").
+
+    The role is the key of ``Method.parents`` and also the model config field (``model.<role>``, the
+    CLI's ``--<role> RUN``) that names the parent's run folder. The builder (:mod:`genlab.runs`)
+    loads that run, or rebuilds it from the copy stored in the child's checkpoint, and passes the
+    built method to the child's constructor, which keeps it as the frozen submodule ``attribute``:
+    its weights are saved with the child's.
+    """
+
+    capability: type[Capability]
+    attribute: str
+
+
+def checked_parents(method_cls: type["Method"], config: Any, parents: Mapping[str, nn.Module] | None
+                    ) -> dict[str, nn.Module]:
+    """The parents ``method_cls`` declares, taken from ``parents``, each checked for its capability."""
+    parents = dict(parents or {})
+    unknown = set(parents) - set(method_cls.parents)
+    if unknown:
+        raise ConfigError(f"{method_cls.name} takes no parent run {', '.join(sorted(unknown))}")
+    for role, spec in method_cls.parents.items():
+        if parents.get(role) is None:
+            raise ConfigError(f"{method_cls.name} needs a frozen {role} run: pass --{role} RUN (a "
+                              f"{' or '.join(capable_methods(spec.capability))} run folder), i.e. model.{role}=RUN")
+        require(parents[role], spec.capability, f"be the {role} of a {method_cls.name}",
+                where=f"model.{role}={getattr(config, role, None)}")
+    return parents
+
+
 class Method(nn.Module):
     """Base class of every family: networks, a training step, and sampling."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    parents: ClassVar[dict[str, ParentRun]] = {}  # role -> the frozen parent run it needs (child methods)
 
-    def __init__(self, config: Any, data_info: DataInfo):
+    def __init__(self, config: Any, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
         super().__init__()
         self.config = config
         self.data_info = data_info
+        self.parent_records: dict[str, dict] = {}  # role -> the parent's config and provenance (set by the builder)
+        for role, parent in checked_parents(type(self), config, parents).items():
+            parent.requires_grad_(False)
+            self.add_module(type(self).parents[role].attribute, parent.eval())  # saved with our weights, never optimised
+
+    def parent_modules(self) -> dict[str, nn.Module]:
+        """The frozen parents by role."""
+        return {role: getattr(self, spec.attribute) for role, spec in type(self).parents.items()}
+
+    def train(self, mode: bool = True) -> "Method":
+        """Switch this method's mode; frozen parents always stay in eval mode (BatchNorm statistics, dropout)."""
+        super().train(mode)
+        for parent in self.parent_modules().values():
+            parent.eval()
+        return self
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter] | OptimizerSpec]:
         """Parameters (or an :class:`OptimizerSpec`) of each optimiser by name, stepped by ``ctx.optimize``."""

@@ -85,6 +85,16 @@ class GANLatent(Capability):
     members = ("latent_dim", "synthesize")
 
 
+class StyleSpace(GANLatent):
+    """A StyleGAN's intermediate latent space w: ``mapping(z) -> w``, ``synthesize_w(ws)``, ``w_avg``, ``num_ws``.
+
+    Inversion and editing work in w (Abdal et al. 2019) where a generator has it, in z otherwise.
+    """
+
+    ability = "map latent vectors to images through a style space w"
+    members = ("latent_dim", "synthesize", "mapping", "synthesize_w", "w_avg", "num_ws")
+
+
 class Denoiser(Capability):
     """A diffusion model: a noise schedule and ``denoiser(conditioning)`` for samplers and guidance."""
 
@@ -99,26 +109,27 @@ class NoiseAwareClassifier(Capability):
     members = ("schedule", "log_prob_gradient")
 
 
-def has(method: Any, capability: type[Capability]) -> bool:
-    """Whether ``method`` (an instance or a class) declares ``capability``."""
+def has(method: Any, capability: type[Capability] | tuple[type[Capability], ...]) -> bool:
+    """Whether ``method`` (an instance or a class) declares ``capability`` (or one of a tuple of them)."""
     cls = method if isinstance(method, type) else type(method)
     return issubclass(cls, capability)
 
 
-def require(method: Any, capability: type[Capability], what: str | None = None, where: str = "") -> None:
-    """Raise a one-line ConfigError unless ``method`` declares ``capability``.
+def require(method: Any, capability: type[Capability] | tuple[type[Capability], ...], what: str | None = None,
+            where: str = "") -> None:
+    """Raise a one-line ConfigError unless ``method`` declares ``capability`` (or one of a tuple of them).
 
     ``what`` is the user's request ("interpolate"), ``where`` names the run (a folder) in the message.
     """
     if has(method, capability):
         return
+    wanted = capability if isinstance(capability, tuple) else (capability,)
     name = getattr(method, "name", type(method).__name__)
-    need = what or capability.ability
     prefix = f"{where}: " if where else ""
-    offering = [m for m in capable_methods(capability)]
-    raise ConfigError(f"{prefix}a {name} run cannot {need}: that needs the capability '{capability.__name__}' "
-                      f"({capability.ability}), which {', '.join(offering) or 'no method'} "
-                      f"{'has' if len(offering) == 1 else 'have'}")
+    needs = " or ".join(f"'{c.__name__}' ({c.ability})" for c in wanted)
+    offering = sorted({m for c in wanted for m in capable_methods(c)})
+    raise ConfigError(f"{prefix}a {name} run cannot {what or wanted[0].ability}: that needs the capability {needs}, "
+                      f"which {', '.join(offering) or 'no method'} {'has' if len(offering) == 1 else 'have'}")
 
 
 def capable_methods(capability: type[Capability]) -> list[str]:
@@ -149,6 +160,6 @@ def conditions_on_classes(method: Any) -> bool:
 
 __all__ = [
     "Capability", "Generates", "Reconstructs", "Encodes", "LatentCodec", "DiscreteCodes", "Translates", "HasELBO",
-    "GANLatent", "Denoiser", "NoiseAwareClassifier", "has", "require", "capable_methods", "capabilities_of",
+    "GANLatent", "StyleSpace", "Denoiser", "NoiseAwareClassifier", "has", "require", "capable_methods", "capabilities_of",
     "conditions_on_classes",
 ]

@@ -4,7 +4,7 @@ guidance (SPEC D1-D9)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from genlab.diffusion import (
 )
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method
-from genlab.methods.capabilities import Denoiser, Generates
+from genlab.methods.capabilities import Denoiser, Generates, NoiseAwareClassifier, require
 from genlab.models.unet import UNet, UNetConfig
 
 
@@ -71,8 +71,8 @@ class DDPM(Method, Generates, Denoiser):
     # "<network_name>.*" and "ema_<network_name>", so subclasses with another network rename it.
     network_name = "unet"
 
-    def __init__(self, config: DDPMConfig, data_info: DataInfo):
-        super().__init__(config, data_info)
+    def __init__(self, config: DDPMConfig, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
+        super().__init__(config, data_info, parents)
         if config.class_conditional and not data_info.num_classes:
             raise ConfigError("model.class_conditional=true needs a labelled data source (e.g. mnist, cifar10)")
         if not 0.0 <= config.p_uncond < 1.0:
@@ -89,7 +89,6 @@ class DDPM(Method, Generates, Denoiser):
                                      image_size=data_info.image_size // p)
         self.add_module(self.network_name, network)
         self.schedule = NoiseSchedule.from_name(config.schedule, config.num_timesteps)
-        self._classifiers: dict[str, Method] = {}  # run path -> loaded noisy classifier (not a submodule)
 
     def _make_network(self, in_channels: int, out_channels: int, image_size: int) -> nn.Module:
         """The denoising network for (N, in_channels, image_size, image_size) inputs: the U-Net."""
@@ -198,18 +197,10 @@ class DDPM(Method, Generates, Denoiser):
             _, output = model_output_to_x0_eps(output, x_t, t.round().long(), self.schedule, self.config.prediction)
         return output if v is None else (output, v)
 
-    def _load_classifier(self, classifier: Any) -> Method:
-        """A noise-aware classifier (method object or run path) checked against this model."""
-        if isinstance(classifier, (str, bytes)) or hasattr(classifier, "__fspath__"):
-            key = str(classifier)
-            if key not in self._classifiers:
-                from genlab.runs import load_run
-
-                self._classifiers[key] = load_run(key, weights="ema").method
-            classifier = self._classifiers[key]
-        if not hasattr(classifier, "log_prob_gradient") or not hasattr(classifier, "schedule"):
-            raise ConfigError(f"classifier {type(classifier).__name__} is not a noise-aware classifier: "
-                              "train one with `genlab train noisy-classifier`")
+    def _check_classifier(self, classifier: Any) -> Method:
+        """A noise-aware classifier (a method object; runs.py loads one from its run folder) fit for this model."""
+        require(classifier, NoiseAwareClassifier, "guide sampling as a noise-aware classifier (train one with "
+                "`genlab train noisy-classifier`)")
         theirs, ours = classifier.schedule.betas, self.schedule.betas
         if theirs.shape != ours.shape or not torch.allclose(theirs, ours):
             raise ConfigError(
@@ -258,8 +249,8 @@ class DDPM(Method, Generates, Denoiser):
           conditional model, w = 0 the unconditional one, w > 1 stronger conditioning; the
           "(1 + w')" form of Ho & Salimans has w = 1 + w'. ``negative_labels`` (n,) replace the
           unconditional branch (steer away from those classes).
-        - ``classifier`` (a loaded noisy-classifier method or its run path) with ``classifier_scale``
-          s: classifier guidance towards ``labels`` (shifts DDPM's mean by s Sigma grad, other
+        - ``classifier`` (a noisy-classifier method; ``Run.sample`` loads it from a run folder) with
+          ``classifier_scale`` s: classifier guidance towards ``labels`` (shifts DDPM's mean by s Sigma grad, other
           samplers' eps by -sqrt(1 - abar) s grad; Dhariwal & Nichol 2021).
         - ``rules``: rule specs ("symmetry:2", "brightness:1:target=0.3", "module:function", see
           :mod:`genlab.diffusion.guidance`) or (function, weight) pairs, steering x0_hat by gradient.
@@ -299,7 +290,7 @@ class DDPM(Method, Generates, Denoiser):
             )
         mean_shift = None
         if classifier is not None:
-            gradient = classifier_log_prob_gradient(self._load_classifier(classifier), labels)
+            gradient = classifier_log_prob_gradient(self._check_classifier(classifier), labels)
             if sampler == "ddpm":
                 mean_shift = classifier_mean_shift(gradient, float(classifier_scale)) if classifier_scale else None
             else:

@@ -12,7 +12,7 @@ generator's coordinates, the real-image reconstruction keeps E "in domain" for t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ from torch import nn
 from genlab.errors import ConfigError
 from genlab.inversion import latent_space, render
 from genlab.losses import PerceptualLoss
-from genlab.methods.base import DataInfo, Method
+from genlab.methods.base import DataInfo, Method, ParentRun
+from genlab.methods.capabilities import GANLatent, conditions_on_classes
 from genlab.models.autoencoder import AutoencoderNetConfig, Encoder, latent_size, downsampling_factor
 
 
@@ -28,7 +29,7 @@ from genlab.models.autoencoder import AutoencoderNetConfig, Encoder, latent_size
 class GANEncoderConfig:
     """The generator to invert, the encoder's size and the weights of its loss terms."""
 
-    gan: str | None = None  # the gan / stylegan run folder (required)
+    gan: str | None = None  # the gan / stylegan run folder (required; the frozen parent)
     space: str | None = None  # z (DCGAN) or w (StyleGAN; default for it)
     net: AutoencoderNetConfig = field(default_factory=lambda: AutoencoderNetConfig(
         base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1))
@@ -42,22 +43,16 @@ class GANEncoder(Method):
 
     name = "gan-encoder"
     Config = GANEncoderConfig
+    parents = {"gan": ParentRun(GANLatent, attribute="gan")}  # frozen: saved with our checkpoints, never optimised
 
-    def __init__(self, config: GANEncoderConfig, data_info: DataInfo):
-        super().__init__(config, data_info)
-        if not config.gan:
-            raise ConfigError("gan-encoder needs the GAN to invert: pass --gan RUN (a gan or stylegan run folder)")
-        from genlab.runs import load_run
-
-        gan = load_run(config.gan, weights="ema", device="cpu").method
+    def __init__(self, config: GANEncoderConfig, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
+        super().__init__(config, data_info, parents)
+        gan = self.gan
         if (gan.data_info.channels, gan.data_info.image_size) != (data_info.channels, data_info.image_size):
             raise ConfigError(f"the GAN makes {gan.data_info.channels}x{gan.data_info.image_size}px images but the data "
                               f"is {data_info.channels}x{data_info.image_size}px; train on the GAN's data")
-        if getattr(gan, "num_classes", None) is not None:
+        if conditions_on_classes(gan):
             raise ConfigError("gan-encoder inverts unconditional GANs; this GAN is class-conditional")
-        for p in gan.parameters():
-            p.requires_grad_(False)
-        self.gan = gan.eval()  # a frozen submodule: saved with our checkpoints, never optimised
         self.space = latent_space(gan, config.space)
         if self.space == "w+":
             raise ConfigError("gan-encoder predicts z or w; w+ inversion is optimisation-only (genlab invert --space w+)")
@@ -67,11 +62,6 @@ class GANEncoder(Method):
         self.encoder = Encoder(config.net, data_info.channels, width)
         self.head = nn.Linear(width * side * side, self.latent_dim)
         self.perceptual = PerceptualLoss("auto", channels=data_info.channels) if config.perceptual_weight > 0 else None
-
-    def train(self, mode: bool = True) -> "GANEncoder":
-        super().train(mode)
-        self.gan.eval()  # the frozen generator keeps its BatchNorm statistics
-        return self
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"main": list(self.encoder.parameters()) + list(self.head.parameters())}

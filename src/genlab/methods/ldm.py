@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
 
 from genlab.diffusion import parse_rule
 from genlab.errors import ConfigError
-from genlab.methods.base import DataInfo
+from genlab.methods.base import DataInfo, ParentRun, checked_parents
+from genlab.methods.capabilities import DiscreteCodes, LatentCodec, has
 from genlab.methods.ddpm import DDPM
 from genlab.methods.dit import DiTMethodConfig, make_dit_network, reject_pixel_patches
-
-MISSING_AUTOENCODER = ("ldm needs a frozen autoencoder: pass --autoencoder RUN (a trained kl-ae or vq-ae run folder), "
-                       "i.e. model.autoencoder=RUN")
-
 
 @dataclass
 class LDMConfig(DiTMethodConfig):
@@ -33,22 +30,9 @@ class LDMConfig(DiTMethodConfig):
     ``clip_denoised`` defaults to False: latents are not confined to [-1, 1].
     """
 
-    autoencoder: str | None = None  # run folder of a kl-ae or vq-ae run (frozen; its EMA weights)
+    autoencoder: str | None = None  # run folder of a kl-ae or vq-ae run (the frozen parent; its EMA weights)
     network: Literal["unet", "dit"] = "unet"
     clip_denoised: bool = False
-
-
-def load_autoencoder(path: str) -> nn.Module:
-    """The frozen autoencoder method of a kl-ae / vq-ae run folder (EMA weights, on the CPU)."""
-    from genlab.runs import load_run
-
-    parent = load_run(path, weights="ema", device="cpu").method
-    missing = [a for a in ("encode", "decode", "latent_scale") if not hasattr(parent, a)]
-    if missing:
-        raise ConfigError(f"model.autoencoder={path} is a {parent.name} run without {', '.join(missing)}: "
-                          "latent diffusion needs a kl-ae or vq-ae run")
-    parent.requires_grad_(False)
-    return parent.eval()
 
 
 class LDM(DDPM):
@@ -56,13 +40,12 @@ class LDM(DDPM):
 
     name = "ldm"
     Config = LDMConfig
+    parents = {"autoencoder": ParentRun(LatentCodec, attribute="autoencoder")}
 
-    def __init__(self, config: LDMConfig, data_info: DataInfo):
-        if not config.autoencoder:
-            raise ConfigError(MISSING_AUTOENCODER)
+    def __init__(self, config: LDMConfig, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
         if config.network == "dit":
             reject_pixel_patches(config)
-        parent = load_autoencoder(config.autoencoder)
+        parent = checked_parents(type(self), config, parents)["autoencoder"]
         seen = parent.data_info
         if (seen.channels, seen.image_size) != (data_info.channels, data_info.image_size):
             raise ConfigError(
@@ -78,13 +61,12 @@ class LDM(DDPM):
             raise ConfigError(f"model.dit.patch_size={config.dit.patch_size} must divide the latent size {h} "
                               f"(the autoencoder's latents are {c}x{h}x{w}): choose a divisor of {h}, e.g. 1")
         latent_info = DataInfo(channels=c, image_size=h, num_classes=data_info.num_classes)
-        super().__init__(config, latent_info)  # the denoiser is built for the latents
+        super().__init__(config, latent_info, parents)  # the denoiser is built for the latents
         self.data_info = data_info  # the pixel data's: the CLI and evaluation rely on it
         self.latent_info = latent_info
-        self.autoencoder = parent  # a submodule: its weights (and latent_scale) are saved with ours
         # Rombach et al.'s VQ-regularised models absorb the quantiser into the decoder: the diffused
         # latents are snapped to the codebook before decoding.
-        self._decode_options = {"quantize": True} if hasattr(parent, "codebook_size") else {}
+        self._decode_options = {"quantize": True} if has(parent, DiscreteCodes) else {}
 
     @property
     def network_name(self) -> str:
@@ -96,12 +78,6 @@ class LDM(DDPM):
         if self.config.network == "dit":
             return make_dit_network(self, in_channels, out_channels, image_size)
         return super()._make_network(in_channels, out_channels, image_size)
-
-    def train(self, mode: bool = True) -> "LDM":
-        """Switch the denoiser's mode; the frozen autoencoder always stays in eval mode."""
-        super().train(mode)
-        self.autoencoder.eval()
-        return self
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

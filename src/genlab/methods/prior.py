@@ -4,28 +4,26 @@
 A VQ autoencoder (vqvae, vqgan, vq-ae) turns an image into an (h, w) map of codes in [0, K). A prior
 learns p(codes) = prod_i p(c_i | c_<i) in raster order by maximum likelihood (cross-entropy on the
 codes of training images); generation samples codes one position at a time and decodes them with
-the frozen VQ decoder. The VQ run is the "parent": loaded from ``model.codes`` with its EMA weights,
-frozen, kept in eval mode, saved inside this run's checkpoints and never optimised.
+the frozen VQ decoder. The VQ run is the "parent" (role ``codes``, see ``Method.parents``): named by
+``model.codes``, built with its EMA weights by :mod:`genlab.runs`, frozen, kept in eval mode, saved
+inside this run's checkpoints and never optimised.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genlab.errors import ConfigError
-from genlab.methods.base import DataInfo, Method
-from genlab.methods.capabilities import Generates
+from genlab.methods.base import DataInfo, Method, ParentRun
+from genlab.methods.capabilities import DiscreteCodes, Generates
 from genlab.models.gpt import GPT, GPTConfig, KVCache
 from genlab.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
-
-_VQ_API = ("encode_codes", "decode_codes", "codebook_size", "code_shape")
-
 
 def sample_from_logits(
     logits: torch.Tensor,
@@ -86,40 +84,20 @@ class GPTPriorConfig:
 class CodePrior(Method, Generates):
     """Shared machinery of the priors: the frozen VQ parent, the likelihood loss, sampling options."""
 
-    def __init__(self, config: Any, data_info: DataInfo):
-        super().__init__(config, data_info)
-        self.parent = self._load_parent(config.codes, data_info)
+    parents = {"codes": ParentRun(DiscreteCodes, attribute="parent")}
+
+    def __init__(self, config: Any, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
+        super().__init__(config, data_info, parents)
+        info = self.parent.data_info
+        if (info.channels, info.image_size) != (data_info.channels, data_info.image_size):
+            raise ConfigError(f"the data is {data_info.channels}x{data_info.image_size}x{data_info.image_size} but the "
+                              f"VQ run {config.codes} was trained on {info.channels}x{info.image_size}x{info.image_size}: "
+                              "train the prior on the VQ run's data")
         self.num_codes = int(self.parent.codebook_size)
         self.code_shape = _code_shape(self.parent)
         if config.class_conditional and not data_info.num_classes:
             raise ConfigError("model.class_conditional=true needs a labelled data source (e.g. mnist, cifar10)")
         self.num_classes = data_info.num_classes if config.class_conditional else None
-
-    def _load_parent(self, codes: str | None, data_info: DataInfo) -> nn.Module:
-        """Load the VQ run with its EMA weights, frozen and in eval mode."""
-        if not codes:
-            raise ConfigError(f"{self.name} models the codes of a trained VQ run: pass --codes RUN "
-                              "(a vqvae, vqgan or vq-ae run folder; or model.codes=RUN)")
-        from genlab import runs  # late: runs imports the method registry
-
-        parent = runs.load_run(codes, weights="ema").method
-        missing = [a for a in _VQ_API if not hasattr(parent, a)]
-        if missing:
-            raise ConfigError(f"{codes} is a {getattr(parent, 'name', type(parent).__name__)} run without discrete "
-                              "codes: pass a vqvae, vqgan or vq-ae run to --codes")
-        info = getattr(parent, "data_info", None)
-        if info is not None and (info.channels, info.image_size) != (data_info.channels, data_info.image_size):
-            raise ConfigError(f"the data is {data_info.channels}x{data_info.image_size}x{data_info.image_size} but the "
-                              f"VQ run {codes} was trained on {info.channels}x{info.image_size}x{info.image_size}: "
-                              "train the prior on the VQ run's data")
-        parent.requires_grad_(False)
-        return parent.eval()
-
-    def train(self, mode: bool = True) -> "CodePrior":
-        """Switch the prior's mode; the frozen parent always stays in eval mode."""
-        super().train(mode)
-        self.parent.eval()
-        return self
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"main": list(self.net.parameters())}
@@ -183,8 +161,8 @@ class PixelCNNPrior(CodePrior):
     name = "pixelcnn"
     Config = PixelCNNPriorConfig
 
-    def __init__(self, config: PixelCNNPriorConfig, data_info: DataInfo):
-        super().__init__(config, data_info)
+    def __init__(self, config: PixelCNNPriorConfig, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
+        super().__init__(config, data_info, parents)
         self.net = GatedPixelCNN(config.net, self.num_codes, self.num_classes)
 
     def code_logits(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,8 +186,8 @@ class GPTPrior(CodePrior):
     name = "gpt"
     Config = GPTPriorConfig
 
-    def __init__(self, config: GPTPriorConfig, data_info: DataInfo):
-        super().__init__(config, data_info)
+    def __init__(self, config: GPTPriorConfig, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
+        super().__init__(config, data_info, parents)
         h, w = self.code_shape
         self.net = GPT(config.net, self.num_codes, h * w, self.num_classes)
 

@@ -27,7 +27,7 @@ import torch
 from genlab.errors import ConfigError
 from genlab.losses import discriminator_loss, generator_loss, r1_penalty
 from genlab.methods.base import DataInfo, Method, OptimizerSpec
-from genlab.methods.capabilities import GANLatent, Generates
+from genlab.methods.capabilities import Generates, StyleSpace
 from genlab.models.stylegan import Discriminator, Generator, StyleGANNetConfig
 from genlab.train.health import HealthConfig, TrainingHealth
 
@@ -62,7 +62,7 @@ class StyleGANConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
 
 
-class StyleGAN(Method, Generates, GANLatent):
+class StyleGAN(Method, Generates, StyleSpace):
     """StyleGAN2-lite: mapping + modulated synthesis generator, residual discriminator."""
 
     name = "stylegan"

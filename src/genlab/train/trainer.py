@@ -256,7 +256,8 @@ class Trainer:
         rng_tensors, rng_json = capture_rng_state()
         tensors["rng"] = rng_tensors
         state = {"step": self.step, "elapsed_seconds": self.elapsed, "skeletons": skeletons, "rng": rng_json,
-                 "method": self.cfg.method, "data_info": dataclasses.asdict(self.method.data_info)}
+                 "method": self.cfg.method, "data_info": dataclasses.asdict(self.method.data_info),
+                 "parents": self.method.parent_records}  # frozen parents' configs: a child loads without their folders
         return save_checkpoint(self.run_dir, self.step, tensors, state, keep_last=self.cfg.train.keep_checkpoints)
 
     def resume(self, path: Path | None = None) -> int:
