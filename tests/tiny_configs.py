@@ -68,3 +68,38 @@ TINY_DCGAN = [
     "train.sample_n=4",
     "train.threads=1",
 ]
+
+# A kl-ae for 8x8 digits: 4x4x4 latents (f = 2).
+TINY_KL_AE = [
+    "model.net.base_channels=8",
+    "model.net.channel_mult=[1,2]",
+    "model.net.num_res_blocks=0",
+    "model.net.norm_groups=4",
+    "model.latent_channels=4",
+    "train.batch_size=32",
+    "train.lr=3e-3",
+    "train.lr_schedule=constant",
+    "train.warmup_steps=0",
+    "train.ema_decay=null",
+    "train.sample_n=4",
+    "train.threads=1",
+]
+
+# An ldm on TINY_KL_AE's latents (U-Net or, with model.network=dit, a one-block DiT).
+TINY_LDM = [
+    "model.unet.base_channels=16",
+    "model.unet.channel_mult=[1,2]",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_resolutions=[2]",
+    "model.unet.norm_groups=8",
+    "model.unet.dropout=0.0",
+    "model.dit.hidden_size=32",
+    "model.dit.depth=1",
+    "model.dit.num_heads=2",
+    "model.dit.patch_size=1",
+] + TINY_DIFFUSION_TRAINING
+
+# A gan-encoder for 8x8 digits (no perceptual term: no feature network to load).
+TINY_ENCODER = ["model.net.base_channels=8", "model.net.channel_mult=[1,2]", "model.net.num_res_blocks=0",
+                "model.net.norm_groups=4", "model.perceptual_weight=0", "train.batch_size=32", "train.lr=3e-3",
+                "train.warmup_steps=0", "train.ema_decay=null", "train.threads=1", "train.log_every=5"]

@@ -27,6 +27,48 @@ def default_run_dir(method: str, source: str) -> Path:
     return Path("runs") / f"{method}-{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def train_config(
+    method: str,
+    data: str | None = None,
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    data_root: str | None = None,
+) -> tuple[RunConfig, Path | None]:
+    """The config :func:`train` uses, and the preset file it comes from (None: defaults, or a resumed run's config).
+
+    A child method (one with frozen parents, e.g. ldm's ``model.autoencoder=RUN``) trains on its
+    parent's data unless ``data`` is given, and its preset is resolved as if ``data`` were the
+    parent's source (ldm_mnist_small.yaml over ldm_small.yaml for a parent trained on mnist).
+    """
+    method_cls = get_method(method)
+    base = None
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume needs --run-dir: the run folder to continue")
+        base = read_config_file(Path(run_dir) / "config.yaml")
+        if data is not None and data != base.get("data", {}).get("source"):
+            raise ConfigError(f"--data {data} differs from the run's data source {base['data']['source']!r}; "
+                              "a resumed run keeps its data")
+        preset = None  # the saved config already contains the preset
+    overrides, parent_source = _resolve_parent_runs(method_cls, list(overrides), data, data_root, resume)
+    if data is not None:
+        overrides.insert(0, f"data.source={data}")
+    preset = resolve_preset(method, data or parent_source, preset)
+    if data_root is not None:
+        overrides.insert(0, f"data.root={data_root}")
+    cfg = build_config(method, method_cls.Config, preset=preset, overrides=overrides, base=base)
+    if resume and base is not None:
+        changed = _changed_keys(base, cfg)
+        if changed - {"train.steps", "train.time_limit", "train.checkpoint_every", "train.sample_every",
+                      "train.log_every", "train.threads", "train.keep_checkpoints"}:
+            import warnings
+
+            warnings.warn(f"resuming with changed {sorted(changed)}: the continuation is no longer an exact resume")
+    return cfg, None if preset is None else preset_path(method, preset)
+
+
 def train(
     method: str,
     data: str | None = None,
@@ -40,40 +82,15 @@ def train(
 ) -> Run:
     """Train ``method`` and return the finished :class:`Run` (EMA weights loaded when present).
 
-    A child method (one with frozen parents, e.g. ldm's ``model.autoencoder=RUN``) trains on its
-    parent's data unless ``data`` is given, and its preset is resolved as if ``data`` were the
-    parent's source. ``announce`` receives one line naming the preset file used, before training.
+    The config is :func:`train_config`'s; ``announce`` receives one line naming its preset file
+    (``preset: PATH`` or ``preset: none (defaults)``) before training starts.
     """
     from genlab.train.trainer import Trainer
 
-    method_cls = get_method(method)
-    overrides = list(overrides)
-    base = None
-    if resume:
-        if run_dir is None:
-            raise ConfigError("--resume needs --run-dir: the run folder to continue")
-        base = read_config_file(Path(run_dir) / "config.yaml")
-        if data is not None and data != base.get("data", {}).get("source"):
-            raise ConfigError(f"--data {data} differs from the run's data source {base['data']['source']!r}; "
-                              "a resumed run keeps its data")
-        preset = None  # the saved config already contains the preset
-    overrides, parent_source = _resolve_parent_runs(method_cls, overrides, data, data_root, resume)
-    if data is not None:
-        overrides.insert(0, f"data.source={data}")
-    preset = resolve_preset(method, data or parent_source, preset)
-    if data_root is not None:
-        overrides.insert(0, f"data.root={data_root}")
-    cfg = build_config(method, method_cls.Config, preset=preset, overrides=overrides, base=base)
+    cfg, preset_file = train_config(method, data, preset, overrides, run_dir, resume, data_root)
     if announce is not None:
         used = "none (the run's saved config)" if resume else "none (defaults)"
-        announce(f"preset: {_shown_path(preset_path(method, preset)) if preset is not None else used}")
-    if resume and base is not None:
-        changed = _changed_keys(base, cfg)
-        if changed - {"train.steps", "train.time_limit", "train.checkpoint_every", "train.sample_every",
-                      "train.log_every", "train.threads", "train.keep_checkpoints"}:
-            import warnings
-
-            warnings.warn(f"resuming with changed {sorted(changed)}: the continuation is no longer an exact resume")
+        announce(f"preset: {used if preset_file is None else _shown_path(preset_file)}")
     if run_dir is None:
         run_dir = default_run_dir(method, cfg.data.source)
     run_dir = Path(run_dir)
@@ -81,6 +98,7 @@ def train(
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     images = load_data(cfg.data)
     torch.manual_seed(cfg.train.seed)  # weight initialisation is part of the run's seed
+    # A resumed child rebuilds its parents from its checkpoint: their folders may have moved.
     instance = build_method(cfg, data_info_for(cfg, images), stored_parent_records(run_dir) if resume else None)
     trainer = Trainer(run_dir, cfg, instance, images, progress=progress)
     trainer.fit(resume=resume)
@@ -145,4 +163,5 @@ def _changed_keys(base: dict, cfg: RunConfig) -> set[str]:
     return out
 
 
-__all__ = ["Run", "data_info_for", "default_run_dir", "heldout_images", "load_run", "resolve_preset", "slerp", "train"]
+__all__ = ["Run", "data_info_for", "default_run_dir", "heldout_images", "load_run", "resolve_preset", "slerp", "train",
+           "train_config"]

@@ -16,11 +16,7 @@ from genlab.errors import ConfigError
 from genlab.inversion import psnr_of, render
 from genlab.runs import build_method
 
-from tiny_configs import TINY_DCGAN
-
-TINY_ENCODER = ["model.net.base_channels=8", "model.net.channel_mult=[1,2]", "model.net.num_res_blocks=0",
-                "model.net.norm_groups=4", "model.perceptual_weight=0", "train.batch_size=32", "train.lr=3e-3",
-                "train.warmup_steps=0", "train.ema_decay=null", "train.threads=1", "train.log_every=5"]
+from tiny_configs import TINY_DCGAN, TINY_ENCODER
 
 
 @pytest.fixture(scope="module")

@@ -15,34 +15,8 @@ from genlab.methods.ddpm import DDPM
 from genlab.methods.ldm import LDM
 from genlab.runs import build_method
 from step_context import RecordingContext
-from tiny_configs import TINY_DIFFUSION_TRAINING
+from tiny_configs import TINY_KL_AE, TINY_LDM
 
-TINY_KL_AE = [  # 8x8 digits -> 4x4x4 latents (f = 2)
-    "model.net.base_channels=8",
-    "model.net.channel_mult=[1,2]",
-    "model.net.num_res_blocks=0",
-    "model.net.norm_groups=4",
-    "model.latent_channels=4",
-    "train.batch_size=32",
-    "train.lr=3e-3",
-    "train.lr_schedule=constant",
-    "train.warmup_steps=0",
-    "train.ema_decay=null",
-    "train.sample_n=4",
-    "train.threads=1",
-]
-TINY_LDM = [
-    "model.unet.base_channels=16",
-    "model.unet.channel_mult=[1,2]",
-    "model.unet.num_res_blocks=1",
-    "model.unet.attention_resolutions=[2]",
-    "model.unet.norm_groups=8",
-    "model.unet.dropout=0.0",
-    "model.dit.hidden_size=32",
-    "model.dit.depth=1",
-    "model.dit.num_heads=2",
-    "model.dit.patch_size=1",
-] + TINY_DIFFUSION_TRAINING
 DIGITS = DataInfo(channels=1, image_size=8, num_classes=10)
 
 

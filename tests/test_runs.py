@@ -1,0 +1,134 @@
+"""Run folders and child runs: a child keeps its frozen parents in its own checkpoint and loads without
+their folders; children take their data and preset family from their parent; Run's one-line repr."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import genlab.config
+from genlab import api
+from genlab.cli import main
+from genlab.config import to_dict
+from genlab.errors import ConfigError, GenlabError
+from genlab.inversion import render
+from genlab.runs import guidance_classifier, load_run
+from genlab.train.checkpoint import STATE_FILE, latest_checkpoint
+from tiny_configs import TINY_DCGAN, TINY_ENCODER, TINY_KL_AE, TINY_LDM, TINY_VQ
+
+TINY_GPT = ["model.net.dim=32", "model.net.num_layers=2", "model.net.num_heads=2", "train.batch_size=32",
+            "train.lr=3e-3", "train.log_every=5", "train.sample_n=4", "train.threads=1"]
+
+
+def _digits(n: int = 4) -> torch.Tensor:
+    from genlab.data import DataConfig, load_data
+
+    return load_data(DataConfig(source="digits", split="test", limit=n)).to_model_range()
+
+
+def _output(run) -> torch.Tensor:
+    """What the child run produces: samples, or for the gan-encoder, the GAN's images of its inversions."""
+    if run.config.method == "gan-encoder":
+        with torch.no_grad():
+            return render(run.method.gan, run.method.invert(_digits()), run.method.space)
+    return run.sample(3, seed=0)
+
+
+# (parent method, its overrides, child method, the parent's role, the child's overrides)
+FAMILIES = {
+    "ldm": ("kl-ae", TINY_KL_AE, "autoencoder", TINY_LDM),
+    "gpt": ("vqvae", TINY_VQ + ["train.sample_n=4"], "codes", TINY_GPT),
+    "gan-encoder": ("gan", TINY_DCGAN, "gan", TINY_ENCODER),
+}
+
+
+@pytest.mark.parametrize("child", sorted(FAMILIES))
+def test_a_child_run_keeps_working_after_its_parent_folder_is_deleted(tmp_path, child):
+    parent, parent_overrides, role, child_overrides = FAMILIES[child]
+    parent_dir, child_dir, old_dir = tmp_path / "parent", tmp_path / "child", tmp_path / "old-child"
+    api.train(parent, data="digits", overrides=parent_overrides + ["train.steps=3"], run_dir=parent_dir, progress=False)
+    api.train(child, overrides=child_overrides + [f"model.{role}={parent_dir}", "train.steps=3"], run_dir=child_dir,
+              progress=False)
+    # The child's state.json holds the parent's config, shape and provenance (its weights are in the child's tensors).
+    record = json.loads((latest_checkpoint(child_dir) / STATE_FILE).read_text())["parents"][role]
+    parent_run = load_run(parent_dir)
+    assert record["method"] == parent and record["config"] == to_dict(parent_run.config)
+    assert record["path"] == str(parent_dir.resolve()) and record["step"] == 3 == parent_run.step
+    assert record["data_info"]["image_size"] == 8
+    before = _output(load_run(child_dir))
+    # A checkpoint written before parents were stored still loads, from the parent folder its config names.
+    shutil.copytree(child_dir, old_dir)
+    state_file = latest_checkpoint(old_dir) / STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["parents"]
+    state_file.write_text(json.dumps(state))
+    assert torch.equal(_output(load_run(old_dir)), before)
+
+    shutil.rmtree(parent_dir)
+    assert torch.equal(_output(load_run(child_dir)), before)  # rebuilt from the child's own copy
+    with pytest.raises(GenlabError, match=f"{parent_dir}: no such run folder"):
+        load_run(old_dir)  # the old behaviour: the parent folder was needed
+    if child == "ldm":  # resuming needs no parent folder either
+        resumed = api.train(child, overrides=["train.steps=4"], run_dir=child_dir, resume=True, progress=False)
+        assert resumed.step == 4 and resumed.method.parent_records[role]["path"] == str(parent_dir.resolve())
+
+
+def test_classifier_guidance_resolves_a_run_folder_and_names_a_missing_capability(tmp_path):
+    kl_ae = tmp_path / "kl-ae"
+    api.train("kl-ae", data="digits", overrides=TINY_KL_AE + ["train.steps=1"], run_dir=kl_ae, progress=False)
+    with pytest.raises(ConfigError, match=f"{kl_ae}: a kl-ae run cannot guide sampling .*'NoiseAwareClassifier'"
+                                          ".*which noisy-classifier has") as e:
+        guidance_classifier(str(kl_ae))
+    assert "\n" not in str(e.value)
+    method = load_run(kl_ae).method
+    assert guidance_classifier(method) is method  # a method passes through: DDPM receives methods only
+
+
+def test_run_repr_is_one_line_with_method_step_weights_and_path(tmp_path):
+    path = tmp_path / "kl-ae"
+    api.train("kl-ae", data="digits", overrides=TINY_KL_AE + ["train.steps=2"], run_dir=path, progress=False)
+    assert repr(load_run(path)) == f"Run(method='kl-ae', step=2, weights='raw', path='{path}')"  # no EMA: raw
+
+
+CHILD_ROLES = {"ldm": "autoencoder", "pixelcnn": "codes", "gpt": "codes", "gan-encoder": "gan"}
+
+
+@pytest.mark.parametrize("child", sorted(CHILD_ROLES))
+def test_a_child_takes_its_parents_data_and_data_specific_preset(tmp_path, monkeypatch, child):
+    role = CHILD_ROLES[child]
+    parent = tmp_path / "parent"  # only its config is read to configure the child
+    parent.mkdir()
+    parent_data = {"source": "fashion-mnist", "root": "/data/root", "image_size": 16, "channels": 3}
+    (parent / "config.yaml").write_text(yaml.safe_dump({"method": "x", "data": parent_data}))
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    stem = child.replace("-", "_")
+    (presets / f"{stem}_small.yaml").write_text("train:\n  steps: 11\n")
+    (presets / f"{stem}_fashion_mnist_small.yaml").write_text("train:\n  steps: 22\n")
+    monkeypatch.setattr(genlab.config, "preset_dir", lambda: presets)
+
+    cfg, preset = api.train_config(child, preset="small", overrides=[f"{role}={parent}"])  # as --{role} RUN sets it
+    assert preset == presets / f"{stem}_fashion_mnist_small.yaml" and cfg.train.steps == 22
+    assert {k: getattr(cfg.data, k) for k in parent_data} == parent_data
+    assert getattr(cfg.model, role) == str(parent.resolve())
+    # --data wins over the parent's: its own preset family (none for digits: the generic one).
+    cfg, preset = api.train_config(child, data="digits", preset="small", overrides=[f"model.{role}={parent}"])
+    assert preset == presets / f"{stem}_small.yaml" and cfg.train.steps == 11 and cfg.data.source == "digits"
+
+
+def test_train_prints_the_preset_file_it_used(tmp_path, capsys, monkeypatch):
+    from tiny_configs import TINY_DDPM
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "ddpm", "--data", "digits", "--run-dir", "a", "--no-progress", *TINY_DDPM,
+                 "train.steps=1"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["preset: none (defaults)", "a"]
+    (tmp_path / "tiny.yaml").write_text("train:\n  steps: 1\n")
+    assert main(["train", "ddpm", "--data", "digits", "--preset", "tiny.yaml", "--run-dir", "b", "--no-progress",
+                 *TINY_DDPM]) == 0
+    assert capsys.readouterr().out.splitlines() == ["preset: tiny.yaml", "b"]
