@@ -128,7 +128,8 @@ class NoiseSchedule:
     @classmethod
     def from_name(cls, name: str, num_timesteps: int) -> NoiseSchedule:
         """The schedule of :func:`beta_schedule` ``(name, num_timesteps)``."""
-        return cls(beta_schedule(name, num_timesteps))
+        with torch.device("cpu"):  # CPU float64 whatever the default device (a model built on "meta" included)
+            return cls(beta_schedule(name, num_timesteps))
 
     def __repr__(self) -> str:
         abar_last = self.alphas_cumprod[-1].item()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from genlab.errors import ConfigError
-from genlab.methods.capabilities import Capability, capable_methods, require
+from genlab.methods.capabilities import Capability, Generates, capable_methods, require
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:
-        """``n`` images in [-1, 1], (n, C, H, W)."""
+        """``n`` images in [-1, 1], (n, C, H, W); a method that does not generate names the capability it lacks."""
+        require(self, Generates, "generate images")
         raise NotImplementedError
 
     @property

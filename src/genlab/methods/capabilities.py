@@ -72,7 +72,7 @@ class Translates(Capability):
 
 
 class HasELBO(Capability):
-    """Scores held-out images by an evidence lower bound: ``negative_elbo(x) -> dict`` of nats (per image)."""
+    """Scores held-out images by an evidence lower bound: ``negative_elbo(x) -> (N,)``, nats per image."""
 
     ability = "report an ELBO"
     members = ("negative_elbo",)
