@@ -423,7 +423,7 @@ def _cmd_translate(a) -> int:
     d = method.data_info
     if a.input is not None:
         path = Path(a.input)
-        a_u8 = _read_images_file(path, getattr(method, "input_channels", d.channels))
+        a_u8 = _read_images_file(path, method.input_channels)
         if tuple(a_u8.shape[-2:]) != (d.image_size, d.image_size):
             raise GenlabError(f"--input {path}: images are {a_u8.shape[-2]}x{a_u8.shape[-1]}, the run translates "
                               f"{d.image_size}x{d.image_size}; resize them first")

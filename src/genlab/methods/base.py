@@ -108,7 +108,8 @@ class Method(nn.Module):
         self.parent_records: dict[str, dict] = {}  # role -> the parent's config and provenance (set by the builder)
         for role, parent in checked_parents(type(self), config, parents).items():
             parent.requires_grad_(False)
-            self.add_module(type(self).parents[role].attribute, parent.eval())  # saved with our weights, never optimised
+            # A submodule: saved with our weights, never optimised.
+            self.add_module(type(self).parents[role].attribute, parent.eval())
 
     def parent_modules(self) -> dict[str, nn.Module]:
         """The frozen parents by role."""

@@ -65,10 +65,10 @@ class DiscreteCodes(Capability):
 
 
 class Translates(Capability):
-    """Image-to-image: ``translate(a) -> b``; ``make_input(b)`` derives a task input from a target."""
+    """Image-to-image: ``translate(a) -> b``, a of ``input_channels``; ``make_input(b)`` derives a task input."""
 
     ability = "translate images"
-    members = ("translate", "make_input")
+    members = ("translate", "make_input", "input_channels")
 
 
 class HasELBO(Capability):
@@ -79,7 +79,7 @@ class HasELBO(Capability):
 
 
 class GANLatent(Capability):
-    """Has a generator's latent space: ``latent_dim`` and ``synthesize(z) -> images`` (inversion, slerp paths)."""
+    """A generator's latent space: ``latent_dim``, ``synthesize(z) -> images`` (unclamped, for inversion gradients)."""
 
     ability = "map latent vectors to images"
     members = ("latent_dim", "synthesize")
