@@ -132,3 +132,20 @@ def test_train_prints_the_preset_file_it_used(tmp_path, capsys, monkeypatch):
     assert main(["train", "ddpm", "--data", "digits", "--preset", "tiny.yaml", "--run-dir", "b", "--no-progress",
                  *TINY_DDPM]) == 0
     assert capsys.readouterr().out.splitlines() == ["preset: tiny.yaml", "b"]
+
+
+@pytest.mark.slow
+def test_ldm_on_an_mnist_kl_ae_uses_the_mnist_preset(tmp_path, capsys, data_root):
+    """`genlab train ldm --autoencoder RUN --preset small` on a kl-ae trained on mnist picks ldm_mnist_small.yaml."""
+    kl_ae, ldm = tmp_path / "kl-ae", tmp_path / "ldm"
+    assert main(["train", "kl-ae", "--data", "mnist", "--data-root", str(data_root), "--run-dir", str(kl_ae),
+                 "--no-progress", *TINY_KL_AE, "data.limit=64", "train.steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "ldm", "--autoencoder", str(kl_ae), "--preset", "small", "--run-dir", str(ldm),
+                 "--no-progress", *TINY_LDM, "model.unet.attention_resolutions=[]", "data.limit=64",
+                 "train.steps=1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("preset: ") and printed[0].endswith("ldm_mnist_small.yaml"), printed
+    cfg = load_run(ldm).config
+    assert cfg.data.source == "mnist" and cfg.data.root == str(data_root)
+    assert cfg.model.class_conditional  # ldm_mnist_small's, not ldm_small's

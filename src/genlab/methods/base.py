@@ -89,7 +89,7 @@ def checked_parents(method_cls: type["Method"], config: Any, parents: Mapping[st
         if parents.get(role) is None:
             raise ConfigError(f"{method_cls.name} needs a frozen {role} run: pass --{role} RUN (a "
                               f"{' or '.join(capable_methods(spec.capability))} run folder), i.e. model.{role}=RUN")
-        require(parents[role], spec.capability, f"be the {role} of a {method_cls.name}",
+        require(parents[role], spec.capability, f"be the {role} of {method_cls.name}",
                 where=f"model.{role}={getattr(config, role, None)}")
     return parents
 

@@ -125,10 +125,11 @@ def require(method: Any, capability: type[Capability] | tuple[type[Capability], 
         return
     wanted = capability if isinstance(capability, tuple) else (capability,)
     name = getattr(method, "name", type(method).__name__)
-    prefix = f"{where}: " if where else ""
+    run = f"{'an' if name[:1] in 'aeiou' else 'a'} {name} run"
+    run = f"{where}: {run}" if where else run
     needs = " or ".join(f"'{c.__name__}' ({c.ability})" for c in wanted)
     offering = sorted({m for c in wanted for m in capable_methods(c)})
-    raise ConfigError(f"{prefix}a {name} run cannot {what or wanted[0].ability}: that needs the capability {needs}, "
+    raise ConfigError(f"{run} cannot {what or wanted[0].ability}: that needs the capability {needs}, "
                       f"which {', '.join(offering) or 'no method'} {'has' if len(offering) == 1 else 'have'}")
 
 
@@ -160,6 +161,6 @@ def conditions_on_classes(method: Any) -> bool:
 
 __all__ = [
     "Capability", "Generates", "Reconstructs", "Encodes", "LatentCodec", "DiscreteCodes", "Translates", "HasELBO",
-    "GANLatent", "StyleSpace", "Denoiser", "NoiseAwareClassifier", "has", "require", "capable_methods", "capabilities_of",
-    "conditions_on_classes",
+    "GANLatent", "StyleSpace", "Denoiser", "NoiseAwareClassifier", "has", "require", "capable_methods",
+    "capabilities_of", "conditions_on_classes",
 ]
