@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ def guidance_classifier(classifier: Any, device: torch.device | str | None = Non
 
     Classifier guidance is no parent: the classifier is used at sampling time only and is not saved.
     """
-    if isinstance(classifier, (str, Path)):
+    if isinstance(classifier, (str, os.PathLike)):
         where = str(classifier)
         classifier = load_run(classifier, weights="ema", device=device).method
         require(classifier, NoiseAwareClassifier, "guide sampling (--classifier needs a noisy-classifier run: "
@@ -209,11 +210,13 @@ def build_method(cfg: RunConfig, data_info: DataInfo, records: dict[str, dict] |
 
 
 def stored_parent_records(run_dir: str | Path) -> dict[str, dict] | None:
-    """The parent records of a run's latest checkpoint (None: no checkpoint, or one written before parents were stored)."""
+    """The parent records in a run's latest checkpoint; None without them (none stored yet, or unreadable:
+    resuming then reports the checkpoint itself)."""
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is None or not (ckpt / STATE_FILE).is_file():
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text()).get("parents") if ckpt is not None else None
+    except (OSError, ValueError, AttributeError):
         return None
-    return json.loads((ckpt / STATE_FILE).read_text()).get("parents")
 
 
 def load_run(path: str | Path, weights: str = "ema", checkpoint: str | Path | None = None, device: str | None = None) -> Run:
