@@ -28,8 +28,9 @@ from genlab.errors import ConfigError
 from genlab.losses import discriminator_loss, generator_loss, r1_penalty
 from genlab.methods.base import DataInfo, Method, OptimizerSpec
 from genlab.methods.capabilities import GANLatent, Generates
+from genlab.methods.gan_health import WatchesTrainingHealth
 from genlab.models.stylegan import Discriminator, Generator, StyleGANNetConfig
-from genlab.train.health import HealthConfig, TrainingHealth
+from genlab.train.health import HealthConfig
 
 
 def path_lengths(images: torch.Tensor, ws: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,7 @@ class StyleGANConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
 
 
-class StyleGAN(Method, Generates, GANLatent):
+class StyleGAN(WatchesTrainingHealth, Method, Generates, GANLatent):
     """StyleGAN2-lite: mapping + modulated synthesis generator, residual discriminator."""
 
     name = "stylegan"
@@ -89,8 +90,7 @@ class StyleGAN(Method, Generates, GANLatent):
         # Last values of the lazy regularisers, logged every step so that window means stay meaningful.
         self.register_buffer("r1_last", torch.zeros(()), persistent=False)
         self.register_buffer("pl_last", torch.zeros(()), persistent=False)
-        self.health = (TrainingHealth(c.health, data_info.channels, data_info.image_size, data_info.source)
-                       if c.health.enabled else None)
+        self.init_health(c.health, data_info)
 
     # ------------------------------------------------------------------ GAN-family API
 
@@ -213,28 +213,8 @@ class StyleGAN(Method, Generates, GANLatent):
             "d_real_acc": (real_logits.detach() > 0).float().mean(),
             "d_fake_acc": (fake_logits.detach() < 0).float().mean(),
         }
-        if self.health is not None:
-            logs.update(self._health(ctx, logs))
+        logs.update(self.watch_health(ctx, logs["d_loss"]))
         return logs
-
-    def _health(self, ctx, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """SPEC G4: feed D loss and gradient norms to the monitor; check the diversity of a fixed-z batch."""
-        signals = {k: v for k, v in getattr(ctx, "logs", {}).items() if k.startswith("grad_norm")}
-        signals["d_loss"] = logs["d_loss"]
-        if self.health.due(ctx.step):
-            self.health.check_samples(ctx.step, self._fixed_samples)
-        return self.health.observe(ctx.step, signals)
-
-    @torch.no_grad()
-    def _fixed_samples(self) -> torch.Tensor:
-        """The monitor's batch: fixed z, labels and noise (private seed; draws nothing from the run's streams)."""
-        g, device = self.generator, self.w_avg.device
-        z = self.health.fixed_noise(g.z_dim, device=device)
-        n = z.shape[0]
-        gen = torch.Generator().manual_seed(1)
-        labels = torch.arange(n, device=device) % self.num_classes if self.num_classes else None
-        noise = [m.to(device) for m in g.make_noise(n, gen)]
-        return g(z, labels, noise=noise).clamp(-1, 1)
 
     # ------------------------------------------------------------------ sampling
 
