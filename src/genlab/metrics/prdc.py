@@ -5,11 +5,12 @@ excluded). Precision: share of fakes inside some real ball; recall: share of rea
 (both k = 3). Density: mean number of real balls containing a fake, divided by k; coverage: share of reals
 whose ball contains some fake (both k = 5, real balls only).
 
-Cost: three passes over distance matrices, each cut into ``chunk_size`` x ``chunk_size`` tiles (memory is
-a few tiles of float64, and a tile stays in cache for the comparisons that follow its matrix product):
-one pass over real-real distances gives both real radii (k = 3 and 5) from one top-k, one over fake-fake
-gives the fake radii, and one over real-fake distances feeds all four metrics. Within a set only the tiles
-on and above the diagonal are computed (d(x_i, x_j) = d(x_j, x_i)), halving the two k-NN passes.
+Cost: three passes over distance matrices, each cut into ``chunk_size`` x ``chunk_size`` tiles (memory: a
+few float64 tiles, 8 MB each at 1024, plus the k + 1 smallest distances per sample), every comparison
+made on a tile right after its matrix product. One pass over real-real distances gives both real radii
+(k = 3 and 5) from one top-k, one over fake-fake gives the fake radii, and one over real-fake distances
+feeds all four metrics. Within a set only the tiles on and above the diagonal are computed
+(d(x_i, x_j) = d(x_j, x_i)), halving the two k-NN passes.
 """
 
 from __future__ import annotations
@@ -55,16 +56,20 @@ def knn_radii(x: torch.Tensor, ks: tuple[int, ...], chunk_size: int = 1024) -> d
         raise DataError(f"k-NN radii with k = {k_max} need more than {k_max} samples, got {x.shape[0]}")
     x_sq = (x * x).sum(1)  # (N,)
     tiles = _tiles(x.shape[0], chunk_size)
-    candidates: list[list[torch.Tensor]] = [[] for _ in tiles]  # per row tile: the k_max + 1 smallest of each tile
+    # The k_max + 1 smallest squared distances of each row so far (memory O(N k)), merged tile by tile.
+    nearest = torch.full((x.shape[0], k_max + 1), float("inf"), dtype=x.dtype, device=x.device)
+
+    def merge(rows: slice, d: torch.Tensor) -> None:
+        smallest = d.topk(min(k_max + 1, d.shape[1]), dim=1, largest=False).values  # (r, <= k_max + 1)
+        nearest[rows] = torch.cat([nearest[rows], smallest], dim=1).topk(k_max + 1, dim=1, largest=False).values
+
     for a, rows in enumerate(tiles):
-        for b in range(a, len(tiles)):
-            cols = tiles[b]
+        for cols in tiles[a:]:
             d = _squared_distances(x[rows], x[cols], x_sq[rows], x_sq[cols])  # (r, c)
-            candidates[a].append(d.topk(min(k_max + 1, d.shape[1]), dim=1, largest=False).values)
-            if b > a:  # the same tile read by columns serves the rows of tile b (a copy: topk is fastest on rows)
-                candidates[b].append(d.T.contiguous().topk(min(k_max + 1, d.shape[0]), dim=1, largest=False).values)
-    # The k_max + 1 smallest include the sample itself at distance 0: the k-th neighbour is at index k.
-    nearest = torch.cat([torch.cat(c, dim=1).topk(k_max + 1, dim=1, largest=False).values for c in candidates])
+            merge(rows, d)
+            if cols != rows:  # read by columns, the same tile serves the rows of cols (copied: topk is fastest on rows)
+                merge(cols, d.T.contiguous())
+    # They include the sample itself at distance 0: the k-th neighbour is at index k (topk sorts ascending).
     return {k: nearest[:, k].contiguous() for k in ks}  # (N,) each
 
 
