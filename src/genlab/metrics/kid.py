@@ -35,7 +35,7 @@ class KIDConfig:
 
 def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """k(x, y) = (x . y / D + 1)^3 for all pairs of rows of x (..., M, D) and y (..., N, D): (..., M, N)."""
-    # One fused product: 1 + (x y^T) / D, then the cube in place.
+    # In place after the product: no temporary (..., M, N) matrices (autograd handles these ops in place).
     return torch.matmul(x, y.mT).mul_(1 / x.shape[-1]).add_(1).pow_(3)
 
 
