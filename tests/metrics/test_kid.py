@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from genlab.errors import ConfigError, DataError
-from genlab.metrics.kid import KID, KIDConfig, kernel_inception_distance
+from genlab.metrics import kid as kid_module
+from genlab.metrics.kid import KID, KIDConfig, kernel_inception_distance, mmd2_unbiased
+from genlab.metrics.statistics import canonical_order
 
 
 def _features(n, d, seed, shift=0.0):
@@ -112,3 +114,56 @@ def test_bad_arguments():
         kernel_inception_distance(_features(5, 2, 0), _features(5, 2, 1), subsets=0)
     with pytest.raises(DataError, match="dimension"):
         kernel_inception_distance(_features(5, 2, 0), _features(5, 3, 1))
+
+
+# ---------------------------------------------------------------------------------- the batched estimator
+
+
+def _loop_kid(real, fake, subsets, subset_size, seed):
+    """The direct implementation the batched one replaced: one subset at a time, full kernel matrices."""
+    real, fake = real[canonical_order(real)], fake[canonical_order(fake)]
+    m = min(subset_size, len(real), len(fake))
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        x = real[torch.randperm(len(real), generator=g)[:m]]
+        y = fake[torch.randperm(len(fake), generator=g)[:m]]
+        k_xx, k_yy, k_xy = ((a @ b.T / a.shape[1] + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+        values.append(within - 2 * k_xy.sum() / (m * m))
+    values = torch.stack(values)
+    return float(values.mean()), float(values.std(correction=0))
+
+
+def test_unbiased_mmd2_of_a_batch_equals_the_sum_over_distinct_pairs():
+    """Tiny sets, every pair spelled out: (1 / m(m-1)) sum_{i != j} [k(x_i, x_j) + k(y_i, y_j)] - (2 / m^2) sum k(x_i, y_j)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 5, 4, generator=g, dtype=torch.float64), torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    k = lambda a, b: (float(a @ b) / 4 + 1) ** 3  # noqa: E731
+    m = 5
+    for s in range(3):
+        within = sum(k(x[s, i], x[s, j]) + k(y[s, i], y[s, j]) for i in range(m) for j in range(m) if i != j)
+        across = sum(k(x[s, i], y[s, j]) for i in range(m) for j in range(m))
+        assert float(mmd2_unbiased(x, y)[s]) == pytest.approx(within / (m * (m - 1)) - 2 * across / m**2, rel=1e-12)
+
+
+@pytest.mark.parametrize("n_real, n_fake, dim, subsets, subset_size, batch_elements", [
+    (150, 120, 8, 7, 50, 3 * 50 * 50),  # 3 subsets per batch: batches of 3, 3, 1
+    (90, 200, 5, 5, 37, 2**22),  # odd m: uneven symmetric blocks
+    (10, 12, 3, 4, 3, 1),  # m = 3 < 4 blocks; one subset per batch
+])
+def test_batched_subsets_equal_the_one_subset_at_a_time_loop(n_real, n_fake, dim, subsets, subset_size,
+                                                             batch_elements, monkeypatch):
+    monkeypatch.setattr(kid_module, "_BATCH_ELEMENTS", batch_elements)
+    real, fake = _features(n_real, dim, 10).relu(), _features(n_fake, dim, 11, shift=0.3).relu()
+    ours = kernel_inception_distance(real, fake, subsets, subset_size, generator=torch.Generator().manual_seed(4))
+    reference = _loop_kid(real, fake, subsets, subset_size, seed=4)
+    assert ours == pytest.approx(reference, rel=1e-11, abs=1e-15)
+
+
+def test_unbiased_mmd2_stays_differentiable():
+    """The kernel works in place, yet autograd's gradients match finite differences (an MMD can be a loss)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: mmd2_unbiased(a, b), (x, y))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from genlab.errors import ConfigError, DataError
-from genlab.metrics.prdc import PRDC, PRDCConfig, precision_recall_density_coverage
+from genlab.metrics.prdc import PRDC, PRDCConfig, knn_radii, precision_recall_density_coverage
 
 
 def _gaussian(n, d, seed):
@@ -89,3 +89,68 @@ def test_bad_arguments():
         PRDCConfig(k_density_coverage=0)
     with pytest.raises(DataError, match="more than 5 samples"):
         precision_recall_density_coverage(_gaussian(5, 2, 0), _gaussian(50, 2, 1))
+
+
+# ------------------------------------------------------------------------ the tiled, shared-radii pass
+
+
+def _row_chunked_reference(real, fake, k_pr=3, k_dc=5, chunk_size=1024):
+    """The direct implementation the tiled one replaced: full rows of distances, one top-k per set and radius."""
+    sq = lambda x, y: ((x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2 * x @ y.T).clamp_min(0)  # noqa: E731
+
+    def radius(x, k):
+        return torch.cat([sq(c, x).topk(k + 1, dim=1, largest=False).values[:, k] for c in torch.split(x, chunk_size)])
+
+    r_pr, r_dc, f_pr = radius(real, k_pr), radius(real, k_dc), radius(fake, k_pr)
+    d = sq(real, fake)  # (N, M)
+    return {
+        "precision": float((d <= r_pr[:, None]).any(0).double().mean()),
+        "recall": float((d <= f_pr[None, :]).any(1).double().mean()),
+        "density": float((d <= r_dc[:, None]).sum().double() / (k_dc * fake.shape[0])),
+        "coverage": float((d <= r_dc[:, None]).any(1).double().mean()),
+    }
+
+
+@pytest.mark.parametrize("n_real, n_fake, dim, chunk_size, k_pr, k_dc", [
+    (700, 500, 16, 128, 3, 5),  # tiles that do not divide either set
+    (300, 301, 4, 1024, 3, 5),  # one tile each
+    (257, 64, 3, 50, 1, 7),  # other k, fewer fakes than a row of tiles
+])
+def test_equals_the_row_chunked_implementation(n_real, n_fake, dim, chunk_size, k_pr, k_dc):
+    real = _gaussian(n_real, dim, 20).relu()  # post-ReLU features, with exact zeros
+    fake = (_gaussian(n_fake, dim, 21) * 1.2 + 0.1).relu()
+    fake[:10] = real[:10]  # fakes that copy reals: distance 0
+    ours = precision_recall_density_coverage(real, fake, k_pr, k_dc, chunk_size)
+    assert ours == _row_chunked_reference(real, fake, k_pr, k_dc)  # exactly: the same decisions
+
+
+def test_knn_radii_equal_sorted_brute_force_distances_at_any_tile_size():
+    x = _gaussian(103, 6, 22)
+    d = ((x[:, None] - x[None]) ** 2).sum(-1).sort(dim=1).values  # (N, N), column 0 is the sample itself
+    for chunk_size in (3, 7, 64, 500):
+        radii = knn_radii(x, (1, 3, 5), chunk_size)
+        for k in (1, 3, 5):
+            assert torch.allclose(radii[k], d[:, k], rtol=1e-12, atol=1e-12), (chunk_size, k)
+
+
+def test_points_on_a_line_with_known_answers():
+    # Reals at 0, 1, ..., 9: 1st-neighbour radius 1; 2nd-neighbour radius 1 inside, 2 at both ends.
+    # Fakes 0.5, 4.2, 20: 1st-neighbour radii 3.7, 3.7, 15.8.
+    # Precision: 0.5 and 4.2 lie in a real ball, 20 does not -> 2/3. Recall: every real lies within 3.7 of
+    # 0.5 or 4.2 or within 15.8 of 20 -> 1. Density (k = 2): 0.5 is in the balls of reals 0 and 1, 4.2 in
+    # those of 4 and 5, 20 in none -> 4 / (2 * 3). Coverage: reals 0, 1, 4, 5 hold a fake -> 0.4.
+    line = lambda *t: torch.tensor([[v, 0.0] for v in t], dtype=torch.float64)  # noqa: E731
+    result = precision_recall_density_coverage(line(*range(10)), line(0.5, 4.2, 20.0), k_precision_recall=1,
+                                               k_density_coverage=2, chunk_size=3)
+    assert result == pytest.approx({"precision": 2 / 3, "recall": 1.0, "density": 2 / 3, "coverage": 0.4}, abs=1e-15)
+
+
+def test_given_real_radii_are_used_as_they_are():
+    real, fake = _gaussian(200, 5, 23), _gaussian(180, 5, 24) + 0.3
+    radii = knn_radii(real, (3, 5))
+    assert precision_recall_density_coverage(real, fake, real_radii=radii) == precision_recall_density_coverage(real, fake)
+    wider = {k: 4 * r for k, r in radii.items()}  # balls of twice the radius hold more fakes
+    assert precision_recall_density_coverage(real, fake, real_radii=wider)["precision"] > \
+        precision_recall_density_coverage(real, fake)["precision"]
+    with pytest.raises(DataError, match="real_radii"):
+        precision_recall_density_coverage(real, fake, real_radii={3: radii[3][:10], 5: radii[5]})

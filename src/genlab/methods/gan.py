@@ -35,12 +35,12 @@ from genlab.errors import ConfigError
 from genlab.losses import clip_weights_, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from genlab.methods.base import DataInfo, Method, OptimizerSpec
 from genlab.methods.capabilities import GANLatent, Generates
+from genlab.methods.gan_health import WatchesTrainingHealth
 from genlab.models.dcgan import Discriminator, Generator
-from genlab.train.health import HealthConfig, TrainingHealth
+from genlab.train.health import HealthConfig
 
 _TARGET_LOSSES = ("vanilla", "nonsaturating", "lsgan")  # losses that use D's real/fake targets
 _WASSERSTEIN = ("wgan", "wgan-gp")
-_HEALTH_SEED = 1234  # fixed z of the diversity check: a private generator, never ctx's randomness
 
 
 @dataclass
@@ -77,7 +77,7 @@ class GANConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
 
 
-class GAN(Method, Generates, GANLatent):
+class GAN(WatchesTrainingHealth, Method, Generates, GANLatent):
     """DCGAN (Radford et al. 2016) with L4 losses, G2 stabilisers and optional class conditioning (G5)."""
 
     name = "gan"
@@ -98,7 +98,7 @@ class GAN(Method, Generates, GANLatent):
                                    num_classes=self.num_classes, class_embed_dim=c.class_embed_dim)
         self.discriminator = Discriminator(data_info.channels, data_info.image_size, base_channels=c.d_channels,
                                            norm=c.norm_d, spectral_norm=c.spectral_norm, num_classes=self.num_classes)
-        self.health = TrainingHealth(c.health, data_info.channels, data_info.image_size, data_info.source) if c.health.enabled else None
+        self.init_health(c.health, data_info)
 
     @staticmethod
     def _validate(c: GANConfig, data_info: DataInfo) -> None:
@@ -251,28 +251,8 @@ class GAN(Method, Generates, GANLatent):
         logs["g_loss"] = g_loss.detach()
         if c.instance_noise > 0:
             logs["instance_noise"] = torch.tensor(sigma)
-        if self.health is not None:
-            logs.update(self._watch_health(ctx, logs))
+        logs.update(self.watch_health(ctx, None if c.loss in _WASSERSTEIN else logs["d_loss"]))
         return logs
-
-    def _watch_health(self, ctx, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Feed the health monitor (D loss, the trainer's grad norms) and run its diversity check when due."""
-        signals = {k: v for k, v in getattr(ctx, "logs", {}).items() if k.startswith("grad_norm")}
-        if self.config.loss not in _WASSERSTEIN:  # a critic's loss has no floor: collapse is undefined
-            signals["d_loss"] = logs["d_loss"]
-        if self.health.due(ctx.step):
-            self.health.check_samples(ctx.step, self._health_samples)
-        return self.health.observe(ctx.step, signals)
-
-    @torch.no_grad()
-    def _health_samples(self) -> torch.Tensor:
-        """The current G's samples from the monitor's fixed z, in eval mode; G's mode is restored after."""
-        was_training = self.generator.training
-        self.generator.eval()
-        try:
-            return self.sample(self.health.config.num_samples, generator=torch.Generator().manual_seed(_HEALTH_SEED))
-        finally:
-            self.generator.train(was_training)
 
     # ------------------------------------------------------------------ sampling
 
@@ -301,8 +281,9 @@ class GAN(Method, Generates, GANLatent):
         """
         if unknown:
             raise ConfigError(f"gan sampling does not take {', '.join(sorted(unknown))}")
-        if truncation is not None:
-            raise ConfigError("truncation (psi) is a StyleGAN option; a DCGAN samples its latent prior as it is")
+        if truncation not in (None, 1.0):  # psi = 1 is no truncation, which is all a DCGAN does
+            raise ConfigError(f"truncation (psi) is a StyleGAN option; a DCGAN samples its latent prior as it is "
+                              f"(psi = 1), got {truncation}")
         if labels is not None and self.num_classes is None:
             raise ConfigError("--class needs a class-conditional GAN (train with model.class_conditional=true)")
         source = "cpu" if generator is None else generator.device

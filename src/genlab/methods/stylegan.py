@@ -28,8 +28,9 @@ from genlab.errors import ConfigError
 from genlab.losses import discriminator_loss, generator_loss, r1_penalty
 from genlab.methods.base import DataInfo, Method, OptimizerSpec
 from genlab.methods.capabilities import Generates, StyleSpace
+from genlab.methods.gan_health import WatchesTrainingHealth
 from genlab.models.stylegan import Discriminator, Generator, StyleGANNetConfig
-from genlab.train.health import HealthConfig, TrainingHealth
+from genlab.train.health import HealthConfig
 
 
 def path_lengths(images: torch.Tensor, ws: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,7 @@ class StyleGANConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
 
 
-class StyleGAN(Method, Generates, StyleSpace):
+class StyleGAN(WatchesTrainingHealth, Method, Generates, StyleSpace):
     """StyleGAN2-lite: mapping + modulated synthesis generator, residual discriminator."""
 
     name = "stylegan"
@@ -89,8 +90,7 @@ class StyleGAN(Method, Generates, StyleSpace):
         # Last values of the lazy regularisers, logged every step so that window means stay meaningful.
         self.register_buffer("r1_last", torch.zeros(()), persistent=False)
         self.register_buffer("pl_last", torch.zeros(()), persistent=False)
-        self.health = (TrainingHealth(c.health, data_info.channels, data_info.image_size, data_info.source)
-                       if c.health.enabled else None)
+        self.init_health(c.health, data_info)
 
     # ------------------------------------------------------------------ GAN-family API
 
@@ -166,45 +166,9 @@ class StyleGAN(Method, Generates, StyleSpace):
 
     def training_step(self, batch: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
         """One D step (logistic loss + lazy R1), then one G step (non-saturating loss + lazy path length)."""
-        c = self.config
-        G, D = self.generator, self.discriminator
-        real = batch["image"]  # (n, C, H, W) in [-1, 1]
         real_labels = batch.get("label") if self.num_classes else None
-
-        # --- discriminator: fakes from the current G (no graph into G), reals with R1 on lazy steps
-        with torch.no_grad():
-            fake = G.synthesize_w(self._training_styles(ctx, real_labels, update_w_avg=True),
-                                  self._training_noise(ctx))  # (n, C, H, W)
-        r1_step = c.r1_gamma > 0 and ctx.step % c.r1_every == 0
-        real_in = real.detach().requires_grad_(r1_step)
-        real_logits = D(real_in, real_labels)  # (n,)
-        fake_logits = D(fake, real_labels)  # (n,)
-        d_loss = discriminator_loss("nonsaturating", real_logits, fake_logits)
-        d_total = d_loss
-        if r1_step:
-            r1 = r1_penalty(real_logits, real_in)
-            d_total = d_total + (c.r1_gamma / 2) * r1 * c.r1_every  # lazy regularisation, paper sec. 3.1
-            self.r1_last.copy_(r1.detach())
-        ctx.optimize(d_total, "discriminator")
-
-        # --- generator: backward flows through D into G only (the trainer back-propagates into the group)
-        gen_labels = ctx.randint(0, self.num_classes) if self.num_classes else None
-        ws = self._training_styles(ctx, gen_labels, update_w_avg=False)  # (n, num_ws, w_dim)
-        fake = G.synthesize_w(ws, self._training_noise(ctx))  # (n, C, H, W)
-        gen_logits = D(fake, gen_labels)
-        g_loss = generator_loss("nonsaturating", gen_logits)
-        g_total = g_loss
-        if c.pl_weight > 0 and ctx.step % c.pl_every == 0:
-            h, w = fake.shape[-2:]
-            pl_noise = ctx.randn(*fake.shape[1:]) / math.sqrt(h * w)  # y ~ N(0, I) / sqrt(HW): scale-free lengths
-            pl_lengths = path_lengths(fake, ws, pl_noise)  # (n,)
-            with torch.no_grad():
-                self.pl_mean.lerp_(pl_lengths.mean().detach(), c.pl_decay)
-            pl_penalty = (pl_lengths - self.pl_mean).square().mean()
-            g_total = g_total + c.pl_weight * pl_penalty * c.pl_every
-            self.pl_last.copy_(pl_penalty.detach())
-        ctx.optimize(g_total, "generator")
-
+        d_loss, real_logits, fake_logits = self._discriminator_step(batch["image"], real_labels, ctx)
+        g_loss = self._generator_step(ctx)
         logs = {
             "d_loss": d_loss.detach(),
             "g_loss": g_loss.detach(),
@@ -213,28 +177,53 @@ class StyleGAN(Method, Generates, StyleSpace):
             "d_real_acc": (real_logits.detach() > 0).float().mean(),
             "d_fake_acc": (fake_logits.detach() < 0).float().mean(),
         }
-        if self.health is not None:
-            logs.update(self._health(ctx, logs))
+        logs.update(self.watch_health(ctx, logs["d_loss"]))
         return logs
 
-    def _health(self, ctx, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """SPEC G4: feed D loss and gradient norms to the monitor; check the diversity of a fixed-z batch."""
-        signals = {k: v for k, v in getattr(ctx, "logs", {}).items() if k.startswith("grad_norm")}
-        signals["d_loss"] = logs["d_loss"]
-        if self.health.due(ctx.step):
-            self.health.check_samples(ctx.step, self._fixed_samples)
-        return self.health.observe(ctx.step, signals)
+    def _discriminator_step(self, real: torch.Tensor, labels: torch.Tensor | None,
+                            ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One D update on reals (n, C, H, W) and fakes of the current G (no graph into G); returns
+        (logistic loss without R1, real logits (n,), fake logits (n,))."""
+        c, D = self.config, self.discriminator
+        with torch.no_grad():
+            fake = self.generator.synthesize_w(self._training_styles(ctx, labels, update_w_avg=True),
+                                               self._training_noise(ctx))  # (n, C, H, W)
+        r1_step = c.r1_gamma > 0 and ctx.step % c.r1_every == 0
+        real = real.detach().requires_grad_(r1_step)
+        real_logits = D(real, labels)  # (n,)
+        fake_logits = D(fake, labels)  # (n,)
+        d_loss = discriminator_loss("nonsaturating", real_logits, fake_logits)
+        ctx.optimize(d_loss + self._lazy_r1(real_logits, real) if r1_step else d_loss, "discriminator")
+        return d_loss, real_logits, fake_logits
 
-    @torch.no_grad()
-    def _fixed_samples(self) -> torch.Tensor:
-        """The monitor's batch: fixed z, labels and noise (private seed; draws nothing from the run's streams)."""
-        g, device = self.generator, self.w_avg.device
-        z = self.health.fixed_noise(g.z_dim, device=device)
-        n = z.shape[0]
-        gen = torch.Generator().manual_seed(1)
-        labels = torch.arange(n, device=device) % self.num_classes if self.num_classes else None
-        noise = [m.to(device) for m in g.make_noise(n, gen)]
-        return g(z, labels, noise=noise).clamp(-1, 1)
+    def _lazy_r1(self, real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """(gamma / 2) E||grad D(x)||^2 on reals, times ``r1_every``: lazy R1 keeps its average strength (sec. 3.1)."""
+        r1 = r1_penalty(real_logits, real)
+        self.r1_last.copy_(r1.detach())
+        return (self.config.r1_gamma / 2) * r1 * self.config.r1_every
+
+    def _generator_step(self, ctx) -> torch.Tensor:
+        """One G update through D (the trainer back-propagates into G's group only); returns the loss without PL."""
+        c = self.config
+        labels = ctx.randint(0, self.num_classes) if self.num_classes else None
+        ws = self._training_styles(ctx, labels, update_w_avg=False)  # (n, num_ws, w_dim)
+        fake = self.generator.synthesize_w(ws, self._training_noise(ctx))  # (n, C, H, W)
+        g_loss = generator_loss("nonsaturating", self.discriminator(fake, labels))
+        pl_step = c.pl_weight > 0 and ctx.step % c.pl_every == 0
+        ctx.optimize(g_loss + self._lazy_path_length(fake, ws, ctx) if pl_step else g_loss, "generator")
+        return g_loss
+
+    def _lazy_path_length(self, fake: torch.Tensor, ws: torch.Tensor, ctx) -> torch.Tensor:
+        """pl_weight E(||J_w^T y|| - a)^2 times ``pl_every`` (paper eq. 4), updating the running target a."""
+        c = self.config
+        h, w = fake.shape[-2:]
+        y = ctx.randn(*fake.shape[1:]) / math.sqrt(h * w)  # y ~ N(0, I) / sqrt(HW): scale-free lengths
+        lengths = path_lengths(fake, ws, y)  # (n,)
+        with torch.no_grad():
+            self.pl_mean.lerp_(lengths.mean().detach(), c.pl_decay)
+        pl_penalty = (lengths - self.pl_mean).square().mean()
+        self.pl_last.copy_(pl_penalty.detach())
+        return c.pl_weight * pl_penalty * c.pl_every
 
     # ------------------------------------------------------------------ sampling
 

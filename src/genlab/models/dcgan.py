@@ -25,6 +25,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from genlab.errors import ConfigError
 from genlab.nn.blocks import norm_2d
+from genlab.nn.init import dcgan_init_
 
 __all__ = ["base_grid", "Generator", "Discriminator", "NormKind"]
 
@@ -52,18 +53,6 @@ def _upsample(c_in: int, c_out: int, kind: str, bias: bool) -> nn.Module:
     if kind == "upsample":
         return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias))
     raise ConfigError(f"unknown upsampling {kind!r}; valid: transposed, upsample")
-
-
-def _dcgan_init(module: nn.Module) -> None:
-    """DCGAN initialisation (Radford et al. 2016, sec. 4): conv weights ~ N(0, 0.02), norm scales ~ N(1, 0.02)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) and m.weight is not None:
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
 
 
 class Generator(nn.Module):
@@ -100,7 +89,7 @@ class Generator(nn.Module):
                 blocks.append(nn.Dropout(dropout))
         self.blocks = nn.Sequential(*blocks)
         self.to_image = _upsample(widths[-1], channels, upsample, bias=True)
-        _dcgan_init(self)
+        dcgan_init_(self)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if (labels is None) != (self.class_embed is None):
@@ -136,7 +125,7 @@ class Discriminator(nn.Module):
         self.feature_dim = widths[-1] * s * s
         self.head = nn.Linear(self.feature_dim, 1)  # psi
         self.class_embed = nn.Embedding(num_classes, self.feature_dim) if num_classes else None  # V (projection)
-        _dcgan_init(self)
+        dcgan_init_(self)
         if self.class_embed is not None:
             nn.init.normal_(self.class_embed.weight, 0.0, 0.02)
         if spectral_norm:  # Miyato et al. 2018: every weight of D, the projection V included, as in their code

@@ -19,6 +19,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from genlab.errors import ConfigError
 from genlab.nn.blocks import norm_2d
+from genlab.nn.init import dcgan_init_
 
 KERNEL, PADDING = 4, 1
 
@@ -85,13 +86,13 @@ class PatchDiscriminator(nn.Module):
             normalised = not (first or last) and norm != "none"
             # BatchNorm's shift makes a conv bias redundant (pix2pix drops it there).
             conv = nn.Conv2d(ch, out, KERNEL, stride=stride, padding=PADDING, bias=not (normalised and norm == "batch"))
-            _init_weights(conv)  # before spectral norm, whose power iteration starts from these weights
+            dcgan_init_(conv)  # before spectral norm, whose power iteration starts from these weights
             if spectral_norm:  # Miyato et al. 2018: each layer 1-Lipschitz
                 conv = _spectral_norm(conv)
             layers.append(conv)
             if not last:
                 if normalised:
-                    layers.append(_init_weights(norm_2d(norm, out)))
+                    layers.append(dcgan_init_(norm_2d(norm, out)))
                 layers.append(nn.LeakyReLU(0.2))
             ch = out
         self.net = nn.Sequential(*layers)
@@ -108,15 +109,3 @@ class PatchDiscriminator(nn.Module):
             raise ConfigError(f"images of side {size} are too small for a PatchGAN with num_layers={self.num_layers}: "
                               "lower num_layers")
         return self.net(x)
-
-
-def _init_weights(m: nn.Module) -> nn.Module:
-    """DCGAN/pix2pix initialisation: conv weights N(0, 0.02), norm scales N(1, 0.02), biases 0."""
-    if isinstance(m, nn.Conv2d):
-        nn.init.normal_(m.weight, 0.0, 0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)):
-        nn.init.normal_(m.weight, 1.0, 0.02)
-        nn.init.zeros_(m.bias)
-    return m

@@ -23,6 +23,7 @@ from torch import nn
 
 from genlab.errors import ConfigError
 from genlab.nn.blocks import norm_2d
+from genlab.nn.init import dcgan_init_
 from genlab.models.patchgan import patchgan_output_size, patchgan_receptive_field
 
 PIX2PIX_FIELD_RATIO = 70 / 256  # the paper's 70x70 PatchGAN at 256 px
@@ -109,7 +110,7 @@ class UNetGenerator(nn.Module):
             out_ch = out_channels if outermost else widths[level - 1]
             dropout = cfg.dropout if j < cfg.dropout_blocks and not outermost else 0.0
             self.up.append(UpBlock(in_ch, out_ch, cfg.norm, normalise=not outermost, dropout=dropout))
-        self.apply(_init_weights)
+        dcgan_init_(self)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, C_out, H, W); H, W up to image_size, padded to a power of two inside."""
@@ -132,17 +133,6 @@ class UNetGenerator(nn.Module):
             h = block(h, skips[self.depth - 1 - j])  # concat the encoder output of the same resolution
         h = torch.tanh(h)  # (N, C_out, P, P)
         return h[..., top : top + height, left : left + width]  # (N, C_out, H, W)
-
-
-def _init_weights(m: nn.Module) -> None:
-    """pix2pix initialisation: conv weights N(0, 0.02), norm scales N(1, 0.02), biases 0."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.normal_(m.weight, 0.0, 0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)):
-        nn.init.normal_(m.weight, 1.0, 0.02)
-        nn.init.zeros_(m.bias)
 
 
 def patchgan_layers_for(image_size: int, ratio: float = PIX2PIX_FIELD_RATIO) -> int:

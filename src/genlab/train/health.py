@@ -162,11 +162,6 @@ class TrainingHealth:
         every = self.config.every
         return self.config.enabled and every > 0 and step > 0 and step % every == 0
 
-    def fixed_noise(self, *shape_per_sample: int, device: torch.device | None = None) -> torch.Tensor:
-        """(num_samples, *shape) standard normal noise from a private seed: the same batch at every check."""
-        g = torch.Generator().manual_seed(20160101)
-        return torch.randn(self.config.num_samples, *shape_per_sample, generator=g).to(device)
-
     def _extractor_for(self, device: torch.device):
         if self._extractor is None:
             from genlab.metrics.extractors import get_extractor
