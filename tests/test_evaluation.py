@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import genlab
 from genlab import api, evaluation
 from genlab.cli import main
 from genlab.data import from_model_range, load_data, to_model_range
@@ -303,11 +304,12 @@ def test_compare_tables_the_newest_entries_and_draws_a_chart(cache, tiny, tmp_pa
         paths.append((tmp_path / f"{name}.json", result))
     table, rows = evaluation.compare([p for p, _ in paths], out=tmp_path / "chart.png")
     lines = table.splitlines()
-    assert lines[0].startswith("| run |") and "fid" in lines[0] and "kid" in lines[0]
-    for line, (path, result) in zip(lines[2:4], paths):
+    assert lines[0] == "generation:"
+    assert lines[2].startswith("| run |") and "fid" in lines[2] and "kid" in lines[2]
+    for line, (path, result) in zip(lines[4:6], paths):
         assert line.startswith(f"| {path.name} |")
         assert f"{result['metrics']['fid']:.4g}" in line and f"+- {result['std']['kid']:.2g}" in line
-    assert "protocols differ in n" in table  # 100 vs 120 images
+    assert "protocols differ in n (100 vs 120)" in table
     image = Image.open(tmp_path / "chart.png")
     assert image.format == "PNG" and image.width > 200
     with pytest.raises(DataError, match="no metrics against mnist:test"):
@@ -406,7 +408,7 @@ def test_cli_compare_prints_a_table_and_writes_the_chart(cache, tiny, tmp_path, 
                         ref="digits:test", metrics="fid", extractor=tiny, device="cpu", json_path=json_path)
     assert main(["compare", str(json_path), "--out", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("| run |") and out[2].startswith("| a.json |") and out[-1] == str(tmp_path / "c.png")
+    assert out[2].startswith("| run |") and out[4].startswith("| a.json |") and out[-1] == str(tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").format == "PNG"
 
 
@@ -416,7 +418,7 @@ def test_cli_compare_prints_a_table_and_writes_the_chart(cache, tiny, tmp_path, 
 
 @pytest.mark.parametrize("name, minimum", [("mnist", 0.99), ("fashion-mnist", 0.90)])
 def test_shipped_evaluator_cards_are_complete_and_small(name, minimum):
-    weights = Path(evaluation.__file__).parent / "evaluators" / f"{name}.safetensors"
+    weights = Path(genlab.__file__).parent / "evaluators" / f"{name}.safetensors"
     if not weights.is_file():
         pytest.skip(f"{weights} has not been exported yet")
     card = json.loads(weights.with_suffix(".json").read_text())
@@ -429,7 +431,7 @@ def test_shipped_evaluator_cards_are_complete_and_small(name, minimum):
 @pytest.mark.data
 @pytest.mark.parametrize("name, source", [("mnist", "mnist"), ("fashion-mnist", "fashion-mnist")])
 def test_shipped_evaluator_accuracy_reproduces_on_the_official_test_split(name, source, data_root):
-    weights = Path(evaluation.__file__).parent / "evaluators" / f"{name}.safetensors"
+    weights = Path(genlab.__file__).parent / "evaluators" / f"{name}.safetensors"
     if not weights.is_file():
         pytest.skip(f"{weights} has not been exported yet")
     extractor = get_extractor(name)
@@ -439,7 +441,7 @@ def test_shipped_evaluator_accuracy_reproduces_on_the_official_test_split(name, 
 
 
 def test_default_extractor_for_digits_is_the_shipped_mnist_evaluator(cache, tmp_path):
-    if not (Path(evaluation.__file__).parent / "evaluators" / "mnist.safetensors").is_file():
+    if not (Path(genlab.__file__).parent / "evaluators" / "mnist.safetensors").is_file():
         pytest.skip("the shipped mnist evaluator has not been exported yet")
     images = load_data(source="digits", split="train").images[:30]
     result = evaluation.evaluate(_save_u8_npz(images, tmp_path / "d.npz"), ref="digits:test", metrics="fid",
