@@ -598,8 +598,8 @@ def _cmd_export_evaluator(a) -> int:
     from genlab.evaluation import export_evaluator
     from genlab.metrics.extractors import user_evaluators_dir
 
+    card = export_evaluator(a.run, a.name, out_dir=a.out, data_root=a.data_root, weights=a.weights, overwrite=a.force)
     out = Path(a.out) if a.out is not None else user_evaluators_dir()
-    card = export_evaluator(a.run, a.name, out_dir=out, data_root=a.data_root, weights=a.weights, overwrite=a.force)
     print(f"evaluator {card['name']}: test accuracy {card['test_accuracy']:.2%} on {card['test_split']} "
           f"({card['test_images']} images), sha256 {card['sha256'][:12]}...")
     print(f"use it with: genlab eval RUN --extractor "

@@ -85,3 +85,12 @@ def test_edit_at_zero_strength_is_the_inversion_and_moves_linearly_in_latent():
     with torch.no_grad():
         torch.testing.assert_close(edits[:, 1], gan.synthesize(z))
         torch.testing.assert_close(edits[:, 2], gan.synthesize(z + torch.tensor([1.0, 0, 0])))
+
+
+def test_projection_reports_every_optimisation_step():
+    gan = _LinearGAN()
+    target = gan.synthesize(torch.randn(2, 3, generator=torch.Generator().manual_seed(2))).detach()
+    seen = []
+    result = project(gan, target, steps=7, perceptual_weight=0.0, progress=True,
+                     callback=lambda step, loss: seen.append((step, loss)))
+    assert [s for s, _ in seen] == list(range(7)) and [l for _, l in seen] == result.losses
