@@ -374,8 +374,8 @@ def test_cli_export_evaluator_writes_to_the_user_folder_and_eval_finds_it_by_nam
     assert "--force" in _one_line_error(capsys) and weights.read_bytes() == before
     assert main(["export-evaluator", str(classifier_run), "my-digits", "--force"]) == 0
     capsys.readouterr()
-    assert main(["export-evaluator", str(classifier_run), "mnist", "--out", str(tmp_path / "o")]) == 2
-    assert "shipped" in _one_line_error(capsys) and not (tmp_path / "o").exists()
+    assert main(["export-evaluator", str(classifier_run), "mnist"]) == 2  # shadowed by the shipped one
+    assert "shipped" in _one_line_error(capsys) and not (cache / "evaluators" / "mnist.json").exists()
     package = Path(genlab.__file__).parent / "evaluators"
     assert main(["export-evaluator", str(classifier_run), "mine", "--out", str(package)]) == 2
     assert "installed package" in _one_line_error(capsys) and not (package / "mine.json").exists()

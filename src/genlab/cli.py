@@ -248,12 +248,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare.png", help="bar chart file (default compare.png)")
 
     x = sub.add_parser("export-evaluator", help="turn a trained classifier run into an evaluator for --extractor",
-                       description="Export a `classifier` run as an evaluator: NAME.safetensors and a NAME.json card "
-                                   "(architecture, training command, test accuracy measured on the data's official "
-                                   "test split, sha256) in --out, by default your evaluators folder "
-                                   "($GENLAB_CACHE/evaluators, i.e. ~/.cache/genlab/evaluators). Then score with "
-                                   "`genlab eval RUN --extractor NAME` (or the .safetensors path). The shipped "
-                                   "evaluators (mnist, fashion-mnist) are never overwritten.",
+                       description="Export a `classifier` run as an evaluator: NAME.safetensors and a NAME.json card\n"
+                                   "(architecture, training command, test accuracy on the data's official test split,\n"
+                                   "sha256) in --out, by default your evaluators folder ($GENLAB_CACHE/evaluators,\n"
+                                   "i.e. ~/.cache/genlab/evaluators). Then score with `genlab eval RUN --extractor NAME`\n"
+                                   "(or the .safetensors path). The shipped evaluators (mnist, fashion-mnist) are never\n"
+                                   "overwritten.",
                        epilog="example:\n  genlab train classifier --data fashion-mnist --preset small --run-dir runs/clf\n"
                               "  genlab export-evaluator runs/clf my-fashion\n"
                               "  genlab eval runs/ddpm --ref fashion-mnist:test --extractor my-fashion",

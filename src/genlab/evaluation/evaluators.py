@@ -1,8 +1,10 @@
 """User evaluators: a trained ``classifier`` run exported as weights + a JSON card (``genlab export-evaluator``).
 
 Exports go to the user's folder (:func:`~genlab.metrics.extractors.user_evaluators_dir`, i.e.
-``$GENLAB_CACHE/evaluators``), never into the installed package, and never under a shipped name;
-``--extractor NAME`` then finds them by name.
+``$GENLAB_CACHE/evaluators``), where ``--extractor NAME`` finds them, or to any other folder given
+(``--extractor PATH``); never into the installed package, and never under a shipped name in the
+user's folder (the shipped one would shadow it). Maintainers renew a shipped evaluator by exporting
+it elsewhere and copying the two files into ``src/genlab/evaluators/``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def _check_destination(name: str, out_dir: Path, overwrite: bool) -> None:
     """One-line errors for a name or folder that would shadow or replace a shipped or existing evaluator."""
     if not is_evaluator_name(name):
         raise ConfigError(f"evaluator name {name!r}: use letters, digits, '-' and '_' only (e.g. my-digits)")
-    if name.lower() in (*SHIPPED_EVALUATORS, "inception"):
+    if name.lower() in (*SHIPPED_EVALUATORS, "inception") and out_dir.resolve() == user_evaluators_dir().resolve():
+        # --extractor NAME finds the shipped extractor first: an export under its name would never be used.
         raise ConfigError(f"evaluator name {name!r} is a shipped extractor's; choose another name (e.g. {name}-mine)")
     if out_dir.resolve() == _evaluators_dir().resolve():
         raise ConfigError(f"--out {out_dir} is the installed package's evaluators folder; export into your own "
