@@ -417,6 +417,21 @@ def test_a_kind_the_run_cannot_do_names_the_missing_capability(tmp_path, capsys,
     assert capability in err and str(run) in err
 
 
+def test_evaluate_run_scores_the_loaded_run_without_reloading_it(cache, tiny, tiny_ddpm_run, monkeypatch):
+    import genlab.runs
+
+    options = dict(ref="digits:test", metrics="fid", n=16, steps=2, seed=4, extractor=tiny, device="cpu", batch_size=8,
+                   write=False)
+    by_path = evaluation.evaluate(tiny_ddpm_run, **options)
+    run = api.load_run(tiny_ddpm_run, device="cpu")
+    monkeypatch.setattr(genlab.runs, "load_run", lambda *a, **k: pytest.fail("the loaded run was loaded again"))
+    results = evaluation.evaluate_run(run, **options)
+    assert len(results) == 1 and results[0]["metrics"] == by_path["metrics"]
+    assert results[0]["protocol"]["target"] == str(tiny_ddpm_run)
+    with pytest.raises(ConfigError, match=f"^{tiny_ddpm_run}: a ddpm run cannot be scored on reconstruction"):
+        evaluation.evaluate_run(run, "reconstruction")
+
+
 def test_files_and_splits_are_scored_as_generated_images(tmp_path):
     npz = _save_u8_npz(load_data(source="digits", split="test").images[:4], tmp_path / "x.npz")
     assert evaluation.kinds_for(npz) == evaluation.kinds_for("digits:train") == ("generation",)

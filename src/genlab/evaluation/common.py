@@ -69,6 +69,20 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return source, split
 
 
+def is_run(target) -> bool:
+    """Whether ``target`` is a loaded run (``Run.evaluate`` passes itself) rather than a path or a split."""
+    return hasattr(target, "method") and hasattr(target, "path")
+
+
+def as_run(target, weights: str = "ema"):
+    """The loaded run to score: ``target`` itself when it is one, else the run folder loaded with ``weights``."""
+    if is_run(target):
+        return target
+    from genlab.runs import load_run
+
+    return load_run(target, weights=weights)
+
+
 def resolve_extractor(extractor: str | os.PathLike | FeatureExtractor | None, source: str, device) -> FeatureExtractor:
     """The extractor object: given, named (shipped or a user evaluator), a path, or the default one for ``source``."""
     if extractor is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from genlab.errors import ConfigError
+from genlab.evaluation.common import is_run
 from genlab.methods.capabilities import Capability, Generates, Reconstructs, Translates, has, require
 
 KINDS = ("auto", "generation", "reconstruction", "translation")
@@ -24,11 +25,13 @@ _HELDOUT_ONLY = ("data",)
 
 
 def _method_class(target: str | os.PathLike):
-    """The method class of a run folder, from its config.yaml (no weights loaded); None for files and splits."""
+    """The method class of a run (folder: from its config.yaml, no weights loaded); None for files and splits."""
     from genlab.config import read_config_file
     from genlab.evaluation.generation import check_target
     from genlab.methods import get_method
 
+    if is_run(target):
+        return type(target.method)
     check_target(target)
     path = Path(str(target)).expanduser()
     if not path.is_dir():
@@ -41,18 +44,19 @@ def kinds_for(target: str | os.PathLike, kind: str = "auto") -> tuple[str, ...]:
     if kind not in KINDS:
         raise ConfigError(f"kind {kind!r}: choose from {', '.join(KINDS)}")
     cls = _method_class(target)
+    where = str(target.path if is_run(target) else target)
     if cls is None:  # images from a file or a data split
         if kind not in ("auto", "generation"):
-            raise ConfigError(f"{target} is not a run folder: only generation metrics apply to images (kind {kind!r})")
+            raise ConfigError(f"{where} is not a run folder: only generation metrics apply to images (kind {kind!r})")
         return ("generation",)
     if kind != "auto":
-        require(cls, _NEEDS[kind], f"be scored on {kind}", where=str(target))
+        require(cls, _NEEDS[kind], f"be scored on {kind}", where=where)
         return (kind,)
     if has(cls, Translates):
         return ("translation",)
     if has(cls, Reconstructs):
         return ("reconstruction", "generation") if has(cls, Generates) else ("reconstruction",)
-    require(cls, Generates, "be evaluated (it neither generates, reconstructs nor translates images)", where=str(target))
+    require(cls, Generates, "be evaluated (it neither generates, reconstructs nor translates images)", where=where)
     return ("generation",)
 
 
@@ -130,5 +134,12 @@ def evaluate(
 
 
 def evaluate_run(run, kind: str = "auto", **options: Any) -> list[dict[str, Any]]:
-    """Score a loaded :class:`~genlab.runs.Run` (what ``Run.evaluate`` calls): one result per kind, as :func:`evaluate_all`."""
-    return evaluate_all(run.path, kind, weights=options.pop("weights", run.weights), **options)
+    """Score a loaded :class:`~genlab.runs.Run` as it is (its weights, its device; what ``Run.evaluate`` calls).
+
+    One result per kind its capabilities allow, as :func:`evaluate_all`; each is merged into the run's
+    ``metrics.json`` unless ``write=False``.
+    """
+    if "weights" in options:
+        raise ConfigError(f"evaluate_run scores the run with the weights it was loaded with ({run.weights}); "
+                          "load it with load_run(path, weights=...) to choose")
+    return evaluate_all(run, kind, **options)

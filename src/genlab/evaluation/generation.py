@@ -16,7 +16,7 @@ import torch
 
 from genlab.data import DataConfig, from_model_range, load_data, split_source_ref, to_model_range
 from genlab.errors import ConfigError, DataError
-from genlab.evaluation.common import default_device, now, parse_ref, resolve_extractor, versions
+from genlab.evaluation.common import as_run, default_device, is_run, now, parse_ref, resolve_extractor, versions
 from genlab.evaluation.reference import Reference, features_and_probabilities, reference_stats
 from genlab.evaluation.store import write_result
 from genlab.metrics import frechet_distance, inception_score, kernel_inception_distance
@@ -110,6 +110,8 @@ def classifier_accuracy(extractor: FeatureExtractor, images_u8: torch.Tensor, la
 
 def check_target(target: str | os.PathLike) -> None:
     """Fail fast (before any reference is computed) on a target that is neither a run, an .npz file nor a split."""
+    if is_run(target):
+        return
     text = str(target)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -174,13 +176,11 @@ def _target_images(
     """The images to score as uint8 (N, C, H, W), what the protocol says about them, and the run folder if any."""
     from genlab.imageio import load_npz
 
-    text = str(target)
+    text = str(target.path if is_run(target) else target)
     path = Path(text).expanduser()
-    if path.is_dir():
-        from genlab.runs import load_run
-
+    if is_run(target) or path.is_dir():
         n = DEFAULT_N if n is None else n
-        run = load_run(path, weights=weights)
+        run = as_run(target, weights)
         options = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
         options.update(sample_options)
         if isinstance(options.get("labels"), str):  # "all": balanced classes, resolved by the run

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from genlab.data import from_model_range, to_model_range
-from genlab.evaluation.common import now, versions
+from genlab.evaluation.common import as_run, now, versions
 from genlab.evaluation.store import write_result
 from genlab.methods.capabilities import DiscreteCodes, HasELBO, Reconstructs, has, require
 from genlab.metrics import psnr_from_mse, ssim, ssim_window
@@ -50,10 +50,10 @@ def evaluate_reconstruction(
     """
     from tqdm.auto import tqdm
 
-    from genlab.runs import heldout_images, load_run
+    from genlab.runs import heldout_images
 
-    run = load_run(target, weights=weights)
-    require(run.method, Reconstructs, "be scored on reconstructions", where=str(target))
+    run = as_run(target, weights)
+    require(run.method, Reconstructs, "be scored on reconstructions", where=str(run.path))
     held = heldout_images(run, data, n, None if data_root is None else str(data_root))
     images = held.to_model_range()
     if log is not None:
@@ -110,6 +110,6 @@ def evaluate_reconstruction(
         **versions(),
         "date": now(),
         "seconds": {"reconstruct": round(seconds, 3)},
-        "target": str(target),
+        "target": str(run.path),
     }
     return write_result({"metrics": values, "std": {}, "protocol": protocol}, run.path, json_path, write)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from genlab.evaluation.common import now, versions
+from genlab.evaluation.common import as_run, now, versions
 from genlab.evaluation.reconstruction import PSNR_PROTOCOL, ssim_protocol
 from genlab.evaluation.store import write_result
 from genlab.methods.capabilities import Translates, require
@@ -31,10 +31,10 @@ def evaluate_translation(
     paired data uses the split's own A images. See :func:`genlab.methods.pix2pix.evaluate_pairs`.
     """
     from genlab.methods.pix2pix import evaluate_pairs
-    from genlab.runs import heldout_images, load_run
+    from genlab.runs import heldout_images
 
-    run = load_run(target, weights=weights)
-    require(run.method, Translates, "be scored on translations", where=str(target))
+    run = as_run(target, weights)
+    require(run.method, Translates, "be scored on translations", where=str(run.path))
     held = heldout_images(run, data, n, None if data_root is None else str(data_root))
     if log is not None:
         log(f"translating {len(held)} held-out images of {held.source}:{held.split}")
@@ -57,6 +57,6 @@ def evaluate_translation(
         **versions(),
         "date": now(),
         "seconds": {"translate": round(time.perf_counter() - start, 3)},
-        "target": str(target),
+        "target": str(run.path),
     }
     return write_result({"metrics": values, "std": {}, "protocol": protocol}, run.path, json_path, write)
