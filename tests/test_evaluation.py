@@ -461,6 +461,10 @@ def test_eval_says_how_many_images_and_the_time_before_sampling(cache, tiny, tin
     assert events[0][1] == 16 and events[2][1] == 40
     assert events[1][1].startswith(f"sampling 40 images from {tiny_ddpm_run} in batches of 16: about ")
     assert "ms per image, timed on a first 16" in events[1][1]
+    seconds = result["protocol"]["seconds"]
+    assert seconds["probe"] > 0 and "probe" not in evaluation.evaluate(
+        tiny_ddpm_run, ref="digits:test", metrics="fid", n=4, extractor=tiny, device="cpu", write=False
+    )["protocol"]["seconds"]  # the timing batch is recorded apart from the N images' sampling time
     # The timing batch is thrown away: the scored samples are those of a plain evaluation.
     plain = evaluation.evaluate(tiny_ddpm_run, ref="digits:test", metrics="fid", n=40, seed=1, extractor=tiny,
                                 device="cpu", batch_size=16, write=False)

@@ -134,13 +134,14 @@ def _duration(seconds: float) -> str:
 
 
 def sample_run(run, n: int, seed: int, batch_size: int, options: dict, progress: bool = False,
-               log: Callable[[str], None] | None = None) -> torch.Tensor:
+               log: Callable[[str], None] | None = None, timings: dict[str, float] | None = None) -> torch.Tensor:
     """``n`` samples (N, C, H, W) in [-1, 1] of a loaded run, saying first how many and how long they take.
 
     With ``progress`` or ``log``, a first batch of up to ``PROBE_IMAGES`` images is sampled (and
     thrown away: the returned samples are exactly ``run.sample(n, seed, batch_size)``) to time the
     sampler; ``log`` receives the estimate before the long sampling starts. The bar moves at every
-    sampler step of a diffusion run (counted on the probe), else once per batch.
+    sampler step of a diffusion run (counted on the probe), else once per batch. ``timings["probe"]``
+    receives the probe's seconds.
     """
     from genlab.methods.capabilities import Denoiser, has
     from tqdm.auto import tqdm
@@ -153,7 +154,10 @@ def sample_run(run, n: int, seed: int, batch_size: int, options: dict, progress:
     probe = min(n, batch_size, PROBE_IMAGES)
     start = time.perf_counter()
     run.sample(probe, seed=seed + 1, batch_size=probe, **probe_options)
-    per_image = (time.perf_counter() - start) / probe
+    seconds = time.perf_counter() - start
+    per_image = seconds / probe
+    if timings is not None:
+        timings["probe"] = round(seconds, 3)
     if log is not None:
         log(f"sampling {n} images from {run.path} in batches of {batch_size}: about {_duration(per_image * n)} "
             f"({per_image * 1000:.0f} ms per image, timed on a first {probe})")
@@ -172,6 +176,7 @@ def sample_run(run, n: int, seed: int, batch_size: int, options: dict, progress:
 def _target_images(
     target: str | os.PathLike, n: int | None, seed: int, sampler: str | None, steps: int | None, weights: str,
     data_root, batch_size: int, progress: bool, sample_options: dict, log: Callable[[str], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict, Path | None]:
     """The images to score as uint8 (N, C, H, W), what the protocol says about them, and the run folder if any."""
     from genlab.imageio import load_npz
@@ -186,7 +191,7 @@ def _target_images(
         if isinstance(options.get("labels"), str):  # "all": balanced classes, resolved by the run
             options["labels"] = sample_options["labels"] = run.labels(options["labels"], n)
         config = run.config.model
-        images = sample_run(run, n, seed, batch_size, options, progress=progress, log=log)
+        images = sample_run(run, n, seed, batch_size, options, progress=progress, log=log, timings=timings)
         # Round to 8-bit pixels as `genlab sample --out x.npz` stores them: the same samples give the same score.
         images_u8 = from_model_range(images)
         info = {
@@ -266,9 +271,10 @@ def evaluate_generation(
     reference_seconds = time.perf_counter() - start
     start = time.perf_counter()
     sample_options = dict(sample_options or {})  # _target_images resolves labels="all" in this copy
+    probe: dict[str, float] = {}
     images_u8, info, run_dir = _target_images(target, n, seed, sampler, steps, weights, data_root, batch_size, progress,
-                                              sample_options, log)
-    sample_seconds = time.perf_counter() - start
+                                              sample_options, log, probe)
+    sample_seconds = time.perf_counter() - start - probe.get("probe", 0.0)  # the N images only (ms per image)
     timings: dict[str, float] = {}
     values, stds = score_images(images_u8, reference, extractor, metrics, seed=seed, batch_size=batch_size,
                                 device=device, progress=progress, timings=timings)
@@ -296,7 +302,7 @@ def evaluate_generation(
         **versions(),
         "date": now(),
         # Wall time of each stage; "score" is features plus metrics, i.e. the cost of scoring N images.
-        "seconds": {"reference": round(reference_seconds, 3), "sample": round(sample_seconds, 3),
+        "seconds": {"reference": round(reference_seconds, 3), "sample": round(sample_seconds, 3), **probe,
                     "score": round(sum(timings.values()), 3), **timings},
     }
     return write_result({"metrics": values, "std": stds, "protocol": protocol}, run_dir, json_path, write)
