@@ -1,5 +1,5 @@
 """The evaluation pipeline: cached reference statistics, evaluate() on files, splits and runs, metrics.json,
-compare, periodic evaluation, evaluator export, the `genlab eval` / `genlab compare` commands, and the
+compare (genlab.report), periodic evaluation, evaluator export, the `genlab eval` / `genlab compare` commands, and the
 shipped evaluators (SPEC E1-E5)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import genlab
-from genlab import api, evaluation
+from genlab import api, evaluation, report
 from genlab.cli import main
 from genlab.data import from_model_range, load_data, to_model_range
 from genlab.errors import ConfigError, DataError
@@ -302,7 +302,7 @@ def test_compare_tables_the_newest_entries_and_draws_a_chart(cache, tiny, tmp_pa
                                      metrics="fid,kid", extractor=tiny, device="cpu",
                                      json_path=tmp_path / f"{name}.json")
         paths.append((tmp_path / f"{name}.json", result))
-    table, rows = evaluation.compare([p for p, _ in paths], out=tmp_path / "chart.png")
+    table, rows = report.compare([p for p, _ in paths], out=tmp_path / "chart.png")
     lines = table.splitlines()
     assert lines[0] == "generation:"
     assert lines[2].startswith("| run |") and "fid" in lines[2] and "kid" in lines[2]
@@ -313,7 +313,7 @@ def test_compare_tables_the_newest_entries_and_draws_a_chart(cache, tiny, tmp_pa
     image = Image.open(tmp_path / "chart.png")
     assert image.format == "PNG" and image.width > 200
     with pytest.raises(DataError, match="no metrics against mnist:test"):
-        evaluation.compare([paths[0][0]], ref="mnist:test", out=None)
+        report.compare([paths[0][0]], ref="mnist:test", out=None)
 
 
 # ---------------------------------------------------------------------------------------------

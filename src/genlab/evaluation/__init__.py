@@ -18,7 +18,8 @@ One module per job:
 - :mod:`~genlab.evaluation.periodic`: the trainer's ``train.eval_every`` hook.
 - :mod:`~genlab.evaluation.evaluators`: a trained classifier exported as a user evaluator.
 
-The comparison table and chart of several runs live in :mod:`genlab.report`.
+The comparison tables and chart of several runs live in :mod:`genlab.report` (which reads the
+store; evaluation never imports report).
 """
 
 from __future__ import annotations
@@ -40,13 +41,6 @@ from genlab.evaluation.store import METRICS_FILE, merge_metrics, read_metrics
 from genlab.evaluation.translation import evaluate_translation
 
 
-def compare(*args, **kwargs):
-    """:func:`genlab.report.compare` (kept here for callers of ``evaluation.compare``)."""
-    from genlab.report import compare as report_compare
-
-    return report_compare(*args, **kwargs)
-
-
 __all__ = [
     "METRICS",
     "KINDS",
@@ -64,7 +58,6 @@ __all__ = [
     "kinds_for",
     "score_images",
     "periodic_eval",
-    "compare",
     "export_evaluator",
     "classifier_accuracy",
     "read_metrics",
