@@ -51,6 +51,7 @@ class CountingExtractor:
 
     def __init__(self, inner: ClassifierExtractor):
         self.inner = inner
+        self.batch_size = inner.batch_size
         self.name, self.sha256 = inner.name, inner.sha256
         self.feature_dim, self.num_classes = inner.feature_dim, inner.num_classes
         self.calls = 0
@@ -471,12 +472,12 @@ def test_eval_says_how_many_images_and_the_time_before_sampling(cache, tiny, tin
     assert result["metrics"] == plain["metrics"]
 
 
-def test_sampling_bar_moves_at_every_sampler_step(tiny_ddpm_run, monkeypatch):
+@pytest.fixture
+def bar_updates(monkeypatch) -> list[float]:
+    """The amounts every enabled progress bar moves by, in order (tqdm.auto.tqdm replaced by a recorder)."""
     import tqdm.auto
 
-    from genlab.evaluation.generation import sample_run
-
-    updates = []
+    updates: list[float] = []
 
     class RecordingBar:
         def __init__(self, total=None, disable=False, **kwargs):
@@ -494,11 +495,28 @@ def test_sampling_bar_moves_at_every_sampler_step(tiny_ddpm_run, monkeypatch):
             self.n += amount
 
     monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    return updates
+
+
+def test_sampling_bar_moves_at_every_sampler_step(tiny_ddpm_run, bar_updates):
+    from genlab.evaluation.generation import sample_run
+
+    updates = bar_updates
     run = api.load_run(tiny_ddpm_run, device="cpu")
     images = sample_run(run, 10, seed=0, batch_size=4, options={"steps": 3}, progress=True)
     # 3 batches (4 + 4 + 2 images) x 3 DDIM steps, each moving the bar by its share; then the remainder (0).
     assert updates[:9] == pytest.approx([4 / 3] * 6 + [2 / 3] * 3) and sum(updates) == pytest.approx(10)
     assert torch.equal(images, run.sample(10, seed=0, batch_size=4, steps=3))
+
+
+def test_feature_bar_moves_every_few_extractor_batches(tiny, bar_updates):
+    from genlab.evaluation.reference import features_and_probabilities
+
+    tiny.batch_size = tiny.inner.batch_size = 5  # 4 extractor batches (20 images) per bar step, not one step per 500 images
+    images = load_data(source="digits", split="test").images[:50]
+    stats, features, _ = features_and_probabilities(tiny, images, 500, "cpu", True, "score")
+    assert bar_updates == [20, 20, 10] and stats.n == 50
+    torch.testing.assert_close(features, _features(tiny, images)[0])
 
 
 def test_cli_eval_prints_the_estimate_on_stderr_and_help_states_the_cost(cache, evaluator_dir, tiny_ddpm_run, capsys):

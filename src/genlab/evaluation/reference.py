@@ -45,13 +45,18 @@ class Reference:
 def features_and_probabilities(
     extractor: FeatureExtractor, images_u8: torch.Tensor, batch_size: int, device, progress: bool, desc: str
 ) -> tuple[GaussianStats, torch.Tensor, torch.Tensor]:
-    """Gaussian statistics, features (N, D) and class probabilities (N, C) of uint8 images (N, C, H, W)."""
+    """Gaussian statistics, features (N, D) and class probabilities (N, C) of uint8 images (N, C, H, W).
+
+    The bar moves every few of the extractor's own batches (4 x 32 images for Inception), not once
+    per ``batch_size`` images, which take a minute through Inception on a CPU.
+    """
     from tqdm.auto import tqdm
 
     stats = GaussianStats()
     features, probabilities = [], []
+    chunk = min(batch_size, 4 * getattr(extractor, "batch_size", batch_size))
     with tqdm(total=len(images_u8), disable=not progress, desc=desc, unit="img") as bar:
-        for batch in images_u8.split(batch_size):
+        for batch in images_u8.split(chunk):
             x = to_model_range(batch.to(device))  # (B, C, H, W) in [-1, 1]
             f, logits = extractor.features_and_logits(x)  # (B, D), (B, K)
             stats.update(f)
