@@ -12,8 +12,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from genlab.config import read_config_file
 from genlab.errors import ConfigError
 from genlab.evaluation.common import is_run
+from genlab.evaluation.generation import check_target, evaluate_generation
+from genlab.evaluation.reconstruction import evaluate_reconstruction
+from genlab.evaluation.translation import evaluate_translation
+from genlab.methods import get_method
 from genlab.methods.capabilities import Capability, Generates, Reconstructs, Translates, has, require
 
 KINDS = ("auto", "generation", "reconstruction", "translation")
@@ -26,10 +31,6 @@ _HELDOUT_ONLY = ("data",)
 
 def _method_class(target: str | os.PathLike):
     """The method class of a run (folder: from its config.yaml, no weights loaded); None for files and splits."""
-    from genlab.config import read_config_file
-    from genlab.evaluation.generation import check_target
-    from genlab.methods import get_method
-
     if is_run(target):
         return type(target.method)
     check_target(target)
@@ -62,10 +63,6 @@ def kinds_for(target: str | os.PathLike, kind: str = "auto") -> tuple[str, ...]:
 
 def _score(target, kind: str, options: dict[str, Any], json_path) -> dict[str, Any]:
     """One kind of scoring with the options that kind takes."""
-    from genlab.evaluation.generation import evaluate_generation
-    from genlab.evaluation.reconstruction import evaluate_reconstruction
-    from genlab.evaluation.translation import evaluate_translation
-
     if kind == "generation":
         return evaluate_generation(target, json_path=json_path,
                                    **{k: v for k, v in options.items() if k not in _HELDOUT_ONLY})
