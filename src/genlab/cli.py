@@ -60,13 +60,14 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help="sample autoregressive priors from the k most likely codes only")
 
 
-def _add_heldout_options(p: argparse.ArgumentParser, data_flag: str = "--data",
-                         data_help: str = "held-out images (default: the run's test split)") -> None:
-    """The options naming a run's held-out images and weights: --data SOURCE:SPLIT, --data-root, --weights."""
+def _add_data_options(p: argparse.ArgumentParser, data_flag: str = "--data",
+                         data_help: str = "held-out images (default: the run's test split)", weights: bool = True) -> None:
+    """The one declaration of --data SOURCE:SPLIT (held-out images), --data-root and --weights (EMA or raw)."""
     if data_flag:
         p.add_argument(data_flag, metavar="SOURCE:SPLIT", help=data_help)
     p.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    if weights:
+        p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
 
 
 def _class_label(text: str) -> int | str:
@@ -109,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("method", help="model family, e.g. ddpm (see `genlab methods`)")
     t.add_argument("--data", help="data source: digits, mnist5k (default), mnist, fashion-mnist, cifar10, folder:PATH")
-    t.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    _add_data_options(t, data_flag="", weights=False)  # --data (a source, not a split) is declared above
     t.add_argument("--preset", help="preset name (e.g. small, full) or a path to a YAML file")
     t.add_argument("--run-dir", help="run folder (default runs/<method>-<data>-<timestamp>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
@@ -171,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="for a run: generation metrics of samples, reconstruction metrics (MSE, PSNR, SSIM, and the "
                         "ELBO / codebook usage where they apply) or translation metrics on held-out images, or auto "
                         "(default): whatever the run's capabilities allow")
-    _add_heldout_options(e, "--recon-data", "held-out images for reconstruction (or pix2pix translation) metrics "
+    _add_data_options(e, "--recon-data", "held-out images for reconstruction (or pix2pix translation) metrics "
                                             "(default: the run's test split; mnist:test for mnist5k)")
     e.add_argument("--class", dest="class_label", type=_class_label, metavar="K|all",
                    help="sample class K only, or `all`: every class equally often; also reports class_accuracy, the "
@@ -186,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run folder")
     r.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     r.add_argument("--out", required=True, help="output .png")
-    _add_heldout_options(r, data_help="images to reconstruct (default: the run's test split)")
+    _add_data_options(r, data_help="images to reconstruct (default: the run's test split)")
 
     i = sub.add_parser("interpolate", help="walk the latent space between pairs of images (or GAN latents)",
                        description="Autoencoders: encode pairs of held-out images and decode the straight line between "
@@ -197,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--pairs", type=int, default=4, help="number of rows (default 4)")
     i.add_argument("--steps", type=int, default=8, help="images per row, endpoints included (default 8)")
     i.add_argument("--seed", type=int, default=0, help="which images / latents are paired (default 0)")
-    _add_heldout_options(i, data_help="images to pair (default: the run's test split)")
+    _add_data_options(i, data_help="images to pair (default: the run's test split)")
 
     tr = sub.add_parser("translate", help="image-to-image translation with a pix2pix run",
                         description="Translate input images (A) to outputs (B) with a pix2pix run. --input is a PNG "
@@ -208,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--input", help="input image (.png) or images (.npz)")
     tr.add_argument("--out", required=True, help="output .png (grid) or .npz")
     tr.add_argument("--n", type=int, default=16, help="without --input: number of held-out images (default 16)")
-    _add_heldout_options(tr, data_help="without --input: held-out images (default: the run's test split)")
+    _add_data_options(tr, data_help="without --input: held-out images (default: the run's test split)")
     tr.add_argument("--seed", type=int, default=0, help="seed of random task inputs (masks) (default 0)")
 
     v = sub.add_parser("invert", help="project images into a GAN's latent space (and edit them)",
@@ -223,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("run", help="gan or stylegan run folder")
     v.add_argument("--image", help="image to invert (.png, or .npz of uint8 N x H x W x C)")
-    _add_heldout_options(v, data_help="without --image: held-out images (default: the run's test split)")
+    _add_data_options(v, data_help="without --image: held-out images (default: the run's test split)")
     v.add_argument("--n", type=int, default=16, help="without --image: number of held-out images (default 16)")
     v.add_argument("--out", required=True, help="output .png")
     v.add_argument("--space", choices=("z", "w", "w+"), help="latent space (default: w for StyleGAN, z for DCGAN)")
@@ -262,7 +263,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("name", help="evaluator name: letters, digits, - and _ (e.g. my-fashion)")
     x.add_argument("--out", help="folder to write into (default: $GENLAB_CACHE/evaluators)")
     x.add_argument("--force", action="store_true", help="replace an existing evaluator of this name in --out")
-    _add_heldout_options(x, data_flag="")
+    _add_data_options(x, data_flag="")
 
     d = sub.add_parser("data", help="data sources", description="Inspect data sources.")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
