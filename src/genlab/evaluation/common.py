@@ -12,11 +12,7 @@ import torch
 
 from genlab.data import split_source_ref
 from genlab.errors import ConfigError
-from genlab.metrics.extractors import FeatureExtractor, get_extractor
-
-# Which extractor judges which data by default: the project's own evaluators where they exist
-# (offline, and far more telling on grey digits than ImageNet features), else the FID Inception network.
-DEFAULT_EXTRACTORS = {"mnist": "mnist", "mnist5k": "mnist", "digits": "mnist", "fashion-mnist": "fashion-mnist"}
+from genlab.metrics.extractors import DEFAULT_EXTRACTORS, FeatureExtractor, get_extractor
 
 
 def default_device() -> torch.device:

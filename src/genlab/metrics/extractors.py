@@ -56,10 +56,14 @@ __all__ = [
     "is_evaluator_name",
     "user_evaluators_dir",
     "SHIPPED_EVALUATORS",
+    "DEFAULT_EXTRACTORS",
     "CARD_KEYS",
 ]
 
 SHIPPED_EVALUATORS = ("mnist", "fashion-mnist")
+# Which extractor judges which data by default: the project's own evaluators where they exist
+# (offline, and far more telling on grey digits than ImageNet features), else the FID Inception network.
+DEFAULT_EXTRACTORS = {"mnist": "mnist", "mnist5k": "mnist", "digits": "mnist", "fashion-mnist": "fashion-mnist"}
 # What an evaluator card must record, so a metric can cite the network that produced it (SPEC E5).
 CARD_KEYS = ("name", "architecture", "config", "training_command", "seed", "test_accuracy", "sha256", "feature_layer")
 CLASSIFIER_FEATURE_LAYER = "feature: ReLU of the feature_dim-unit linear layer, the input of the last linear layer (head)"
