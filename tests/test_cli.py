@@ -102,3 +102,17 @@ def test_data_list_names_every_source(capsys):
     out = capsys.readouterr().out
     for name in ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "folder:PATH"):
         assert name in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "RUN"], ["reconstruct", "RUN", "--out", "o.png"], ["interpolate", "RUN", "--out", "o.png"],
+    ["translate", "RUN", "--out", "o.png"], ["invert", "RUN", "--out", "o.png"], ["export-evaluator", "RUN", "NAME"],
+])
+def test_every_command_on_a_run_takes_the_same_data_root_and_weights_options(argv):
+    from genlab.cli import _parser
+
+    a = _parser().parse_args([*argv, "--data-root", "/d", "--weights", "raw"])
+    assert (a.data_root, a.weights) == ("/d", "raw")
+    assert _parser().parse_args(argv).weights == "ema"
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*argv, "--weights", "best"])

@@ -1,5 +1,5 @@
 """The evaluation pipeline: cached reference statistics, evaluate() on files, splits and runs, metrics.json,
-compare, periodic evaluation, evaluator export, the `genlab eval` / `genlab compare` commands, and the
+compare (genlab.report), periodic evaluation, evaluator export, the `genlab eval` / `genlab compare` commands, and the
 shipped evaluators (SPEC E1-E5)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from genlab import api, evaluation
+import genlab
+from genlab import api, evaluation, report
 from genlab.cli import main
 from genlab.data import from_model_range, load_data, to_model_range
 from genlab.errors import ConfigError, DataError
@@ -50,6 +51,7 @@ class CountingExtractor:
 
     def __init__(self, inner: ClassifierExtractor):
         self.inner = inner
+        self.batch_size = inner.batch_size
         self.name, self.sha256 = inner.name, inner.sha256
         self.feature_dim, self.num_classes = inner.feature_dim, inner.num_classes
         self.calls = 0
@@ -301,33 +303,44 @@ def test_compare_tables_the_newest_entries_and_draws_a_chart(cache, tiny, tmp_pa
                                      metrics="fid,kid", extractor=tiny, device="cpu",
                                      json_path=tmp_path / f"{name}.json")
         paths.append((tmp_path / f"{name}.json", result))
-    table, rows = evaluation.compare([p for p, _ in paths], out=tmp_path / "chart.png")
+    table, rows = report.compare([p for p, _ in paths], out=tmp_path / "chart.png")
     lines = table.splitlines()
-    assert lines[0].startswith("| run |") and "fid" in lines[0] and "kid" in lines[0]
-    for line, (path, result) in zip(lines[2:4], paths):
+    assert lines[0] == "generation:"
+    assert lines[2].startswith("| run |") and "fid" in lines[2] and "kid" in lines[2]
+    for line, (path, result) in zip(lines[4:6], paths):
         assert line.startswith(f"| {path.name} |")
         assert f"{result['metrics']['fid']:.4g}" in line and f"+- {result['std']['kid']:.2g}" in line
-    assert "protocols differ in n" in table  # 100 vs 120 images
+    assert "protocols differ in n (100 vs 120)" in table
     image = Image.open(tmp_path / "chart.png")
     assert image.format == "PNG" and image.width > 200
     with pytest.raises(DataError, match="no metrics against mnist:test"):
-        evaluation.compare([paths[0][0]], ref="mnist:test", out=None)
+        report.compare([paths[0][0]], ref="mnist:test", out=None)
 
 
 # ---------------------------------------------------------------------------------------------
 # Exporting a classifier run as an evaluator.
 
 
-def test_export_evaluator_writes_a_card_with_the_measured_accuracy(tmp_path, monkeypatch):
-    run = api.train("classifier", data="digits", run_dir=tmp_path / "run", progress=False, overrides=[
-        "model.net.channels=[8,16]", "model.net.pooled_size=2", "model.net.feature_dim=32", "model.max_shift=1",
-        "train.batch_size=64", "train.lr=3e-3", "train.warmup_steps=5", "train.steps=40", "train.threads=1"])
-    card = evaluation.export_evaluator(tmp_path / "run", "digits-eval", out_dir=tmp_path / "out",
+TINY_CLASSIFIER = ["model.net.channels=[8,16]", "model.net.pooled_size=2", "model.net.feature_dim=32",
+                   "model.max_shift=1", "train.batch_size=64", "train.lr=3e-3", "train.warmup_steps=5", "train.steps=40",
+                   "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("clf") / "run"
+    api.train("classifier", data="digits", run_dir=run_dir, progress=False, overrides=TINY_CLASSIFIER)
+    return run_dir
+
+
+def test_export_evaluator_writes_a_card_with_the_measured_accuracy(classifier_run, tmp_path, cache):
+    card = evaluation.export_evaluator(classifier_run, "digits-eval", out_dir=tmp_path / "out",
                                        training_command="genlab train classifier --data digits (test)")
     weights = tmp_path / "out" / "digits-eval.safetensors"
     assert all(key in card for key in CARD_KEYS)
     assert card["sha256"] == sha256_file(weights) and card["train_steps"] == 40 and card["ema"] is True
     test = load_data(source="digits", split="test")
+    run = api.load_run(classifier_run, device="cpu")
     with torch.no_grad():
         accuracy = (run.method(test.to_model_range()).argmax(dim=1) == test.labels).double().mean().item()
     assert card["test_accuracy"] == pytest.approx(accuracy, abs=1e-12) and card["test_accuracy"] > 0.3
@@ -336,6 +349,188 @@ def test_export_evaluator_writes_a_card_with_the_measured_accuracy(tmp_path, mon
         ddpm = tmp_path / "ddpm"
         api.train("ddpm", data="digits", overrides=[*TINY_DDPM, "train.steps=1"], run_dir=ddpm, progress=False)
         evaluation.export_evaluator(ddpm, "x", out_dir=tmp_path / "out")
+
+
+def test_cli_export_evaluator_writes_to_the_user_folder_and_eval_finds_it_by_name(classifier_run, cache, tmp_path,
+                                                                                     capsys):
+    assert main(["export-evaluator", str(classifier_run), "my-digits"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    weights = cache / "evaluators" / "my-digits.safetensors"  # $GENLAB_CACHE/evaluators, not the package
+    assert Path(out[-1]) == weights and weights.is_file() and weights.with_suffix(".json").is_file()
+    assert not (Path(genlab.__file__).parent / "evaluators" / "my-digits.safetensors").exists()
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert f"{card['test_accuracy']:.2%}" in out[0] and "--extractor my-digits" in out[1]
+    # --extractor NAME and --extractor PATH are the same evaluator.
+    npz = _save_u8_npz(load_data(source="digits", split="train").images[:40], tmp_path / "x.npz")
+    by_name = evaluation.evaluate(npz, ref="digits:test", metrics="fid", extractor="my-digits", write=False)
+    by_path = evaluation.evaluate(npz, ref="digits:test", metrics="fid", extractor=str(weights), write=False)
+    assert by_name["protocol"]["extractor_sha256"] == card["sha256"] == by_path["protocol"]["extractor_sha256"]
+    assert by_name["metrics"] == by_path["metrics"]
+    assert main(["eval", str(npz), "--ref", "digits:test", "--metrics", "fid", "--extractor", "my-digits",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().out.split()[:2] == ["fid", f"{by_name['metrics']['fid']:.6g}"]
+    # An existing evaluator is kept unless --force; shipped names and the package folder are refused.
+    before = weights.read_bytes()
+    assert main(["export-evaluator", str(classifier_run), "my-digits"]) == 2
+    assert "--force" in _one_line_error(capsys) and weights.read_bytes() == before
+    assert main(["export-evaluator", str(classifier_run), "my-digits", "--force"]) == 0
+    capsys.readouterr()
+    assert main(["export-evaluator", str(classifier_run), "mnist"]) == 2  # shadowed by the shipped one
+    assert "shipped" in _one_line_error(capsys) and not (cache / "evaluators" / "mnist.json").exists()
+    package = Path(genlab.__file__).parent / "evaluators"
+    assert main(["export-evaluator", str(classifier_run), "mine", "--out", str(package)]) == 2
+    assert "installed package" in _one_line_error(capsys) and not (package / "mine.json").exists()
+    assert main(["export-evaluator", str(classifier_run), "../up"]) == 2
+    assert "letters, digits" in _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which scoring a run gets: its declared capabilities.
+
+
+def _fake_run(tmp_path: Path, method: str) -> Path:
+    """A folder with only a config.yaml naming ``method``: enough for the dispatch (no weights are loaded)."""
+    folder = tmp_path / method
+    folder.mkdir()
+    (folder / "config.yaml").write_text(f"method: {method}\n")
+    return folder
+
+
+@pytest.mark.parametrize("method, kinds", [
+    ("ddpm", ("generation",)), ("gan", ("generation",)), ("gpt", ("generation",)),
+    ("ae", ("reconstruction",)), ("vqvae", ("reconstruction",)), ("vae", ("reconstruction", "generation")),
+    ("pix2pix", ("translation",)),
+])
+def test_auto_kind_follows_the_declared_capabilities(tmp_path, method, kinds):
+    assert evaluation.kinds_for(_fake_run(tmp_path, method)) == kinds
+
+
+@pytest.mark.parametrize("method, kind, capability", [
+    ("ddpm", "reconstruction", "Reconstructs"), ("ae", "generation", "Generates"),
+    ("vae", "translation", "Translates"), ("classifier", "auto", "Generates"),
+])
+def test_a_kind_the_run_cannot_do_names_the_missing_capability(tmp_path, capsys, method, kind, capability):
+    run = _fake_run(tmp_path, method)
+    with pytest.raises(ConfigError, match=f"capability '{capability}'"):
+        evaluation.kinds_for(run, kind)
+    assert main(["eval", str(run), "--kind", kind]) == 2
+    err = _one_line_error(capsys)
+    assert capability in err and str(run) in err
+
+
+def test_evaluate_run_scores_the_loaded_run_without_reloading_it(cache, tiny, tiny_ddpm_run, monkeypatch):
+    import genlab.runs
+
+    options = dict(ref="digits:test", metrics="fid", n=16, steps=2, seed=4, extractor=tiny, device="cpu", batch_size=8,
+                   write=False)
+    by_path = evaluation.evaluate(tiny_ddpm_run, **options)
+    run = api.load_run(tiny_ddpm_run, device="cpu")
+    monkeypatch.setattr(genlab.runs, "load_run", lambda *a, **k: pytest.fail("the loaded run was loaded again"))
+    results = evaluation.evaluate_run(run, **options)
+    assert len(results) == 1 and results[0]["metrics"] == by_path["metrics"]
+    assert [r["metrics"] for r in run.evaluate(**options)] == [by_path["metrics"]]  # the API's Run.evaluate
+    assert results[0]["protocol"]["target"] == str(tiny_ddpm_run)
+    with pytest.raises(ConfigError, match=f"^{tiny_ddpm_run}: a ddpm run cannot be scored on reconstruction"):
+        evaluation.evaluate_run(run, "reconstruction")
+
+
+def test_files_and_splits_are_scored_as_generated_images(tmp_path):
+    npz = _save_u8_npz(load_data(source="digits", split="test").images[:4], tmp_path / "x.npz")
+    assert evaluation.kinds_for(npz) == evaluation.kinds_for("digits:train") == ("generation",)
+    with pytest.raises(ConfigError, match="not a run folder"):
+        evaluation.kinds_for(npz, "reconstruction")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saying the cost before paying it; bars that move.
+
+
+def test_eval_says_how_many_images_and_the_time_before_sampling(cache, tiny, tiny_ddpm_run, monkeypatch):
+    from genlab.runs import Run
+
+    events = []
+    original = Run.sample
+
+    def recording_sample(self, n, *args, **kwargs):
+        events.append(("sample", n))
+        return original(self, n, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "sample", recording_sample)
+    result = evaluation.evaluate(tiny_ddpm_run, ref="digits:test", metrics="fid", n=40, seed=1, extractor=tiny,
+                                 device="cpu", batch_size=16, write=False, log=lambda m: events.append(("log", m)))
+    # A first batch of min(n, batch size, 32) images is timed, then the estimate, then the real sampling.
+    assert [e[0] for e in events] == ["sample", "log", "sample"]
+    assert events[0][1] == 16 and events[2][1] == 40
+    assert events[1][1].startswith(f"sampling 40 images from {tiny_ddpm_run} in batches of 16: about ")
+    assert "ms per image, timed on a first 16" in events[1][1]
+    seconds = result["protocol"]["seconds"]
+    assert seconds["probe"] > 0 and "probe" not in evaluation.evaluate(
+        tiny_ddpm_run, ref="digits:test", metrics="fid", n=4, extractor=tiny, device="cpu", write=False
+    )["protocol"]["seconds"]  # the timing batch is recorded apart from the N images' sampling time
+    # The timing batch is thrown away: the scored samples are those of a plain evaluation.
+    plain = evaluation.evaluate(tiny_ddpm_run, ref="digits:test", metrics="fid", n=40, seed=1, extractor=tiny,
+                                device="cpu", batch_size=16, write=False)
+    assert result["metrics"] == plain["metrics"]
+
+
+@pytest.fixture
+def bar_updates(monkeypatch) -> list[float]:
+    """The amounts every enabled progress bar moves by, in order (tqdm.auto.tqdm replaced by a recorder)."""
+    import tqdm.auto
+
+    updates: list[float] = []
+
+    class RecordingBar:
+        def __init__(self, total=None, disable=False, **kwargs):
+            self.total, self.n, self.disable = total, 0, disable
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, amount):
+            if not self.disable:
+                updates.append(amount)
+            self.n += amount
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    return updates
+
+
+def test_sampling_bar_moves_at_every_sampler_step(tiny_ddpm_run, bar_updates):
+    from genlab.evaluation.generation import sample_run
+
+    updates = bar_updates
+    run = api.load_run(tiny_ddpm_run, device="cpu")
+    images = sample_run(run, 10, seed=0, batch_size=4, options={"steps": 3}, progress=True)
+    # 3 batches (4 + 4 + 2 images) x 3 DDIM steps, each moving the bar by its share; then the remainder (0).
+    assert updates[:9] == pytest.approx([4 / 3] * 6 + [2 / 3] * 3) and sum(updates) == pytest.approx(10)
+    assert torch.equal(images, run.sample(10, seed=0, batch_size=4, steps=3))
+
+
+def test_feature_bar_moves_every_few_extractor_batches(tiny, bar_updates):
+    from genlab.evaluation.reference import features_and_probabilities
+
+    tiny.batch_size = tiny.inner.batch_size = 5  # 4 extractor batches (20 images) per bar step, not one step per 500 images
+    images = load_data(source="digits", split="test").images[:50]
+    stats, features, _ = features_and_probabilities(tiny, images, 500, "cpu", True, "score")
+    assert bar_updates == [20, 20, 10] and stats.n == 50
+    torch.testing.assert_close(features, _features(tiny, images)[0])
+
+
+def test_cli_eval_prints_the_estimate_on_stderr_and_help_states_the_cost(cache, evaluator_dir, tiny_ddpm_run, capsys):
+    assert main(["eval", str(tiny_ddpm_run), "--ref", "digits:test", "--metrics", "fid", "--n", "8", "--steps", "2",
+                 "--extractor", str(evaluator_dir / "tiny.safetensors"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"sampling 8 images from {tiny_ddpm_run}") and "about" in captured.err
+    assert captured.out.split()[0] == "fid"
+    (tiny_ddpm_run / "metrics.json").unlink()
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "default 10000: tens of minutes for a diffusion run on a CPU" in help_text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +601,7 @@ def test_cli_compare_prints_a_table_and_writes_the_chart(cache, tiny, tmp_path, 
                         ref="digits:test", metrics="fid", extractor=tiny, device="cpu", json_path=json_path)
     assert main(["compare", str(json_path), "--out", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("| run |") and out[2].startswith("| a.json |") and out[-1] == str(tmp_path / "c.png")
+    assert out[2].startswith("| run |") and out[4].startswith("| a.json |") and out[-1] == str(tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").format == "PNG"
 
 
@@ -416,7 +611,7 @@ def test_cli_compare_prints_a_table_and_writes_the_chart(cache, tiny, tmp_path, 
 
 @pytest.mark.parametrize("name, minimum", [("mnist", 0.99), ("fashion-mnist", 0.90)])
 def test_shipped_evaluator_cards_are_complete_and_small(name, minimum):
-    weights = Path(evaluation.__file__).parent / "evaluators" / f"{name}.safetensors"
+    weights = Path(genlab.__file__).parent / "evaluators" / f"{name}.safetensors"
     if not weights.is_file():
         pytest.skip(f"{weights} has not been exported yet")
     card = json.loads(weights.with_suffix(".json").read_text())
@@ -429,7 +624,7 @@ def test_shipped_evaluator_cards_are_complete_and_small(name, minimum):
 @pytest.mark.data
 @pytest.mark.parametrize("name, source", [("mnist", "mnist"), ("fashion-mnist", "fashion-mnist")])
 def test_shipped_evaluator_accuracy_reproduces_on_the_official_test_split(name, source, data_root):
-    weights = Path(evaluation.__file__).parent / "evaluators" / f"{name}.safetensors"
+    weights = Path(genlab.__file__).parent / "evaluators" / f"{name}.safetensors"
     if not weights.is_file():
         pytest.skip(f"{weights} has not been exported yet")
     extractor = get_extractor(name)
@@ -439,7 +634,7 @@ def test_shipped_evaluator_accuracy_reproduces_on_the_official_test_split(name, 
 
 
 def test_default_extractor_for_digits_is_the_shipped_mnist_evaluator(cache, tmp_path):
-    if not (Path(evaluation.__file__).parent / "evaluators" / "mnist.safetensors").is_file():
+    if not (Path(genlab.__file__).parent / "evaluators" / "mnist.safetensors").is_file():
         pytest.skip("the shipped mnist evaluator has not been exported yet")
     images = load_data(source="digits", split="train").images[:30]
     result = evaluation.evaluate(_save_u8_npz(images, tmp_path / "d.npz"), ref="digits:test", metrics="fid",

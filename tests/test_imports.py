@@ -10,8 +10,8 @@ import genlab
 SRC = Path(genlab.__file__).parent
 UPPER = {"genlab.api", "genlab.runs", "genlab.evaluation", "genlab.cli"}
 # Known, to be removed: the trainer's periodic evaluation imports genlab.evaluation lazily until it takes an
-# injected callable; the health monitor reads evaluation.DEFAULT_EXTRACTORS (a metrics fact) lazily.
-KNOWN = {("train/trainer.py", "genlab.evaluation"), ("train/health.py", "genlab.evaluation")}
+# injected callable.
+KNOWN = {("train/trainer.py", "genlab.evaluation")}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -60,6 +60,16 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help="sample autoregressive priors from the k most likely codes only")
 
 
+def _add_data_options(p: argparse.ArgumentParser, data_flag: str = "--data",
+                         data_help: str = "held-out images (default: the run's test split)", weights: bool = True) -> None:
+    """The one declaration of --data SOURCE:SPLIT (held-out images), --data-root and --weights (EMA or raw)."""
+    if data_flag:
+        p.add_argument(data_flag, metavar="SOURCE:SPLIT", help=data_help)
+    p.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    if weights:
+        p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+
+
 def _class_label(text: str) -> int | str:
     """--class: a class index or the word `all`."""
     if text == "all":
@@ -100,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("method", help="model family, e.g. ddpm (see `genlab methods`)")
     t.add_argument("--data", help="data source: digits, mnist5k (default), mnist, fashion-mnist, cifar10, folder:PATH")
-    t.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    _add_data_options(t, data_flag="", weights=False)  # --data (a source, not a split) is declared above
     t.add_argument("--preset", help="preset name (e.g. small, full) or a path to a YAML file")
     t.add_argument("--run-dir", help="run folder (default runs/<method>-<data>-<timestamp>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
@@ -140,29 +150,30 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("target", help="run folder, FILE.npz, SOURCE:SPLIT, or the word `ref`")
     e.add_argument("--ref", default="mnist:test", help="reference SOURCE:SPLIT (default mnist:test)")
     e.add_argument("--metrics", default="fid,kid,is,pr,dc", help="comma-separated: fid,kid,is,pr,dc (default all)")
-    e.add_argument("--n", type=int, help="images to score: samples of a run (default 10000), the first N of a file or split "
-                                        "(default all); with `eval ref`: reference images (default all)")
+    e.add_argument("--n", type=int, help="images to score: samples of a run (default 10000: tens of minutes for a "
+                                        "diffusion run on a CPU; the estimate is printed before sampling starts), the "
+                                        "first N of a file, split or held-out set (default all); with `eval ref`: "
+                                        "reference images (default all)")
     e.add_argument("--sampler", help="sampler for a run (default: the run's config)")
     e.add_argument("--steps", type=int, help="sampling steps for a run (default: the run's config)")
     e.add_argument("--seed", type=int, default=0, help="sampling and metric seed (default 0)")
-    e.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights of a run")
-    e.add_argument("--extractor", help="mnist, fashion-mnist, inception, an evaluator .safetensors or Inception .pth "
-                                       "(default: the shipped evaluator of the reference data, else inception)")
+    e.add_argument("--extractor", help="mnist, fashion-mnist, inception, the NAME of an evaluator made with `genlab "
+                                       "export-evaluator`, an evaluator .safetensors or Inception .pth (default: the "
+                                       "shipped evaluator of the reference data, else inception)")
     e.add_argument("--inception-weights", help="file of the FID Inception weights (else $GENLAB_INCEPTION_WEIGHTS)")
     e.add_argument("--ref-n", type=int, help="use only the first N reference images (default all)")
-    e.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
     e.add_argument("--json", help="also write the result (values and protocol) to this JSON file")
     e.add_argument("--batch-size", type=int, default=500, help="images per forward batch (default 500)")
     e.add_argument("--data", help="with `eval ref`: the data source (e.g. mnist)")
     e.add_argument("--split", default="test", help="with `eval ref`: the split (default test)")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster on a busy CPU)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.add_argument("--kind", choices=("auto", "generation", "reconstruction"), default="auto",
+    e.add_argument("--kind", choices=("auto", "generation", "reconstruction", "translation"), default="auto",
                    help="for a run: generation metrics of samples, reconstruction metrics (MSE, PSNR, SSIM, and the "
-                        "ELBO / codebook usage where they apply) on held-out images, or auto: whatever the run does")
-    e.add_argument("--recon-data", metavar="SOURCE:SPLIT", help="held-out images for reconstruction (or pix2pix "
-                                                               "translation) metrics (default: the run's test split; "
-                                                               "mnist:test for mnist5k)")
+                        "ELBO / codebook usage where they apply) or translation metrics on held-out images, or auto "
+                        "(default): whatever the run's capabilities allow")
+    _add_data_options(e, "--recon-data", "held-out images for reconstruction (or pix2pix translation) metrics "
+                                            "(default: the run's test split; mnist:test for mnist5k)")
     e.add_argument("--class", dest="class_label", type=_class_label, metavar="K|all",
                    help="sample class K only, or `all`: every class equally often; also reports class_accuracy, the "
                         "share of samples the evaluator assigns to their requested class (class-conditional runs, "
@@ -176,9 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run folder")
     r.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     r.add_argument("--out", required=True, help="output .png")
-    r.add_argument("--data", metavar="SOURCE:SPLIT", help="images to reconstruct (default: the run's test split)")
-    r.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
-    r.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    _add_data_options(r, data_help="images to reconstruct (default: the run's test split)")
 
     i = sub.add_parser("interpolate", help="walk the latent space between pairs of images (or GAN latents)",
                        description="Autoencoders: encode pairs of held-out images and decode the straight line between "
@@ -189,9 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--pairs", type=int, default=4, help="number of rows (default 4)")
     i.add_argument("--steps", type=int, default=8, help="images per row, endpoints included (default 8)")
     i.add_argument("--seed", type=int, default=0, help="which images / latents are paired (default 0)")
-    i.add_argument("--data", metavar="SOURCE:SPLIT", help="images to pair (default: the run's test split)")
-    i.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
-    i.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    _add_data_options(i, data_help="images to pair (default: the run's test split)")
 
     tr = sub.add_parser("translate", help="image-to-image translation with a pix2pix run",
                         description="Translate input images (A) to outputs (B) with a pix2pix run. --input is a PNG "
@@ -202,10 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--input", help="input image (.png) or images (.npz)")
     tr.add_argument("--out", required=True, help="output .png (grid) or .npz")
     tr.add_argument("--n", type=int, default=16, help="without --input: number of held-out images (default 16)")
-    tr.add_argument("--data", metavar="SOURCE:SPLIT", help="without --input: held-out images (default: the run's test split)")
-    tr.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    _add_data_options(tr, data_help="without --input: held-out images (default: the run's test split)")
     tr.add_argument("--seed", type=int, default=0, help="seed of random task inputs (masks) (default 0)")
-    tr.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
 
     v = sub.add_parser("invert", help="project images into a GAN's latent space (and edit them)",
                        description="Invert images with a gan or stylegan run: optimise the latent (z for a DCGAN, w for "
@@ -219,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("run", help="gan or stylegan run folder")
     v.add_argument("--image", help="image to invert (.png, or .npz of uint8 N x H x W x C)")
-    v.add_argument("--data", metavar="SOURCE:SPLIT", help="without --image: held-out images (default: the run's test split)")
+    _add_data_options(v, data_help="without --image: held-out images (default: the run's test split)")
     v.add_argument("--n", type=int, default=16, help="without --image: number of held-out images (default 16)")
     v.add_argument("--out", required=True, help="output .png")
     v.add_argument("--space", choices=("z", "w", "w+"), help="latent space (default: w for StyleGAN, z for DCGAN)")
@@ -229,15 +234,36 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--encoder", metavar="RUN", help="a gan-encoder run trained on this GAN: its prediction starts the search")
     v.add_argument("--edit", type=int, metavar="K", help="also show edits along the K-th principal direction (0 = first)")
     v.add_argument("--strength", type=float, default=3.0, help="edit range in standard deviations (default 3)")
-    v.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
     v.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    c = sub.add_parser("compare", help="one table and one bar chart of several runs' metrics",
-                       description="Print a Markdown table of the newest metrics.json entry of each run (or metrics "
-                                   "JSON file) and write a PNG bar chart. Evaluate the runs first with `genlab eval`.")
+    c = sub.add_parser("compare", help="one table per family of metrics and one bar chart of several runs",
+                       description="Print Markdown tables of the newest metrics.json entries of each run (or metrics "
+                                   "JSON file), one per family with its own columns (generation: FID, KID, IS, PR, "
+                                   "DC, class accuracy; reconstruction: MSE, PSNR, SSIM, ELBO, codebook usage; "
+                                   "translation: PSNR, SSIM), a warning line for each protocol field the entries "
+                                   "differ in (sampler, steps, guidance, N, ...), and write a PNG bar chart. Evaluate "
+                                   "the runs first with `genlab eval`.")
     c.add_argument("runs", nargs="+", help="run folders or metrics JSON files")
     c.add_argument("--ref", help="use the entries scored against this SOURCE:SPLIT (default: each run's newest)")
     c.add_argument("--out", default="compare.png", help="bar chart file (default compare.png)")
+
+    x = sub.add_parser("export-evaluator", help="turn a trained classifier run into an evaluator for --extractor",
+                       description="Export a `classifier` run as an evaluator: NAME.safetensors and a NAME.json card\n"
+                                   "(architecture, training command, test accuracy on the data's official test split,\n"
+                                   "sha256) in --out, by default your evaluators folder ($GENLAB_CACHE/evaluators,\n"
+                                   "i.e. ~/.cache/genlab/evaluators). Then score with `genlab eval RUN --extractor NAME`\n"
+                                   "(or the .safetensors path). The shipped evaluators (mnist, fashion-mnist) are never\n"
+                                   "overwritten.",
+                       epilog="example:\n  genlab train classifier --data fashion-mnist --preset small --run-dir runs/clf\n"
+                              "  genlab export-evaluator runs/clf my-fashion\n"
+                              "  genlab eval runs/ddpm --ref fashion-mnist:test --extractor my-fashion",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("run", help="classifier run folder")
+    x.add_argument("name", help="evaluator name: letters, digits, - and _ (e.g. my-fashion)")
+    x.add_argument("--out", help="folder to write into (default: $GENLAB_CACHE/evaluators)")
+    x.add_argument("--force", action="store_true", help="replace an existing evaluator of this name in --out")
+    _add_data_options(x, data_flag="")
 
     d = sub.add_parser("data", help="data sources", description="Inspect data sources.")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
@@ -287,6 +313,11 @@ def _format_value(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+def _note(message: str) -> None:
+    """A progress note for people (the number of images, a time estimate), on stderr beside the bars."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def _cmd_eval(a) -> int:
     from genlab import evaluation
 
@@ -310,36 +341,16 @@ def _cmd_eval(a) -> int:
               f"(sha256 {ref.key['extractor_sha256'][:12]}...)")
         print(ref.path if ref.path is not None else "(not cached: the cache folder is not writable)")
         return 0
-    if a.kind != "generation" and Path(a.target).is_dir():
-        from genlab.methods import get_method
-        from genlab.config import read_config_file
-        from genlab.methods.capabilities import Generates, has
-
-        cls = get_method(read_config_file(Path(a.target) / "config.yaml")["method"])
-        if hasattr(cls, "translate"):  # image-to-image: PSNR / SSIM on held-out pairs
-            _print_result(evaluation.evaluate_translation(a.target, data=a.recon_data, n=a.n, weights=a.weights,
-                                                          data_root=a.data_root, seed=a.seed))
-            return 0
-        reconstructs, generates = hasattr(cls, "reconstruct"), has(cls, Generates)
-        if a.kind == "reconstruction" and not reconstructs:
-            raise GenlabError(f"{a.target}: a {cls.name} run does not reconstruct images; use --kind generation")
-        if reconstructs:
-            result = evaluation.evaluate_reconstruction(a.target, data=a.recon_data, n=a.n, weights=a.weights,
-                                                        data_root=a.data_root, batch_size=a.batch_size, seed=a.seed,
-                                                        json_path=None if generates else a.json,
-                                                        progress=not a.no_progress)
-            _print_result(result)
-            if a.kind == "reconstruction" or not generates:
-                return 0
     if a.data is not None:
         raise GenlabError(f"--data {a.data} is for `genlab eval ref`; to score a data split write it as the target, "
                           f"e.g. genlab eval {a.data}:{a.split} --ref {a.ref}")
-    result = evaluation.evaluate(a.target, ref=a.ref, metrics=a.metrics, n=a.n,
-                                 sampler=a.sampler, steps=a.steps, seed=a.seed, weights=a.weights, extractor=extractor,
-                                 data_root=a.data_root, ref_n=a.ref_n, batch_size=a.batch_size, json_path=a.json,
-                                 progress=not a.no_progress,
-                                 sample_options=_sampling_options(a, a.n or evaluation.DEFAULT_N))
-    _print_result(result)
+    results = evaluation.evaluate_all(
+        a.target, a.kind, ref=a.ref, metrics=a.metrics, n=a.n, sampler=a.sampler, steps=a.steps, seed=a.seed,
+        weights=a.weights, extractor=extractor, data_root=a.data_root, data=a.recon_data, ref_n=a.ref_n,
+        batch_size=a.batch_size, json_path=a.json, progress=not a.no_progress, log=_note,
+        sample_options=_sampling_options(a, a.n or evaluation.DEFAULT_N))
+    for result in results:
+        _print_result(result)
     return 0
 
 
@@ -476,78 +487,128 @@ def _read_images_file(path: Path, channels: int):
     return u8
 
 
+def _invert_targets(a, run):
+    """The images to invert, in [-1, 1]: --image (a PNG or .npz) or held-out images."""
+    from genlab import api
+    from genlab.data import to_model_range
+
+    d = run.method.data_info
+    if a.image is None:
+        return api.heldout_images(run, a.data, a.n, a.data_root).to_model_range()
+    target = to_model_range(_read_images_file(Path(a.image), d.channels))
+    if tuple(target.shape[-2:]) != (d.image_size, d.image_size):
+        raise GenlabError(f"--image {a.image}: images are {target.shape[-2]}x{target.shape[-1]}, the GAN makes "
+                          f"{d.image_size}x{d.image_size}; resize them first")
+    return target
+
+
+def _invert_encoder(a, space: str, target):
+    """The --encoder run's method and its predicted latents of ``target`` (the optimisation's start), or (None, None)."""
+    import torch
+
+    from genlab import api
+
+    if a.encoder is None:
+        if a.steps == 0:
+            raise GenlabError("--steps 0 means no optimisation: give --encoder RUN, or steps > 0")
+        return None, None
+    encoder = api.load_run(a.encoder).method
+    if getattr(encoder, "name", None) != "gan-encoder":
+        raise GenlabError(f"--encoder {a.encoder}: not a gan-encoder run")
+    if encoder.space != space:
+        raise GenlabError(f"--encoder predicts {encoder.space} but --space is {space}")
+    with torch.no_grad():
+        return encoder, encoder.invert(target.to(encoder.device))
+
+
+def _edit_latent_pool(a, run, space: str, encoder):
+    """Latents whose principal directions are the edits: encoded real images, or mapped styles (GANSpace)."""
+    import torch
+
+    from genlab import api
+
+    method = run.method
+    with torch.no_grad():
+        if encoder is not None:
+            held = api.heldout_images(run, a.data, 1000, a.data_root).to_model_range()
+            return torch.cat([encoder.invert(held[i: i + 250].to(encoder.device)) for i in range(0, len(held), 250)])
+        if space != "z":
+            g = torch.Generator().manual_seed(a.seed)
+            return method.mapping(torch.randn(2000, method.latent_dim, generator=g).to(method.device))
+    raise GenlabError("--edit on a DCGAN needs --encoder RUN: its directions come from encoded real images")
+
+
+def _save_edits(a, run, space: str, encoder, latents) -> float:
+    """Each inverted latent moved along the --edit K-th principal direction, one row per image; returns its std."""
+    import torch
+
+    from genlab import inversion
+    from genlab.imageio import save_grid
+
+    pool = _edit_latent_pool(a, run, space, encoder)
+    _, directions, stds = inversion.principal_directions(pool.flatten(1).cpu(), k=a.edit + 1)
+    if a.edit >= len(directions):
+        raise GenlabError(f"--edit {a.edit}: only {len(directions)} directions available")
+    strengths = torch.linspace(-a.strength, a.strength, 7)
+    if space == "w+":  # a style direction moves every layer's w alike
+        directions = directions[:, None].expand(-1, run.method.num_ws, -1)
+    edits = inversion.edit_along(run.method, latents, directions[a.edit], float(stds[a.edit]), space, strengths)
+    save_grid(edits.flatten(0, 1).cpu(), a.out, nrow=len(strengths), scale=2)
+    return float(stds[a.edit])
+
+
 def _cmd_invert(a) -> int:
     import torch
 
     from genlab import api, inversion
-    from genlab.data import to_model_range
     from genlab.imageio import save_grid
     from genlab.methods.capabilities import GANLatent
+    from genlab.metrics import psnr
 
-    run = api.load_run(a.run)
+    run = api.load_run(a.run, weights=a.weights)
     run._need(GANLatent, "be inverted (it has no generator latent space)")
-    method = run.method
-    d = method.data_info
-    if a.image is not None:
-        target = to_model_range(_read_images_file(Path(a.image), d.channels))
-        if tuple(target.shape[-2:]) != (d.image_size, d.image_size):
-            raise GenlabError(f"--image {a.image}: images are {target.shape[-2]}x{target.shape[-1]}, the GAN makes "
-                              f"{d.image_size}x{d.image_size}; resize them first")
-    else:
-        target = api.heldout_images(run, a.data, a.n, a.data_root).to_model_range()
-    space = inversion.latent_space(method, a.space)
-    init, encoder = None, None
-    if a.encoder is not None:
-        encoder = api.load_run(a.encoder).method
-        if getattr(encoder, "name", None) != "gan-encoder":
-            raise GenlabError(f"--encoder {a.encoder}: not a gan-encoder run")
-        if encoder.space != space:
-            raise GenlabError(f"--encoder predicts {encoder.space} but --space is {space}")
-        with torch.no_grad():
-            init = encoder.invert(target.to(encoder.device)).to(method.device)
-    elif a.steps == 0:
-        raise GenlabError("--steps 0 means no optimisation: give --encoder RUN, or steps > 0")
-    result = inversion.project(method, target, space=space, steps=a.steps, lr=a.lr,
-                               perceptual_weight=a.perceptual_weight, init=init)
-    psnr = inversion.psnr_of(result.images, target)
-    rows = [target, result.images.cpu()]
-    nrow = min(len(target), 16)
+    target = _invert_targets(a, run)
+    space = inversion.latent_space(run.method, a.space)
+    encoder, init = _invert_encoder(a, space, target)
+    if init is not None:
+        init = init.to(run.method.device)
+    result = inversion.project(run.method, target, space=space, steps=a.steps, lr=a.lr,
+                               perceptual_weight=a.perceptual_weight, init=init, progress=not a.no_progress)
+    score = float(psnr(result.images.cpu().double(), target.double()))  # mean over images of the one PSNR
     if a.edit is not None:
-        if encoder is not None:
-            held = api.heldout_images(run, a.data, 1000, a.data_root).to_model_range()
-            with torch.no_grad():
-                pool = torch.cat([encoder.invert(held[i: i + 250].to(encoder.device)) for i in range(0, len(held), 250)])
-        elif space != "z":  # GANSpace: PCA of mapped styles
-            g = torch.Generator().manual_seed(a.seed)
-            with torch.no_grad():
-                pool = method.mapping(torch.randn(2000, method.latent_dim, generator=g).to(method.device))
-        else:
-            raise GenlabError("--edit on a DCGAN needs --encoder RUN: its directions come from encoded real images")
-        _, directions, stds = inversion.principal_directions(pool.flatten(1).cpu(), k=a.edit + 1)
-        if a.edit >= len(directions):
-            raise GenlabError(f"--edit {a.edit}: only {len(directions)} directions available")
-        strengths = torch.linspace(-a.strength, a.strength, 7)
-        if space == "w+":  # a style direction moves every layer's w alike
-            directions = directions[:, None].expand(-1, method.num_ws, -1)
-        edits = inversion.edit_along(method, result.latents, directions[a.edit], float(stds[a.edit]), space, strengths)
-        save_grid(edits.flatten(0, 1).cpu(), a.out, nrow=len(strengths), scale=2)
-        print(f"psnr {psnr.mean():.2f} dB; edits along direction {a.edit} (std {float(stds[a.edit]):.3g}) "
+        std = _save_edits(a, run, space, encoder, result.latents)
+        print(f"psnr {score:.2f} dB; edits along direction {a.edit} (std {std:.3g}) "
               f"from -{a.strength} to +{a.strength} std, one row per image")
         print(a.out)
         return 0
-    save_grid(torch.cat([_pad_rows(r, nrow) for r in rows]), a.out, nrow=nrow, scale=2)
+    nrow = min(len(target), 16)
+    save_grid(torch.cat([_pad_rows(r, nrow) for r in (target, result.images.cpu())]), a.out, nrow=nrow, scale=2)
     how = ("encoder" if a.steps == 0 else f"encoder + {a.steps} steps") if encoder is not None else f"{a.steps} steps"
-    print(f"psnr {psnr.mean():.2f} dB over {len(target)} images ({space}, {how}; targets above, inversions below)")
+    print(f"psnr {score:.2f} dB over {len(target)} images ({space}, {how}; targets above, inversions below)")
     print(a.out)
     return 0
 
 
 def _cmd_compare(a) -> int:
-    from genlab import evaluation
+    from genlab import report
 
-    table, _ = evaluation.compare(a.runs, ref=a.ref, out=a.out)
+    table, _ = report.compare(a.runs, ref=a.ref, out=a.out)
     print(table)
     print(a.out)
+    return 0
+
+
+def _cmd_export_evaluator(a) -> int:
+    from genlab.evaluation import export_evaluator
+    from genlab.metrics.extractors import user_evaluators_dir
+
+    card = export_evaluator(a.run, a.name, out_dir=a.out, data_root=a.data_root, weights=a.weights, overwrite=a.force)
+    out = Path(a.out) if a.out is not None else user_evaluators_dir()
+    print(f"evaluator {card['name']}: test accuracy {card['test_accuracy']:.2%} on {card['test_split']} "
+          f"({card['test_images']} images), sha256 {card['sha256'][:12]}...")
+    print(f"use it with: genlab eval RUN --extractor "
+          f"{a.name if a.out is None else out / (a.name + '.safetensors')}")
+    print(out / f"{a.name}.safetensors")
     return 0
 
 
@@ -602,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = {"train": _cmd_train, "sample": _cmd_sample, "data": _cmd_data, "methods": _cmd_methods,
                "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare, "reconstruct": _cmd_reconstruct,
-               "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert}[a.command]
+               "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert,
+               "export-evaluator": _cmd_export_evaluator}[a.command]
     try:
         return handler(a)
     except GenlabError as e:

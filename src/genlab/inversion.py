@@ -18,6 +18,7 @@ moving an inverted latent along one of them edits the image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -77,12 +78,17 @@ def project(
     init: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     perceptual: PerceptualLoss | None = None,
+    progress: bool = False,
+    callback: Callable[[int, float], None] | None = None,
 ) -> Projection:
     """Invert ``target`` images (N, C, H, W) in [-1, 1] by optimising their latents with Adam.
 
     The generator's weights are not changed (they get no optimiser; their gradients are discarded).
     ``init``: starting latents (e.g. from a trained encoder); else :func:`initial_latents`.
+    ``progress`` shows a bar over the optimisation steps; ``callback(step, loss)`` follows each step.
     """
+    from tqdm.auto import tqdm
+
     space = latent_space(method, space)
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
@@ -96,7 +102,7 @@ def project(
     method.eval()
     losses: list[float] = []
     try:
-        for _ in range(steps):
+        for step in tqdm(range(steps), disable=not progress, desc="invert", unit="step"):
             image = render(method, latents, space, labels)
             loss = ((image - target) ** 2).mean()
             if perceptual_weight > 0:
@@ -108,6 +114,8 @@ def project(
             latents.grad = grad
             optimizer.step()
             losses.append(float(loss.detach()))
+            if callback is not None:
+                callback(step, losses[-1])
         with torch.no_grad():
             images = render(method, latents, space, labels).clamp(-1, 1)
     finally:
@@ -134,10 +142,3 @@ def edit_along(method, latents: torch.Tensor, direction: torch.Tensor, std: floa
     direction = direction.to(latents.device).view(1, *latents.shape[1:])
     rows = [render(method, latents + float(s) * std * direction, space).clamp(-1, 1) for s in strengths]
     return torch.stack(rows, 1)
-
-
-def psnr_of(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of images in [-1, 1] (data range 2)."""
-    from genlab.metrics import psnr
-
-    return psnr(images.detach().cpu().double(), target.detach().cpu().double(), data_range=2.0, reduction="none")

@@ -90,11 +90,19 @@ class Run:
     def __repr__(self) -> str:
         return f"Run(method={self.config.method!r}, step={self.step}, weights={self.weights!r}, path='{self.path}')"
 
-    def _need(self, capability: type | tuple[type, ...] | str, what: str) -> None:
+    def _need(self, capability: type | tuple[type, ...], what: str) -> None:
         """A one-line ConfigError naming the missing capability unless the run's method declares it."""
-        if isinstance(capability, str):  # the attribute names older callers pass (evaluation: "reconstruct")
-            capability = {"reconstruct": Reconstructs}[capability]
         require(self.method, capability, what, where=str(self.path))
+
+    def evaluate(self, kind: str = "auto", **options: Any) -> list[dict]:
+        """Score this run as loaded (its weights, its device): one result per kind, see ``genlab.evaluation``.
+
+        ``kind`` is "auto" (whatever the run's capabilities offer), "generation", "reconstruction" or
+        "translation"; ``options`` are those of ``genlab.evaluation.evaluate`` (ref, n, metrics, ...).
+        """
+        from genlab.evaluation import evaluate_run  # call-time: evaluation reads runs, not the reverse
+
+        return evaluate_run(self, kind, **options)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -13,7 +13,7 @@ from genlab import api
 from genlab.cli import main
 from genlab.data import DataConfig, load_data
 from genlab.errors import ConfigError
-from genlab.inversion import psnr_of, render
+from genlab.inversion import render
 from genlab.runs import build_method
 
 from tiny_configs import TINY_DCGAN, TINY_ENCODER

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from genlab.errors import ConfigError
-from genlab.inversion import edit_along, principal_directions, project, psnr_of
+from genlab.inversion import edit_along, principal_directions, project
 from genlab.methods.capabilities import GANLatent
+from genlab.metrics import psnr
 
 
 class _LinearGAN(nn.Module, GANLatent):
@@ -41,7 +42,7 @@ def test_projection_recovers_the_latent_of_a_generated_image_and_leaves_g_unchan
         target = gan.synthesize(z_true)
     result = project(gan, target, steps=400, lr=0.05, perceptual_weight=0.0, prior_weight=0.0)
     torch.testing.assert_close(result.latents, z_true, atol=2e-2, rtol=0)
-    assert psnr_of(result.images, target).min() > 40
+    assert psnr(result.images, target, reduction="none").min() > 40
     assert result.losses[-1] < 1e-3 * result.losses[0]
     for k, v in gan.state_dict().items():
         assert torch.equal(v, before[k])
@@ -85,3 +86,12 @@ def test_edit_at_zero_strength_is_the_inversion_and_moves_linearly_in_latent():
     with torch.no_grad():
         torch.testing.assert_close(edits[:, 1], gan.synthesize(z))
         torch.testing.assert_close(edits[:, 2], gan.synthesize(z + torch.tensor([1.0, 0, 0])))
+
+
+def test_projection_reports_every_optimisation_step():
+    gan = _LinearGAN()
+    target = gan.synthesize(torch.randn(2, 3, generator=torch.Generator().manual_seed(2))).detach()
+    seen = []
+    result = project(gan, target, steps=7, perceptual_weight=0.0, progress=True,
+                     callback=lambda step, loss: seen.append((step, loss)))
+    assert [s for s, _ in seen] == list(range(7)) and [l for _, l in seen] == result.losses

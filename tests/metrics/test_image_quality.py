@@ -11,7 +11,8 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from genlab.errors import ConfigError, DataError
-from genlab.metrics.image_quality import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, mse, psnr, ssim
+from genlab.metrics.image_quality import MS_SSIM_WEIGHTS, PSNR_MAX_DB, ms_ssim, ms_ssim_scales, mse, psnr, psnr_from_mse
+from genlab.metrics.image_quality import ssim, ssim_window
 
 DATA_ROOT = Path(os.environ.get("GENLAB_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
@@ -101,7 +102,7 @@ def test_psnr_and_mse_closed_form():
     expected = 10 * np.log10(2.0**2 / per_image_mse.numpy())
     np.testing.assert_allclose(psnr(x, y, data_range=2.0, reduction="none").numpy(), expected, rtol=1e-12)
     assert float(psnr(x, y)) == pytest.approx(expected.mean(), rel=1e-12)
-    assert float(psnr(x, x)) == float("inf")
+    assert float(psnr(x, x)) == pytest.approx(10 * np.log10(12 * 255**2))  # the 8-bit rounding-noise floor
 
 
 def test_ssim_of_identical_images_is_one_and_is_differentiable():
@@ -179,7 +180,7 @@ def test_ms_ssim_of_anticorrelated_images_is_zero_with_finite_gradient():
 def test_bad_input():
     x = torch.zeros(1, 1, 8, 8)
     with pytest.raises(DataError, match="window"):
-        ssim(x, x)
+        ssim(x, x, window_size=11)
     assert float(ssim(x, x, window_size=7)) == pytest.approx(1.0)
     with pytest.raises(DataError, match="same shape|one shape"):
         ssim(torch.zeros(1, 1, 16, 16), torch.zeros(1, 3, 16, 16))
@@ -187,3 +188,41 @@ def test_bad_input():
         psnr(x, x, data_range=0)
     with pytest.raises(ConfigError, match="reduction"):
         mse(x, x, reduction="sum")
+
+
+def test_psnr_is_skimage_above_the_8bit_noise_floor_and_capped_below_it():
+    """genlab's one PSNR: skimage's per image, mean over images, MSE floored at (range / 255)^2 / 12."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 1, 28, 28)).astype(np.float64) / 127.5 - 1  # 8-bit images in [-1, 1]
+    y = np.clip(x + rng.normal(0, [[[[0.02]]], [[[0.1]]], [[[0.3]]], [[[0.005]]]], x.shape), -1, 1)
+    reference = [peak_signal_noise_ratio(a[0], b[0], data_range=2.0) for a, b in zip(x, y)]
+    ours = psnr(torch.from_numpy(x), torch.from_numpy(y), reduction="none")
+    np.testing.assert_allclose(ours.numpy(), reference, rtol=1e-12)
+    assert float(psnr(torch.from_numpy(x), torch.from_numpy(y))) == pytest.approx(np.mean(reference), rel=1e-12)
+    # An exact match, and one pixel off by one 8-bit step (MSE far below the floor): the cap, not inf or 77 dB.
+    off_by_one = x.copy()
+    off_by_one[0, 0, 5, 5] += 2 / 255
+    for target in (x, off_by_one):
+        value = float(psnr(torch.from_numpy(target[:1]), torch.from_numpy(x[:1])))
+        assert value == pytest.approx(10 * np.log10(12 * 255**2)) == pytest.approx(PSNR_MAX_DB)
+    assert PSNR_MAX_DB == pytest.approx(58.92, abs=0.01)
+    # The cap is independent of the data range and image size; psnr_from_mse of a set's mean MSE.
+    assert float(psnr(torch.zeros(1, 3, 5, 7), torch.zeros(1, 3, 5, 7), data_range=255.0)) == pytest.approx(PSNR_MAX_DB)
+    mean_mse = float(((x - y) ** 2).mean())
+    assert float(psnr_from_mse(torch.tensor(mean_mse, dtype=torch.float64))) == pytest.approx(10 * np.log10(4 / mean_mse), rel=1e-12)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (9, 9), (10, 7), (5, 6), (3, 3)])
+def test_ssim_small_image_rule_matches_skimage_with_the_scaled_window(size):
+    """Images under 11 px: the largest odd window that fits, sigma 1.5 * window / 11 (skimage's +-3.5 sigma)."""
+    window, sigma = ssim_window(size)
+    assert window == min(size) - (1 - min(size) % 2) and sigma == pytest.approx(1.5 * window / 11)
+    assert 2 * int(3.5 * sigma + 0.5) + 1 == window  # the window skimage draws for this sigma
+    rng = np.random.default_rng(size[0] * 10 + size[1])
+    xs = rng.uniform(-1, 1, (3, *size))
+    ys = np.clip(xs + rng.normal(0, 0.4, xs.shape), -1, 1)
+    reference = [structural_similarity(a, b, gaussian_weights=True, sigma=sigma, use_sample_covariance=False,
+                                       data_range=2.0) for a, b in zip(xs, ys)]
+    ours = ssim(torch.from_numpy(xs)[:, None], torch.from_numpy(ys)[:, None], reduction="none")
+    np.testing.assert_allclose(ours.numpy(), reference, atol=1e-6)
+    assert ssim_window((28, 28)) == (11, 1.5) and ssim_window((11, 40)) == (11, 1.5)

@@ -1,8 +1,8 @@
 """Image classifier trained with cross-entropy: the project's own evaluators for FID/KID/PR on MNIST-like data (SPEC E1).
 
 Not a generative model: the same trainer, configs, checkpoints and EMA train it, and
-:func:`genlab.evaluation.export_evaluator` turns a finished run into a shipped evaluator
-(``src/genlab/evaluators/<name>.safetensors`` plus its JSON card).
+``genlab export-evaluator RUN NAME`` turns a finished run into an evaluator (``NAME.safetensors``
+plus its JSON card in ``$GENLAB_CACHE/evaluators``) that ``genlab eval --extractor NAME`` uses.
 
 Augmentation is a random translation by up to ``max_shift`` pixels (the canvas border fills with
 black, -1), drawn per image through the trainer's step context so that a resumed run sees exactly
@@ -105,4 +105,4 @@ class ClassifierMethod(Method):
     def sample(self, n: int, *, generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:
         """Not available: a classifier does not generate images."""
         raise ConfigError("the classifier method does not generate images; export it as an evaluator "
-                          "(genlab.evaluation.export_evaluator) or sample from a generative run")
+                          "(genlab export-evaluator RUN NAME) or sample from a generative run")

@@ -51,8 +51,6 @@ from genlab.models.pix2pix import UNetGenerator, UNetGeneratorConfig, patchgan_l
 logger = logging.getLogger(__name__)
 TASKS = ("edges", "masked", "lowres", "grey2colour", "paired")
 _logged_fields: set[tuple[int, int]] = set()
-# Variance of uniform rounding noise of one 8-bit level (2/255 in [-1, 1] units): (2/255)^2 / 12.
-QUANTISATION_MSE = (2.0 / 255.0) ** 2 / 12.0
 
 
 @dataclass
@@ -254,18 +252,14 @@ def evaluate_pairs(
     """Test PSNR (dB) and SSIM of translate(a) against b, a = make_input(b) (or ``images_a`` for paired data).
 
     Images are floats in [-1, 1] (uint8 are converted); the method is scored in eval mode (no
-    dropout). PSNR is the mean of per-image PSNRs, each image's MSE floored at the 8-bit
-    quantisation noise (``QUANTISATION_MSE``: an exact match scores 58.9 dB instead of infinity,
-    which a masked hole on MNIST's black background would otherwise give). SSIM uses the 11x11
-    Gaussian window, shrunk to the largest odd size that fits small images (7 for 8x8). For masked
-    and low-res tasks, the input image's own PSNR / SSIM (``psnr_input``, ``ssim_input``) is the
-    do-nothing baseline.
+    dropout). PSNR and SSIM are genlab's one definition (:mod:`genlab.metrics.image_quality`): the
+    mean of per-image PSNRs, each image's MSE floored at 8-bit rounding noise (an exact match, which
+    a masked hole on MNIST's black background can give, scores 58.92 dB instead of infinity), and
+    SSIM with the 11x11 Gaussian window or its small-image rule. For masked and low-res tasks, the
+    input image's own PSNR / SSIM (``psnr_input``, ``ssim_input``) is the do-nothing baseline.
     """
     from genlab.data.imageset import to_model_range
-    from genlab.metrics import mse, ssim
-
-    def psnr(x: torch.Tensor, y: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-        return 10 * torch.log10(4.0 / mse(x, y, reduction="none").clamp_min(QUANTISATION_MSE))  # data range 2
+    from genlab.metrics import psnr, ssim
 
     def as_float(x: torch.Tensor) -> torch.Tensor:
         return to_model_range(x) if x.dtype == torch.uint8 else x.float()
@@ -275,7 +269,6 @@ def evaluate_pairs(
         raise ConfigError("evaluating a model.task=paired run needs the test inputs: pass images_a (the A images)")
     if images_a is not None and len(images_a) != len(images_b):
         raise ConfigError(f"images_a has {len(images_a)} images but images_b has {len(images_b)}")
-    window = min(11, min(images_b.shape[-2:]) - (1 - min(images_b.shape[-2:]) % 2))
     was_training = method.training
     method.eval()
     totals: dict[str, float] = {}
@@ -284,11 +277,11 @@ def evaluate_pairs(
             b = images_b[start : start + batch_size].to(method.device)
             a = method.make_input(b, generator) if images_a is None else as_float(images_a[start : start + batch_size]).to(b.device)
             b_hat = method.translate(a)
-            scores = {"psnr": psnr(b_hat, b, reduction="none"), "ssim": ssim(b_hat, b, window_size=window, reduction="none")}
+            scores = {"psnr": psnr(b_hat, b, reduction="none"), "ssim": ssim(b_hat, b, reduction="none")}
             if method.config.task in ("lowres", "masked"):
                 baseline = a[:, : b.shape[1]]
                 scores["psnr_input"] = psnr(baseline, b, reduction="none")
-                scores["ssim_input"] = ssim(baseline, b, window_size=window, reduction="none")
+                scores["ssim_input"] = ssim(baseline, b, reduction="none")
             for name, values in scores.items():
                 totals[name] = totals.get(name, 0.0) + float(values.sum())
     finally:

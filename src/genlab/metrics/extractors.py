@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -52,11 +53,17 @@ __all__ = [
     "prepare_images",
     "save_classifier_evaluator",
     "get_extractor",
+    "is_evaluator_name",
+    "user_evaluators_dir",
     "SHIPPED_EVALUATORS",
+    "DEFAULT_EXTRACTORS",
     "CARD_KEYS",
 ]
 
 SHIPPED_EVALUATORS = ("mnist", "fashion-mnist")
+# Which extractor judges which data by default: the project's own evaluators where they exist
+# (offline, and far more telling on grey digits than ImageNet features), else the FID Inception network.
+DEFAULT_EXTRACTORS = {"mnist": "mnist", "mnist5k": "mnist", "digits": "mnist", "fashion-mnist": "fashion-mnist"}
 # What an evaluator card must record, so a metric can cite the network that produced it (SPEC E5).
 CARD_KEYS = ("name", "architecture", "config", "training_command", "seed", "test_accuracy", "sha256", "feature_layer")
 CLASSIFIER_FEATURE_LAYER = "feature: ReLU of the feature_dim-unit linear layer, the input of the last linear layer (head)"
@@ -314,11 +321,25 @@ def _evaluators_dir() -> Path:
     return Path(str(resources.files("genlab") / "evaluators"))
 
 
-def get_extractor(name_or_path: str | os.PathLike, device: torch.device | str | None = None) -> FeatureExtractor:
-    """The extractor called ``"inception"``, ``"mnist"`` or ``"fashion-mnist"``, or stored at a path.
+def user_evaluators_dir() -> Path:
+    """Folder of the user's own evaluators (``genlab export-evaluator``): ``$GENLAB_CACHE/evaluators``
+    (default ~/.cache/genlab/evaluators); ``--extractor NAME`` looks there after the shipped names."""
+    from genlab.data.config import resolve_cache_dir
 
-    Paths: ``*.json`` or ``*.safetensors`` with a ``.json`` card beside it (an evaluator), else
-    ``*.safetensors`` / ``*.pth`` / ``*.pt`` (FID Inception weights).
+    return resolve_cache_dir() / "evaluators"
+
+
+def is_evaluator_name(text: str) -> bool:
+    """Whether ``text`` can name an evaluator file: letters, digits, '-' and '_' (no folder, no suffix)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", text))
+
+
+def get_extractor(name_or_path: str | os.PathLike, device: torch.device | str | None = None) -> FeatureExtractor:
+    """The extractor called ``"inception"``, ``"mnist"`` or ``"fashion-mnist"``, a user evaluator's name, or a path.
+
+    Names other than the shipped ones are looked up in :func:`user_evaluators_dir`. Paths: ``*.json``
+    or ``*.safetensors`` with a ``.json`` card beside it (an evaluator), else ``*.safetensors`` /
+    ``*.pth`` / ``*.pt`` (FID Inception weights).
     """
     key = str(name_or_path)
     normalised = key.lower().replace("_", "-")
@@ -332,6 +353,8 @@ def get_extractor(name_or_path: str | os.PathLike, device: torch.device | str | 
                 "yet): train one and write it with save_classifier_evaluator, or use extractor 'inception'"
             )
         extractor = ClassifierExtractor.from_files(weights)
+    elif is_evaluator_name(key) and (user_evaluators_dir() / f"{key}.safetensors").is_file():
+        extractor = ClassifierExtractor.from_files(user_evaluators_dir() / f"{key}.safetensors")
     else:
         path = Path(key).expanduser()
         card = path.with_suffix(".json")
@@ -350,7 +373,8 @@ def get_extractor(name_or_path: str | os.PathLike, device: torch.device | str | 
             raise ConfigError(
                 f"unknown feature extractor '{key}'; use 'inception', "
                 + ", ".join(f"'{n}'" for n in SHIPPED_EVALUATORS)
-                + ", a <name>.safetensors evaluator with its .json card, or a .pth file of FID Inception weights"
+                + f", an evaluator exported into {user_evaluators_dir()} (genlab export-evaluator RUN NAME), "
+                "a <name>.safetensors evaluator with its .json card, or a .pth file of FID Inception weights"
             )
     if device is not None:
         extractor.to(device)

@@ -4,10 +4,23 @@ All functions are differentiable torch code (the SSIM loss is 1 - ssim), take im
 with any channel count on any device, and return per-image values (N,) with ``reduction="none"`` or
 their mean with ``reduction="mean"``. ``data_range`` is max - min of the pixel scale: 2.0 for genlab's
 images in [-1, 1] (the default), 1.0 for [0, 1], 255 for uint8 values.
+
+genlab's one PSNR (every reconstruction, translation and inversion number uses it): per image,
+10 log10(data_range^2 / max(MSE_i, q)) with q = (data_range / 255)^2 / 12, the variance of 8-bit
+rounding noise, so an exact match scores PSNR_MAX_DB = 10 log10(12 * 255^2) = 58.92 dB instead of
+infinity whatever the image size; a set's PSNR is the mean over its images (:func:`psnr`), and
+:func:`psnr_from_mse` gives the PSNR of a set's mean MSE. Above the floor it is scikit-image's
+``peak_signal_noise_ratio``.
+
+genlab's one SSIM small-image rule: the 11x11 window with sigma 1.5 of Wang et al., and for images
+smaller than 11 pixels a side the largest odd window that fits with sigma scaled alike,
+1.5 * size / 11 (:func:`ssim_window`; 7x7 and sigma 0.95 for 8x8 digits): the window keeps its
+shape, spanning +-3.5 sigma as scikit-image's Gaussian SSIM does.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -15,12 +28,16 @@ import torch.nn.functional as F
 
 from genlab.errors import ConfigError, DataError
 
-__all__ = ["MS_SSIM_WEIGHTS", "gaussian_window", "mse", "psnr", "ssim", "ms_ssim", "ms_ssim_scales"]
+__all__ = ["MS_SSIM_WEIGHTS", "PSNR_MAX_DB", "gaussian_window", "mse", "psnr", "psnr_from_mse", "ssim", "ssim_window",
+           "ms_ssim", "ms_ssim_scales"]
 
 Reduction = Literal["mean", "none"]
 
 # Wang, Simoncelli & Bovik 2003, "Multi-scale structural similarity", exponents beta_1..beta_5 (finest first).
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+# PSNR of an exact match: the MSE floor is the variance of 8-bit rounding noise, (range / 255)^2 / 12.
+PSNR_MAX_DB = 10 * math.log10(12 * 255**2)
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,14 +74,24 @@ def mse(x: torch.Tensor, y: torch.Tensor, reduction: Reduction = "mean") -> torc
     return _reduce((x - y).square().flatten(1).mean(dim=1), reduction)
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, reduction: Reduction = "mean") -> torch.Tensor:
-    """Peak signal-to-noise ratio per image, 10 log10(data_range^2 / MSE) in dB (inf for identical images).
+def psnr_from_mse(mse_values: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """10 log10(data_range^2 / max(MSE, q)) in dB, q = (data_range / 255)^2 / 12 (8-bit rounding noise).
 
-    The mean is over per-image PSNRs, not the PSNR of the mean MSE.
+    The floor caps an exact match at PSNR_MAX_DB (58.92 dB) instead of infinity, the same for every
+    image size, so per-image PSNRs can be averaged; MSEs above it give scikit-image's PSNR.
     """
     _check_data_range(data_range)
-    per_image_mse = mse(x, y, reduction="none")
-    return _reduce(10 * torch.log10(data_range**2 / per_image_mse), reduction)
+    floor = (data_range / 255) ** 2 / 12
+    return 10 * torch.log10(data_range**2 / mse_values.clamp_min(floor))
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, reduction: Reduction = "mean") -> torch.Tensor:
+    """Peak signal-to-noise ratio per image in dB (:func:`psnr_from_mse` of each image's MSE).
+
+    The mean is over per-image PSNRs, not the PSNR of the mean MSE (which is never higher).
+    """
+    _check_data_range(data_range)
+    return _reduce(psnr_from_mse(mse(x, y, reduction="none"), data_range), reduction)
 
 
 def gaussian_window(size: int, sigma: float, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -113,23 +140,39 @@ def _check_window(size: tuple[int, int], window_size: int, sigma: float) -> None
         )
 
 
+def ssim_window(size: tuple[int, int]) -> tuple[int, float]:
+    """(window size, sigma) for images of ``size``: 11 and 1.5, or the largest odd size that fits and 1.5 * size / 11."""
+    side = min(size)
+    if side >= SSIM_WINDOW:
+        return SSIM_WINDOW, SSIM_SIGMA
+    if side < 1:
+        raise DataError(f"images of {size[0]}x{size[1]} have no pixels to compare")
+    window = side if side % 2 else side - 1
+    return window, SSIM_SIGMA * window / SSIM_WINDOW
+
+
 def ssim(
     x: torch.Tensor,
     y: torch.Tensor,
     data_range: float = 2.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
+    window_size: int | None = None,
+    sigma: float | None = None,
     k1: float = 0.01,
     k2: float = 0.03,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004): 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03.
+    """Structural similarity (Wang et al. 2004): Gaussian window (default :func:`ssim_window`), K1 = 0.01, K2 = 0.03.
 
     Per image, the mean of the SSIM map over channels and valid window positions (as skimage's
-    ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)`` with ``channel_axis``).
+    ``structural_similarity(gaussian_weights=True, sigma=sigma, use_sample_covariance=False)`` with
+    ``channel_axis``). Without ``window_size``/``sigma``, images under 11 px a side get the small-image rule.
     """
     x, y = _check_pair(x, y)
     _check_data_range(data_range)
+    if window_size is None:
+        window_size, rule_sigma = ssim_window(x.shape[-2:])
+        sigma = rule_sigma if sigma is None else sigma
+    sigma = SSIM_SIGMA if sigma is None else sigma
     _check_window(x.shape[-2:], window_size, sigma)
     window = gaussian_window(window_size, sigma, dtype=x.dtype, device=x.device)
     return _reduce(_ssim_and_contrast_structure(x, y, data_range, window, k1, k2)[0], reduction)

@@ -89,7 +89,7 @@ class TrainingHealth:
             )
         name = config.evaluator
         if name == "auto":  # the data's own evaluator when the project ships one (mnist for unknown 1x28x28)
-            from genlab.evaluation import DEFAULT_EXTRACTORS
+            from genlab.metrics.extractors import DEFAULT_EXTRACTORS  # train/ never imports evaluation
 
             if source is not None:
                 name = DEFAULT_EXTRACTORS.get(source, "none") if (channels, image_size) == (1, 28) else "none"

@@ -1,0 +1,90 @@
+"""Small pieces every evaluation module uses: devices, atomic writes, versions, references, extractors."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from genlab.data import split_source_ref
+from genlab.errors import ConfigError
+from genlab.metrics.extractors import DEFAULT_EXTRACTORS, FeatureExtractor, get_extractor
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def publish(tmp: str, path: Path) -> None:
+    """Rename a finished temporary file onto ``path`` with ordinary permissions (mkstemp makes it owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)  # atomic on POSIX and Windows
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def versions() -> dict[str, str]:
+    import genlab
+
+    return {"genlab": genlab.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def now() -> str:
+    """UTC time of a measurement, as every protocol records it."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """``"mnist:test"`` -> ("mnist", "test"); a one-line error for anything else."""
+    from genlab.data import get_source
+
+    source, split = split_source_ref(str(ref))
+    if split is None:
+        head, sep, _ = str(ref).rpartition(":")
+        if sep and head:
+            get_source(head)  # an unknown source: DataError listing the valid ones
+        raise ConfigError(f"reference {ref!r} must be SOURCE:SPLIT, e.g. mnist:test or fashion-mnist:train")
+    get_source(source)  # DataError listing the valid sources
+    return source, split
+
+
+def is_run(target) -> bool:
+    """Whether ``target`` is a loaded run (``Run.evaluate`` passes itself) rather than a path or a split."""
+    return hasattr(target, "method") and hasattr(target, "path")
+
+
+def as_run(target, weights: str = "ema"):
+    """The loaded run to score: ``target`` itself when it is one, else the run folder loaded with ``weights``."""
+    if is_run(target):
+        return target
+    from genlab.runs import load_run
+
+    return load_run(target, weights=weights)
+
+
+def resolve_extractor(extractor: str | os.PathLike | FeatureExtractor | None, source: str, device) -> FeatureExtractor:
+    """The extractor object: given, named (shipped or a user evaluator), a path, or the default one for ``source``."""
+    if extractor is None:
+        extractor = DEFAULT_EXTRACTORS.get(source, "inception")
+    if isinstance(extractor, (str, os.PathLike)):
+        extractor = get_extractor(extractor)
+    if hasattr(extractor, "to"):
+        extractor.to(device)
+    return extractor
