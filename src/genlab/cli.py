@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
+
+# OpenMP threads that wait for work spin on their core (OMP_WAIT_POLICY=ACTIVE, libgomp's habit for a
+# while after each parallel region); on a shared or busy machine the spinning steals the cores the
+# other threads need. PASSIVE makes them sleep. OpenMP reads the variable once, when torch loads it,
+# so it is set here, before anything imports torch; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path
 
 from genlab.errors import GenlabError
@@ -608,9 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # the trainer's message names the checkpoint that really exists
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)  # 130 for SIGINT, 143 for SIGTERM
 
 
 if __name__ == "__main__":
