@@ -25,6 +25,10 @@ examples:
   genlab train ddpm --data mnist5k --preset small
   genlab train ddpm --data mnist --data-root ../shared/data --preset small train.steps=8000
   genlab train ddpm --run-dir runs/x --resume train.steps=6000
+
+--resume may change train.steps (the LR decay continues from the current LR), train.lr, train.grad_clip,
+train.time_limit (minutes per launch) and bookkeeping keys; other changes are refused. Ctrl-C or SIGTERM
+saves a checkpoint after the current step; a second one stops at once. One writer per run folder.
 """
 
 
@@ -577,7 +581,9 @@ def _cmd_methods(a) -> int:
 
 def _cmd_demo(a) -> int:
     from genlab.demo import run_demo
+    from genlab.train.lock import RunLock
 
+    RunLock(a.run_dir, "trained").acquire().release()  # the demo moves an old run aside: not while it trains
     run_demo(Path(a.run_dir), a.overrides)
     return 0
 

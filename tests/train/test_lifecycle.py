@@ -78,6 +78,23 @@ def test_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
             pass
 
 
+def test_demo_does_not_move_aside_a_run_being_trained(tmp_path, capsys, monkeypatch):
+    from genlab import cli
+    from genlab.errors import GenlabError
+
+    def no_training(*args, **kwargs):
+        raise GenlabError("training was not expected")
+
+    monkeypatch.setattr(api, "train", no_training)  # were the demo to go ahead, it would stop right after the move
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "config.yaml").write_text("method: ddpm\n")
+    with RunLock(tmp_path / "demo"):
+        assert cli.main(["demo", "--run-dir", str(tmp_path / "demo")]) == 2
+    assert "is being trained by PID" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "config.yaml").is_file()  # not moved to demo.old-*
+
+
 @pytest.mark.slow
 def test_a_second_writer_fails_at_once_and_a_killed_writers_lock_is_taken_over(tmp_path):
     """Two real processes: the second `train --resume` fails naming the first; after SIGKILL the run resumes."""
