@@ -10,8 +10,8 @@ import os
 # so it is set here, before anything imports torch; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import sys
 from pathlib import Path
 
 from genlab.errors import GenlabError
