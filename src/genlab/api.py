@@ -58,14 +58,8 @@ def train_config(
     preset = resolve_preset(method, data or parent_source, preset)
     if data_root is not None:
         overrides.insert(0, f"data.root={data_root}")
+    # Changed settings on resume are applied or refused by the trainer (Trainer.resume).
     cfg = build_config(method, method_cls.Config, preset=preset, overrides=overrides, base=base)
-    if resume and base is not None:
-        changed = _changed_keys(base, cfg)
-        if changed - {"train.steps", "train.time_limit", "train.checkpoint_every", "train.sample_every",
-                      "train.log_every", "train.threads", "train.keep_checkpoints"}:
-            import warnings
-
-            warnings.warn(f"resuming with changed {sorted(changed)}: the continuation is no longer an exact resume")
     return cfg, None if preset is None else preset_path(method, preset)
 
 
@@ -91,18 +85,44 @@ def train(
     if announce is not None:
         used = "none (the run's saved config)" if resume else "none (defaults)"
         announce(f"preset: {used if preset_file is None else _shown_path(preset_file)}")
+    evaluate = _periodic_evaluator(cfg)
     if run_dir is None:
         run_dir = default_run_dir(method, cfg.data.source)
     run_dir = Path(run_dir)
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-    images = load_data(cfg.data)
-    torch.manual_seed(cfg.train.seed)  # weight initialisation is part of the run's seed
-    # A resumed child rebuilds its parents from its checkpoint: their folders may have moved.
-    instance = build_method(cfg, data_info_for(cfg, images), stored_parent_records(run_dir) if resume else None)
-    trainer = Trainer(run_dir, cfg, instance, images, progress=progress)
-    trainer.fit(resume=resume)
+    with _writer_lock(run_dir):
+        if not resume and latest_checkpoint(run_dir) is not None:
+            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        images = load_data(cfg.data)
+        torch.manual_seed(cfg.train.seed)  # weight initialisation is part of the run's seed
+        # A resumed child rebuilds its parents from its checkpoint: their folders may have moved.
+        instance = build_method(cfg, data_info_for(cfg, images), stored_parent_records(run_dir) if resume else None)
+        trainer = Trainer(run_dir, cfg, instance, images, progress=progress, evaluate=evaluate)
+        trainer.fit(resume=resume)
     return load_run(run_dir)
+
+
+def _writer_lock(run_dir: Path):
+    """The run folder's writer lock (train, resume), taken by the main process only (RANK 0 under torchrun)."""
+    import contextlib
+    import os
+
+    from genlab.train.lock import RunLock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return RunLock(run_dir, "trained")
+
+
+def _periodic_evaluator(cfg: RunConfig):
+    """``evaluate(method) -> metrics`` for train.eval_every (None when off): the trainer imports no evaluation code."""
+    tc = cfg.train
+    if not tc.eval_every:
+        return None
+    if tc.eval_ref is None:
+        raise ConfigError("train.eval_every needs train.eval_ref, e.g. train.eval_ref=mnist:test")
+    from genlab import evaluation
+
+    return lambda method: evaluation.periodic_eval(method, ref=tc.eval_ref, n=tc.eval_n, data_root=cfg.data.root)
 
 
 def resolve_preset(method: str, data: str | None, preset: str | None) -> str | None:
@@ -146,20 +166,6 @@ def _resolve_parent_runs(method_cls, overrides: list[str], data: str | None, dat
     return out, source
 
 
-def _changed_keys(base: dict, cfg: RunConfig) -> set[str]:
-    from genlab.config import to_dict
-
-    new = to_dict(cfg)
-    out = set()
-
-    def walk(a, b, prefix):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in set(a) | set(b):
-                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-        elif a != b:
-            out.add(prefix)
-
-    walk(base, new, "")
     return out
 
 

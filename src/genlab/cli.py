@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import os
+
+# OpenMP threads that wait for work spin on their core (OMP_WAIT_POLICY=ACTIVE, libgomp's habit for a
+# while after each parallel region); on a shared or busy machine the spinning steals the cores the
+# other threads need. PASSIVE makes them sleep. OpenMP reads the variable once, when torch loads it,
+# so it is set here, before anything imports torch; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
 import sys
 from pathlib import Path
 
@@ -18,6 +25,10 @@ examples:
   genlab train ddpm --data mnist5k --preset small
   genlab train ddpm --data mnist --data-root ../shared/data --preset small train.steps=8000
   genlab train ddpm --run-dir runs/x --resume train.steps=6000
+
+--resume may change train.steps (the LR decay continues from the current LR), train.lr, train.grad_clip,
+train.time_limit (minutes per launch) and bookkeeping keys; other changes are refused. Ctrl-C or SIGTERM
+saves a checkpoint after the current step; a second one stops at once. One writer per run folder.
 """
 
 
@@ -634,7 +645,9 @@ def _cmd_methods(a) -> int:
 
 def _cmd_demo(a) -> int:
     from genlab.demo import run_demo
+    from genlab.train.lock import RunLock
 
+    RunLock(a.run_dir, "trained").acquire().release()  # the demo moves an old run aside: not while it trains
     run_demo(Path(a.run_dir), a.overrides)
     return 0
 
@@ -673,9 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # the trainer's message names the checkpoint that really exists
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)  # 130 for SIGINT, 143 for SIGTERM
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class TrainConfig:
     eval_every: int = 0  # FID/KID of eval_n samples against eval_ref every K steps, logged (0: never)
     eval_n: int = 1000
     eval_ref: str | None = None  # e.g. "mnist:test"
-    time_limit: float | None = None  # minutes of wall time; stop (and checkpoint) when reached
+    time_limit: float | None = None  # minutes of this launch (not summed over resumes); then checkpoint and stop
     threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
     device: str | None = None  # None: accelerate's choice (CUDA when present)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp32 is the fast path on CPUs

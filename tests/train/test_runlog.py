@@ -90,11 +90,33 @@ def test_complete_last_record_without_newline_is_kept(tmp_path):
     assert [r["step"] for r in read_log(path)] == [0, 1, 2]
 
 
-def test_corrupt_middle_line_is_an_error_with_line_number(tmp_path):
+def test_corrupt_middle_line_is_skipped_with_one_warning_naming_it(tmp_path):
     path = tmp_path / "log.jsonl"
-    path.write_text('{"step": 0, "values": {}}\nnot json\n{"step": 2, "values": {}}\n')
-    with pytest.raises(GenlabError, match="line 2"):
-        read_log(path)
+    path.write_text('{"step": 0, "values": {}}\nnot json\n{"step": 2, "values": {}}\n[1]\n{"step": 4, "values": {}}\n')
+    with pytest.warns(UserWarning, match=r"skipped 2 corrupt lines \(2, 4\)") as caught:
+        assert [r["step"] for r in read_log(path)] == [0, 2, 4]
+    assert len(caught) == 1
+    log = RunLog(path)
+    with pytest.warns(UserWarning, match="corrupt"):
+        log.begin_launch(2)  # resuming from step 2 drops the damage (and step 4) for good
+    log.log(3, {})
+    log.close()
+    assert [r["step"] for r in read_log(path)] == [0, 2, 3]
+
+
+def test_begin_launch_keeps_one_start_per_surviving_launch(tmp_path):
+    """A fresh launch starts a new log; a resume drops later records and the start of a launch that saved nothing."""
+    log = RunLog(tmp_path)
+    for step, kind in [(0, "start"), (5, "train"), (10, "train"), (10, "end"),  # launch 1: steps 0-10, finished
+                       (10, "start"), (15, "train"), (20, "train"),  # launch 2: killed after its step-20 checkpoint
+                       (20, "start"), (25, "train")]:  # launch 3 (from 20): killed before saving anything
+        log.log(step, {}, kind=kind)
+    assert log.begin_launch(20) == 2  # resume from step 20 again
+    assert [(r["step"], r["kind"]) for r in log.records()] == [
+        (0, "start"), (5, "train"), (10, "train"), (10, "end"), (10, "start"), (15, "train"), (20, "train")]
+    log.begin_launch(0)  # no checkpoint at all: a fresh run
+    assert log.records() == []
+    log.close()
 
 
 def test_bad_values_are_config_errors(tmp_path):

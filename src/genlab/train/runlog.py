@@ -3,14 +3,20 @@
 Each record is ``{"step": int, "time": unix seconds, "kind": str, "values": {...}}``; ``kind`` says
 what produced it ("train", "eval", "sample", "health", ...). Lines are written whole and flushed
 one by one, so a crash loses at most the line being written; :func:`read_log` drops such a partial
-last line with a warning, and :class:`RunLog` cuts it off before appending again.
+last line with a warning, and :class:`RunLog` cuts it off before appending again. A corrupt line
+in the middle (a disk error, a hand edit) is skipped with one warning, never fatal.
+
+The run's history is told by two kinds of record: every launch (fresh or ``--resume``) writes one
+``start`` (its step, its config or the settings it changed), and a launch that finishes its steps
+or stops cleanly (time limit, signal) writes one ``end``.
 
 Strict JSON has no NaN or infinity, yet a diverging loss is worth logging: non-finite floats are
 written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` and :func:`read_log` turns those strings
 under ``values`` back into floats.
 
-On resume, :meth:`RunLog.truncate_after` drops the records written after the checkpoint being
-resumed, so the log never describes weights that no longer exist. Only the main process logs.
+On each launch, :meth:`RunLog.begin_launch` drops the records written after the checkpoint being
+resumed (and the ``start`` of a launch that died before saving), so the log never describes weights
+that no longer exist. Only the main process logs.
 """
 
 from __future__ import annotations
@@ -73,47 +79,61 @@ def _from_json(value: Any) -> Any:
     return value
 
 
-def _complete_lines(path: Path) -> tuple[list[tuple[str, dict]], bool]:
-    """Parsed ``(line, record)`` pairs of a log file and whether a partial last line was dropped."""
+def _complete_lines(path: Path) -> tuple[list[tuple[str, dict]], bool, list[int]]:
+    """Parsed ``(line, record)`` pairs of a log file, whether a partial last line was dropped, and the
+    numbers of corrupt lines in the middle (skipped: one bad line must not cost the whole run's log)."""
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.split("\n")
     # After the final "\n" split() yields "" for a complete file; anything else is an unterminated tail.
     tail = lines.pop()
     records: list[tuple[str, dict]] = []
+    corrupt: list[int] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise GenlabError(
-                f"{path} line {number} is not valid JSON; the log is corrupt beyond its last line"
-            ) from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise GenlabError(f"{path} line {number} is not a log record (a JSON object with an integer 'step')")
-        records.append((line, record))
+        record = _parse(line)
+        if record is None:
+            corrupt.append(number)
+        else:
+            records.append((line, record))
     dropped = False
     if tail.strip():
-        try:
-            record = json.loads(tail)
-            complete = isinstance(record, dict) and isinstance(record.get("step"), int)
-        except ValueError:
-            complete = False
-        if complete:  # whole record, only its newline is missing
+        record = _parse(tail)
+        if record is not None:  # whole record, only its newline is missing
             records.append((tail, record))
         else:
             dropped = True
-    return records, dropped
+    return records, dropped, corrupt
+
+
+def _parse(line: str) -> dict | None:
+    """A log record (a JSON object with an integer 'step') from one line, or None."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def _warn_damage(path: Path, dropped: bool, corrupt: list[int], stacklevel: int) -> None:
+    """One warning naming what was skipped: corrupt middle lines and / or a partial last line."""
+    parts = []
+    if corrupt:
+        shown = ", ".join(map(str, corrupt[:5])) + (", ..." if len(corrupt) > 5 else "")
+        parts.append(f"skipped {len(corrupt)} corrupt line{'s' * (len(corrupt) > 1)} ({shown})")
+    if dropped:
+        parts.append("dropped a partial last line (the run was interrupted while writing it)")
+    if parts:
+        warnings.warn(f"{path}: {'; '.join(parts)}", stacklevel=stacklevel + 1)
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a run's log (a run folder or a .jsonl path); a partial last line is dropped with a warning."""
+    """All records of a run's log (a run folder or a .jsonl path); damaged lines are skipped with one warning."""
     path = _log_path(path)
     if not path.is_file():
         raise GenlabError(f"no training log at {path}; is this a genlab run folder?")
-    records, dropped = _complete_lines(path)
-    if dropped:
-        warnings.warn(f"{path}: dropped a partial last line (the run was interrupted while writing it)", stacklevel=2)
+    records, dropped, corrupt = _complete_lines(path)
+    _warn_damage(path, dropped, corrupt, stacklevel=2)
     out = []
     for _, record in records:
         if isinstance(record.get("values"), dict):
@@ -148,9 +168,8 @@ class RunLog:
             f.seek(-1, os.SEEK_END)
             if f.read(1) == b"\n":
                 return
-        records, dropped = _complete_lines(self.path)
-        if dropped:
-            warnings.warn(f"{self.path}: dropped a partial last line left by an interrupted run", stacklevel=3)
+        records, dropped, corrupt = _complete_lines(self.path)
+        _warn_damage(self.path, dropped, corrupt, stacklevel=3)
         _rewrite(self.path, [line for line, _ in records])
 
     def log(self, step: int, values: dict[str, Any], kind: str = "train") -> dict[str, Any]:
@@ -176,12 +195,35 @@ class RunLog:
 
     def truncate_after(self, step: int) -> int:
         """Drop every record with ``record["step"] > step`` (on resume from that step); returns how many."""
+        return self._keep(lambda record: record["step"] <= step)
+
+    def begin_launch(self, step: int) -> int:
+        """Cut the log back to what the checkpoint at ``step`` describes, before a launch logs its ``start``.
+
+        Records after ``step`` describe weights that no longer exist. A fresh launch (step 0: there is no
+        checkpoint) starts a new log. A ``start`` at ``step`` itself belongs to a launch that died before
+        saving anything (the launch that wrote checkpoint ``step`` started before it), so it goes too:
+        each surviving launch keeps exactly one ``start``. Corrupt lines are dropped with one warning.
+        Returns the number of lines dropped.
+        """
+        if step == 0:
+            return self._keep(lambda record: False)
+        return self._keep(lambda record: record["step"] < step or (record["step"] == step and record.get("kind") != "start"))
+
+    def _keep(self, keep) -> int:
+        """Rewrite the log with the records for which ``keep(record)`` is true; returns how many lines went."""
         self._file.close()
-        records, dropped = _complete_lines(self.path)
-        kept = [line for line, record in records if record["step"] <= step]
+        records, dropped, corrupt = _complete_lines(self.path)
+        _warn_damage(self.path, dropped, corrupt, stacklevel=4)
+        kept = [line for line, record in records if keep(record)]
         _rewrite(self.path, kept)
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)
-        return len(records) - len(kept) + int(dropped)
+        return len(records) - len(kept) + int(dropped) + len(corrupt)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records written so far (as :func:`read_log` returns them)."""
+        self._file.flush()
+        return read_log(self.path)
 
     def close(self) -> None:
         """Flush, fsync and close the file."""

@@ -13,24 +13,46 @@ Design choices that make runs exact and resumable:
   forward hooks would not see. accelerate supplies the device, the process group and autocast.
 * **Checkpoints are atomic** (``genlab.train.checkpoint``); a non-finite loss stops training before
   the optimiser touches the weights, so the last checkpoint stays good.
+
+The run lifecycle (issues 12, 13):
+
+* **One writer per run folder**: the caller holds :class:`genlab.train.lock.RunLock` while fitting.
+* **Each launch is a segment.** Every launch (fresh or resumed) logs one ``start`` record holding its
+  full config and, on resume, the settings it changed (``changes``: key -> [old, new]) at its step;
+  ``config.yaml`` holds the newest segment's settings. So segment k ran from start record k's step to
+  the next one's, with that record's config. A launch that completes (or stops cleanly) logs one ``end``.
+* **Resume with changed settings** applies them or refuses them (:data:`RESUMABLE_KEYS`): the
+  learning rate is set on every optimiser group driven by ``train.lr``; the network, the data, the seed
+  and the batch arithmetic cannot change. Changes are compared with the config stored in the checkpoint.
+* **Extending (or shortening) ``train.steps``** re-plans the LR decay from the current step to the new
+  total, starting at the current LR: no jump. A finished decay (LR 0) cannot continue that way, so it
+  restarts with a warm-up to ``train.lr`` and decays again (a warm restart, Loshchilov & Hutter 2017,
+  SGDR) with a warning. During the first warm-up nothing changes: the warm-up ignores the total.
+* **``train.time_limit`` is per launch**: minutes since this launch began training; reaching it
+  saves a checkpoint and says so.
+* **SIGINT and SIGTERM** save a checkpoint at the next step boundary and stop with a message naming
+  it; a second signal stops at once, naming the newest checkpoint that really exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import sys
+import threading
 import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from genlab.config import RunConfig, save_config, to_dict
+from genlab.config import RunConfig, read_config_file, save_config, to_dict
 from genlab.data import ImageSet, to_model_range
 from genlab.errors import ConfigError, TrainingDiverged
 from genlab.methods.base import Method, OptimizerSpec
@@ -49,21 +71,40 @@ from genlab.train.rng import capture_rng_state, restore_rng_state
 from genlab.train.runlog import RunLog
 
 _SEED_STRIDE = 1_000_003  # a prime; keeps (seed, index) streams apart
+_GRID_BATCH = 16  # preview images per sampling call: the grid's progress bar moves per batch
+
+# Config keys a resumed run may change; every other key is refused on resume (see the module docstring).
+RESUMABLE_KEYS = frozenset({
+    "train.steps", "train.lr", "train.grad_clip", "train.time_limit", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.sample_n", "train.eval_every",
+    "train.eval_n", "train.eval_ref", "train.threads", "train.device", "data.root",
+})
 
 
-def lr_lambda(cfg) -> Any:
-    """LR multiplier per optimiser step: linear warm-up to 1, then constant, cosine or linear decay to 0."""
-    warmup, total, kind = cfg.warmup_steps, cfg.steps, cfg.lr_schedule
+@dataclass
+class LRPlan:
+    """Where the current LR plan begins: at ``start``, from ``factor`` x lr, after a warm-up or not."""
+
+    start: int = 0  # 0 for a fresh run; the resume step when train.steps changed
+    factor: float = 1.0  # LR multiplier the decay starts from
+    warmup: bool = True  # a linear warm-up over train.warmup_steps first
+
+
+def lr_lambda(cfg, plan: LRPlan = LRPlan()) -> Callable[[int], float]:
+    """LR multiplier per optimiser step: linear warm-up, then constant, cosine or linear decay to 0 at cfg.steps."""
+    warmup = cfg.warmup_steps if plan.warmup else 0
+    total, kind = cfg.steps, cfg.lr_schedule
 
     def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
+        k = step - plan.start
+        if warmup > 0 and k < warmup:
+            return plan.factor * (k + 1) / warmup
         if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return plan.factor
+        progress = min(1.0, (k - warmup) / max(1, total - plan.start - warmup))
         if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
+            return plan.factor * (0.5 * (1.0 + math.cos(math.pi * progress)))
+        return plan.factor * (1.0 - progress)
 
     return f
 
@@ -122,14 +163,82 @@ class TrainResult:
     stopped_early: bool  # by train.time_limit
 
 
-class Trainer:
-    """Trains ``method`` on ``data`` as ``cfg.train`` says, writing everything into ``run_dir``."""
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal; the message says which checkpoint holds the work (one line)."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, method: Method, data: ImageSet, progress: bool = True):
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT / SIGTERM during training: the first asks for a stop at the next step boundary, a second stops at once."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        t = self.trainer
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            t._say(f"{name} received: saving a checkpoint after step {t.step + 1} and stopping "
+                   f"(send it again to stop at once)")
+            return
+        raise Interrupted(signum, f"stopped at once by a second signal ({name}) during step {t.step + 1}; "
+                                  f"{t._checkpoint_phrase()}")
+
+
+class _LogWindow:
+    """Means of the per-step logs since the last log record, and the throughput over that window."""
+
+    def __init__(self):
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.sums: dict[str, float] = {}
+        self.count, self.images, self.start = 0, 0, now
+
+    def add(self, logs: dict[str, torch.Tensor], images: int) -> None:
+        for name, value in logs.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.count += 1
+        self.images += images
+
+    def flush(self) -> dict[str, float]:
+        now = time.perf_counter()
+        values = {k: v / self.count for k, v in self.sums.items()}
+        values["images_per_s"] = self.images / max(now - self.start, 1e-9)
+        self.reset(now)
+        return values
+
+
+class Trainer:
+    """Trains ``method`` on ``data`` as ``cfg.train`` says, writing everything into ``run_dir``.
+
+    ``evaluate(method) -> {name: value}`` scores the method every ``train.eval_every`` steps (the caller
+    builds it, e.g. from :func:`genlab.evaluation.periodic_eval`: the trainer imports no evaluation code).
+    """
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, method: Method, data: ImageSet, progress: bool = True,
+                 evaluate: Callable[[Method], dict[str, float]] | None = None):
         from accelerate import Accelerator
 
         self.run_dir = Path(run_dir)
         self.cfg = cfg
+        self.evaluate = evaluate
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -159,16 +268,20 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         self.group_params: dict[str, list[torch.nn.Parameter]] = {}
+        self.follows_train_lr: dict[str, bool] = {}  # groups whose LR is train.lr (not the method's own)
+        self.lr_plan = LRPlan()
         for group, spec in method.optimizer_groups().items():
             opt = make_optimizer(spec, tc)
             self.optimizers[group] = opt
             self.group_params[group] = [p for g in opt.param_groups for p in g["params"]]
-            self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
+            self.follows_train_lr[group] = not isinstance(spec, OptimizerSpec) or spec.lr is None
+            self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, self.lr_plan))
         self.emas = {}
         if tc.ema_decay is not None:
             self.emas = {name: EMA(module, decay=tc.ema_decay) for name, module in method.ema_targets().items()}
         self.step = 0
-        self.elapsed = 0.0  # seconds of training over all sessions of this run
+        self.elapsed = 0.0  # seconds of training over all launches of this run (logged; time_limit is per launch)
+        self.changes: dict[str, list[Any]] = {}  # settings this launch changed on resume: key -> [old, new]
         self._perm_epoch = -1
         self._perm = None
 
@@ -240,6 +353,18 @@ class Trainer:
         last = latest_checkpoint(self.run_dir)
         return last.name if last else "none yet"
 
+    def _checkpoint_phrase(self) -> str:
+        """Which checkpoint holds the work, as it is on disk now (never one that was not written)."""
+        last = latest_checkpoint(self.run_dir)
+        if last is None:
+            return "no checkpoint was written, so there is nothing to resume"
+        return f"the newest checkpoint is {last} (step {checkpoint_step(last)}); continue with --resume"
+
+    def _say(self, message: str) -> None:
+        """A status line on stderr that does not break the progress bar (main process only)."""
+        if self.is_main:
+            tqdm.write(message, file=sys.stderr)
+
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path | None:
@@ -257,15 +382,20 @@ class Trainer:
         tensors["rng"] = rng_tensors
         state = {"step": self.step, "elapsed_seconds": self.elapsed, "skeletons": skeletons, "rng": rng_json,
                  "method": self.cfg.method, "data_info": dataclasses.asdict(self.method.data_info),
-                 "parents": self.method.parent_records}  # frozen parents' configs: a child loads without their folders
+                 "parents": self.method.parent_records,  # frozen parents' configs: a child loads without their folders
+                 "config": to_dict(self.cfg), "lr_plan": dataclasses.asdict(self.lr_plan)}
         return save_checkpoint(self.run_dir, self.step, tensors, state, keep_last=self.cfg.train.keep_checkpoints)
 
     def resume(self, path: Path | None = None) -> int:
-        """Load the latest (or given) checkpoint; returns the step to continue from."""
+        """Load the latest (or given) checkpoint and apply the changed settings; returns the step to continue from."""
         path = path or latest_checkpoint(self.run_dir)
         if path is None:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start the run without --resume")
         tensors, state = load_checkpoint(path, device="cpu")
+        # The settings that trained up to this checkpoint (older checkpoints: the run's config.yaml).
+        trained = state.get("config") or read_config_file(self.run_dir / "config.yaml")
+        self.changes = _changed_settings(trained, to_dict(self.cfg))
+        self._refuse_unresumable()
         self.method.load_state_dict(tensors["model"])
         sk = state["skeletons"]
         for name, ema in self.emas.items():
@@ -276,6 +406,10 @@ class Trainer:
         restore_rng_state(tensors.get("rng", {}), state["rng"])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed_seconds", 0.0))
+        self.lr_plan = LRPlan(**state.get("lr_plan", {}))
+        if "train.steps" in self.changes and self.step < self.cfg.train.steps:
+            self._replan_schedule(trained)
+        self._apply_schedule()
         if self.is_main:  # later checkpoints belong to an abandoned future of this run
             for later in list_checkpoints(self.run_dir):
                 if checkpoint_step(later) > self.step:
@@ -284,7 +418,56 @@ class Trainer:
                     shutil.rmtree(later, ignore_errors=True)
         return self.step
 
-    # ------------------------------------------------------------------ previews
+    def _refuse_unresumable(self) -> None:
+        """Raise ConfigError naming the first changed setting a resumed run cannot honour."""
+        refused = sorted(k for k in self.changes if k not in RESUMABLE_KEYS)
+        if "train.lr" in self.changes and not any(self.follows_train_lr.values()):
+            refused.insert(0, "train.lr")  # a GAN's rates are its own (model.*): train.lr would change nothing
+        if not refused:
+            return
+        key, also = refused[0], (f" (also {', '.join(refused[1:])})" if len(refused) > 1 else "")
+        old, new = self.changes[key]
+        why = ("this method's optimisers take their rates from model.*, not train.lr" if key == "train.lr"
+               else "the checkpoint's weights were made with it")
+        raise ConfigError(f"{key} cannot change on resume ({old!r} -> {new!r}){also}: {why}; resume without it, "
+                          f"or start a new run in another --run-dir (resumable keys: "
+                          f"{', '.join(sorted(RESUMABLE_KEYS))})")
+
+    def _replan_schedule(self, trained: dict) -> None:
+        """A new train.steps: continue the decay from the current LR to 0 at the new total (no jump)."""
+        tc = self.cfg.train
+        if tc.lr_schedule == "constant":
+            return
+        warmup_end = self.lr_plan.start + (tc.warmup_steps if self.lr_plan.warmup else 0)
+        if self.step < warmup_end:
+            return  # still warming up: the warm-up does not depend on the total, the decay will use the new one
+        old_total = trained["train"]["steps"]
+        factor = lr_lambda(dataclasses.replace(tc, steps=old_total), self.lr_plan)(self.step)
+        if factor > 0:
+            self.lr_plan = LRPlan(start=self.step, factor=factor, warmup=False)
+            warnings.warn(f"train.steps {old_total} -> {tc.steps}: the {tc.lr_schedule} decay continues from "
+                          f"step {self.step} at lr {factor * tc.lr:.3g} and reaches 0 at step {tc.steps}")
+        else:
+            self.lr_plan = LRPlan(start=self.step, factor=1.0, warmup=True)
+            warnings.warn(f"train.steps {old_total} -> {tc.steps}: the {tc.lr_schedule} decay had reached lr 0, "
+                          f"so it restarts: warm-up over {tc.warmup_steps} steps from step {self.step} back to lr "
+                          f"{tc.lr:.3g}, then decay to 0 at step {tc.steps} (a warm restart)")
+
+    def _apply_schedule(self) -> None:
+        """Point every scheduler at the current plan and train.lr, and set the LR the next step uses."""
+        fn = lr_lambda(self.cfg.train, self.lr_plan)
+        for group, scheduler in self.schedulers.items():
+            param_groups = scheduler.optimizer.param_groups
+            scheduler.lr_lambdas = [fn] * len(param_groups)
+            if self.follows_train_lr[group]:
+                scheduler.base_lrs = [self.cfg.train.lr] * len(param_groups)
+                for pg in param_groups:
+                    pg["initial_lr"] = self.cfg.train.lr
+            for pg, base in zip(param_groups, scheduler.base_lrs):
+                pg["lr"] = base * fn(scheduler.last_epoch)  # LambdaLR's own formula
+            scheduler._last_lr = [pg["lr"] for pg in param_groups]
+
+    # ------------------------------------------------------------------ previews and periodic evaluation
 
     def _with_ema_weights(self) -> ExitStack:
         """Context in which the method holds its EMA weights (in eval mode); raw weights after."""
@@ -296,110 +479,187 @@ class Trainer:
         stack.callback(self.method.train)
         return stack
 
-    def sample_grid(self, path: Path) -> None:
+    def sample_grid(self, path: Path, progress: bool = False) -> None:
         """Save a preview grid drawn with EMA weights from a fixed seed (comparable across steps)."""
         from genlab.imageio import save_grid
 
         if not has(self.method, Generates):  # classifiers, autoencoders, translators: no grids
             return
-        with self._with_ema_weights():
-            images = self.method.sample(self.cfg.train.sample_n, generator=torch.Generator().manual_seed(0))
-        save_grid(images, path)
+        n, generator, chunks = self.cfg.train.sample_n, torch.Generator().manual_seed(0), []
+        with self._with_ema_weights(), tqdm(total=n, desc="preview grid", unit="img", delay=1.0, leave=False,
+                                            disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, n, _GRID_BATCH):
+                m = min(_GRID_BATCH, n - start)
+                chunks.append(self.method.sample(m, generator=generator).cpu())
+                bar.update(m)
+        save_grid(torch.cat(chunks), path)
 
     def periodic_eval(self) -> dict[str, float]:
-        """FID/KID of train.eval_n EMA samples against train.eval_ref (fixed seed: comparable over steps)."""
-        from genlab.evaluation import periodic_eval
-
-        tc = self.cfg.train
-        if tc.eval_ref is None:
-            raise ConfigError("train.eval_every needs train.eval_ref, e.g. train.eval_ref=mnist:test")
+        """The caller's ``evaluate(method)`` on the EMA weights in eval mode (fixed seed: comparable over steps)."""
+        if self.evaluate is None:
+            raise ConfigError("train.eval_every needs an evaluator: set train.eval_ref, e.g. train.eval_ref=mnist:test")
         with self._with_ema_weights():
-            return periodic_eval(self.method, ref=tc.eval_ref, n=tc.eval_n, data_root=self.cfg.data.root)
+            return self.evaluate(self.method)
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, resume: bool = False) -> TrainResult:
-        tc = self.cfg.train
+    def fit(self, resume: bool | Path = False) -> TrainResult:
+        """Train to ``train.steps`` (continuing from the latest checkpoint, or the given one, when resuming)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            self.resume()
-        if self.is_main:
-            save_config(self.cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "samples").mkdir(exist_ok=True)
+            self.resume(None if resume is True else Path(resume))
         log = RunLog(self.run_dir) if self.is_main else None
-        if log is not None:
-            log.truncate_after(self.step)
-            if self.step == 0:
-                log.log(0, {"config": to_dict(self.cfg), "world_size": self.world,
-                            "num_images": len(self.data)}, kind="start")
-        self.method.train()
-        bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, desc=f"train {self.cfg.method}",
-                   unit="step", dynamic_ncols=True)
-        sums: dict[str, float] = {}
-        count, window_start, images_seen = 0, time.perf_counter(), 0
-        session_start, elapsed_at_start = time.perf_counter(), self.elapsed
-        stopped_early = False
         try:
-            while self.step < tc.steps:
-                logs: dict[str, torch.Tensor] = {}
-                for k in range(tc.grad_accum):
-                    micro_index = self.step * tc.grad_accum + k
-                    gen = self._generator(micro_index)
-                    # Dropout and other global-RNG users: reseed per micro-batch (and rank) for exact resume.
-                    torch.manual_seed(tc.seed * _SEED_STRIDE + micro_index * 7919 + self.rank + 1)
-                    batch = self._batch(micro_index, self._generator(micro_index, stream=1))
-                    ctx = _StepContext(self, self.step, k, gen, is_last_micro=k == tc.grad_accum - 1)
-                    with self.accelerator.autocast():
-                        out = self.method.training_step(batch, ctx)
-                    for name, value in {**out, **ctx.logs}.items():
-                        logs[name] = value
-                # One schedule step per training step for every group, however often the method stepped
-                # it (a WGAN critic steps n_critic times; its warm-up must not run n_critic times faster).
-                with warnings.catch_warnings():  # a group not stepped yet (a VQGAN's D before its start) is fine
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-                    for scheduler in self.schedulers.values():
-                        scheduler.step()
-                targets = self.method.ema_targets()
-                for name, ema in self.emas.items():
-                    ema.update(targets[name])
-                self.step += 1
-                images_seen += tc.batch_size
-                self.elapsed = elapsed_at_start + (time.perf_counter() - session_start)
-                for name, value in logs.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-                count += 1
-                bar.update(1)
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
-                    now = time.perf_counter()
-                    values = {k: v / count for k, v in sums.items()}
-                    values["lr"] = next(iter(self.schedulers.values())).get_last_lr()[0]
-                    values["images_per_s"] = images_seen / max(now - window_start, 1e-9)
-                    values["elapsed_s"] = self.elapsed
-                    if log is not None:
-                        log.log(self.step, values)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "d_loss", "g_loss")})
-                    sums, count, window_start, images_seen = {}, 0, now, 0
-                time_up = tc.time_limit is not None and self.elapsed >= tc.time_limit * 60
-                if time_up:
-                    stopped_early = self.step < tc.steps
-                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or time_up:
-                    self.save()
-                if self.is_main and tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
-                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
-                if self.is_main and tc.eval_every and self.step % tc.eval_every == 0 and log is not None:
-                    log.log(self.step, self.periodic_eval(), kind="eval")
-                if time_up:
-                    break
-        except TrainingDiverged as e:
-            if log is not None:
-                log.log(self.step, {"error": str(e)}, kind="diverged")
-            raise
+            if self.step >= self.cfg.train.steps:  # resuming a finished run: nothing to train, nothing to log twice
+                self._say(f"{self.run_dir} is trained to step {self.step} (train.steps={self.cfg.train.steps}); "
+                          "nothing to do (raise train.steps to continue)")
+                self._finish(log, stopped_early=False)
+                return TrainResult(self.run_dir, self.step, False)
+            self._begin_launch(log)
+            stop = self._loop(log)
+            if isinstance(stop, int):  # a signal: the checkpoint is saved, stop here
+                raise Interrupted(stop, f"stopped by {signal.Signals(stop).name} at step {self.step} of "
+                                        f"{self.cfg.train.steps}; {self._checkpoint_phrase()}")
+            if stop == "time_limit":
+                self._say(f"stopped at step {self.step} of {self.cfg.train.steps}: train.time_limit="
+                          f"{self.cfg.train.time_limit:g} min (per launch) reached; {self._checkpoint_phrase()}")
+            self._finish(log, stopped_early=stop is not None)
         finally:
-            bar.close()
-        if self.is_main:
-            self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
             if log is not None:
-                log.log(self.step, {"elapsed_s": self.elapsed, "stopped_early": stopped_early}, kind="end")
                 log.close()
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.run_dir, self.step, stopped_early)
+        return TrainResult(self.run_dir, self.step, stop is not None)
+
+    def _begin_launch(self, log: RunLog | None) -> None:
+        """Write config.yaml (the newest segment's settings) and this launch's one ``start`` record."""
+        if not self.is_main:
+            return
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        (self.run_dir / "samples").mkdir(exist_ok=True)
+        log.begin_launch(self.step)
+        values = {"config": to_dict(self.cfg), "world_size": self.world, "num_images": len(self.data)}
+        if self.step > 0:
+            values.update(resumed_from=self.step, changes=self.changes, lr_plan=dataclasses.asdict(self.lr_plan))
+        log.log(self.step, values, kind="start")
+
+    def _loop(self, log: RunLog | None) -> str | int | None:
+        """Train until train.steps or a stop; returns None, "time_limit" or the signal number that stopped it."""
+        tc = self.cfg.train
+        self.method.train()
+        window, launch_start = _LogWindow(), time.perf_counter()
+        elapsed_before = self.elapsed
+        with _Signals(self) as signals, tqdm(total=tc.steps, initial=self.step, disable=not self.progress,
+                                             desc=f"train {self.cfg.method}", unit="step", dynamic_ncols=True) as bar:
+            while self.step < tc.steps:
+                try:
+                    window.add(self._train_step(), tc.batch_size)
+                except TrainingDiverged as e:
+                    if log is not None:
+                        log.log(self.step, {"error": str(e)}, kind="diverged")
+                    raise
+                launch_seconds = time.perf_counter() - launch_start
+                self.elapsed = elapsed_before + launch_seconds
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    self._log_window(log, window, bar)
+                stop = self._stop_reason(signals, launch_seconds)
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or stop is not None:
+                    self.save()
+                if stop is not None:
+                    if log is not None:
+                        log.log(self.step, {"elapsed_s": self.elapsed, "stopped_early": True,
+                                            "stopped_by": stop if isinstance(stop, str) else signal.Signals(stop).name},
+                                kind="end")
+                    return stop
+                self._periodic_work(log)
+        return None
+
+    def _train_step(self) -> dict[str, torch.Tensor]:
+        """One optimiser step over train.grad_accum micro-batches, EMA update included; returns the step's logs."""
+        tc = self.cfg.train
+        logs: dict[str, torch.Tensor] = {}
+        for k in range(tc.grad_accum):
+            micro_index = self.step * tc.grad_accum + k
+            gen = self._generator(micro_index)
+            # Dropout and other global-RNG users: reseed per micro-batch (and rank) for exact resume.
+            torch.manual_seed(tc.seed * _SEED_STRIDE + micro_index * 7919 + self.rank + 1)
+            batch = self._batch(micro_index, self._generator(micro_index, stream=1))
+            ctx = _StepContext(self, self.step, k, gen, is_last_micro=k == tc.grad_accum - 1)
+            with self.accelerator.autocast():
+                out = self.method.training_step(batch, ctx)
+            logs.update({**out, **ctx.logs})
+        # One schedule step per training step for every group, however often the method stepped
+        # it (a WGAN critic steps n_critic times; its warm-up must not run n_critic times faster).
+        with warnings.catch_warnings():  # a group not stepped yet (a VQGAN's D before its start) is fine
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for scheduler in self.schedulers.values():
+                scheduler.step()
+        targets = self.method.ema_targets()
+        for name, ema in self.emas.items():
+            ema.update(targets[name])
+        self.step += 1
+        return logs
+
+    def _log_window(self, log: RunLog | None, window: _LogWindow, bar) -> None:
+        """Log the window's mean losses, the LR, the throughput and the elapsed time; show the losses on the bar."""
+        values = window.flush()
+        values["lr"] = next(iter(self.schedulers.values())).get_last_lr()[0]
+        values["elapsed_s"] = self.elapsed
+        if log is not None:
+            log.log(self.step, values)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "d_loss", "g_loss")})
+
+    def _stop_reason(self, signals: _Signals, launch_seconds: float) -> str | int | None:
+        """Why to stop after this step: a signal's number, "time_limit" (minutes of this launch), or None."""
+        tc = self.cfg.train
+        received = signals.received or 0
+        if self.world > 1:  # every process must stop at the same step, or the next all-reduce hangs
+            flag = torch.tensor(float(received), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            received = int(flag.item())
+        if received:
+            return received
+        if tc.time_limit is not None and launch_seconds >= tc.time_limit * 60 and self.step < tc.steps:
+            return "time_limit"
+        return None
+
+    def _periodic_work(self, log: RunLog | None) -> None:
+        """Preview grids and metrics every train.sample_every / train.eval_every steps (main process)."""
+        tc = self.cfg.train
+        if not self.is_main:
+            return
+        if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
+            self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+        if tc.eval_every and self.step % tc.eval_every == 0 and log is not None:
+            log.log(self.step, self.periodic_eval(), kind="eval")
+
+    def _finish(self, log: RunLog | None, stopped_early: bool) -> None:
+        """The final preview grid and the segment's one ``end`` record (neither twice for the same step)."""
+        if not self.is_main:
+            return
+        grid = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+        if not grid.is_file():
+            grid.parent.mkdir(exist_ok=True)
+            self.sample_grid(grid, progress=self.progress)
+        records = log.records()
+        if not (records and records[-1]["kind"] == "end" and records[-1]["step"] == self.step):
+            log.log(self.step, {"elapsed_s": self.elapsed, "stopped_early": stopped_early}, kind="end")
+
+
+def _changed_settings(trained: dict, new: dict) -> dict[str, list[Any]]:
+    """Leaf keys whose value differs between the config that trained and the new one: key -> [old, new].
+
+    Keys the trained config lacks (added to genlab since) are not changes: the run used their default.
+    """
+    out: dict[str, list[Any]] = {}
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in a:
+                if k in b:
+                    walk(a[k], b[k], f"{prefix}.{k}" if prefix else k)
+        elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            out[prefix] = [a, b]
+
+    walk(trained, new, "")
+    return out
