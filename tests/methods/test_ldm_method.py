@@ -38,11 +38,9 @@ TINY_LDM = [
     "model.unet.attention_resolutions=[2]",
     "model.unet.norm_groups=8",
     "model.unet.dropout=0.0",
-    "model.dit.hidden_size=32",
-    "model.dit.depth=1",
-    "model.dit.num_heads=2",
-    "model.dit.patch_size=1",
 ] + TINY_DIFFUSION_TRAINING
+TINY_LDM_DIT = ["model.network=dit", "model.dit.hidden_size=32", "model.dit.depth=1", "model.dit.num_heads=2",
+                "model.dit.patch_size=1"] + TINY_DIFFUSION_TRAINING
 DIGITS = DataInfo(channels=1, image_size=8, num_classes=10)
 
 
@@ -135,8 +133,8 @@ def test_latents_are_neither_clipped_nor_clamped(kl_ae_run, monkeypatch, sampler
 @pytest.mark.parametrize("network", ["unet", "dit"])
 def test_ldm_trains_on_a_frozen_kl_ae_and_samples_pixels(kl_ae_run, tmp_path, network):
     run = api.train("ldm", data="digits", run_dir=tmp_path / "r", progress=False,
-                    overrides=TINY_LDM + [f"autoencoder={kl_ae_run}", f"model.network={network}", "train.steps=30",
-                                          "train.ema_decay=null"])
+                    overrides=(TINY_LDM_DIT if network == "dit" else TINY_LDM)
+                    + [f"autoencoder={kl_ae_run}", "train.steps=30", "train.ema_decay=null"])
     method = run.method
     assert isinstance(method.ema_targets()[network], torch.nn.Module)
     assert (network == "dit") != hasattr(method, "unet")
@@ -248,8 +246,14 @@ def test_presets_fit_the_latents_of_the_matching_kl_ae_preset(monkeypatch, prese
 def test_dit_patches_must_divide_the_latent_size(monkeypatch):
     _stand_in_kl_ae(monkeypatch, "small", DataInfo(1, 28, None))
     cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit"]).model
+    # The preset's U-Net section is dropped for network=dit; the DiT's patch size is derived from the
+    # 7x7 latents (1: 7 x 7 tokens) and recorded in the method's config.
+    method = LDM(cfg, DataInfo(1, 28, None))
+    assert cfg.unet is None and method.dit.grid == 7 and method.config.dit.patch_size == 1
+    cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit",
+                                                                     "model.dit.patch_size=2"]).model
     with pytest.raises(ConfigError, match="latent size 7"):
-        LDM(cfg, DataInfo(1, 28, None))  # the default dit.patch_size=2 does not divide 7
+        LDM(cfg, DataInfo(1, 28, None))  # patch 2 does not divide 7
     cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit",
                                                                      "model.dit.patch_size=7"]).model
     assert LDM(cfg, DataInfo(1, 28, None)).dit.grid == 1
