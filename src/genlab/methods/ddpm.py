@@ -30,6 +30,7 @@ from genlab.methods.base import DataInfo, Method
 from genlab.models.dit import DiT as DiTNetwork
 from genlab.models.dit import DiTConfig
 from genlab.models.unet import UNet, UNetConfig
+from genlab.noise import ImageNoise
 
 
 NETWORKS = ("unet", "dit")  # the denoisers; each has its own config section model.<network>
@@ -295,7 +296,7 @@ class DDPM(Method):
         self,
         n: int,
         *,
-        generator: torch.Generator | None = None,
+        generator: ImageNoise | torch.Generator | None = None,
         sampler: str | None = None,
         steps: int | None = None,
         eta: float | None = None,
@@ -310,6 +311,9 @@ class DDPM(Method):
         **unknown: Any,
     ) -> torch.Tensor:
         """Draw ``n`` images with the configured (or given) sampler, optionally guided.
+
+        - ``generator``: an :class:`~genlab.noise.ImageNoise` (image i's noise, x_T and every step's,
+          comes from its own generator, whatever the batch) or a torch.Generator seeding one.
 
         - ``labels`` (n,) long: the class of each sample (class-conditional model and/or classifier).
         - ``guidance_scale`` w (classifier-free guidance, class-conditional models trained with
@@ -339,9 +343,9 @@ class DDPM(Method):
                               "model (train with model.class_conditional=true and p_uncond > 0)")
         if (guidance_scale is not None or negative_labels is not None or classifier is not None) and labels is None:
             raise ConfigError("guidance needs labels: give the class of each sample (--class K)")
+        generator = ImageNoise.of(generator, n)
         if noise is None:
-            noise = torch.randn(n, *self._noise_shape(), generator=generator,
-                                device="cpu" if generator is None else generator.device)
+            noise = generator.randn(*self._noise_shape())  # (n, C, H, W): x_T of each image
         x = noise.to(self.device)
         if labels is not None:
             labels = torch.as_tensor(labels).long().to(self.device)
