@@ -111,7 +111,7 @@ def derived_pixel_patch(image_size: int) -> int:
 
 
 class DDPM(Method):
-    """eps/x0/v-prediction diffusion in pixel space with an ADM-style U-Net."""
+    """eps/x0/v-prediction diffusion in pixel space, denoised by an ADM-style U-Net or a DiT (model.network)."""
 
     name = "ddpm"
     Config = DDPMConfig
@@ -314,7 +314,6 @@ class DDPM(Method):
 
         - ``generator``: an :class:`~genlab.noise.ImageNoise` (image i's noise, x_T and every step's,
           comes from its own generator, whatever the batch) or a torch.Generator seeding one.
-
         - ``labels`` (n,) long: the class of each sample (class-conditional model and/or classifier).
         - ``guidance_scale`` w (classifier-free guidance, class-conditional models trained with
           p_uncond > 0): eps = eps_uncond + w (eps_cond - eps_uncond). w = 1 (or None) is the plain
