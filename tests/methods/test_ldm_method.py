@@ -257,3 +257,17 @@ def test_dit_patches_must_divide_the_latent_size(monkeypatch):
     cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit",
                                                                      "model.dit.patch_size=7"]).model
     assert LDM(cfg, DataInfo(1, 28, None)).dit.grid == 1
+
+
+@pytest.mark.parametrize("network", ["unet", "dit"])
+@pytest.mark.parametrize("size", [8, 20, 36, 64])
+def test_the_small_preset_fits_the_latents_of_any_image_size(monkeypatch, size, network):
+    # kl_ae_small (f = 4) gives size/4 latents: 2, 5, 9, 16 px; the denoiser's shapes follow them.
+    info = DataInfo(3, size, None)
+    _stand_in_kl_ae(monkeypatch, "small", info)
+    cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", f"model.network={network}"]).model
+    method = LDM(cfg, info)
+    z = torch.randn(2, *method.latent_shape)
+    assert method.latent_shape[1] == size // 4
+    with torch.no_grad():
+        assert method.network(z, torch.tensor([0, 999])).shape == z.shape
