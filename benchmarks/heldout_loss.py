@@ -39,7 +39,7 @@ def main() -> None:
     for path in a.runs:
         run = api.load_run(path, weights=a.weights)
         method, model = run.method, run.config.model
-        network = getattr(model, "network", "dit" if hasattr(model, "dit") else "unet")  # ldm: unet or dit
+        network = model.network  # every diffusion config names its denoiser
         if network == "dit":
             network = f"dit, {model.dit.conditioning}"
         loss = method.heldout_loss(images, labels, seed=a.seed)

@@ -85,7 +85,7 @@ TINY_KL_AE = [
     "train.threads=1",
 ]
 
-# An ldm on TINY_KL_AE's latents (U-Net or, with model.network=dit, a one-block DiT).
+# An ldm on TINY_KL_AE's latents: a U-Net, or (TINY_LDM_DIT) a one-block DiT.
 TINY_LDM = [
     "model.unet.base_channels=16",
     "model.unet.channel_mult=[1,2]",
@@ -93,11 +93,9 @@ TINY_LDM = [
     "model.unet.attention_resolutions=[2]",
     "model.unet.norm_groups=8",
     "model.unet.dropout=0.0",
-    "model.dit.hidden_size=32",
-    "model.dit.depth=1",
-    "model.dit.num_heads=2",
-    "model.dit.patch_size=1",
 ] + TINY_DIFFUSION_TRAINING
+TINY_LDM_DIT = ["model.network=dit", "model.dit.hidden_size=32", "model.dit.depth=1", "model.dit.num_heads=2",
+                "model.dit.patch_size=1"] + TINY_DIFFUSION_TRAINING
 
 # A gan-encoder for 8x8 digits (no perceptual term: no feature network to load).
 TINY_ENCODER = ["model.net.base_channels=8", "model.net.channel_mult=[1,2]", "model.net.num_res_blocks=0",

@@ -87,6 +87,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # X | None: X's own error names the inner key (model.unet.channel_mult)
+            return _coerce(value, options[0], key)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -177,13 +180,24 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a section annotated ``Section`` or ``Section | None`` (an optional section), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        sections = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return sections[0] if len(sections) == 1 else None
+    return None
+
+
 def leaf_keys(cls: type, prefix: str = "") -> list[str]:
     """All dotted leaf keys of a dataclass tree, e.g. ``['unet.base_channels', ...]``."""
     keys = []
     for name, tp in _fields(cls).items():
         key = f"{prefix}.{name}" if prefix else name
-        if dataclasses.is_dataclass(tp):
-            keys.extend(leaf_keys(tp, key))
+        section = _section_type(tp)
+        if section is not None:
+            keys.extend(leaf_keys(section, key))
         else:
             keys.append(key)
     return keys
@@ -279,6 +293,21 @@ def load_preset(method: str, preset: str) -> dict:
     return data
 
 
+def _drop_unchosen_networks(tree: dict, model_cls: type, overrides: list[tuple[list[str], Any]]) -> None:
+    """Keep only the chosen network's section (``model_cls.network_sections``, e.g. ddpm's unet / dit)
+    of a preset or saved config, so ``model.network=dit`` works with a U-Net preset; a key the user
+    gives for another network still reaches the model config, which refuses it."""
+    sections = getattr(model_cls, "network_sections", ())
+    model = tree.get("model")
+    if not sections or not isinstance(model, dict):
+        return
+    default = next(f.default for f in dataclasses.fields(model_cls) if f.name == "network")
+    network = next((v for path, v in overrides if path == ["model", "network"]), model.get("network", default))
+    for name in sections:
+        if name != network:
+            model.pop(name, None)
+
+
 def build_config(
     method: str,
     model_cls: type,
@@ -292,8 +321,9 @@ def build_config(
         tree = _deep_merge(tree, base)
     if preset is not None:
         tree = _deep_merge(tree, load_preset(method, preset))
-    for text in overrides:
-        path, value = parse_override(text, model_cls)
+    parsed = [parse_override(text, model_cls) for text in overrides]
+    _drop_unchosen_networks(tree, model_cls, parsed)
+    for path, value in parsed:
         _set_path(tree, path, value)
     extra = set(tree) - {"data", "train", "model", "method"}
     if extra:

@@ -13,6 +13,7 @@ from genlab.data import load_data
 from genlab.diffusion import diffusion_loss
 from genlab.errors import ConfigError
 from genlab.methods import DataInfo
+from genlab.methods.ddpm import DDPMConfig
 from genlab.methods.dit import DiT
 from genlab.models.dit import CONDITIONINGS
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -128,3 +129,31 @@ def test_presets_build_and_dit_s_has_the_papers_size():
     cfg = build_config("dit", DiT.Config, preset="S").model
     method = DiT(cfg, DataInfo(3, 32, 10))
     assert abs(sum(p.numel() for p in method.parameters()) / 1e6 - 33.0) < 1.0
+
+
+def test_a_dit_run_refuses_unet_keys_with_a_one_line_error():
+    for override, key in [("model.unet.base_channels=8", "model.unet.base_channels=8"),
+                          ("base_channels=8", "model.unet.base_channels=8")]:  # a bare name reaches the same key
+        with pytest.raises(ConfigError, match="applies to network=unet") as e:
+            build_config("dit", DiT.Config, overrides=[override])
+        assert key in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="model.patch_size=2: a DiT cuts its own patches"):
+        build_config("dit", DiT.Config, overrides=["model.patch_size=2"])
+    with pytest.raises(ConfigError, match="must be one of"):  # a dit run's network is the DiT
+        build_config("dit", DiT.Config, overrides=["model.network=unet"])
+
+
+def test_presets_and_saved_configs_keep_only_the_chosen_networks_section():
+    # ddpm's U-Net preset switched to the DiT drops the preset's U-Net section (a user's unet key would not be)...
+    cfg = build_config("ddpm", DDPMConfig, preset="small", overrides=["model.network=dit"]).model
+    assert cfg.network == "dit" and cfg.unet is None and cfg.dit is not None
+    with pytest.raises(ConfigError, match="applies to network=unet"):
+        build_config("ddpm", DDPMConfig, preset="small", overrides=["model.network=dit",
+                                                                                "model.unet.num_res_blocks=1"])
+    # ... and a config.yaml saved before the composition (a dit run carried an unused unet block) still loads.
+    old = {"method": "dit", "model": {"unet": {"base_channels": 64, "channel_mult": [1, 2, 2, 2]},
+                                      "dit": {"patch_size": 2, "hidden_size": 32, "depth": 1, "num_heads": 2}}}
+    cfg = build_config("dit", DiT.Config, base=old).model
+    assert cfg.unet is None and cfg.dit.hidden_size == 32
+    method = DiT(cfg, DIGITS)
+    assert method.network_name == "dit" and not hasattr(method, "unet") and method.dit.grid == 4

@@ -14,6 +14,7 @@ from genlab.errors import ConfigError
 from genlab.losses import discriminator_loss, generator_loss
 from genlab.methods import DataInfo
 from genlab.methods.gan import GAN, GANConfig
+from genlab.noise import ImageNoise
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 from genlab.train.health import HealthWarning
 from genlab.train.trainer import make_optimizer
@@ -264,15 +265,15 @@ def test_sampling_options():
     g = torch.Generator().manual_seed(0)
     x = method.sample(6, generator=g)
     assert x.abs().max() <= 1
-    z = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(method.sample(6, z=z), x)  # the prior draw is z ~ N(0, I) from the generator
+    z = ImageNoise.from_generator(torch.Generator().manual_seed(0), 6).randn(16)
+    assert torch.equal(method.sample(6, z=z), x)  # the prior draw is z ~ N(0, I), per image, from the generator
     assert torch.equal(method.synthesize(z), method.sample(6, z=z))
     with pytest.raises(ConfigError, match="truncation"):
         method.sample(2, truncation=0.7)
     with pytest.raises(ConfigError, match="steps"):
         method.sample(2, steps=10)
     uniform = _method(latent="uniform").eval()
-    z = torch.rand(6, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = ImageNoise.from_generator(torch.Generator().manual_seed(0), 6).rand(16) * 2 - 1
     assert torch.equal(uniform.sample(6, generator=torch.Generator().manual_seed(0)), uniform.sample(6, z=z))
 
 

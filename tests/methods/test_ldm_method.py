@@ -15,7 +15,7 @@ from genlab.methods.ddpm import DDPM
 from genlab.methods.ldm import LDM
 from genlab.runs import build_method
 from step_context import RecordingContext
-from tiny_configs import TINY_KL_AE, TINY_LDM
+from tiny_configs import TINY_KL_AE, TINY_LDM, TINY_LDM_DIT
 
 DIGITS = DataInfo(channels=1, image_size=8, num_classes=10)
 
@@ -113,8 +113,8 @@ def test_latents_are_neither_clipped_nor_clamped(kl_ae_run, monkeypatch, sampler
 @pytest.mark.parametrize("network", ["unet", "dit"])
 def test_ldm_trains_on_a_frozen_kl_ae_and_samples_pixels(kl_ae_run, tmp_path, network):
     run = api.train("ldm", data="digits", run_dir=tmp_path / "r", progress=False,
-                    overrides=TINY_LDM + [f"autoencoder={kl_ae_run}", f"model.network={network}", "train.steps=30",
-                                          "train.ema_decay=null"])
+                    overrides=(TINY_LDM_DIT if network == "dit" else TINY_LDM)
+                    + [f"autoencoder={kl_ae_run}", "train.steps=30", "train.ema_decay=null"])
     method = run.method
     assert isinstance(method.ema_targets()[network], torch.nn.Module)
     assert (network == "dit") != hasattr(method, "unet")
@@ -216,8 +216,28 @@ def test_presets_fit_the_latents_of_the_matching_kl_ae_preset(preset, ae_preset,
 def test_dit_patches_must_divide_the_latent_size():
     parents = _stand_in_kl_ae("small", DataInfo(1, 28, None))
     cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit"]).model
+    # The preset's U-Net section is dropped for network=dit; the DiT's patch size is derived from the
+    # 7x7 latents (1: 7 x 7 tokens) and recorded in the method's config.
+    method = LDM(cfg, DataInfo(1, 28, None), parents)
+    assert cfg.unet is None and method.dit.grid == 7 and method.config.dit.patch_size == 1
+    cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit",
+                                                                     "model.dit.patch_size=2"]).model
     with pytest.raises(ConfigError, match="latent size 7"):
-        LDM(cfg, DataInfo(1, 28, None), parents)  # the default dit.patch_size=2 does not divide 7
+        LDM(cfg, DataInfo(1, 28, None), parents)  # patch 2 does not divide 7
     cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", "model.network=dit",
                                                                      "model.dit.patch_size=7"]).model
     assert LDM(cfg, DataInfo(1, 28, None), parents).dit.grid == 1
+
+
+@pytest.mark.parametrize("network", ["unet", "dit"])
+@pytest.mark.parametrize("size", [8, 20, 36, 64])
+def test_the_small_preset_fits_the_latents_of_any_image_size(monkeypatch, size, network):
+    # kl_ae_small (f = 4) gives size/4 latents: 2, 5, 9, 16 px; the denoiser's shapes follow them.
+    info = DataInfo(3, size, None)
+    parents = _stand_in_kl_ae("small", info)
+    cfg = build_config("ldm", LDM.Config, preset="small", overrides=["autoencoder=/run", f"model.network={network}"]).model
+    method = LDM(cfg, info, parents)
+    z = torch.randn(2, *method.latent_shape)
+    assert method.latent_shape[1] == size // 4
+    with torch.no_grad():
+        assert method.network(z, torch.tensor([0, 999])).shape == z.shape

@@ -187,3 +187,17 @@ def test_presets_build_and_give_the_documented_code_maps(name):
         expected = {"vq-ae": (16, 16)}.get(name, (8, 8)) if rgb else (7, 7)  # f = 4 (vq-ae full: f = 2)
         assert method.code_shape == expected, (preset, method.code_shape)
         assert method.quantizer.use_ema and method.quantizer.dead_code_threshold > 0
+
+
+@pytest.mark.parametrize("name", ["vqgan", "vq-ae"])
+def test_the_discriminator_depth_follows_the_image_size_unless_set(name):
+    from genlab.models.patchgan import patchgan_output_size
+
+    cls = get_method(name)
+    for size, layers in [(8, 1), (20, 2), (28, 2), (32, 3), (64, 3)]:  # the deepest <= 3 leaving >= 2x2 logits
+        cfg = build_config(name, cls.Config, overrides=TINY_VQ + ["model.loss.perceptual=0",
+                                                                  "model.disc.base_channels=8"]).model
+        method = cls(cfg, DataInfo(1, size))
+        assert method.config.disc.num_layers == layers and cfg.disc.num_layers is None  # recorded, caller's kept
+        assert patchgan_output_size(size, layers) >= 2 and (layers == 3 or patchgan_output_size(size, layers + 1) < 2)
+        assert method.discriminator(torch.zeros(1, 1, size, size)).shape[-1] == patchgan_output_size(size, layers)

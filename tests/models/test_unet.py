@@ -192,7 +192,7 @@ def test_config_errors_name_the_value():
     with pytest.raises(ConfigError, match="norm_groups=32 does not divide the channel count 48"):
         UNet(UNetConfig(base_channels=48, attention_resolutions=()), 1, 1, image_size=32)
     with pytest.raises(ConfigError, match=r"includes \[16\], which never occurs"):
-        UNet(UNetConfig(base_channels=32, channel_mult=(1, 2, 2)), 1, 1, image_size=28)
+        UNet(UNetConfig(base_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(16,)), 1, 1, image_size=28)
     with pytest.raises(ConfigError, match="num_heads=3"):
         UNet(UNetConfig(base_channels=32, num_heads=3), 1, 1, image_size=32)
     with pytest.raises(ConfigError, match="dropout=1.5"):

@@ -23,8 +23,10 @@ other sampler drops it (DDIM and the ODE solvers have no variance to learn).
   spends most of a 10-step budget above sigma = 1000, where x is pure noise to the model.
 
 ``x`` is always the starting noise x_T ~ N(0, I) and the result is x_0. ``generator`` (a
-torch.Generator) draws every random number of a stochastic sampler, so a seed reproduces a sample;
-the global RNG is used only when it is None. ``callback(i, t, x_t, x0_hat)`` is called once per step
+:class:`genlab.noise.ImageNoise`, one generator per image, or a torch.Generator for the whole
+batch) draws every random number of a stochastic sampler, so a seed reproduces a sample; with an
+ImageNoise, image i's draws do not depend on the batch it is in. The global RNG is used only when
+it is None. ``callback(i, t, x_t, x0_hat)`` is called once per step
 with the step index, the timesteps (N,) given to ``denoise``, the current x_t (variance-preserving
 scale) and the predicted x_0, for progress bars and previews.
 
@@ -39,6 +41,8 @@ from typing import Callable, Literal
 
 import torch
 
+from genlab.noise import ImageNoise, randn_like
+
 from genlab.diffusion.schedule import NoiseSchedule
 from genlab.errors import ConfigError
 
@@ -46,6 +50,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Te
 MeanShift = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 Spacing = Literal["leading", "trailing", "linspace"]
+Generator = ImageNoise | torch.Generator  # per-image or whole-batch randomness
 
 SPACINGS = ("leading", "trailing", "linspace")
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m")
@@ -137,13 +142,6 @@ def _alpha_cumprod(schedule: NoiseSchedule, t: int) -> float:
     return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise like x, from generator when given (drawn on its device, then moved)."""
-    if generator is None:
-        return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-
-
 def _full_timesteps(t: float | int, x: torch.Tensor) -> torch.Tensor:
     """The timestep t repeated for each of the N samples of x: long (N,) or float (N,)."""
     if isinstance(t, int):
@@ -160,7 +158,7 @@ def sample_ddpm(
     x: torch.Tensor,
     schedule: NoiseSchedule,
     timesteps: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     clip_denoised: bool = True,
     callback: Callback | None = None,
     mean_shift: MeanShift | None = None,
@@ -207,7 +205,7 @@ def sample_ddpm(
             std = (0.5 * log_variance).exp()
         if mean_shift is not None:
             mean = mean + mean_shift(x, t_batch, variance)
-        x = mean + std * _randn_like(x, generator)
+        x = mean + std * randn_like(x, generator)
     return x
 
 
@@ -255,7 +253,7 @@ def sample_ddim(
     schedule: NoiseSchedule,
     timesteps: torch.Tensor,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     clip_denoised: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -271,7 +269,7 @@ def sample_ddim(
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         t_batch = _full_timesteps(t, x)
         eps, _ = split_output(denoise(x, t_batch))  # (N, C, H, W); a learned variance is unused
-        noise = _randn_like(x, generator) if eta > 0 and t_prev >= 0 else None
+        noise = randn_like(x, generator) if eta > 0 and t_prev >= 0 else None
         x_prev, x0 = ddim_step(x, eps, t, t_prev, schedule, eta=eta, noise=noise, clip_denoised=clip_denoised)
         if callback is not None:
             callback(i, t_batch, x, x0)
@@ -388,7 +386,7 @@ def sample_euler(
     x: torch.Tensor,
     schedule: NoiseSchedule,
     num_steps: int,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     callback: Callback | None = None,
     *,
     sigmas: torch.Tensor | None = None,
@@ -410,7 +408,7 @@ def sample_heun(
     x: torch.Tensor,
     schedule: NoiseSchedule,
     num_steps: int,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     callback: Callback | None = None,
     *,
     sigmas: torch.Tensor | None = None,
@@ -437,7 +435,7 @@ def sample_dpmpp_2m(
     x: torch.Tensor,
     schedule: NoiseSchedule,
     num_steps: int,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     callback: Callback | None = None,
     *,
     sigmas: torch.Tensor | None = None,
@@ -490,7 +488,7 @@ def sample(
     eta: float = 0.0,
     spacing: Spacing = "trailing",
     clip_denoised: bool | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     callback: Callback | None = None,
     mean_shift: MeanShift | None = None,
     sigma_max: float | None = None,

@@ -35,6 +35,7 @@ from genlab.models.autoencoder import (
     downsampling_factor,
     latent_size,
 )
+from genlab.noise import ImageNoise
 
 NO_PRIOR = "an autoencoder has no prior: use `genlab reconstruct`, or train a prior/LDM on it"
 
@@ -391,14 +392,14 @@ class VAE(_AutoencoderFamily, Generates, HasELBO):
                 "elbo": -nelbo.mean(), "bpd": nelbo.mean() / (dims * math.log(2.0))}
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0,
+    def sample(self, n: int, *, generator: ImageNoise | torch.Generator | None = None, temperature: float = 1.0,
                **unknown: Any) -> torch.Tensor:
-        """Decode z ~ N(0, temperature^2 I): the decoder mean, clamped to [-1, 1]."""
+        """Decode z ~ N(0, temperature^2 I): the decoder mean, clamped to [-1, 1]; z_i from image i's noise."""
         if unknown:
             raise ConfigError(f"vae sampling does not take {', '.join(sorted(unknown))}")
         if temperature <= 0:
             raise ConfigError(f"temperature={temperature} must be > 0")
-        z = temperature * _draw_normal((n, *self.latent_shape()), generator, self.log_scale)
+        z = temperature * ImageNoise.of(generator, n).randn(*self.latent_shape(), device=self.log_scale.device)
         return self.decode(z).clamp(-1, 1)
 
 

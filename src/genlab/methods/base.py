@@ -135,8 +135,9 @@ class Method(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:
-        """``n`` images in [-1, 1], (n, C, H, W); a method that does not generate names the capability it lacks."""
+    def sample(self, n: int, *, generator: Any = None, **options: Any) -> torch.Tensor:
+        """``n`` images in [-1, 1], (n, C, H, W). ``generator``: a :class:`genlab.noise.ImageNoise`
+        (image i's randomness from its own generator, whatever the batch) or a torch.Generator."""
         require(self, Generates, "generate images")
         raise NotImplementedError
 

@@ -3,8 +3,9 @@ guidance (SPEC D1-D9)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+import copy
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,18 +28,35 @@ from genlab.diffusion import (
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method
 from genlab.methods.capabilities import Denoiser, Generates, NoiseAwareClassifier, require
+from genlab.models.dit import DiT as DiTNetwork
+from genlab.models.dit import DiTConfig
 from genlab.models.unet import UNet, UNetConfig
+from genlab.noise import ImageNoise
+
+
+NETWORKS = ("unet", "dit")  # the denoisers; each has its own config section model.<network>
 
 
 @dataclass
 class DDPMConfig:
-    """A denoising U-Net, its noise schedule and training objective, and the default sampler."""
+    """DDPM's diffusion (noise schedule, objective, default sampler) and its denoising network.
 
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    # Space-to-depth before the U-Net (pixel_unshuffle): p x p pixel patches become channels, so the
-    # network runs at 1/p of the resolution for ~p^2 less compute. p = 2 is what makes 28x28 diffusion
-    # train in minutes on a CPU; the diffusion itself still happens on every pixel.
-    patch_size: int = 1
+    ``network`` chooses the denoiser and only that network's section (``unet`` or ``dit``) is
+    accepted; the other stays None. Size-dependent fields left at None (``patch_size``,
+    ``unet.channel_mult``, ``unet.attention_resolutions``, ``dit.patch_size``) are derived from the
+    data when the method is built, and the run's saved config records the values chosen.
+    """
+
+    # Presets and saved configs keep only the chosen network's section (genlab.config drops the other).
+    network_sections: ClassVar[tuple[str, ...]] = NETWORKS
+    network: Literal["unet", "dit"] = "unet"
+    unet: UNetConfig | None = None  # network=unet: the U-Net (None: its defaults)
+    dit: DiTConfig | None = None  # network=dit: the transformer (None: its defaults)
+    # U-Net only: space-to-depth before the network (pixel_unshuffle): p x p pixel patches become
+    # channels, so the U-Net runs at 1/p of the resolution for ~p^2 less compute. p = 2 is what makes
+    # 28x28 diffusion train in minutes on a CPU; the diffusion itself still happens on every pixel.
+    # None: derived (see ``derived_pixel_patch``). A DiT cuts its own patches (dit.patch_size).
+    patch_size: int | None = None
     schedule: Literal["linear", "cosine", "sigmoid", "scaled-linear"] = "linear"
     num_timesteps: int = 1000
     prediction: Literal["eps", "x0", "v"] = "eps"
@@ -61,43 +79,86 @@ class DDPMConfig:
     # Highest noise level of the Karras solvers (euler, heun, dpmpp-2m); None: min(schedule's, 80).
     sigma_max: float | None = None
 
+    def __post_init__(self):
+        """Fill the chosen network's section with its defaults; refuse the other network's keys."""
+        if self.network not in NETWORKS:  # the type check names the choices; this guards direct use
+            raise ConfigError(f"model.network={self.network!r}: choose one of {', '.join(NETWORKS)}")
+        for other in NETWORKS:
+            section = getattr(self, other)
+            if other != self.network and section is not None:
+                defaults = type(section)()
+                changed = [f.name for f in fields(section) if getattr(section, f.name) != getattr(defaults, f.name)]
+                key = f"model.{other}.{changed[0]}={getattr(section, changed[0])!r}" if changed else f"model.{other}"
+                raise ConfigError(f"{key} applies to network={other}, but this run's model.network is "
+                                  f"{self.network}: remove it (the {self.network}'s settings are model.{self.network}.*)")
+        if getattr(self, self.network) is None:
+            setattr(self, self.network, UNetConfig() if self.network == "unet" else DiTConfig())
+        if self.network == "dit" and self.patch_size not in (None, 1):
+            raise ConfigError(f"model.patch_size={self.patch_size}: a DiT cuts its own patches; "
+                              "set model.dit.patch_size instead and leave model.patch_size unset")
+
+
+MAX_DERIVED_WORKING_SIZE = 16  # a derived pixel patch brings the U-Net's input to at most 16 px ...
+MAX_DERIVED_PIXEL_PATCH = 4  # ... with patches of at most 4 x 4 pixels
+
+
+def derived_pixel_patch(image_size: int) -> int:
+    """The U-Net's pixel patch for ``image_size``: double p (up to 4) while the input is above 16 px
+    and p still divides the size (28 px: 2, a 14 px U-Net; 8 px: 1; 64 px: 4)."""
+    p = 1
+    while image_size // p > MAX_DERIVED_WORKING_SIZE and image_size % (2 * p) == 0 and 2 * p <= MAX_DERIVED_PIXEL_PATCH:
+        p *= 2
+    return p
+
 
 class DDPM(Method, Generates, Denoiser):
-    """eps/x0/v-prediction diffusion in pixel space with an ADM-style U-Net."""
+    """eps/x0/v-prediction diffusion in pixel space, denoised by an ADM-style U-Net or a DiT (model.network)."""
 
     name = "ddpm"
     Config = DDPMConfig
-    # The attribute (and EMA target) holding the denoising network: its weights are saved as
-    # "<network_name>.*" and "ema_<network_name>", so subclasses with another network rename it.
-    network_name = "unet"
 
     def __init__(self, config: DDPMConfig, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
+        config = copy.deepcopy(config)  # resolved below for this data; the caller's stays as given
         super().__init__(config, data_info, parents)
         if config.class_conditional and not data_info.num_classes:
             raise ConfigError("model.class_conditional=true needs a labelled data source (e.g. mnist, cifar10)")
         if not 0.0 <= config.p_uncond < 1.0:
             raise ConfigError(f"model.p_uncond must be in [0, 1), got {config.p_uncond}")
         self.num_classes = data_info.num_classes if config.class_conditional else None
+        if config.patch_size is None:
+            config.patch_size = derived_pixel_patch(data_info.image_size) if config.network == "unet" else 1
         p = config.patch_size
         if p < 1 or data_info.image_size % p:
-            raise ConfigError(f"model.patch_size={p} must be a positive divisor of the image size {data_info.image_size}")
+            raise ConfigError(f"model.patch_size={p} must be a positive divisor of the image size "
+                              f"{data_info.image_size}: choose a divisor or leave it unset (derived)")
         if config.vlb_weight < 0:
             raise ConfigError(f"model.vlb_weight must be >= 0 (0.001 in improved DDPM), got {config.vlb_weight}")
         outputs = 2 if config.learn_sigma else 1  # the prediction, and v when the variance is learned
         network = self._make_network(in_channels=data_info.channels * p * p,
                                      out_channels=outputs * data_info.channels * p * p,
                                      image_size=data_info.image_size // p)
+        setattr(config, config.network, network.config)  # the sizes derived for this data, as saved
         self.add_module(self.network_name, network)
         self.schedule = NoiseSchedule.from_name(config.schedule, config.num_timesteps)
 
     def _make_network(self, in_channels: int, out_channels: int, image_size: int) -> nn.Module:
-        """The denoising network for (N, in_channels, image_size, image_size) inputs: the U-Net."""
-        return UNet(self.config.unet, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
+        """The denoiser model.network names, for (N, in_channels, image_size, image_size) inputs."""
+        c = self.config
+        if c.network == "dit":
+            return DiTNetwork(c.dit, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
+                              num_classes=self.num_classes)
+        return UNet(c.unet, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
                     num_classes=self.num_classes)
 
     @property
+    def network_name(self) -> str:
+        """The attribute (and EMA target) holding the denoiser, ``unet`` or ``dit``: its weights are
+        saved as "<network_name>.*" and "ema_<network_name>"."""
+        return self.config.network
+
+    @property
     def backbone(self) -> nn.Module:
-        """The denoising network (``self.unet``, or the subclass's ``network_name`` attribute)."""
+        """The denoising network (``self.unet`` or ``self.dit``)."""
         return getattr(self, self.network_name)
 
     def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +288,7 @@ class DDPM(Method, Generates, Denoiser):
         self,
         n: int,
         *,
-        generator: torch.Generator | None = None,
+        generator: ImageNoise | torch.Generator | None = None,
         sampler: str | None = None,
         steps: int | None = None,
         eta: float | None = None,
@@ -243,6 +304,8 @@ class DDPM(Method, Generates, Denoiser):
     ) -> torch.Tensor:
         """Draw ``n`` images with the configured (or given) sampler, optionally guided.
 
+        - ``generator``: an :class:`~genlab.noise.ImageNoise` (image i's noise, x_T and every step's,
+          comes from its own generator, whatever the batch) or a torch.Generator seeding one.
         - ``labels`` (n,) long: the class of each sample (class-conditional model and/or classifier).
         - ``guidance_scale`` w (classifier-free guidance, class-conditional models trained with
           p_uncond > 0): eps = eps_uncond + w (eps_cond - eps_uncond). w = 1 (or None) is the plain
@@ -271,9 +334,9 @@ class DDPM(Method, Generates, Denoiser):
                               "model (train with model.class_conditional=true and p_uncond > 0)")
         if (guidance_scale is not None or negative_labels is not None or classifier is not None) and labels is None:
             raise ConfigError("guidance needs labels: give the class of each sample (--class K)")
+        generator = ImageNoise.of(generator, n)
         if noise is None:
-            noise = torch.randn(n, *self._noise_shape(), generator=generator,
-                                device="cpu" if generator is None else generator.device)
+            noise = generator.randn(*self._noise_shape())  # (n, C, H, W): x_T of each image
         x = noise.to(self.device)
         if labels is not None:
             labels = torch.as_tensor(labels).long().to(self.device)

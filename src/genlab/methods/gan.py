@@ -37,6 +37,7 @@ from genlab.methods.base import DataInfo, Method, OptimizerSpec
 from genlab.methods.capabilities import GANLatent, Generates
 from genlab.methods.gan_health import WatchesTrainingHealth
 from genlab.models.dcgan import Discriminator, Generator
+from genlab.noise import ImageNoise
 from genlab.train.health import HealthConfig
 
 _TARGET_LOSSES = ("vanilla", "nonsaturating", "lsgan")  # losses that use D's real/fake targets
@@ -269,7 +270,7 @@ class GAN(WatchesTrainingHealth, Method, Generates, GANLatent):
         self,
         n: int,
         *,
-        generator: torch.Generator | None = None,
+        generator: ImageNoise | torch.Generator | None = None,
         labels: torch.Tensor | None = None,
         z: torch.Tensor | None = None,
         truncation: float | None = None,
@@ -277,7 +278,8 @@ class GAN(WatchesTrainingHealth, Method, Generates, GANLatent):
     ) -> torch.Tensor:
         """``n`` images G(z) in [-1, 1]; z drawn from the latent prior via ``generator`` unless given.
 
-        A class-conditional GAN draws uniform random labels (after z) when none are given.
+        A class-conditional GAN draws uniform random labels (after z) when none are given. Image i's
+        z and label come from its own generator of the :class:`~genlab.noise.ImageNoise`.
         """
         if unknown:
             raise ConfigError(f"gan sampling does not take {', '.join(sorted(unknown))}")
@@ -286,17 +288,17 @@ class GAN(WatchesTrainingHealth, Method, Generates, GANLatent):
                               f"(psi = 1), got {truncation}")
         if labels is not None and self.num_classes is None:
             raise ConfigError("--class needs a class-conditional GAN (train with model.class_conditional=true)")
-        source = "cpu" if generator is None else generator.device
+        generator = ImageNoise.of(generator, n)
         if z is None:
             if self.config.latent == "uniform":
-                z = torch.rand(n, self.latent_dim, generator=generator, device=source) * 2 - 1
+                z = generator.rand(self.latent_dim) * 2 - 1
             else:
-                z = torch.randn(n, self.latent_dim, generator=generator, device=source)
+                z = generator.randn(self.latent_dim)
         if z.shape != (n, self.latent_dim):
             raise ConfigError(f"z must have shape ({n}, {self.latent_dim}), got {tuple(z.shape)}")
         if self.num_classes is not None:
             if labels is None:
-                labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=source)
+                labels = generator.randint(0, self.num_classes)
             labels = torch.as_tensor(labels).long()
             if labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.num_classes:
                 raise ConfigError(f"labels must be ({n},) class indices in [0, {self.num_classes}), got {labels.tolist()[:8]}")

@@ -4,14 +4,15 @@ A frozen autoencoder (a ``kl-ae`` or ``vq-ae`` run, SPEC AE7) maps images to sma
 diffusion (any schedule, objective, sampler, classifier-free or rule guidance) runs on the scaled
 latents z = encode(x) * latent_scale, whose unit variance keeps the noise schedule's signal-to-noise
 ratios what they are for [-1, 1] pixels (the paper's sec. 4.3.2). Samples are decoded back:
-x = decode(z / latent_scale). The denoiser is a U-Net (``network: unet``) or a DiT (``network: dit``).
+x = decode(z / latent_scale). The denoiser is a U-Net (``network: unet``) or a DiT (``network: dit``),
+its size-dependent shapes derived from the latent size unless the config fixes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -20,18 +21,17 @@ from genlab.diffusion import parse_rule
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, ParentRun, checked_parents
 from genlab.methods.capabilities import DiscreteCodes, LatentCodec, has
-from genlab.methods.ddpm import DDPM
-from genlab.methods.dit import DiTMethodConfig, make_dit_network, reject_pixel_patches
+from genlab.methods.ddpm import DDPM, DDPMConfig
 
 @dataclass
-class LDMConfig(DiTMethodConfig):
-    """DDPM's diffusion settings, the denoiser (``unet`` or ``dit`` section) and the autoencoder run.
+class LDMConfig(DDPMConfig):
+    """DDPM's diffusion settings and denoiser (``network: unet`` or ``dit``, sized for the latents),
+    and the autoencoder run.
 
     ``clip_denoised`` defaults to False: latents are not confined to [-1, 1].
     """
 
     autoencoder: str | None = None  # run folder of a kl-ae or vq-ae run (the frozen parent; its EMA weights)
-    network: Literal["unet", "dit"] = "unet"
     clip_denoised: bool = False
 
 
@@ -43,8 +43,6 @@ class LDM(DDPM):
     parents = {"autoencoder": ParentRun(LatentCodec, attribute="autoencoder")}
 
     def __init__(self, config: LDMConfig, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
-        if config.network == "dit":
-            reject_pixel_patches(config)
         parent = checked_parents(type(self), config, parents)["autoencoder"]
         seen = parent.data_info
         if (seen.channels, seen.image_size) != (data_info.channels, data_info.image_size):
@@ -57,7 +55,7 @@ class LDM(DDPM):
         c, h, w = probe.shape[1:]
         if h != w:
             raise ConfigError(f"the autoencoder's latents are {c}x{h}x{w}: ldm needs square latents")
-        if config.network == "dit" and h % config.dit.patch_size:
+        if config.network == "dit" and config.dit.patch_size is not None and h % config.dit.patch_size:
             raise ConfigError(f"model.dit.patch_size={config.dit.patch_size} must divide the latent size {h} "
                               f"(the autoencoder's latents are {c}x{h}x{w}): choose a divisor of {h}, e.g. 1")
         latent_info = DataInfo(channels=c, image_size=h, num_classes=data_info.num_classes)
@@ -68,16 +66,6 @@ class LDM(DDPM):
         # latents are snapped to the codebook before decoding.
         self._decode_options = {"quantize": True} if has(parent, DiscreteCodes) else {}
 
-    @property
-    def network_name(self) -> str:
-        """``self.unet`` or ``self.dit`` (and its EMA target), as model.network says."""
-        return self.config.network
-
-    def _make_network(self, in_channels: int, out_channels: int, image_size: int) -> nn.Module:
-        """The U-Net or (network: dit) the DiT for noisy latents (N, in_channels, image_size, image_size)."""
-        if self.config.network == "dit":
-            return make_dit_network(self, in_channels, out_channels, image_size)
-        return super()._make_network(in_channels, out_channels, image_size)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -24,17 +24,19 @@ from genlab.methods.base import DataInfo, Method, ParentRun
 from genlab.methods.capabilities import DiscreteCodes, Generates
 from genlab.models.gpt import GPT, GPTConfig, KVCache
 from genlab.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
+from genlab.noise import ImageNoise
 
 def sample_from_logits(
     logits: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: ImageNoise | torch.Generator | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
 ) -> torch.Tensor:
     """Draw one index per row of logits (N, K) from softmax(logits / temperature), restricted to the top_k.
 
     temperature 0 is greedy decoding (argmax). The draw uses ``generator`` on its own device (a CPU
-    generator draws on the CPU), so the same seed gives the same codes whatever the model's device.
+    generator draws on the CPU), so the same seed gives the same codes whatever the model's device;
+    an :class:`~genlab.noise.ImageNoise` draws row i with image i's generator.
     """
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -47,6 +49,8 @@ def sample_from_logits(
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (N, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # (N, K)
+    if isinstance(generator, ImageNoise):
+        return generator.multinomial(probs).to(logits.device)  # (N,)
     device = generator.device if generator is not None else probs.device
     return torch.multinomial(probs.to(device), 1, generator=generator)[:, 0].to(logits.device)  # (N,)
 
@@ -137,8 +141,7 @@ class CodePrior(Method, Generates):
             if labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.num_classes:
                 raise ConfigError(f"labels must be {n} class indices in [0, {self.num_classes}), got {labels.tolist()}")
         elif self.num_classes is not None:  # a class-conditional prior without --class: random classes
-            labels = torch.randint(0, self.num_classes, (n,), generator=generator,
-                                   device="cpu" if generator is None else generator.device).to(self.device)
+            labels = generator.randint(0, self.num_classes, device=self.device)
         return temperature, top_k, labels
 
     def sample_codes(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0,
@@ -147,9 +150,11 @@ class CodePrior(Method, Generates):
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float | None = None,
+    def sample(self, n: int, *, generator: ImageNoise | torch.Generator | None = None, temperature: float | None = None,
                top_k: int | None = None, labels: torch.Tensor | None = None, **unknown: Any) -> torch.Tensor:
-        """n images in [-1, 1]: codes drawn from the prior, decoded by the frozen VQ decoder."""
+        """n images in [-1, 1]: codes drawn from the prior (image i's from its own generator of the
+        ImageNoise), decoded by the frozen VQ decoder."""
+        generator = ImageNoise.of(generator, n)
         temperature, top_k, labels = self._sampling_options(n, generator, temperature, top_k, labels, unknown)
         codes = self.sample_codes(n, generator, temperature, top_k, labels)  # (n, h, w)
         return self.parent.decode_codes(codes).clamp(-1, 1)

@@ -30,6 +30,7 @@ from genlab.methods.base import DataInfo, Method, OptimizerSpec
 from genlab.methods.capabilities import Generates, StyleSpace
 from genlab.methods.gan_health import WatchesTrainingHealth
 from genlab.models.stylegan import Discriminator, Generator, StyleGANNetConfig
+from genlab.noise import ImageNoise
 from genlab.train.health import HealthConfig
 
 
@@ -228,25 +229,25 @@ class StyleGAN(WatchesTrainingHealth, Method, Generates, StyleSpace):
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, truncation: float | None = None,
+    def sample(self, n: int, *, generator: ImageNoise | torch.Generator | None = None, truncation: float | None = None,
                labels: torch.Tensor | None = None, z: torch.Tensor | None = None,
                noise: list[torch.Tensor] | None = None, **unknown: Any) -> torch.Tensor:
-        """``n`` images in [-1, 1]; ``truncation`` psi pulls w toward w_avg (1: none, 0: the mean image)."""
+        """``n`` images in [-1, 1]; ``truncation`` psi pulls w toward w_avg (1: none, 0: the mean image).
+        Image i's z, label and noise maps come from its own generator of the ImageNoise."""
         if unknown:
             raise ConfigError(f"stylegan sampling does not take {', '.join(sorted(unknown))}")
         psi = self.config.truncation if truncation is None else float(truncation)
         g, device = self.generator, self.w_avg.device
-        cpu = "cpu" if generator is None else generator.device
+        generator = ImageNoise.of(generator, n)
         if z is None:
-            z = torch.randn(n, g.z_dim, generator=generator, device=cpu)
+            z = generator.randn(g.z_dim)
         if z.shape != (n, g.z_dim):
             raise ConfigError(f"z must have shape ({n}, {g.z_dim}), got {tuple(z.shape)}")
         labels = self._labels(labels)
         if self.num_classes and labels is None:
-            labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=cpu)
+            labels = generator.randint(0, self.num_classes)
         if noise is None:
-            noise = g.make_noise(n, generator) if generator is not None else \
-                [torch.randn(n, *s) for s in g.noise_shapes()]
+            noise = [generator.randn(*shape) for shape in g.noise_shapes()]  # (n, 1, r, r) each
         noise = [m.to(device) for m in noise]
         w = g.mapping(z.to(device), None if labels is None else labels.to(device))  # (n, w_dim)
         w = g.truncate(w, psi)

@@ -17,6 +17,7 @@ None of them generates images by itself: a prior over the code maps does (``genl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,7 +36,7 @@ from genlab.losses import (
 from genlab.methods.base import DataInfo, Method, OptimizerSpec
 from genlab.methods.capabilities import DiscreteCodes, Encodes, LatentCodec, Reconstructs
 from genlab.models.autoencoder import AutoencoderNetConfig, Decoder, Encoder, downsampling_factor, latent_size
-from genlab.models.patchgan import PatchDiscriminator, PatchGANConfig, patchgan_output_size
+from genlab.models.patchgan import PatchDiscriminator, PatchGANConfig, patchgan_layers_fitting, patchgan_output_size
 from genlab.nn.quantize import QuantizerConfig, VectorQuantizer, perplexity
 
 
@@ -189,6 +190,9 @@ class VQGAN(VQVAE):
             raise ConfigError(f"model.disc_weight={config.disc_weight} and model.disc_start={config.disc_start} must be >= 0")
         self.discriminator = None
         if config.disc_weight > 0:
+            if config.disc.num_layers is None:  # derived from the image size; the saved config records it
+                self.config = config = dataclasses.replace(
+                    config, disc=dataclasses.replace(config.disc, num_layers=patchgan_layers_fitting(data_info.image_size)))
             if patchgan_output_size(data_info.image_size, config.disc.num_layers) < 1:
                 raise ConfigError(f"model.disc.num_layers={config.disc.num_layers} is too deep for {data_info.image_size}px "
                                   "images: lower it (1 for 8x8, 2 for 28x28, 3 for 32x32 and up)")

@@ -19,7 +19,7 @@ the blocks in one of the four ways of the paper's section 3.2:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -36,7 +36,7 @@ CONDITIONINGS = ("in-context", "cross-attention", "adaln", "adaln-zero")
 class DiTConfig:
     """Patch size, width, depth, heads and the conditioning variant of a DiT."""
 
-    patch_size: int = 2
+    patch_size: int | None = None  # None: derived from the image size (see ``derived_patch_size``)
     hidden_size: int = 128
     depth: int = 4
     num_heads: int = 4
@@ -51,6 +51,18 @@ DIT_SIZES = {
     "L": dict(hidden_size=1024, depth=24, num_heads=16),
     "XL": dict(hidden_size=1152, depth=28, num_heads=16),
 }
+
+
+MAX_DERIVED_GRID = 8  # a derived patch size gives at most 8 x 8 = 64 tokens
+
+
+def derived_patch_size(image_size: int) -> int:
+    """The smallest patch size dividing ``image_size`` with at most 8 x 8 tokens (28 px: 4, 7 x 7 tokens).
+
+    Attention costs grow with the square of the token count; 64 tokens keep a CPU step cheap (DiT's
+    own 256 px latent models use 16 x 16 = 256 tokens: set patch_size for that).
+    """
+    return next(p for p in range(1, image_size + 1) if image_size % p == 0 and image_size // p <= MAX_DERIVED_GRID)
 
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -165,11 +177,16 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """eps-prediction transformer: (x_t (N, C, H, W), t (N,), y (N,) or None) -> (N, C_out, H, W)."""
+    """eps-prediction transformer: (x_t (N, C, H, W), t (N,), y (N,) or None) -> (N, C_out, H, W).
+
+    ``self.config`` holds the configuration with the patch size resolved for ``image_size``.
+    """
 
     def __init__(self, config: DiTConfig, in_channels: int, out_channels: int, image_size: int,
                  num_classes: int | None = None):
         super().__init__()
+        if config.patch_size is None:
+            config = replace(config, patch_size=derived_patch_size(image_size))
         c = config
         if c.conditioning not in CONDITIONINGS:
             raise ConfigError(f"unknown DiT conditioning {c.conditioning!r}; valid: {', '.join(CONDITIONINGS)}")

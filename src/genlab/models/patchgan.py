@@ -29,7 +29,9 @@ class PatchGANConfig:
     """Width, depth (receptive field) and normalisation of a PatchDiscriminator; defaults are pix2pix's."""
 
     base_channels: int = 64
-    num_layers: int = 3  # stride-2 layers: receptive field 16 / 34 / 70 / 142 for 1 / 2 / 3 / 4
+    # Stride-2 layers: receptive field 16 / 34 / 70 / 142 for 1 / 2 / 3 / 4; None: derived from the
+    # image size (see ``patchgan_layers_fitting``).
+    num_layers: int | None = None
     norm: Literal["batch", "instance", "none"] = "batch"
     spectral_norm: bool = False
 
@@ -59,6 +61,16 @@ def patchgan_output_size(image_size: int, num_layers: int) -> int:
         size = (size + 2 * PADDING - KERNEL) // stride + 1
     return size
 
+
+
+MAX_DERIVED_LAYERS = 3  # pix2pix's 70 px PatchGAN ...
+MIN_DERIVED_LOGITS = 2  # ... or shallower, to keep at least a 2x2 map of logits
+
+
+def patchgan_layers_fitting(image_size: int) -> int:
+    """The deepest PatchGAN of at most 3 layers whose logit map is at least 2x2 (8 px: 1, 28 px: 2, 32 px: 3)."""
+    fitting = [n for n in range(1, MAX_DERIVED_LAYERS + 1) if patchgan_output_size(image_size, n) >= MIN_DERIVED_LOGITS]
+    return max(fitting, default=1)
 
 
 class PatchDiscriminator(nn.Module):

@@ -9,7 +9,7 @@ context sequence (text) joins it there when the network is built with ``context_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -25,15 +25,47 @@ class UNetConfig:
     """Width, depth and layout of the U-Net; the image and label shapes are given to UNet itself."""
 
     base_channels: int = 64  # channels of the first level; level i has base_channels * channel_mult[i]
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # one entry per resolution level
+    # One entry per resolution level; None: derived from the image size (see ``resolve_unet_config``).
+    channel_mult: tuple[int, ...] | None = None
     num_res_blocks: int = 2  # residual blocks per level in the encoder (the decoder has one more)
-    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes (pixels) with self-attention
+    # Feature-map sizes (pixels) with self-attention; None: the lowest resolution (derived).
+    attention_resolutions: tuple[int, ...] | None = None
     num_heads: int = 4  # attention heads (ignored when num_head_channels is set)
     num_head_channels: int | None = None  # fixed channels per head, heads = width // this (ADM)
     dropout: float = 0.1  # dropout before the second conv of every residual block
     use_scale_shift_norm: bool = True  # ADM's GN(h) * (1 + scale) + shift; False adds emb (DDPM)
     norm_groups: int = 32  # GroupNorm groups; must divide every channel count
     mid_attention: bool = True  # self-attention in the middle block, as in DDPM and ADM
+
+
+# Width multipliers of derived levels: DDPM's (1, 2, 2, 2) for 32 px, extended as ADM's 256 px model.
+DERIVED_CHANNEL_MULT = (1, 2, 2, 2, 4, 4)
+MIN_DERIVED_RESOLUTION = 4  # derived levels stop before the feature map would drop below 4 px
+
+
+def derived_levels(image_size: int) -> int:
+    """Resolution levels for ``image_size``: halve while the map is even and stays >= 4 px (at most 6 levels)."""
+    levels, size = 1, image_size
+    while (size % 2 == 0 and size // 2 >= MIN_DERIVED_RESOLUTION
+           and levels < len(DERIVED_CHANNEL_MULT)):
+        levels, size = levels + 1, size // 2
+    return levels
+
+
+def resolve_unet_config(config: UNetConfig, image_size: int) -> UNetConfig:
+    """``config`` with the size-dependent fields left at None derived from ``image_size``.
+
+    channel_mult: DERIVED_CHANNEL_MULT cut to :func:`derived_levels` (28 px: (1, 2, 2), feature maps
+    28, 14, 7); attention_resolutions: the lowest feature map only, where attention is cheapest and
+    sees the whole image (ADM attends at the low resolutions).
+    """
+    mult = config.channel_mult
+    if mult is None:
+        mult = DERIVED_CHANNEL_MULT[: derived_levels(image_size)]
+    attention = config.attention_resolutions
+    if attention is None:
+        attention = (max(1, image_size // 2 ** (len(mult) - 1)),) if mult else ()
+    return replace(config, channel_mult=tuple(mult), attention_resolutions=tuple(attention))
 
 
 class UNetLayer(nn.Module):
@@ -68,7 +100,8 @@ class UNet(nn.Module):
     With ``num_classes`` set, the class embedding table has num_classes + 1 rows; row num_classes
     is the "null" class of classifier-free guidance (Ho & Salimans 2022) and ``y=None`` means every
     sample is unconditional. With ``context_dim`` set, cross-attention to ``context`` (N, S,
-    context_dim) follows every self-attention layer (Rombach et al. 2022).
+    context_dim) follows every self-attention layer (Rombach et al. 2022). ``self.config`` holds the
+    configuration with its size-dependent fields resolved for ``image_size``.
     """
 
     def __init__(
@@ -81,6 +114,7 @@ class UNet(nn.Module):
         context_dim: int | None = None,
     ):
         super().__init__()
+        config = resolve_unet_config(config, image_size)
         _validate(config, in_channels, out_channels, image_size, num_classes, context_dim)
         self.config = config
         self.in_channels = in_channels

@@ -237,8 +237,9 @@ class Trainer:
         from accelerate import Accelerator
 
         self.run_dir = Path(run_dir)
-        self.cfg = cfg
         self.evaluate = evaluate
+        # The method's model config: shapes it derived from the data are saved, so a reload rebuilds them.
+        self.cfg = dataclasses.replace(cfg, model=getattr(method, "config", cfg.model))
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
