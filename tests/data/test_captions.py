@@ -63,12 +63,19 @@ def test_hsv_matches_colorsys_and_dominant_colour():
             assert (float(hue[0, y, x]) / 360.0, float(sat[0, y, x]), float(val[0, y, x])) == pytest.approx((h, s, v), abs=1e-9)
     red = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     red[:, 0] = 220
+    red[:, 2, :16] = 40  # half the picture crimson (hue 349 degrees): red as well, across the wrap at 360
     blue_half = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
     blue_half[:, :, :, :16] = torch.tensor([20, 40, 230], dtype=torch.uint8)[:, None, None]
     grey = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)
     a = C.measure_cifar(torch.cat([red, blue_half, grey]))
     assert a["colour"].tolist() == [C.COLOURS.index("red"), C.COLOURS.index("blue"), C.NO_COLOUR]
-    assert a["brightness"].tolist() == [0, 0, 1]  # luma 65.8, ~96, 200
+    assert a["brightness"].tolist() == [0, 0, 1]  # luma < 70, ~96, 200
+    assert C.hue_bin(torch.tensor([0.0, 14.9, 15.0, 200.0, 340.0, 359.9])).tolist() == [0, 0, 1, 5, 0, 0]
+
+
+def test_articles_follow_the_next_word():
+    assert C.fill_template("a {name} beside a {b}", {"name": "eight", "b": "8"}) == "an eight beside an 8"
+    assert C.fill_template("a {name}, a {b}", {"name": "ankle boot", "b": "seven"}) == "an ankle boot, a seven"
 
 
 def _mentioned(text: str, vocab: dict) -> set[tuple[str, str]]:
@@ -95,9 +102,8 @@ def test_mnist_captions_state_the_class_and_measured_attributes():
 
 
 def test_pairs_place_each_digit_where_stored():
-    digits = torch.zeros(6, 1, 28, 28, dtype=torch.uint8)
-    for i in range(6):
-        digits[i, 0, 10:18, 10:18] = 40 * (i + 1)  # a square of a distinct grey per digit
+    # Random pixels everywhere: the two 28x28 patches overlap on the canvas and must merge by max.
+    digits = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 1, 28, 28), dtype=np.uint8))
     images, attrs = C.make_pairs(digits, torch.arange(6), 3, seed=0)
     assert images.shape == (3, 1, C.PAIR_CANVAS, C.PAIR_CANVAS)
     for i in range(3):

@@ -53,3 +53,6 @@ def test_recall_at_k_equals_brute_force():
                     hits += better < k
             assert got[f"{direction}_recall@{k}"] == pytest.approx(hits / 60)
     assert recall_at_k(images, images, ks=(1,))["text_to_image_recall@1"] == 1.0
+    same = torch.ones(3, 2) / math.sqrt(2)  # three identical pairs: every candidate ties with the match
+    tied = recall_at_k(same, same, ks=(1, 2, 3))
+    assert (tied["image_to_text_recall@1"], tied["image_to_text_recall@2"], tied["image_to_text_recall@3"]) == (0.0, 0.0, 1.0)

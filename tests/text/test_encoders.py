@@ -35,13 +35,14 @@ def tiny():
 
 def test_tiny_is_invariant_to_padding_and_batch(tiny):
     assert isinstance(tiny, TinyTextEncoder)
+    ids, mask = tiny.tokenize(["a thin one", "the digit 7 is left of the digit 1"])
+    n = int(mask[0].sum())
     with torch.no_grad():
-        alone = tiny(*tiny.tokenize(["a thin one"]))
-        batch = tiny(*tiny.tokenize(["a thin one", "the digit 7 is left of the digit 1"]))
-    n = int(alone.mask.sum())
+        alone = tiny(ids[:1, :n], mask[:1, :n])  # no padding at all
+        batch = tiny(ids, mask)  # padded to max_length, next to a longer caption
     assert torch.allclose(alone.pooled[0], batch.pooled[0], atol=1e-5)
     assert torch.allclose(alone.tokens[0, :n], batch.tokens[0, :n], atol=1e-5)
-    assert alone.tokens.shape == (1, 16, 32) and alone.pooled.shape == (1, 32)
+    assert batch.tokens.shape == (2, 16, 32) and batch.pooled.shape == (2, 32)
 
 
 def test_cache_computes_each_caption_once_and_clears_in_train_mode(tiny):
