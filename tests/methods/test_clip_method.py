@@ -48,10 +48,10 @@ def clip():
 
 
 def test_temperature_starts_at_0_07_and_the_scale_is_clamped_at_100(clip):
-    assert float(clip.scale()) == pytest.approx(1 / 0.07)
+    assert float(clip.scale().detach()) == pytest.approx(1 / 0.07)
     with torch.no_grad():
         clip.logit_scale.fill_(math.log(1000.0))
-    assert float(clip.scale()) == pytest.approx(100.0)
+    assert float(clip.scale().detach()) == pytest.approx(100.0)
     images = torch.zeros(2, 1, 28, 28)
     logits = clip(images, ["a b", "c"])
     cos = clip.encode_image(images) @ clip.encode_text(["a b", "c"]).T
@@ -139,3 +139,15 @@ def test_step_needs_captions_and_sampling_is_refused():
         method.sample(1)
     with pytest.raises(ConfigError, match="has no captions"):
         get_method("clip")(CLIPMethodConfig(), DataInfo(channels=1, image_size=28, num_classes=10, source="mnist"))
+
+
+@pytest.mark.parametrize("source, size", [("mnist-captions", 28), ("fashion-mnist-captions", 28), ("mnist-pairs", 56)])
+def test_shipped_presets_build_for_their_data(source, size):
+    from genlab.api import resolve_preset
+    from genlab.config import build_config
+
+    cls = get_method("clip")
+    cfg = build_config("clip", cls.Config, preset=resolve_preset("clip", source, "small"), overrides=[f"data.source={source}"])
+    method = cls(cfg.model, DataInfo(channels=1, image_size=size, num_classes=None, source=source))
+    logits = method.clip(torch.zeros(3, 1, size, size), ["a thick seven", "a 3 above an 8", "a dark coat"])
+    assert logits.shape == (3, 3) and cfg.train.threads == 1
