@@ -151,3 +151,17 @@ def test_shipped_presets_build_for_their_data(source, size):
     method = cls(cfg.model, DataInfo(channels=1, image_size=size, num_classes=None, source=source))
     logits = method.clip(torch.zeros(3, 1, size, size), ["a thick seven", "a 3 above an 8", "a dark coat"])
     assert logits.shape == (3, 3) and cfg.train.threads == 1
+
+
+def test_ema_skips_a_frozen_text_encoder():
+    info = DataInfo(channels=1, image_size=28, num_classes=10, source="mnist-captions")
+    tiny = get_method("clip")(CLIPMethodConfig(), info)
+    assert set(tiny.ema_targets()) == {"clip"}
+    config = CLIPMethodConfig()
+    config.clip.text.kind = "onehot"  # no trainable weights, like the frozen minilm
+    frozen = get_method("clip")(config, info)
+    targets = frozen.ema_targets()
+    assert set(targets) == {"image_encoder", "text_projection"}
+    averaged = {id(p) for m in targets.values() for p in m.parameters()}
+    trainable = {id(p) for p in frozen.parameters() if p.requires_grad} - {id(frozen.clip.logit_scale)}
+    assert averaged == trainable

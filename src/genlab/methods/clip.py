@@ -77,7 +77,13 @@ class CLIPMethod(Method):
         self.clip = CLIP(clip_config, build_text_encoder(clip_config.text, corpus))
 
     def ema_targets(self) -> dict[str, torch.nn.Module]:
-        return {"clip": self.clip}
+        """The whole model, or, with a frozen text encoder (minilm: 22.7M constant weights), the trained parts only.
+
+        Without the frozen encoder the logit scale (a scalar) is used as trained, not averaged.
+        """
+        if any(p.requires_grad for p in self.clip.text_encoder.parameters()):
+            return {"clip": self.clip}
+        return {"image_encoder": self.clip.image_encoder, "text_projection": self.clip.text_projection}
 
     def training_step(self, batch: dict[str, Any], ctx) -> dict[str, torch.Tensor]:
         """Symmetric InfoNCE on the batch with one caption per image; logs loss, accuracy and the scale."""
