@@ -55,7 +55,9 @@ def train_config(
     overrides, parent_source = _resolve_parent_runs(method_cls, list(overrides), data, data_root, resume)
     if data is not None:
         overrides.insert(0, f"data.source={data}")
-    preset = resolve_preset(method, data or parent_source, preset)
+    elif base is None and parent_source is None and method_cls.default_source is not None:
+        base = {"data": {"source": method_cls.default_source}}  # under the preset, which may name other data
+    preset = resolve_preset(method, data or parent_source or method_cls.default_source, preset)
     if data_root is not None:
         overrides.insert(0, f"data.root={data_root}")
     # Changed settings on resume are applied or refused by the trainer (Trainer.resume).

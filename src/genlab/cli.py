@@ -279,6 +279,24 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="data sources", description="Inspect data sources.")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     dsub.add_parser("list", help="list the data sources")
+    ds = dsub.add_parser("show", help="draw a grid of a source's images with their captions (or class names)")
+    ds.add_argument("source", metavar="SOURCE[:SPLIT]", help="e.g. mnist-captions, mnist-pairs:test, folder:PATH")
+    ds.add_argument("--n", type=int, default=16, help="images to show (default 16)")
+    ds.add_argument("--out", default="data.png", help="image file (default data.png)")
+    ds.add_argument("--data-root", default=None, help="data root (default $GENLAB_DATA)")
+
+    for name, helptext in (("zero-shot", "zero-shot classification accuracy of a clip run with prompt templates"),
+                           ("retrieve", "image->text and text->image recall@1/5/10 of a clip run on held-out pairs")):
+        z = sub.add_parser(name, help=helptext, description=helptext)
+        z.add_argument("run", metavar="RUN", help="clip run folder, or a shipped CLIP evaluator (e.g. clip-mnist-captions)")
+        z.add_argument("--data", required=True, metavar="SOURCE[:SPLIT]", help="held-out data (split defaults to test)")
+        z.add_argument("--n", type=int, default=None, help="use the first N examples (default all)")
+        z.add_argument("--data-root", default=None, help="data root (default $GENLAB_DATA)")
+        if name == "zero-shot":
+            z.add_argument("--prompts", nargs="+", default=["a photo of the digit {}"],
+                           help="templates with {} for the class word; several are ensembled (default 'a photo of the digit {}')")
+        else:
+            z.add_argument("--gallery", type=int, default=100, help="rank among groups of this many pairs (0: all; default 100)")
 
     sub.add_parser("methods", help="list the model families")
 
@@ -623,14 +641,46 @@ def _cmd_export_evaluator(a) -> int:
     return 0
 
 
+def _load_split(ref: str, n: int | None, data_root: str | None, default_split: str):
+    from genlab.data import DataConfig, load_data, split_source_ref
+
+    source, split = split_source_ref(ref)
+    return load_data(DataConfig(source=source, split=split or default_split, root=data_root, limit=n))
+
+
 def _cmd_data(a) -> int:
     from genlab.data import list_sources
 
+    if a.data_command == "show":
+        from genlab.imageio import save_captioned_grid
+
+        if a.n < 1:
+            raise GenlabError(f"--n must be at least 1, got {a.n}")
+        data = _load_split(a.source, a.n, a.data_root, "train")
+        print(save_captioned_grid(data, Path(a.out)))
+        return 0
     if a.data_command != "list":
-        print("usage: genlab data list", file=sys.stderr)
+        print("usage: genlab data {list,show}", file=sys.stderr)
         return 2
     for name, description, needs_root in list_sources():
         print(f"{name:16s} {'(data root) ' if needs_root else ''}{description}")
+    return 0
+
+
+def _cmd_zero_shot(a) -> int:
+    from genlab.text.evaluate import load_clip, retrieve, zero_shot
+
+    clip, name = load_clip(a.run)
+    data = _load_split(a.data, a.n, a.data_root, "test")
+    if a.command == "zero-shot":
+        result = zero_shot(clip, data, a.prompts)
+        print(f"zero-shot accuracy {result['zero_shot_accuracy']:.4f} on {data.source}:{data.split} (n={len(data)}, {name})")
+        print("per class: " + ", ".join(f"{k} {v:.3f}" for k, v in result["per_class"].items()))
+    else:
+        result = retrieve(clip, data, gallery=a.gallery or None)
+        print(f"retrieval on {data.source}:{data.split} (n={result['n']}, galleries of {result['gallery']}, {name})")
+        for direction in ("image_to_text", "text_to_image"):
+            print(f"{direction:14s} " + "  ".join(f"R@{k} {result[f'{direction}_recall@{k}']:.4f}" for k in (1, 5, 10)))
     return 0
 
 
@@ -677,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"train": _cmd_train, "sample": _cmd_sample, "data": _cmd_data, "methods": _cmd_methods,
                "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare, "reconstruct": _cmd_reconstruct,
                "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert,
-               "export-evaluator": _cmd_export_evaluator}[a.command]
+               "export-evaluator": _cmd_export_evaluator, "zero-shot": _cmd_zero_shot,
+               "retrieve": _cmd_zero_shot}[a.command]
     try:
         return handler(a)
     except GenlabError as e:

@@ -86,3 +86,50 @@ def save_images(images: torch.Tensor, path: str | Path, nrow: int | None = None)
     if suffix == ".npz":
         return save_npz(images, path)
     raise DataError(f"--out {path}: the file must end in .png (a grid) or .npz (uint8 images N x H x W x C)")
+
+
+def save_captioned_grid(data, path: str | Path, ncol: int = 4) -> Path:
+    """Draw an ImageSet's images with their first caption (or class name) below each, as a PNG."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(data)
+    ncol = min(ncol, n)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.4 * ncol, 2.9 * nrow), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        image = data.images[i].permute(1, 2, 0).numpy()
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        if data.captions is not None:
+            text = data.captions[i][0]
+        elif data.labels is not None and data.class_names:
+            text = data.class_names[int(data.labels[i])]
+        else:
+            text = ""
+        ax.set_title("\n".join(textwrap.wrap(text, 26)), fontsize=8)
+    fig.tight_layout()
+    _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=80))
+    plt.close(fig)
+    return Path(path)
+
+
+def load_npz_captions(path: str | Path) -> list[str] | None:
+    """The ``captions`` array (N strings, one per image) of an .npz file, or None when it has none."""
+    with np.load(Path(path), allow_pickle=False) as f:
+        if "captions" not in f.files:
+            return None
+        arr = f["captions"]
+    if arr.dtype.kind not in "US" or arr.ndim != 1:
+        raise DataError(f"{path}: 'captions' must be a 1-d array of strings (numpy dtype U), got {arr.dtype} with shape {arr.shape}")
+    captions = [str(c.decode() if isinstance(c, bytes) else c) for c in arr]
+    empty = [i for i, c in enumerate(captions) if not c.strip()]
+    if empty:
+        raise DataError(f"{path}: caption {empty[0]} is empty; every image needs a caption")
+    return captions

@@ -91,7 +91,8 @@ def test_unknown_source_lists_the_valid_names():
 def test_list_sources_names_and_root_needs():
     rows = {name: needs_root for name, _, needs_root in list_sources()}
     assert rows == {"digits": False, "mnist5k": False, "mnist": True, "fashion-mnist": True, "cifar10": True, "folder:PATH": False,
-                    "paired:PATH": False}
+                    "paired:PATH": False, "mnist-captions": True, "fashion-mnist-captions": True, "cifar10-captions": True,
+                    "mnist-pairs": True}
 
 
 def test_split_source_ref():

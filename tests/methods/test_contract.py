@@ -22,7 +22,8 @@ from genlab.methods.capabilities import (
 
 # (channels, image size, classes) of each source at its native size.
 NATIVE = {"digits": (1, 8, 10), "mnist5k": (1, 28, 10), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10),
-          "cifar10": (3, 32, 10), "paired:facades": (3, 256, None)}
+          "cifar10": (3, 32, 10), "paired:facades": (3, 256, None), "mnist-captions": (1, 28, 10),
+          "fashion-mnist-captions": (1, 28, 10), "cifar10-captions": (3, 32, 10), "mnist-pairs": (1, 56, None)}
 CASES = [(name, preset) for name in sorted(METHODS) for preset in [None, *list_presets(name)]]
 
 
@@ -44,7 +45,8 @@ def _data_info(cfg) -> DataInfo:
 def _build(name: str, preset: str | None, info: DataInfo | None = None):
     """The method of ``name`` with ``preset`` (and its parents), for the preset's data shape (or ``info``)."""
     cls = get_method(name)
-    cfg = build_config(name, cls.Config, preset=preset)
+    base = None if cls.default_source is None else {"data": {"source": cls.default_source}}  # as api.train_config
+    cfg = build_config(name, cls.Config, preset=preset, base=base)
     info = info or _data_info(cfg)
     loss = getattr(cfg.model, "loss", None)
     if getattr(loss, "perceptual_network", None) in ("vgg16", "auto"):

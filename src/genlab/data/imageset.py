@@ -38,6 +38,10 @@ class ImageSet:
     # Paired data (paired:PATH, image-to-image translation): conditions[i] is the input image whose
     # target is images[i]; uint8 (N, C', H, W), same N, H, W as images, C' may differ from C.
     conditions: Tensor | None = None
+    # Captioned data (SPEC DATA2): captions[i] holds one or more captions of image i, and
+    # attributes[name] (N, ...) the values measured on the images that the captions state.
+    captions: list[tuple[str, ...]] | None = None
+    attributes: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -49,6 +53,11 @@ class ImageSet:
                     f"ImageSet.conditions must be uint8 ({len(self.images)}, C', {self.images.shape[2]}, {self.images.shape[3]}) "
                     f"aligned with the images, got {c.dtype} {tuple(c.shape)}"
                 )
+        if self.captions is not None and len(self.captions) != len(self.images):
+            raise ValueError(f"ImageSet.captions must hold one tuple per image ({len(self.images)}), got {len(self.captions)}")
+        for name, values in (self.attributes or {}).items():
+            if len(values) != len(self.images):
+                raise ValueError(f"ImageSet.attributes[{name!r}] must have {len(self.images)} rows, got {len(values)}")
         if self.labels is not None:
             if self.labels.shape != (len(self.images),) or self.labels.dtype != torch.long:
                 raise ValueError(f"ImageSet.labels must be int64 ({len(self.images)},), got {self.labels.dtype} {tuple(self.labels.shape)}")
@@ -103,4 +112,16 @@ class ImageSet:
             split=self.split,
             origin=self.origin,
             conditions=None if self.conditions is None else self.conditions[idx],
+            captions=None if self.captions is None else _take(self.captions, idx),
+            attributes=None if self.attributes is None else {k: v[idx] for k, v in self.attributes.items()},
         )
+
+
+def _take(items: list, idx: Tensor | slice) -> list:
+    """``items[idx]`` for a Python list, with idx a slice, an index tensor or a boolean mask."""
+    if isinstance(idx, slice):
+        return items[idx]
+    idx = torch.as_tensor(idx)
+    if idx.dtype == torch.bool:
+        idx = idx.nonzero().flatten()
+    return [items[i] for i in idx.tolist()]

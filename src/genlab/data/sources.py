@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from genlab.data import captions as captions_
 from genlab.data.cache import cached, read_cached
 from genlab.data.cifar import CIFAR10_CLASSES, TEST_BATCHES, TRAIN_BATCHES, parse_cifar_binary
 from genlab.data.config import DataConfig, resolve_cache_dir, resolve_data_root
@@ -133,18 +134,20 @@ def load_data(cfg: DataConfig | None = None, **overrides) -> ImageSet:
         hint = f"; {source.split_hint}" if source.split_hint else ""
         raise DataError(f"data source {cfg.source!r} has no split {cfg.split!r} (splits: {', '.join(source.splits)}){hint}")
     data = source.load(cfg, resolve_data_root(cfg.root))
+    if cfg.limit is not None and cfg.limit < len(data):
+        data = data.subset(slice(0, cfg.limit))
+        data.images = data.images.clone()  # clone: do not keep the full split alive
+        data.labels = None if data.labels is None else data.labels.clone()
+        data.conditions = None if data.conditions is None else data.conditions.clone()
     images, labels, conditions = data.images, data.labels, data.conditions
-    if cfg.limit is not None and cfg.limit < len(images):
-        images = images[: cfg.limit].clone()  # clone: do not keep the full split alive
-        labels = None if labels is None else labels[: cfg.limit].clone()
-        conditions = None if conditions is None else conditions[: cfg.limit].clone()
     if cfg.image_size is not None:
         images = fit_size(images, cfg.image_size, cfg.fit)
         conditions = None if conditions is None else fit_size(conditions, cfg.image_size, cfg.fit)
     if cfg.channels is not None:  # the targets' channels; paired inputs keep theirs (edges stay grey)
         images = convert_channels(images, cfg.channels)
     conditions = None if conditions is None else conditions.contiguous()
-    return ImageSet(images.contiguous(), labels, data.class_names, cfg.source, cfg.split, data.origin, conditions=conditions)
+    return ImageSet(images.contiguous(), labels, data.class_names, cfg.source, cfg.split, data.origin, conditions=conditions,
+                    captions=data.captions, attributes=data.attributes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +428,8 @@ def _load_folder(cfg: DataConfig, root: Path | None) -> ImageSet:
     paths, labels, class_names = index_images(tree)
     if cfg.limit is not None:
         paths, labels = paths[: cfg.limit], None if labels is None else labels[: cfg.limit]
+    folder = Path(tree.origin)
+    captions = captions_.folder_captions(folder, paths)
 
     def build() -> dict[str, torch.Tensor]:
         tensors = {"images": decode_images(tree, paths, cfg.image_size, cfg.fit)}
@@ -437,7 +442,7 @@ def _load_folder(cfg: DataConfig, root: Path | None) -> ImageSet:
         tensors = cached("folder", key, build, check=lambda t: "images" in t and len(t["images"]) == len(paths) and ("labels" in t) == (labels is not None))
     else:
         tensors = build()
-    return ImageSet(tensors["images"], tensors.get("labels"), class_names, cfg.source, cfg.split, tree.origin)
+    return ImageSet(tensors["images"], tensors.get("labels"), class_names, cfg.source, cfg.split, tree.origin, captions=captions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,4 +459,17 @@ register_source(Source(
 ))
 register_source(Source(
     "cifar10", "CIFAR-10: 50,000 + 10,000 32x32 RGB, 10 classes (ROOT/cifar10_jpg[.tar.gz] or the binary version)", True, ("train", "test"), _load_cifar10
+))
+
+
+# Captioned sources (SPEC DATA2, see genlab.data.captions): the images of a labelled source plus
+# attributes measured on them and templated captions.
+for _base, _load, _what in (("mnist", _load_idx(MNIST), "MNIST digits with captions of class, stroke thickness, slant and size"),
+                            ("fashion-mnist", _load_idx(FASHION_MNIST), "Fashion-MNIST with captions of class, brightness and texture"),
+                            ("cifar10", _load_cifar10, "CIFAR-10 with captions of class, brightness and dominant colour")):
+    register_source(Source(f"{_base}-captions", f"{_what} (data root, like {_base})", True, ("train", "test"),
+                           captions_.captioned_loader(_base, _load, *captions_.measure_and_write(_base))))
+register_source(Source(
+    "mnist-pairs", "two MNIST digits on a 56x56 canvas with a spatial caption ('the digit 3 is left of the digit 8'); "
+    "30,000 + 5,000 pairs (data root, like mnist)", True, ("train", "test"), captions_.pairs_loader(_load_idx(MNIST)),
 ))

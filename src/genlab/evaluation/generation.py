@@ -228,6 +228,20 @@ def _target_images(
     return images_u8, info, None
 
 
+def _score_npz_captions(target, images_u8: torch.Tensor, ref_source: str, seed: int, values: dict) -> dict | None:
+    """CLIP score and R-precision for an .npz with a ``captions`` array (SPEC M3, see genlab.text.evaluate); its protocol."""
+    from genlab.imageio import load_npz_captions
+
+    captions = load_npz_captions(target) if str(target).lower().endswith(".npz") else None
+    if captions is None:
+        return None
+    from genlab.text.evaluate import score_captions
+
+    text_values, text_protocol = score_captions(images_u8, captions[: len(images_u8)], ref_source, seed=seed)
+    values.update(text_values)
+    return text_protocol
+
+
 def evaluate_generation(
     target: str | os.PathLike,
     ref: str = "mnist:test",
@@ -283,6 +297,7 @@ def evaluate_generation(
         # Samples asked for a class: the evaluator (a classifier of the data's own classes; Inception's
         # ImageNet classes cannot judge digits) says whether they got it (SPEC E4).
         values["class_accuracy"] = classifier_accuracy(extractor, images_u8, labels, batch_size=batch_size)
+    text_protocol = _score_npz_captions(target, images_u8, source, seed, values)
     protocol = {
         "kind": "generation",
         "n": len(images_u8),
@@ -305,6 +320,8 @@ def evaluate_generation(
         "seconds": {"reference": round(reference_seconds, 3), "sample": round(sample_seconds, 3), **probe,
                     "score": round(sum(timings.values()), 3), **timings},
     }
+    if text_protocol is not None:
+        protocol["text"] = text_protocol
     return write_result({"metrics": values, "std": stds, "protocol": protocol}, run_dir, json_path, write)
 
 

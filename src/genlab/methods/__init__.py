@@ -27,6 +27,7 @@ METHODS = {
     "gan-encoder": "genlab.methods.gan_encoder:GANEncoder",
     "dit": "genlab.methods.dit:DiT",
     "ldm": "genlab.methods.ldm:LDM",
+    "clip": "genlab.methods.clip:CLIPMethod",
 }
 
 

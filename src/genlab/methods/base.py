@@ -100,6 +100,9 @@ class Method(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
     parents: ClassVar[dict[str, ParentRun]] = {}  # role -> the frozen parent run it needs (child methods)
+    # The data source a run of this method trains on when neither --data nor a preset says (None: the
+    # config's default, mnist5k); e.g. clip needs captioned data.
+    default_source: ClassVar[str | None] = None
 
     def __init__(self, config: Any, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
         super().__init__()

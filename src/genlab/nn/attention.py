@@ -17,11 +17,12 @@ from genlab.nn.blocks import group_norm
 
 
 def multihead_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, key_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d_head)) v per head (Vaswani et al. 2017, eq. 1).
 
     q (N, L, D), k and v (N, S, D) -> (N, L, D); D is split into num_heads heads of D / num_heads.
+    ``key_mask`` (N, S) bool, True where a key may be attended to (padding tokens of text are False).
     """
     n, length, dim = q.shape
     head_dim = dim // num_heads
@@ -29,7 +30,8 @@ def multihead_attention(
     q = q.view(n, length, num_heads, head_dim).transpose(1, 2)  # (N, h, L, d_head)
     k = k.view(n, -1, num_heads, head_dim).transpose(1, 2)  # (N, h, S, d_head)
     v = v.view(n, -1, num_heads, head_dim).transpose(1, 2)  # (N, h, S, d_head)
-    out = F.scaled_dot_product_attention(q, k, v)  # (N, h, L, d_head)
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, S), broadcast over heads and queries
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, h, L, d_head)
     return out.transpose(1, 2).reshape(n, length, dim)  # (N, L, D)
 
 
@@ -52,8 +54,8 @@ class Attention(nn.Module):
             self.to_kv = nn.Linear(context_dim, 2 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Attend from tokens x (N, L, D) to themselves or to context (N, S, D_ctx) -> (N, L, D)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from tokens x (N, L, D) to themselves or to context (N, S, D_ctx) -> (N, L, D); key_mask (N, S) bool."""
         if self.context_dim is None:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # 3 x (N, L, D)
         else:
@@ -69,7 +71,7 @@ class Attention(nn.Module):
                 )
             q = self.to_q(x)  # (N, L, D)
             k, v = self.to_kv(context).chunk(2, dim=-1)  # 2 x (N, S, D)
-        return self.proj(multihead_attention(q, k, v, self.num_heads))  # (N, L, D)
+        return self.proj(multihead_attention(q, k, v, self.num_heads, key_mask))  # (N, L, D)
 
 
 class SpatialAttention(nn.Module):

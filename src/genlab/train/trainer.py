@@ -311,6 +311,9 @@ class Trainer:
             batch["condition"] = condition.to(self.device, non_blocking=True)
         if self.data.labels is not None:
             batch["label"] = self.data.labels[idx].to(self.device)
+        captions = getattr(self.data, "captions", None)
+        if captions is not None:  # captioned data: every caption of each image; the method picks one
+            batch["captions"] = [captions[i] for i in idx.tolist()]
         return batch
 
     # ------------------------------------------------------------------ optimisation
