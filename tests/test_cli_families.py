@@ -15,6 +15,7 @@ from genlab.config import read_config_file
 from genlab.data import DataConfig, from_model_range, load_data, to_model_range
 from genlab.evaluation import read_metrics
 
+from oneline import one_line_error
 from tiny_configs import TINY_AE, TINY_VQ
 
 
@@ -102,8 +103,7 @@ def test_reconstruct_on_a_run_without_an_encoder_is_a_one_line_error(tmp_path, c
                  "train.steps=2"]) == 0
     capsys.readouterr()
     assert main(["reconstruct", str(run), "--out", str(tmp_path / "r.png")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "autoencoder" in err and "\n" not in err
+    assert "autoencoder" in one_line_error(capsys)
 
 
 def test_pix2pix_translate_and_eval_score_the_same_held_out_pairs(tmp_path, capsys):

@@ -29,6 +29,7 @@ from genlab.metrics.extractors import CARD_KEYS, ClassifierExtractor, get_extrac
 from genlab.models.classifier import Classifier, ClassifierConfig
 
 from conftest import DATA_ROOT
+from oneline import one_line_error
 from tiny_configs import TINY_DDPM
 
 # What every metrics.json entry must say about how its numbers were made (SPEC E5).
@@ -342,12 +343,6 @@ def test_export_evaluator_writes_a_card_with_the_measured_accuracy(tmp_path, mon
 # The command line.
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def test_cli_eval_prints_metric_lines_then_the_protocol(cache, evaluator_dir, tmp_path, capsys):
     images = load_data(source="digits", split="train").images[:64]
     path = _save_u8_npz(images, tmp_path / "x.npz")
@@ -396,7 +391,7 @@ def test_cli_bad_input_gives_one_line_errors(cache, evaluator_dir, tmp_path, cap
     argv = [a.replace("{npz}", str(npz)) for a in argv] + ["--extractor", str(evaluator_dir / "tiny.safetensors")] * (
         argv[0] == "eval")
     assert main(argv) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert all(w in err for w in words), err
 
 

@@ -14,12 +14,12 @@ from typing import Sequence
 
 import torch
 
-from genlab.config import RunConfig, build_config, list_presets, read_config_file
+from genlab.config import RunConfig, build_config, check_device, list_presets, read_config_file
 from genlab.data import load_data
 from genlab.errors import ConfigError
 from genlab.methods import get_method
 from genlab.runs import Run, data_info_for, heldout_images, load_run, slerp
-from genlab.train.checkpoint import latest_checkpoint
+from genlab.train.checkpoint import find_checkpoint, latest_checkpoint
 
 
 def default_run_dir(method: str, source: str) -> Path:
@@ -36,8 +36,9 @@ def train(
     resume: bool = False,
     data_root: str | None = None,
     progress: bool = True,
+    checkpoint: int | str | None = None,
 ) -> Run:
-    """Train ``method`` and return the finished :class:`Run` (EMA weights loaded when present)."""
+    """Train ``method`` and return the finished :class:`Run`; ``checkpoint`` (a step or "latest") picks what resumes."""
     from genlab.train.trainer import Trainer
 
     method_cls = get_method(method)
@@ -58,6 +59,7 @@ def train(
     if data_root is not None:
         overrides.insert(0, f"data.root={data_root}")
     cfg = build_config(method, method_cls.Config, preset=preset, overrides=overrides, base=base)
+    check_device(cfg.train.device)
     if resume and base is not None:
         changed = _changed_keys(base, cfg)
         if changed - {"train.steps", "train.time_limit", "train.checkpoint_every", "train.sample_every",
@@ -70,11 +72,14 @@ def train(
     run_dir = Path(run_dir)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    if checkpoint is not None and not resume:
+        raise ConfigError(f"--checkpoint {checkpoint} chooses where a resumed run continues: add --resume")
+    start = find_checkpoint(run_dir, checkpoint) if resume else None  # the newest intact one unless chosen
     images = load_data(cfg.data)
     torch.manual_seed(cfg.train.seed)  # weight initialisation is part of the run's seed
     instance = method_cls(cfg.model, data_info_for(cfg, images))
     trainer = Trainer(run_dir, cfg, instance, images, progress=progress)
-    trainer.fit(resume=resume)
+    trainer.fit(resume=resume, checkpoint=start)
     return load_run(run_dir)
 
 

@@ -16,46 +16,67 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from genlab.data import DataConfig
 from genlab.errors import ConfigError
+from genlab.fileio import atomic_write_text
+from genlab.ranges import FINITE, NON_NEGATIVE, NonNegativeFloat, PositiveFloat, PositiveInt, Range, UnitFloat
 
 
 @dataclass
 class TrainConfig:
     """The trainer's loop: optimisation, EMA, checkpoints, logs and previews."""
 
-    steps: int = 2000  # optimiser steps
-    batch_size: int = 64  # global batch (summed over processes and accumulation micro-batches)
-    grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 2e-4
+    steps: PositiveInt = 2000  # optimiser steps
+    batch_size: PositiveInt = 64  # global batch (summed over processes and accumulation micro-batches)
+    grad_accum: PositiveInt = 1  # micro-batches per optimiser step
+    lr: PositiveFloat = 2e-4  # peak learning rate
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
     warmup_steps: int = 100  # linear warm-up from 0 to lr
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    adam_betas: tuple[float, ...] = (0.9, 0.999)
-    grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
-    ema_decay: float | None = 0.999  # None disables the EMA copy
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    weight_decay: NonNegativeFloat = 0.0  # AdamW's decoupled weight decay
+    adam_betas: tuple[Annotated[float, Range(0, 1, hi_open=True)], ...] = (0.9, 0.999)  # Adam's (beta1, beta2)
+    grad_clip: PositiveFloat | None = 1.0  # max global grad norm; None disables clipping
+    ema_decay: UnitFloat | None = 0.999  # None disables the EMA copy
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # weights, data order and noise all follow from it
+    log_every: PositiveInt = 50  # steps between log.jsonl records
+    checkpoint_every: PositiveInt = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: PositiveInt = 2  # newest checkpoints kept on disk
     sample_every: int = 0  # preview grid every K steps (0: only at the end)
-    sample_n: int = 64
+    sample_n: PositiveInt = 64  # images in a preview grid
     eval_every: int = 0  # FID/KID of eval_n samples against eval_ref every K steps, logged (0: never)
-    eval_n: int = 1000
+    eval_n: PositiveInt = 1000  # samples per periodic evaluation
     eval_ref: str | None = None  # e.g. "mnist:test"
-    time_limit: float | None = None  # minutes of wall time; stop (and checkpoint) when reached
-    threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
-    device: str | None = None  # None: accelerate's choice (CUDA when present)
+    time_limit: PositiveFloat | None = None  # minutes of wall time; stop (and checkpoint) when reached
+    threads: PositiveInt | None = None  # torch CPU threads; None: torch's default (all cores)
+    device: str | None = None  # cpu, cuda, cuda:N or mps; None: accelerate's choice (CUDA when present)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp32 is the fast path on CPUs
+
+    def __post_init__(self) -> None:
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"config key 'train.adam_betas' must be two numbers [beta1, beta2], got {list(self.adam_betas)}")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"config key 'train.device' must be cpu, cuda, cuda:N, mps or null, got {self.device!r}")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``train.device`` this machine does not have, before a run folder is written."""
+    import torch
+
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={device} but torch finds no CUDA GPU here; use train.device=cpu (or null)")
+    if device is not None and device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={device} but there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("train.device=mps but torch finds no Apple GPU here; use train.device=cpu (or null)")
 
 
 @dataclass
@@ -73,31 +94,56 @@ class RunConfig:
 
 
 def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+    """A type for people: 'int', 'float | None', 'list of int', "one of ['a', 'b']"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (tuple, list):
+        return f"list of {_type_name(args[0]) if args else 'values'}"
+    if tp is type(None):
+        return "None"
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+def _check_range(value: Any, range_: Range, key: str) -> Any:
+    if not range_.contains(value):
+        raise ConfigError(f"config key '{key}' must be {range_.describe()}, got {value!r}")
+    return value
+
+
+def _coerce(value: Any, tp: Any, key: str, range_: Range | None = None) -> Any:
+    """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError naming ``key``.
+
+    Numbers are checked against ``range_`` (from ``Annotated[int, Range(...)]``), else against the
+    implicit ranges of :mod:`genlab.ranges` (ints >= 0, floats finite).
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        declared = next((a for a in args[1:] if isinstance(a, Range)), None)
+        return _coerce(value, args[0], key, declared)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
-                errors.append(e)
+                if len(options) == 1:  # `float | None`: the float's own message says more (its range)
+                    message = str(e)
+                    if type(None) in args:
+                        message = message.replace(", got ", " or null, got ", 1)
+                    raise ConfigError(message) from None
         raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
-        if value in args:
+        if any(value == a and type(value) is type(a) for a in args):
             return value
         raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
     if origin in (tuple, list):
@@ -116,18 +162,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)  # 1e4 written in YAML
+            value = int(value)  # 1e4 written in YAML
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _check_range(value, range_ or NON_NEGATIVE, key)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):
             try:  # YAML 1.1 reads "1e-4" (no dot) as a string
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _check_range(float(value), range_ or FINITE, key)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -139,7 +185,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
@@ -305,10 +351,7 @@ def build_config(
 
 def save_config(cfg: RunConfig, path: Path) -> None:
     """Write the config as YAML (readable, and the source of truth for --resume and load_run)."""
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def read_config_file(path: Path) -> dict:

@@ -19,7 +19,7 @@ from genlab.config import RunConfig, build_config, read_config_file
 from genlab.data import load_data
 from genlab.errors import ConfigError, GenlabError
 from genlab.methods import DataInfo, Method, get_method
-from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
+from genlab.train.checkpoint import find_checkpoint, load_checkpoint
 
 
 def data_info_for(cfg: RunConfig, images) -> DataInfo:
@@ -141,15 +141,16 @@ def heldout_images(run: "Run", data: str | None = None, n: int | None = None, da
     return load_data(held)
 
 
-def load_run(path: str | Path, weights: str = "ema", checkpoint: str | Path | None = None, device: str | None = None) -> Run:
-    """Load a run folder's method with its latest (or given) checkpoint; ``weights`` is "ema" or "raw"."""
+def load_run(path: str | Path, weights: str = "ema", checkpoint: int | str | Path | None = None,
+             device: str | None = None) -> Run:
+    """Load a run; ``checkpoint`` is a step, a folder, or None / "latest" (the newest intact one); weights ema|raw."""
     path = Path(path)
     if not path.is_dir():
         raise GenlabError(f"{path}: no such run folder")
     saved = read_config_file(path / "config.yaml")
     method_cls = get_method(saved["method"])
     cfg = build_config(saved["method"], method_cls.Config, base=saved)
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(path)
+    ckpt = find_checkpoint(path, checkpoint)
     if ckpt is None:
         raise GenlabError(f"{path}: no checkpoint yet (train it first, or wait for the first checkpoint)")
     tensors, state = load_checkpoint(ckpt, device="cpu")

@@ -163,7 +163,7 @@ class _Crash(RuntimeError):
 
 def _crash_on_call(monkeypatch, n: int):
     """Make the n-th file write of the next save write half its bytes, then raise."""
-    real = ckpt._write_bytes
+    real = ckpt.atomic_write_bytes
     calls = {"n": 0}
 
     def flaky(path, data):
@@ -174,7 +174,7 @@ def _crash_on_call(monkeypatch, n: int):
             raise _Crash(f"simulated crash writing {path.name}")
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_bytes", flaky)
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", flaky)
 
 
 @pytest.mark.parametrize("crash_at", [1, 2, 3])  # model file, ema file, state.json (always last)

@@ -16,7 +16,6 @@ corrupt image, an unsupported mode (16-bit, float), an empty folder, or inconsis
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import re
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from genlab.data.transforms import fit_size
 from genlab.errors import ConfigError, DataError
+from genlab.fileio import sha256_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 # Modes that convert to 8-bit grey or RGB without losing meaning; alpha is composited on black.
@@ -273,5 +273,5 @@ def tree_fingerprint(path: Path) -> dict:
             if filename.lower().endswith(IMAGE_EXTENSIONS):
                 stat = os.stat(os.path.join(dirpath, filename))
                 entries.append(f"{os.path.relpath(os.path.join(dirpath, filename), path)}:{stat.st_size}:{stat.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()
+    digest = sha256_bytes("\n".join(entries).encode())
     return {"path": str(path), "files": len(entries), "listing_sha256": digest}

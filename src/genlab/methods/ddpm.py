@@ -4,7 +4,7 @@ guidance (SPEC D1-D9)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method
 from genlab.methods.capabilities import Denoiser, Generates
 from genlab.models.unet import UNet, UNetConfig
+from genlab.ranges import NonNegativeFloat, PositiveFloat, PositiveInt, Range, UnitFloat
 
 
 @dataclass
@@ -38,16 +39,16 @@ class DDPMConfig:
     # Space-to-depth before the U-Net (pixel_unshuffle): p x p pixel patches become channels, so the
     # network runs at 1/p of the resolution for ~p^2 less compute. p = 2 is what makes 28x28 diffusion
     # train in minutes on a CPU; the diffusion itself still happens on every pixel.
-    patch_size: int = 1
+    patch_size: PositiveInt = 1
     schedule: Literal["linear", "cosine", "sigmoid", "scaled-linear"] = "linear"
-    num_timesteps: int = 1000
+    num_timesteps: Annotated[int, Range(2)] = 1000
     prediction: Literal["eps", "x0", "v"] = "eps"
-    min_snr_gamma: float | None = None  # Hang et al. 2023; None: plain MSE on the target
+    min_snr_gamma: PositiveFloat | None = None  # Hang et al. 2023; None: plain MSE on the target
     class_conditional: bool = False  # embed labels; needs a labelled data source
-    p_uncond: float = 0.1  # label dropped to the null class with this probability (for CFG)
+    p_uncond: UnitFloat = 0.1  # label dropped to the null class with this probability (for CFG)
     sampler: Literal["ddpm", "ddim", "euler", "heun", "dpmpp-2m"] = "ddim"  # default of `genlab sample`
-    sample_steps: int = 50
-    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
+    sample_steps: PositiveInt = 50
+    eta: NonNegativeFloat = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     # Clip predicted x0 to the data range in DDPM/DDIM steps. Needed with the cosine schedule: at
     # t = T-1 its alpha_bar is ~1e-9, so x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) amplifies any eps
@@ -57,9 +58,9 @@ class DDPMConfig:
     # variance interpolation log Sigma = v log beta_t + (1 - v) log beta_tilde_t, trained by the
     # hybrid loss L_simple + vlb_weight * L_vlb (lambda = 0.001, stop-gradient on the mean in L_vlb).
     learn_sigma: bool = False
-    vlb_weight: float = 0.001
+    vlb_weight: NonNegativeFloat = 0.001
     # Highest noise level of the Karras solvers (euler, heun, dpmpp-2m); None: min(schedule's, 80).
-    sigma_max: float | None = None
+    sigma_max: PositiveFloat | None = None
 
 
 class DDPM(Method, Generates, Denoiser):

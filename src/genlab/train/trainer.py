@@ -317,11 +317,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, checkpoint: Path | None = None) -> TrainResult:
         tc = self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            self.resume()
+            self.resume(checkpoint)
         if self.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
             (self.run_dir / "samples").mkdir(exist_ok=True)
