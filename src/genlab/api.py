@@ -18,8 +18,8 @@ from genlab.config import RunConfig, build_config, check_device, list_presets, r
 from genlab.data import load_data
 from genlab.errors import ConfigError
 from genlab.methods import get_method
-from genlab.runs import Run, data_info_for, heldout_images, load_run, slerp
-from genlab.train.checkpoint import find_checkpoint, latest_checkpoint
+from genlab.runs import Run, build_method, check_weights_fit, data_info_for, heldout_images, load_run, slerp
+from genlab.train.checkpoint import find_checkpoint, latest_checkpoint, tensor_shapes
 
 
 def default_run_dir(method: str, source: str) -> Path:
@@ -70,14 +70,16 @@ def train(
     if run_dir is None:
         run_dir = default_run_dir(method, cfg.data.source)
     run_dir = Path(run_dir)
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     if checkpoint is not None and not resume:
         raise ConfigError(f"--checkpoint {checkpoint} chooses where a resumed run continues: add --resume")
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     start = find_checkpoint(run_dir, checkpoint) if resume else None  # the newest intact one unless chosen
     images = load_data(cfg.data)
     torch.manual_seed(cfg.train.seed)  # weight initialisation is part of the run's seed
-    instance = method_cls(cfg.model, data_info_for(cfg, images))
+    instance = build_method(method_cls, cfg, data_info_for(cfg, images), run_dir / "config.yaml" if resume else None)
+    if start is not None:
+        check_weights_fit(instance, tensor_shapes(start, "model"), start, run_dir / "config.yaml")
     trainer = Trainer(run_dir, cfg, instance, images, progress=progress)
     trainer.fit(resume=resume, checkpoint=start)
     return load_run(run_dir)

@@ -162,6 +162,11 @@ def _coerce(value: Any, tp: Any, key: str, range_: Range | None = None) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e4" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             value = int(value)  # 1e4 written in YAML
         if isinstance(value, int) and not isinstance(value, bool):
@@ -173,7 +178,11 @@ def _coerce(value: Any, tp: Any, key: str, range_: Range | None = None) -> Any:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _check_range(float(value), range_ or FINITE, key)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond 1.8e308
+                raise ConfigError(f"config key '{key}' must be {(range_ or FINITE).describe()}, got a {len(str(abs(value)))}-digit number") from None
+            return _check_range(number, range_ or FINITE, key)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -355,10 +364,122 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 
 
 def read_config_file(path: Path) -> dict:
-    """Read a saved ``config.yaml`` as plain data."""
+    """Read a saved ``config.yaml`` as plain data; a damaged file is a one-line ConfigError naming it."""
     if not path.is_file():
         raise ConfigError(f"no config.yaml in {path.parent}: is this a genlab run folder?")
-    data = yaml.safe_load(path.read_text())
+    fix = "restore it, or copy the 'config' of the first 'start' record in log.jsonl back into it as YAML"
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+            reason = f"{e.problem} at line {e.problem_mark.line + 1}"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is damaged ({reason}): {fix}") from None
     if not isinstance(data, dict) or "method" not in data:
-        raise ConfigError(f"{path} is not a genlab run config (no 'method' key)")
+        raise ConfigError(f"{path} is not a genlab run config (no 'method' key; damaged?): {fix}")
+    if not isinstance(data["method"], str):
+        raise ConfigError(f"{path}: 'method' is {data['method']!r}, not a method name: {fix}")
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation of the keys: `genlab config METHOD` prints each key's value, source and meaning.
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's meaning: its trailing ``# comment`` in the class source (else the comment block above it).
+
+    The comments next to the fields are the configs' documentation; reading them from the source
+    keeps one copy. Inherited fields take the comment of the class that declares them.
+    """
+    import inspect
+    import io
+    import tokenize
+
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        names = {f.name for f in dataclasses.fields(klass)}
+        trailing: dict[int, str] = {}
+        above: list[str] = []
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                trailing[tok.start[0]] = tok.string.lstrip("#").strip()
+        lines = source.splitlines()
+        for number, line in enumerate(lines, 1):
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("#").strip())
+                continue
+            m = re.match(r"(\w+)\s*:", stripped)
+            if m and m.group(1) in names:
+                comment = trailing.get(number) if not stripped.startswith("#") else None
+                out[m.group(1)] = comment or " ".join(above)
+            above = []
+    return out
+
+
+@dataclass
+class KeyInfo:
+    """One key of a resolved config, as `genlab config` prints it."""
+
+    key: str
+    value: Any
+    default: Any
+    source: Literal["default", "preset", "override"]
+    type: str
+    meaning: str
+
+
+def _leaf_items(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_leaf_items(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def _field_type(tp: Any) -> str:
+    """'int >= 1', 'float > 0 | None', "one of ['linear', 'cosine']": the type with its range."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        declared = next((a for a in args[1:] if isinstance(a, Range)), None)
+        return f"{_type_name(args[0])} {declared.describe()}" if declared else _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_field_type(a) for a in args)
+    if tp is int:
+        return f"int {NON_NEGATIVE.describe()}"
+    return _type_name(tp)
+
+
+def describe_config(method: str, model_cls: type, preset: str | None = None,
+                    overrides: typing.Sequence[str] = ()) -> list[KeyInfo]:
+    """Every leaf key of the resolved config with its value, default, source layer, type and meaning."""
+    cfg = build_config(method, model_cls, preset=preset, overrides=overrides)
+    defaults = _leaf_items(to_dict(RunConfig(method=method, model=model_cls())))
+    from_preset = _leaf_items(load_preset(method, preset)) if preset is not None else {}
+    overridden = {".".join(parse_override(text, model_cls)[0]) for text in overrides}
+    rows = []
+    for section, cls in (("data", DataConfig), ("train", TrainConfig), ("model", model_cls)):
+        rows.extend(_describe_section(getattr(cfg, section), cls, section, defaults, from_preset, overridden))
+    return rows
+
+
+def _describe_section(obj: Any, cls: type, prefix: str, defaults: dict, from_preset: dict,
+                      overridden: set[str]) -> list[KeyInfo]:
+    rows = []
+    comments = field_comments(cls)
+    for name, tp in _fields(cls).items():
+        key = f"{prefix}.{name}"
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(_describe_section(value, tp, key, defaults, from_preset, overridden))
+            continue
+        source = "override" if key in overridden else "preset" if key in from_preset else "default"
+        rows.append(KeyInfo(key, to_dict(value), defaults.get(key), source, _field_type(tp), comments.get(name, "")))
+    return rows

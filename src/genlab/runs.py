@@ -9,6 +9,8 @@ public API (:mod:`genlab.api`) read runs through this module.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from genlab.config import RunConfig, build_config, read_config_file
 from genlab.data import load_data
 from genlab.errors import ConfigError, GenlabError
 from genlab.methods import DataInfo, Method, get_method
+from genlab.ranges import Range
 from genlab.train.checkpoint import find_checkpoint, load_checkpoint
 
 
@@ -47,11 +50,15 @@ class Run:
         """``n`` images in [-1, 1] (N, C, H, W), drawn in batches; same seed, same images."""
         from tqdm.auto import tqdm
 
+        check_sampling_options(n=n, seed=seed, batch_size=batch_size, **options)
         generator = torch.Generator().manual_seed(seed)
         self.method.eval()
         options = dict(options)
         if isinstance(options.get("labels"), str):
             options["labels"] = self.labels(options["labels"], n)
+        for key in ("labels", "negative_labels"):
+            if options.get(key) is not None:
+                options[key] = self._check_labels(options[key], n, key)
         chunks = []
         with tqdm(total=n, disable=not progress, desc="sample", unit="img") as bar:
             for start in range(0, n, batch_size):
@@ -72,6 +79,20 @@ class Run:
         if not num_classes:
             raise ConfigError(f"{self.path}: the run's data has no class labels, so there is no class to ask for")
         return torch.arange(n) % num_classes
+
+    def _check_labels(self, labels: Any, n: int, key: str) -> torch.Tensor:
+        """Class labels as a long tensor (n,), each a class of the run's data."""
+        flag = "--class" if key == "labels" else "--negative-class"
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ConfigError(f"{flag}: class labels must be integers, got {labels.dtype}")
+        if labels.shape != (n,):
+            raise ConfigError(f"{flag}: give one class per sample, shape ({n},), got {tuple(labels.shape)}")
+        num_classes = self.method.data_info.num_classes
+        if num_classes and len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+            bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+            raise ConfigError(f"{flag} {bad}: the run's data has {num_classes} classes, 0 to {num_classes - 1}")
+        return labels.long()
 
     def _need(self, attribute: str, what: str) -> None:
         if not hasattr(self.method, attribute):
@@ -111,6 +132,33 @@ class Run:
         return images.clamp(-1, 1).cpu().unflatten(0, (len(start), steps))
 
 
+# Ranges of the sampling options that methods share; Run.sample checks them, so the CLI and the API agree.
+SAMPLING_RANGES = {
+    "n": (int, Range(1)),
+    "seed": (int, Range(0, 2**63 - 1)),  # torch.Generator.manual_seed's range
+    "batch_size": (int, Range(1)),
+    "steps": (int, Range(1, 100_000)),  # far beyond any sampler's need; bounds the solvers' step grids
+    "eta": (float, Range(0, 1)),  # DDIM: 0 deterministic, 1 DDPM-like; above 1 the step's variance exceeds 1 - abar
+    "guidance_scale": (float, Range(0)),  # w = 0 is the unconditional model; --negative-class steers away
+    "classifier_scale": (float, Range(0)),
+    "truncation": (float, Range(0)),  # psi: 0 is the mean latent, 1 none
+    "temperature": (float, Range(0, lo_open=True)),
+    "top_k": (int, Range(1)),
+}
+
+
+def check_sampling_options(**options: Any) -> None:
+    """Raise ConfigError naming the first sampling option whose value is of the wrong type or out of range."""
+    for name, value in options.items():
+        if name not in SAMPLING_RANGES or value is None:
+            continue
+        kind, range_ = SAMPLING_RANGES[name]
+        ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+        if isinstance(value, bool) or not ok_type or not range_.contains(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {'an integer' if kind is int else 'a number'} "
+                              f"{range_.describe()}, got {value!r}")
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation between rows of ``a`` and ``b`` (N, D) (Shoemake 1985; White 2016 for GANs)."""
     a_unit, b_unit = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
@@ -141,12 +189,58 @@ def heldout_images(run: "Run", data: str | None = None, n: int | None = None, da
     return load_data(held)
 
 
+def build_method(method_cls: type[Method], cfg: RunConfig, data_info: DataInfo, config_path: Path | None) -> Method:
+    """The method a config describes; a value it refuses is named with the run's config.yaml, where it came from."""
+    try:
+        return method_cls(cfg.model, data_info)
+    except ConfigError as e:
+        if config_path is None:
+            raise
+        raise ConfigError(f"{config_path}: {e} (was config.yaml edited or damaged? the first 'start' record of "
+                          "log.jsonl holds the config the run started with)") from None
+
+
+def check_weights_fit(method: Method, weights: dict[str, Any], ckpt: Path, config_path: Path) -> None:
+    """Refuse (one line) a checkpoint whose tensor names or shapes differ from the model the config builds.
+
+    ``weights`` maps names to tensors or shapes. Differences mean config.yaml no longer describes the
+    run (edited, truncated or damaged); torch would say so in a multi-line RuntimeError.
+    """
+    own = {k: tuple(v.shape) for k, v in method.state_dict().items()}
+    saved = {k: tuple(v.shape if hasattr(v, "shape") else v) for k, v in weights.items()}
+    if own == saved:
+        return
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    shaped = sorted(k for k in own.keys() & saved.keys() if own[k] != saved[k])
+    detail = (f"'{shaped[0]}' is {list(saved[shaped[0]])} in the checkpoint, {list(own[shaped[0]])} in the model"
+              if shaped else f"'{(missing or unexpected)[0]}' is {'missing from the checkpoint' if missing else 'unexpected'}")
+    raise GenlabError(f"{ckpt} does not fit the model that {config_path} describes ({detail}): was config.yaml edited "
+                      "or damaged? restore it (the first 'start' record of log.jsonl holds the config)")
+
+
+# `genlab eval --checkpoint STEP`: the evaluation loads its run itself, so the choice travels in a context
+# variable that load_run reads when no checkpoint is passed (evaluation.py can take the argument later).
+_CHECKPOINT_CHOICE: contextvars.ContextVar = contextvars.ContextVar("genlab_checkpoint", default=None)
+
+
+@contextlib.contextmanager
+def checkpoint_choice(checkpoint: int | str | None):
+    """Within this block, load_run without an explicit ``checkpoint`` loads ``checkpoint`` (a step or "latest")."""
+    token = _CHECKPOINT_CHOICE.set(checkpoint)
+    try:
+        yield
+    finally:
+        _CHECKPOINT_CHOICE.reset(token)
+
+
 def load_run(path: str | Path, weights: str = "ema", checkpoint: int | str | Path | None = None,
              device: str | None = None) -> Run:
     """Load a run; ``checkpoint`` is a step, a folder, or None / "latest" (the newest intact one); weights ema|raw."""
     path = Path(path)
     if not path.is_dir():
         raise GenlabError(f"{path}: no such run folder")
+    if checkpoint is None:
+        checkpoint = _CHECKPOINT_CHOICE.get()
     saved = read_config_file(path / "config.yaml")
     method_cls = get_method(saved["method"])
     cfg = build_config(saved["method"], method_cls.Config, base=saved)
@@ -160,7 +254,8 @@ def load_run(path: str | Path, weights: str = "ema", checkpoint: int | str | Pat
         data_info = data_info_for(cfg, images)
     else:
         data_info = DataInfo(**info)
-    method = method_cls(cfg.model, data_info)
+    method = build_method(method_cls, cfg, data_info, path / "config.yaml")
+    check_weights_fit(method, tensors["model"], ckpt, path / "config.yaml")
     method.load_state_dict(tensors["model"])
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw', got {weights!r}")

@@ -44,6 +44,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode one image file's bytes into uint8 (H, W, C), C = 1 for grey modes and 3 otherwise."""
+    if not data:
+        raise DataError(f"{name} is an empty file (0 bytes), not an image; fix or remove the file")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.seek(0)  # first frame of an animated GIF / WebP
@@ -61,7 +63,10 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
                 raise DataError(f"{name} has unsupported image mode {mode!r}; save it as 8-bit grey or RGB")
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+        raise DataError(f"{name} is not an image in a format PIL reads (png, jpeg, bmp, gif, webp...); fix or remove "
+                        "the file") from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{name} is not a readable image ({reason}); fix or remove the file") from e
     if pixels.ndim == 2:

@@ -48,7 +48,7 @@ class DDPMConfig:
     p_uncond: UnitFloat = 0.1  # label dropped to the null class with this probability (for CFG)
     sampler: Literal["ddpm", "ddim", "euler", "heun", "dpmpp-2m"] = "ddim"  # default of `genlab sample`
     sample_steps: PositiveInt = 50
-    eta: NonNegativeFloat = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
+    eta: UnitFloat = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     # Clip predicted x0 to the data range in DDPM/DDIM steps. Needed with the cosine schedule: at
     # t = T-1 its alpha_bar is ~1e-9, so x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) amplifies any eps
@@ -229,7 +229,8 @@ class DDPM(Method, Generates, Denoiser):
         """DDIM inversion (eta = 0 run upwards): the noise x_T that DDIM with the same steps maps back to x0."""
         from genlab.diffusion import ddim_invert, make_timesteps
 
-        timesteps = make_timesteps(self.config.num_timesteps, steps or self.config.sample_steps, self.config.spacing)
+        timesteps = make_timesteps(self.config.num_timesteps, self.config.sample_steps if steps is None else steps,
+                                   self.config.spacing)
         return ddim_invert(self.denoiser(labels), x0.to(self.device), self.schedule, timesteps)
 
     @torch.no_grad()
@@ -269,7 +270,8 @@ class DDPM(Method, Generates, Denoiser):
             raise ConfigError(f"{self.name} sampling does not take {', '.join(sorted(unknown))}")
         c = self.config
         sampler = sampler or c.sampler
-        steps = steps or (c.num_timesteps if sampler == "ddpm" and c.sampler != "ddpm" else c.sample_steps)
+        if steps is None:  # (steps=0 is refused by Run.sample, never silently replaced)
+            steps = c.num_timesteps if sampler == "ddpm" and c.sampler != "ddpm" else c.sample_steps
         eta = c.eta if eta is None else eta
         if sampler != "ddim":
             eta = 0.0

@@ -36,7 +36,7 @@ import safetensors.torch
 import torch
 
 import genlab
-from genlab.errors import ConfigError, GenlabError, WriteError
+from genlab.errors import ConfigError, GenlabError
 from genlab.fileio import atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file, write_error
 
 CHECKPOINT_FORMAT = 1  # bump when the folder layout or state.json meta changes
@@ -322,7 +322,7 @@ def save_checkpoint(
         full_state = {"step": step, **state, "checkpoint": meta}
         # state.json last: its presence marks a complete checkpoint.
         atomic_write_bytes(tmp / STATE_FILE, json.dumps(full_state, indent=1, allow_nan=False).encode())
-    except (OSError, WriteError) as err:  # disk full, file too large, read-only: the older checkpoints stay
+    except OSError as err:  # (WriteError too) disk full, file too large, read-only: the older checkpoints stay
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(getattr(err, "os_error", err), final) from None
 
@@ -382,7 +382,9 @@ def _read_state(path: Path) -> CheckpointState:
             raise ValueError("malformed 'checkpoint.files' block")
         if isinstance(state["step"], bool) or not isinstance(state["step"], int):
             raise ValueError(f"'step' is {state['step']!r}, not an integer")
-    except (OSError, ValueError, TypeError, AttributeError, GenlabError) as err:
+    except GenlabError:  # a missing key: CheckpointState's message says it all
+        raise
+    except (OSError, ValueError, TypeError, AttributeError) as err:
         raise GenlabError(f"checkpoint {state_path} is corrupt ({_one_line(err)}); use an earlier checkpoint") from None
     return state
 
@@ -442,6 +444,18 @@ def load_checkpoint(
     return tensors, state
 
 
+def tensor_shapes(path: str | os.PathLike, group: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a checkpoint's tensor group, read from the safetensors header (no tensor data)."""
+    files, _ = verify_checkpoint(path)
+    if group not in files:
+        raise GenlabError(f"checkpoint {path} has no '{group}' tensors; it is damaged, use an earlier one")
+    try:
+        with safetensors.safe_open(files[group], framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for malformed headers
+        raise GenlabError(f"checkpoint file {files[group]} is not a valid safetensors file ({_one_line(err)})") from None
+
+
 def find_checkpoint(run_dir: str | os.PathLike, which: int | str | os.PathLike | None = "latest") -> Path | None:
     """The checkpoint to load: step ``which``, a checkpoint folder, or for "latest" (None) the newest *intact* one.
 
@@ -449,22 +463,22 @@ def find_checkpoint(run_dir: str | os.PathLike, which: int | str | os.PathLike |
     one-line warning naming it, so a crash or a bad disk sector costs the steps since the previous
     checkpoint, not the run. Returns None when the run has no checkpoint at all.
     """
-    if isinstance(which, os.PathLike) or (isinstance(which, str) and which != "latest" and not which.strip().isdigit()):
+    if isinstance(which, os.PathLike) or (isinstance(which, str) and Path(which).is_dir()):
         return Path(which)  # a folder: load_checkpoint checks it
     found = list_checkpoints(run_dir)
     if which is None or which == "latest":
-        skipped = []
+        skipped: list[tuple[str, GenlabError]] = []
         for path in reversed(found):
             try:
                 verify_checkpoint(path)
             except GenlabError as err:
-                skipped.append(path.name)
+                skipped.append((path.name, err))
                 warnings.warn(f"skipping damaged checkpoint {path.name}: {err}")
                 continue
             return path
         if skipped:
-            raise GenlabError(f"{run_dir}: every checkpoint is damaged ({', '.join(skipped)}); the run cannot be "
-                              "loaded: retrain it, or restore checkpoints/ from a backup")
+            raise GenlabError(f"every checkpoint of {run_dir} is damaged ({', '.join(name for name, _ in skipped)}; "
+                              f"the newest: {skipped[0][1]}): restore checkpoints/ from a backup or retrain")
         return None
     step = parse_checkpoint_choice(which)
     for path in found:
