@@ -62,7 +62,7 @@ def _steps(run: Path) -> list[int]:
     ("train.seed=-1", ["train.seed", "-1"]),
     ("model.unet.base_channels=0", ["model.unet.base_channels", ">= 1"]),
     ("model.p_uncond=2", ["model.p_uncond", "[0, 1]"]),
-    ("model.eta=-.5", ["model.eta", ">= 0"]),
+    ("model.eta=-.5", ["model.eta", "[0, 1]"]),
     ("model.unet.channel_mult=[1,0]", ["model.unet.channel_mult[1]", ">= 1"]),
     ("data.limit=0", ["data.limit", ">= 1"]),
 ])
@@ -91,11 +91,11 @@ def test_cuda_device_without_cuda_is_a_one_line_error(tmp_path, capsys, monkeypa
     (["--class", "-1"], ["--class -1", "10 classes"]),
     (["--negative-class", "10", "--class", "1"], ["--negative-class 10"]),
     (["--batch-size", "0"], ["--batch-size", ">= 1", "got 0"]),
-    (["--steps", "0"], ["--steps", ">= 1", "got 0"]),
+    (["--steps", "0"], ["--steps", "[1, 100000]", "got 0"]),
     (["--n", "0"], ["--n", ">= 1"]),
     (["--seed", "-1"], ["--seed", "-1"]),
     (["--class", "1", "--guidance-scale", "-2"], ["--guidance-scale", ">= 0", "-2"]),
-    (["--eta", "-0.5"], ["--eta", ">= 0"]),
+    (["--eta", "-0.5"], ["--eta", "[0, 1]"]),
 ])
 def test_bad_sampling_options_are_one_line_errors(run, tmp_path, capsys, options, words):
     out = tmp_path / "x.png"

@@ -45,7 +45,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode one image file's bytes into uint8 (H, W, C), C = 1 for grey modes and 3 otherwise."""
     if not data:
-        raise DataError(f"{name} is an empty file (0 bytes), not an image; fix or remove the file")
+        raise DataError(f"{name} is not a readable image (an empty file, 0 bytes); fix or remove the file")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.seek(0)  # first frame of an animated GIF / WebP
@@ -64,8 +64,8 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     except DataError:
         raise
     except UnidentifiedImageError:  # its message names a BytesIO object, not the file
-        raise DataError(f"{name} is not an image in a format PIL reads (png, jpeg, bmp, gif, webp...); fix or remove "
-                        "the file") from None
+        raise DataError(f"{name} is not a readable image (not a format PIL knows: png, jpeg, bmp, gif, webp...); "
+                        "fix or remove the file") from None
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{name} is not a readable image ({reason}); fix or remove the file") from e
