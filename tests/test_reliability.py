@@ -389,3 +389,16 @@ def test_config_errors_inside_bare_leaf_names_and_optional_types_say_the_range()
         warnings.simplefilter("error")
         cfg = build_config("ddpm", get_method("ddpm").Config, overrides=["lr=1e-3", "steps=1e4", "threads=null"])
     assert cfg.train.lr == 1e-3 and cfg.train.steps == 10000 and cfg.train.threads is None
+
+
+@pytest.mark.parametrize("command", ["sample", "resume"])
+def test_a_config_yaml_that_no_longer_fits_the_weights_is_one_line(run, tmp_path, capsys, command):
+    r = _copy(run, tmp_path)
+    config = r / "config.yaml"
+    config.write_text(config.read_text().replace("base_channels: 16", "base_channels: 8"))  # valid, other shapes
+    argv = {"sample": ["sample", str(r), "--n", "2", "--out", str(tmp_path / "s.png")],
+            "resume": ["train", "ddpm", "--run-dir", str(r), "--resume", "--no-progress", "train.steps=5"]}[command]
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    assert "does not fit the model" in err and "config.yaml" in err and "in the checkpoint" in err, err
+    assert _steps(r) == [2, 4]

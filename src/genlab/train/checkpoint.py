@@ -445,15 +445,17 @@ def load_checkpoint(
 
 
 def tensor_shapes(path: str | os.PathLike, group: str) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a checkpoint's tensor group, read from the safetensors header (no tensor data)."""
-    files, _ = verify_checkpoint(path)
+    """Names and shapes of a checkpoint's tensor group, from the safetensors header (no tensor data, no hashing)."""
+    path = Path(path)
+    files = _read_state(path)["checkpoint"]["files"]
     if group not in files:
         raise GenlabError(f"checkpoint {path} has no '{group}' tensors; it is damaged, use an earlier one")
+    file = _tensor_file(path, files[group])
     try:
-        with safetensors.safe_open(files[group], framework="pt") as f:
+        with safetensors.safe_open(file, framework="pt") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as err:  # safetensors raises its own error types for malformed headers
-        raise GenlabError(f"checkpoint file {files[group]} is not a valid safetensors file ({_one_line(err)})") from None
+        raise GenlabError(f"checkpoint file {file} is not a valid safetensors file ({_one_line(err)})") from None
 
 
 def find_checkpoint(run_dir: str | os.PathLike, which: int | str | os.PathLike | None = "latest") -> Path | None:
