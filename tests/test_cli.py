@@ -13,6 +13,7 @@ from genlab import api
 from genlab.cli import main
 from genlab.imageio import load_npz
 
+from oneline import one_line_error
 from tiny_configs import TINY_DDPM
 
 
@@ -22,12 +23,6 @@ def tiny_run(tmp_path_factory) -> Path:
     assert main(["train", "ddpm", "--data", "digits", "--run-dir", str(run_dir), "--no-progress",
                  *TINY_DDPM, "train.steps=6"]) == 0
     return run_dir
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def test_train_prints_the_run_folder_last(tiny_run, capsys):
@@ -71,7 +66,7 @@ def test_sample_png_grid(tiny_run, tmp_path):
 )
 def test_bad_input_gives_one_line_errors(argv, words, capsys):
     assert main(argv) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     for w in words:
         assert w in err
 
@@ -84,7 +79,7 @@ def test_missing_mnist_files_name_the_folder_and_files(tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     assert main(["train", "ddpm", "--data", "mnist", "--data-root", str(tmp_path)]) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert "train-images-idx3-ubyte" in err and str(tmp_path) in err
 
 
@@ -94,7 +89,7 @@ def test_corrupt_image_in_a_folder_is_named(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "good.png")
     (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     assert main(["train", "ddpm", "--data", f"folder:{folder}", *TINY_DDPM]) == 2
-    assert "bad.png" in _one_line_error(capsys)
+    assert "bad.png" in one_line_error(capsys)
 
 
 def test_data_list_names_every_source(capsys):

@@ -15,6 +15,7 @@ from genlab.config import read_config_file
 from genlab.data import DataConfig, from_model_range, load_data, to_model_range
 from genlab.evaluation import read_metrics
 
+from oneline import one_line_error
 from tiny_configs import TINY_AE, TINY_VQ
 
 

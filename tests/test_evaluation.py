@@ -30,6 +30,7 @@ from genlab.metrics.extractors import CARD_KEYS, ClassifierExtractor, get_extrac
 from genlab.models.classifier import Classifier, ClassifierConfig
 
 from conftest import DATA_ROOT
+from oneline import one_line_error
 from tiny_configs import TINY_DDPM
 
 # What every metrics.json entry must say about how its numbers were made (SPEC E5).
@@ -372,16 +373,16 @@ def test_cli_export_evaluator_writes_to_the_user_folder_and_eval_finds_it_by_nam
     # An existing evaluator is kept unless --force; shipped names and the package folder are refused.
     before = weights.read_bytes()
     assert main(["export-evaluator", str(classifier_run), "my-digits"]) == 2
-    assert "--force" in _one_line_error(capsys) and weights.read_bytes() == before
+    assert "--force" in one_line_error(capsys) and weights.read_bytes() == before
     assert main(["export-evaluator", str(classifier_run), "my-digits", "--force"]) == 0
     capsys.readouterr()
     assert main(["export-evaluator", str(classifier_run), "mnist"]) == 2  # shadowed by the shipped one
-    assert "shipped" in _one_line_error(capsys) and not (cache / "evaluators" / "mnist.json").exists()
+    assert "shipped" in one_line_error(capsys) and not (cache / "evaluators" / "mnist.json").exists()
     package = Path(genlab.__file__).parent / "evaluators"
     assert main(["export-evaluator", str(classifier_run), "mine", "--out", str(package)]) == 2
-    assert "installed package" in _one_line_error(capsys) and not (package / "mine.json").exists()
+    assert "installed package" in one_line_error(capsys) and not (package / "mine.json").exists()
     assert main(["export-evaluator", str(classifier_run), "../up"]) == 2
-    assert "letters, digits" in _one_line_error(capsys)
+    assert "letters, digits" in one_line_error(capsys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +415,7 @@ def test_a_kind_the_run_cannot_do_names_the_missing_capability(tmp_path, capsys,
     with pytest.raises(ConfigError, match=f"capability '{capability}'"):
         evaluation.kinds_for(run, kind)
     assert main(["eval", str(run), "--kind", kind]) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert capability in err and str(run) in err
 
 
@@ -537,12 +538,6 @@ def test_cli_eval_prints_the_estimate_on_stderr_and_help_states_the_cost(cache, 
 # The command line.
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def test_cli_eval_prints_metric_lines_then_the_protocol(cache, evaluator_dir, tmp_path, capsys):
     images = load_data(source="digits", split="train").images[:64]
     path = _save_u8_npz(images, tmp_path / "x.npz")
@@ -591,7 +586,7 @@ def test_cli_bad_input_gives_one_line_errors(cache, evaluator_dir, tmp_path, cap
     argv = [a.replace("{npz}", str(npz)) for a in argv] + ["--extractor", str(evaluator_dir / "tiny.safetensors")] * (
         argv[0] == "eval")
     assert main(argv) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert all(w in err for w in words), err
 
 

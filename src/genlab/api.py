@@ -14,12 +14,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from genlab.config import RunConfig, build_config, list_presets, preset_path, read_config_file
+from genlab.config import RunConfig, build_config, check_device, list_presets, preset_path, read_config_file
 from genlab.data import load_data
 from genlab.errors import ConfigError
 from genlab.methods import get_method
-from genlab.runs import Run, build_method, data_info_for, heldout_images, load_run, slerp, stored_parent_records
-from genlab.train.checkpoint import latest_checkpoint
+from genlab.runs import (Run, build_method, data_info_for, heldout_images, load_run, slerp,
+                         stored_parent_records)
+from genlab.train.checkpoint import find_checkpoint, latest_checkpoint
 
 
 def default_run_dir(method: str, source: str) -> Path:
@@ -75,11 +76,13 @@ def train(
     data_root: str | None = None,
     progress: bool = True,
     announce: Callable[[str], None] | None = None,
+    checkpoint: int | str | None = None,
 ) -> Run:
     """Train ``method`` and return the finished :class:`Run` (EMA weights loaded when present).
 
     The config is :func:`train_config`'s; ``announce`` receives one line naming its preset file
-    (``preset: PATH`` or ``preset: none (defaults)``) before training starts.
+    (``preset: PATH`` or ``preset: none (defaults)``) before training starts. ``checkpoint`` (a step
+    or "latest") picks what a resumed run continues from (default: the newest intact checkpoint).
     """
     from genlab.train.trainer import Trainer
 
@@ -87,19 +90,24 @@ def train(
     if announce is not None:
         used = "none (the run's saved config)" if resume else "none (defaults)"
         announce(f"preset: {used if preset_file is None else _shown_path(preset_file)}")
+    check_device(cfg.train.device)
     evaluate = _periodic_evaluator(cfg)
+    if checkpoint is not None and not resume:
+        raise ConfigError(f"--checkpoint {checkpoint} chooses where a resumed run continues: add --resume")
     if run_dir is None:
         run_dir = default_run_dir(method, cfg.data.source)
     run_dir = Path(run_dir)
     with _writer_lock(run_dir):
         if not resume and latest_checkpoint(run_dir) is not None:
             raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        start = find_checkpoint(run_dir, checkpoint) if resume else None  # the newest intact one unless chosen
         images = load_data(cfg.data)
         torch.manual_seed(cfg.train.seed)  # weight initialisation is part of the run's seed
         # A resumed child rebuilds its parents from its checkpoint: their folders may have moved.
-        instance = build_method(cfg, data_info_for(cfg, images), stored_parent_records(run_dir) if resume else None)
+        instance = build_method(cfg, data_info_for(cfg, images), stored_parent_records(start),
+                                run_dir / "config.yaml" if resume else None)
         trainer = Trainer(run_dir, cfg, instance, images, progress=progress, evaluate=evaluate)
-        trainer.fit(resume=resume)
+        trainer.fit(resume=start if start is not None else resume)
     return load_run(run_dir)
 
 

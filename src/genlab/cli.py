@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import genlab
 from genlab.errors import GenlabError
 
 EPILOG_TRAIN = """\
@@ -113,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="genlab",
         description="genlab: train, sample and evaluate image generative models from first principles.",
     )
+    p.add_argument("--version", action="version", version=f"genlab {genlab.__version__}")
+    p.add_argument("--debug", action="store_true", help="on an unexpected failure print the full Python traceback")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model; prints the run folder as the last line",
@@ -125,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", help="preset name (e.g. small, full) or a path to a YAML file")
     t.add_argument("--run-dir", help="run folder (default runs/<method>-<data>-<timestamp>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--checkpoint", metavar="STEP|latest", help="with --resume: continue from this step's checkpoint "
+                                                               "(later ones are removed; default: the newest intact one)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--codes", metavar="RUN", help="pixelcnn/gpt: the vqvae, vqgan or vq-ae run whose code maps to model "
                                                    "(sets model.codes; --data defaults to that run's data)")
@@ -147,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_label", type=_class_label, metavar="K|all",
                    help="class K for every sample, or `all`: classes 0..C-1 in turn (class-conditional runs)")
     s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    s.add_argument("--checkpoint", metavar="STEP|latest", help="checkpoint to sample (default: the newest intact one)")
     s.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
     _add_sampling_options(s)
 
@@ -168,6 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", help="sampler for a run (default: the run's config)")
     e.add_argument("--steps", type=int, help="sampling steps for a run (default: the run's config)")
     e.add_argument("--seed", type=int, default=0, help="sampling and metric seed (default 0)")
+    e.add_argument("--checkpoint", metavar="STEP|latest", help="checkpoint of a run to score (default: the newest "
+                                                               "intact one)")
     e.add_argument("--extractor", help="mnist, fashion-mnist, inception, the NAME of an evaluator made with `genlab "
                                        "export-evaluator`, an evaluator .safetensors or Inception .pth (default: the "
                                        "shipped evaluator of the reference data, else inception)")
@@ -300,6 +308,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the model families")
 
+    cf = sub.add_parser("config", help="print a method's resolved config: each key's value, default, source and meaning",
+                        description="Resolve METHOD's config as `genlab train` would (defaults <- preset <- key=value "
+                                    "overrides) and print one line per key: value, default, source layer (default, "
+                                    "preset or override), type with its valid range, and meaning. Nothing is trained.",
+                        epilog="examples:\n  genlab config ddpm\n  genlab config ddpm --data mnist --preset small "
+                               "train.steps=500", formatter_class=argparse.RawDescriptionHelpFormatter)
+    cf.add_argument("method", help="model family, e.g. ddpm (see `genlab methods`)")
+    cf.add_argument("--data", help="data source (selects a dataset-specific preset, as `genlab train` does)")
+    cf.add_argument("--preset", help="preset name (e.g. small) or a path to a YAML file")
+    cf.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
     demo = sub.add_parser("demo", help="train a small DDPM on mnist5k, sample, write runs/demo",
                           description="The five-minute tour: trains the small DDPM preset on the bundled mnist5k "
                                       "digits, samples with DDIM and writes a grid into the run folder.")
@@ -314,7 +333,8 @@ def _cmd_train(a) -> int:
     parents = [f"model.{k}={v}" for k, v in (("codes", a.codes), ("autoencoder", a.autoencoder), ("gan", a.gan))
                if v is not None]
     run = api.train(a.method, data=a.data, preset=a.preset, overrides=parents + list(a.overrides), run_dir=a.run_dir,
-                    resume=a.resume, data_root=a.data_root, progress=not a.no_progress, announce=print)
+                    resume=a.resume, data_root=a.data_root, progress=not a.no_progress, announce=print,
+                    checkpoint=a.checkpoint)
     print(run.path)
     return 0
 
@@ -325,12 +345,13 @@ def _cmd_sample(a) -> int:
     from genlab import api
     from genlab.imageio import save_images
 
-    if a.n < 1:
-        raise GenlabError(f"--n must be at least 1, got {a.n}")
+    from genlab.runs import check_sampling_options
+
     out = Path(a.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise GenlabError(f"--out {out}: the file must end in .png (a grid) or .npz (uint8 images N x H x W x C)")
-    run = api.load_run(a.run, weights=a.weights)
+    check_sampling_options(n=a.n, seed=a.seed, batch_size=a.batch_size)  # before the (slow) load
+    run = api.load_run(a.run, weights=a.weights, checkpoint=a.checkpoint)
     options = _sampling_options(a, a.n)
     images = run.sample(a.n, seed=a.seed, batch_size=a.batch_size, progress=True, **options)
     save_images(images, out)
@@ -348,6 +369,13 @@ def _note(message: str) -> None:
 
 
 def _cmd_eval(a) -> int:
+    from genlab.runs import checkpoint_choice
+
+    with checkpoint_choice(a.checkpoint):  # every load_run of this evaluation uses --checkpoint
+        return _evaluate(a)
+
+
+def _evaluate(a) -> int:
     from genlab import evaluation
 
     if a.threads is not None:
@@ -693,6 +721,31 @@ def _cmd_methods(a) -> int:
     return 0
 
 
+def _cmd_config(a) -> int:
+    from genlab.api import resolve_preset
+    from genlab.config import describe_config
+    from genlab.methods import get_method
+
+    overrides = ([f"data.source={a.data}"] if a.data is not None else []) + list(a.overrides)
+    rows = describe_config(a.method, get_method(a.method).Config, preset=resolve_preset(a.method, a.data, a.preset),
+                           overrides=overrides)
+    table = [("key", "value", "default", "source", "type", "meaning")]
+    for r in rows:
+        meaning = r.meaning.split(". ")[0].rstrip(".")  # the first sentence: one line per key
+        table.append((r.key, _yaml_value(r.value), _yaml_value(r.default), r.source, r.type, meaning))
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5])
+    return 0
+
+
+def _yaml_value(value) -> str:
+    """A value as it is written in a key=value override (null, true, [1, 2])."""
+    import json
+
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
 def _cmd_demo(a) -> int:
     from genlab.demo import run_demo
     from genlab.train.lock import RunLock
@@ -707,6 +760,51 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _override_hint(a, unknown: list[str]) -> str:
+    """For `--steps 100` given to train: "; write train.steps=100" (config keys are key=value, not flags)."""
+    method = getattr(a, "method", None)
+    if method is None or not hasattr(a, "overrides"):
+        return ""
+    try:
+        from genlab.config import DataConfig, TrainConfig, leaf_keys
+        from genlab.methods import get_method
+
+        sections = {"data": DataConfig, "train": TrainConfig, "model": get_method(method).Config}
+    except GenlabError:
+        return ""
+    keys = [f"{s}.{k}" for s, cls in sections.items() for k in leaf_keys(cls)]
+    hints = []
+    for i, flag in enumerate(unknown):
+        if not flag.startswith("--"):
+            continue
+        name, _, value = flag[2:].partition("=")
+        if not value and i + 1 < len(unknown) and not unknown[i + 1].startswith("-"):
+            value = unknown[i + 1]
+        name = name.replace("-", "_")
+        matches = [k for k in keys if k == name or k.endswith("." + name)]
+        if len(matches) == 1:
+            hints.append(f"{matches[0]}={value or '...'}")
+    return f"; config keys are key=value overrides: write {' '.join(hints)}" if hints else ""
+
+
+def _unexpected(error: BaseException) -> str:
+    """One line for a failure that is not the user's: what failed and where its full traceback was written."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    where = Path(tempfile.gettempdir()) / f"genlab-traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        where.write_text(f"genlab {genlab.__version__}, argv {sys.argv}\n{text}")
+        saved = f"full traceback in {where}"
+    except OSError:
+        saved = "the traceback could not be saved"
+    message = (str(error).strip().splitlines() or [""])[0][:200]
+    return (f"error: unexpected {type(error).__name__}{': ' + message if message else ''} ({saved}; rerun with "
+            "--debug to print it; please report it)")
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -716,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     a, rest = parser.parse_known_args(argv)
     extra = [r for r in rest if "=" in r and not r.startswith("-")]
     if len(extra) != len(rest):
-        parser.error(f"unrecognized arguments: {' '.join(r for r in rest if r not in extra)}")
+        unknown = [r for r in rest if r not in extra]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_override_hint(a, unknown)}")
     if extra:
         if not hasattr(a, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -728,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
                "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare, "reconstruct": _cmd_reconstruct,
                "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert,
                "export-evaluator": _cmd_export_evaluator, "zero-shot": _cmd_zero_shot,
-               "retrieve": _cmd_zero_shot}[a.command]
+               "retrieve": _cmd_zero_shot, "config": _cmd_config}[a.command]
     try:
         return handler(a)
     except GenlabError as e:
@@ -740,6 +839,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # the trainer's message names the checkpoint that really exists
         print(str(e) or "interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)  # 130 for SIGINT, 143 for SIGTERM
+    except Exception as e:  # a bug, or a failure we did not foresee: one line, the traceback in a file
+        if a.debug:
+            raise
+        print(_unexpected(e), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

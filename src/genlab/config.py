@@ -16,46 +16,67 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from genlab.data import DataConfig
 from genlab.errors import ConfigError
+from genlab.fileio import atomic_write_text
+from genlab.ranges import FINITE, NON_NEGATIVE, NonNegativeFloat, PositiveFloat, PositiveInt, Range, UnitFloat
 
 
 @dataclass
 class TrainConfig:
     """The trainer's loop: optimisation, EMA, checkpoints, logs and previews."""
 
-    steps: int = 2000  # optimiser steps
-    batch_size: int = 64  # global batch (summed over processes and accumulation micro-batches)
-    grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 2e-4
+    steps: PositiveInt = 2000  # optimiser steps
+    batch_size: PositiveInt = 64  # global batch (summed over processes and accumulation micro-batches)
+    grad_accum: PositiveInt = 1  # micro-batches per optimiser step
+    lr: PositiveFloat = 2e-4  # peak learning rate
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
     warmup_steps: int = 100  # linear warm-up from 0 to lr
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    adam_betas: tuple[float, ...] = (0.9, 0.999)
-    grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
-    ema_decay: float | None = 0.999  # None disables the EMA copy
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    weight_decay: NonNegativeFloat = 0.0  # AdamW's decoupled weight decay
+    adam_betas: tuple[Annotated[float, Range(0, 1, hi_open=True)], ...] = (0.9, 0.999)  # Adam's (beta1, beta2)
+    grad_clip: PositiveFloat | None = 1.0  # max global grad norm; None disables clipping
+    ema_decay: UnitFloat | None = 0.999  # None disables the EMA copy
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # weights, data order and noise all follow from it
+    log_every: PositiveInt = 50  # steps between log.jsonl records
+    checkpoint_every: PositiveInt = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: PositiveInt = 2  # newest checkpoints kept on disk
     sample_every: int = 0  # preview grid every K steps (0: only at the end)
-    sample_n: int = 64
+    sample_n: PositiveInt = 64  # images in a preview grid
     eval_every: int = 0  # FID/KID of eval_n samples against eval_ref every K steps, logged (0: never)
-    eval_n: int = 1000
+    eval_n: PositiveInt = 1000  # samples per periodic evaluation
     eval_ref: str | None = None  # e.g. "mnist:test"
-    time_limit: float | None = None  # minutes of this launch (not summed over resumes); then checkpoint and stop
-    threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
-    device: str | None = None  # None: accelerate's choice (CUDA when present)
+    time_limit: PositiveFloat | None = None  # minutes of this launch (not summed over resumes); then checkpoint and stop
+    threads: PositiveInt | None = None  # torch CPU threads; None: torch's default (all cores)
+    device: str | None = None  # cpu, cuda, cuda:N or mps; None: accelerate's choice (CUDA when present)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp32 is the fast path on CPUs
+
+    def __post_init__(self) -> None:
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"config key 'train.adam_betas' must be two numbers [beta1, beta2], got {list(self.adam_betas)}")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"config key 'train.device' must be cpu, cuda, cuda:N, mps or null, got {self.device!r}")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``train.device`` this machine does not have, before a run folder is written."""
+    import torch
+
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={device} but torch finds no CUDA GPU here; use train.device=cpu (or null)")
+    if device is not None and device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={device} but there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("train.device=mps but torch finds no Apple GPU here; use train.device=cpu (or null)")
 
 
 @dataclass
@@ -73,34 +94,56 @@ class RunConfig:
 
 
 def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+    """A type for people: 'int', 'float | None', 'list of int', "one of ['a', 'b']"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (tuple, list):
+        return f"list of {_type_name(args[0]) if args else 'values'}"
+    if tp is type(None):
+        return "None"
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+def _check_range(value: Any, range_: Range, key: str) -> Any:
+    if not range_.contains(value):
+        raise ConfigError(f"config key '{key}' must be {range_.describe()}, got {value!r}")
+    return value
+
+
+def _coerce(value: Any, tp: Any, key: str, range_: Range | None = None) -> Any:
+    """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError naming ``key``.
+
+    Numbers are checked against ``range_`` (from ``Annotated[int, Range(...)]``), else against the
+    implicit ranges of :mod:`genlab.ranges` (ints >= 0, floats finite).
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        declared = next((a for a in args[1:] if isinstance(a, Range)), None)
+        return _coerce(value, args[0], key, declared)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         options = [arg for arg in args if arg is not type(None)]
-        if len(options) == 1:  # X | None: X's own error names the inner key (model.unet.channel_mult)
-            return _coerce(value, options[0], key)
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
-                errors.append(e)
+                if len(options) == 1:  # `float | None`: the float's own message says more (its range)
+                    message = str(e)
+                    if type(None) in args:
+                        message = message.replace(", got ", " or null, got ", 1)
+                    raise ConfigError(message) from None
         raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
-        if value in args:
+        if any(value == a and type(value) is type(a) for a in args):
             return value
         raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
     if origin in (tuple, list):
@@ -119,18 +162,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)  # 1e4 written in YAML
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-4" (no dot) as a string
-                return float(value)
+            try:  # YAML 1.1 reads "1e4" (no dot) as a string
+                value = float(value)
             except ValueError:
                 pass
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            value = int(value)  # 1e4 written in YAML
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _check_range(value, range_ or NON_NEGATIVE, key)
+    elif tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond 1.8e308
+                raise ConfigError(f"config key '{key}' must be {(range_ or FINITE).describe()}, got a {len(str(abs(value)))}-digit number") from None
+            return _check_range(number, range_ or FINITE, key)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -142,7 +194,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
@@ -341,17 +393,128 @@ def build_config(
 
 def save_config(cfg: RunConfig, path: Path) -> None:
     """Write the config as YAML (readable, and the source of truth for --resume and load_run)."""
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def read_config_file(path: Path) -> dict:
-    """Read a saved ``config.yaml`` as plain data."""
+    """Read a saved ``config.yaml`` as plain data; a damaged file is a one-line ConfigError naming it."""
     if not path.is_file():
         raise ConfigError(f"no config.yaml in {path.parent}: is this a genlab run folder?")
-    data = yaml.safe_load(path.read_text())
+    fix = "restore it, or copy the 'config' of the first 'start' record in log.jsonl back into it as YAML"
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+            reason = f"{e.problem} at line {e.problem_mark.line + 1}"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is damaged ({reason}): {fix}") from None
     if not isinstance(data, dict) or "method" not in data:
-        raise ConfigError(f"{path} is not a genlab run config (no 'method' key)")
+        raise ConfigError(f"{path} is not a genlab run config (no 'method' key; damaged?): {fix}")
+    if not isinstance(data["method"], str):
+        raise ConfigError(f"{path}: 'method' is {data['method']!r}, not a method name: {fix}")
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation of the keys: `genlab config METHOD` prints each key's value, source and meaning.
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's meaning: its trailing ``# comment`` in the class source (else the comment block above it).
+
+    The comments next to the fields are the configs' documentation; reading them from the source
+    keeps one copy. Inherited fields take the comment of the class that declares them.
+    """
+    import inspect
+    import io
+    import tokenize
+
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        names = {f.name for f in dataclasses.fields(klass)}
+        trailing: dict[int, str] = {}
+        above: list[str] = []
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                trailing[tok.start[0]] = tok.string.lstrip("#").strip()
+        lines = source.splitlines()
+        for number, line in enumerate(lines, 1):
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("#").strip())
+                continue
+            m = re.match(r"(\w+)\s*:", stripped)
+            if m and m.group(1) in names:
+                comment = trailing.get(number) if not stripped.startswith("#") else None
+                out[m.group(1)] = comment or " ".join(above)
+            above = []
+    return out
+
+
+@dataclass
+class KeyInfo:
+    """One key of a resolved config, as `genlab config` prints it."""
+
+    key: str
+    value: Any
+    default: Any
+    source: Literal["default", "preset", "override"]
+    type: str
+    meaning: str
+
+
+def _leaf_items(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_leaf_items(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def _field_type(tp: Any) -> str:
+    """'int >= 1', 'float > 0 | None', "one of ['linear', 'cosine']": the type with its range."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        declared = next((a for a in args[1:] if isinstance(a, Range)), None)
+        return f"{_type_name(args[0])} {declared.describe()}" if declared else _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_field_type(a) for a in args)
+    if tp is int:
+        return f"int {NON_NEGATIVE.describe()}"
+    return _type_name(tp)
+
+
+def describe_config(method: str, model_cls: type, preset: str | None = None,
+                    overrides: typing.Sequence[str] = ()) -> list[KeyInfo]:
+    """Every leaf key of the resolved config with its value, default, source layer, type and meaning."""
+    cfg = build_config(method, model_cls, preset=preset, overrides=overrides)
+    defaults = _leaf_items(to_dict(RunConfig(method=method, model=model_cls())))
+    from_preset = _leaf_items(load_preset(method, preset)) if preset is not None else {}
+    overridden = {".".join(parse_override(text, model_cls)[0]) for text in overrides}
+    rows = []
+    for section, cls in (("data", DataConfig), ("train", TrainConfig), ("model", model_cls)):
+        rows.extend(_describe_section(getattr(cfg, section), cls, section, defaults, from_preset, overridden))
+    return rows
+
+
+def _describe_section(obj: Any, cls: type, prefix: str, defaults: dict, from_preset: dict,
+                      overridden: set[str]) -> list[KeyInfo]:
+    rows = []
+    comments = field_comments(cls)
+    for name, tp in _fields(cls).items():
+        key = f"{prefix}.{name}"
+        value = getattr(obj, name)
+        section = _section_type(tp)
+        if section is not None:
+            if value is not None:  # an optional section left out (a diffusion run's other network) has no keys
+                rows.extend(_describe_section(value, section, key, defaults, from_preset, overridden))
+            continue
+        source = "override" if key in overridden else "preset" if key in from_preset else "default"
+        rows.append(KeyInfo(key, to_dict(value), defaults.get(key), source, _field_type(tp), comments.get(name, "")))
+    return rows

@@ -20,3 +20,7 @@ class DataError(GenlabError):
 
 class TrainingDiverged(GenlabError):
     """A non-finite loss; the last good checkpoint is left intact."""
+
+
+class WriteError(GenlabError, OSError):
+    """A file could not be written (disk full, file too large, read-only folder); earlier files are intact."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 
 from genlab.data import from_model_range
 from genlab.errors import DataError
+from genlab.fileio import atomic_write
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
@@ -28,32 +28,26 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
     return grid
 
 
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     """Save images in [-1, 1] as one PNG grid (``scale``: nearest-neighbour upscaling for small images)."""
     grid = make_grid(images, nrow)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    _atomic_write(Path(path), lambda p: img.save(p, format="PNG"))
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
     return Path(path)
 
 
 def save_npz(images: torch.Tensor, path: str | Path, **extra: np.ndarray) -> Path:
     """Save images in [-1, 1] as ``images`` (uint8, N x H x W x C) in an .npz file."""
     u8 = from_model_range(images.detach().cpu()).permute(0, 2, 3, 1).numpy()
-    _atomic_write(Path(path), lambda p: np.savez(open(p, "wb"), images=u8, **extra))
+    atomic_write(path, lambda p: _savez(p, images=u8, **extra))
     return Path(path)
+
+
+def _savez(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
 
 
 def load_npz(path: str | Path) -> torch.Tensor:
@@ -115,7 +109,7 @@ def save_captioned_grid(data, path: str | Path, ncol: int = 4) -> Path:
             text = ""
         ax.set_title("\n".join(textwrap.wrap(text, 26)), fontsize=8)
     fig.tight_layout()
-    _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=80))
+    atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=80))
     plt.close(fig)
     return Path(path)
 

@@ -17,6 +17,8 @@ moved or deleted; the parent's path is provenance only.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import os
@@ -31,7 +33,8 @@ from genlab.data import load_data
 from genlab.errors import ConfigError, GenlabError
 from genlab.methods import DataInfo, Method, get_method
 from genlab.methods.capabilities import Encodes, GANLatent, NoiseAwareClassifier, Reconstructs, has, require
-from genlab.train.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint
+from genlab.ranges import Range
+from genlab.train.checkpoint import STATE_FILE, check_weights_fit, find_checkpoint, load_checkpoint
 
 
 def data_info_for(cfg: RunConfig, images) -> DataInfo:
@@ -59,6 +62,7 @@ class Run:
         """``n`` images in [-1, 1] (N, C, H, W), drawn in batches; same seed, same images."""
         from tqdm.auto import tqdm
 
+        check_sampling_options(n=n, seed=seed, batch_size=batch_size, **options)
         generator = torch.Generator().manual_seed(seed)
         self.method.eval()
         options = dict(options)
@@ -66,6 +70,9 @@ class Run:
             options["labels"] = self.labels(options["labels"], n)
         if options.get("classifier") is not None:
             options["classifier"] = guidance_classifier(options["classifier"], self.method.device)
+        for key in ("labels", "negative_labels"):
+            if options.get(key) is not None:
+                options[key] = self._check_labels(options[key], n, key)
         chunks = []
         with tqdm(total=n, disable=not progress, desc="sample", unit="img") as bar:
             for start in range(0, n, batch_size):
@@ -104,6 +111,20 @@ class Run:
 
         return evaluate_run(self, kind, **options)
 
+    def _check_labels(self, labels: Any, n: int, key: str) -> torch.Tensor:
+        """Class labels as a long tensor (n,), each a class of the run's data."""
+        flag = "--class" if key == "labels" else "--negative-class"
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ConfigError(f"{flag}: class labels must be integers, got {labels.dtype}")
+        if labels.shape != (n,):
+            raise ConfigError(f"{flag}: give one class per sample, shape ({n},), got {tuple(labels.shape)}")
+        num_classes = self.method.data_info.num_classes
+        if num_classes and len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+            bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+            raise ConfigError(f"{flag} {bad}: the run's data has {num_classes} classes, 0 to {num_classes - 1}")
+        return labels.long()
+
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Reconstructions in [-1, 1] of images in [-1, 1] (N, C, H, W), in batches."""
@@ -134,6 +155,33 @@ class Run:
             path = torch.stack([slerp(za, zb, float(t)) for t in w], 1)
             images = method.synthesize(path.flatten(0, 1))
         return images.clamp(-1, 1).cpu().unflatten(0, (len(start), steps))
+
+
+# Ranges of the sampling options that methods share; Run.sample checks them, so the CLI and the API agree.
+SAMPLING_RANGES = {
+    "n": (int, Range(1)),
+    "seed": (int, Range(0, 2**63 - 1)),  # torch.Generator.manual_seed's range
+    "batch_size": (int, Range(1)),
+    "steps": (int, Range(1, 100_000)),  # far beyond any sampler's need; bounds the solvers' step grids
+    "eta": (float, Range(0, 1)),  # DDIM: 0 deterministic, 1 DDPM-like; above 1 the step's variance exceeds 1 - abar
+    "guidance_scale": (float, Range(0)),  # w = 0 is the unconditional model; --negative-class steers away
+    "classifier_scale": (float, Range(0)),
+    "truncation": (float, Range(0)),  # psi: 0 is the mean latent, 1 none
+    "temperature": (float, Range(0, lo_open=True)),
+    "top_k": (int, Range(1)),
+}
+
+
+def check_sampling_options(**options: Any) -> None:
+    """Raise ConfigError naming the first sampling option whose value is of the wrong type or out of range."""
+    for name, value in options.items():
+        if name not in SAMPLING_RANGES or value is None:
+            continue
+        kind, range_ = SAMPLING_RANGES[name]
+        ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+        if isinstance(value, bool) or not ok_type or not range_.contains(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {'an integer' if kind is int else 'a number'} "
+                              f"{range_.describe()}, got {value!r}")
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -193,17 +241,19 @@ def _rebuild_parent(record: dict[str, Any]) -> Method:
     return build_method(cfg, DataInfo(**record["data_info"]), record.get("parents") or {})
 
 
-def build_method(cfg: RunConfig, data_info: DataInfo, records: dict[str, dict] | None = None) -> Method:
+def build_method(cfg: RunConfig, data_info: DataInfo, records: dict[str, dict] | None = None,
+                 config_path: Path | None = None) -> Method:
     """The method of ``cfg`` for data of shape ``data_info``, with its frozen parents.
 
     Each parent the method declares is rebuilt from ``records`` (the copies a child checkpoint stores)
     or, without a record (training, or a checkpoint written before parents were stored), loaded from
     the run folder ``model.<role>`` names, with its EMA weights on the CPU. The method's constructor
-    checks each parent's capability; ``method.parent_records`` is what the trainer saves.
+    checks each parent's capability; ``method.parent_records`` is what the trainer saves. A value the
+    method refuses is named with ``config_path`` (the run's config.yaml) when the config came from one.
     """
     method_cls = get_method(cfg.method)
     if not method_cls.parents:
-        return method_cls(cfg.model, data_info)
+        return _construct(method_cls, cfg, data_info, None, config_path)
     parents, kept = {}, {}
     for role in method_cls.parents:
         record = (records or {}).get(role)
@@ -212,30 +262,59 @@ def build_method(cfg: RunConfig, data_info: DataInfo, records: dict[str, dict] |
         elif getattr(cfg.model, role, None):
             parent_run = load_run(getattr(cfg.model, role), weights="ema", device="cpu")
             parents[role], kept[role] = parent_run.method, parent_record(parent_run)
-    method = method_cls(cfg.model, data_info, parents=parents)  # names a missing or incapable parent
+    method = _construct(method_cls, cfg, data_info, parents, config_path)  # names a missing or incapable parent
     method.parent_records = kept
     return method
 
 
-def stored_parent_records(run_dir: str | Path) -> dict[str, dict] | None:
-    """The parent records in a run's latest checkpoint; None without them (none stored yet, or unreadable:
-    resuming then reports the checkpoint itself)."""
-    ckpt = latest_checkpoint(run_dir)
+def _construct(method_cls: type[Method], cfg: RunConfig, data_info: DataInfo, parents: dict | None,
+               config_path: Path | None) -> Method:
+    """``method_cls(cfg.model, data_info[, parents])``; a refused value read from a config.yaml names that file."""
     try:
-        return json.loads((ckpt / STATE_FILE).read_text()).get("parents") if ckpt is not None else None
+        return method_cls(cfg.model, data_info, parents=parents) if parents is not None else method_cls(cfg.model, data_info)
+    except ConfigError as e:
+        if config_path is None:
+            raise
+        raise ConfigError(f"{config_path}: {e} (was config.yaml edited or damaged? the first 'start' record of "
+                          "log.jsonl holds the config the run started with)") from None
+
+
+def stored_parent_records(checkpoint: Path | None) -> dict[str, dict] | None:
+    """The parent records in a checkpoint's state.json; None without them (none stored yet, or unreadable:
+    resuming then reports the checkpoint itself)."""
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text()).get("parents") if checkpoint is not None else None
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def load_run(path: str | Path, weights: str = "ema", checkpoint: str | Path | None = None, device: str | None = None) -> Run:
-    """Load a run folder's method with its latest (or given) checkpoint; ``weights`` is "ema" or "raw"."""
+# `genlab eval --checkpoint STEP`: the evaluation loads its run itself, so the choice travels in a context
+# variable that load_run reads when no checkpoint is passed (evaluation.py can take the argument later).
+_CHECKPOINT_CHOICE: contextvars.ContextVar = contextvars.ContextVar("genlab_checkpoint", default=None)
+
+
+@contextlib.contextmanager
+def checkpoint_choice(checkpoint: int | str | None):
+    """Within this block, load_run without an explicit ``checkpoint`` loads ``checkpoint`` (a step or "latest")."""
+    token = _CHECKPOINT_CHOICE.set(checkpoint)
+    try:
+        yield
+    finally:
+        _CHECKPOINT_CHOICE.reset(token)
+
+
+def load_run(path: str | Path, weights: str = "ema", checkpoint: int | str | Path | None = None,
+             device: str | None = None) -> Run:
+    """Load a run; ``checkpoint`` is a step, a folder, or None / "latest" (the newest intact one); weights ema|raw."""
     path = Path(path)
     if not path.is_dir():
         raise GenlabError(f"{path}: no such run folder")
+    if checkpoint is None:
+        checkpoint = _CHECKPOINT_CHOICE.get()
     saved = read_config_file(path / "config.yaml")
     method_cls = get_method(saved["method"])
     cfg = build_config(saved["method"], method_cls.Config, base=saved)
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(path)
+    ckpt = find_checkpoint(path, checkpoint)
     if ckpt is None:
         raise GenlabError(f"{path}: no checkpoint yet (train it first, or wait for the first checkpoint)")
     tensors, state = load_checkpoint(ckpt, device="cpu")
@@ -245,7 +324,8 @@ def load_run(path: str | Path, weights: str = "ema", checkpoint: str | Path | No
         data_info = data_info_for(cfg, images)
     else:
         data_info = DataInfo(**info)
-    method = build_method(cfg, data_info, state.get("parents"))
+    method = build_method(cfg, data_info, state.get("parents"), path / "config.yaml")
+    check_weights_fit(method, tensors["model"], ckpt, path / "config.yaml")
     method.load_state_dict(tensors["model"])
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw', got {weights!r}")

@@ -163,7 +163,7 @@ class _Crash(RuntimeError):
 
 def _crash_on_call(monkeypatch, n: int):
     """Make the n-th file write of the next save write half its bytes, then raise."""
-    real = ckpt._write_bytes
+    real = ckpt.atomic_write_bytes
     calls = {"n": 0}
 
     def flaky(path, data):
@@ -174,7 +174,7 @@ def _crash_on_call(monkeypatch, n: int):
             raise _Crash(f"simulated crash writing {path.name}")
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_bytes", flaky)
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", flaky)
 
 
 @pytest.mark.parametrize("crash_at", [1, 2, 3])  # model file, ema file, state.json (always last)
@@ -341,3 +341,90 @@ def test_bad_arguments_are_config_errors(tmp_path, kwargs, match):
         save_checkpoint(tmp_path, args["step"], args["tensors"], args["state"], keep_last=args["keep_last"])
     assert latest_checkpoint(tmp_path) is None
     assert not (tmp_path / "checkpoints").exists(), "validation must happen before anything is written"
+
+
+# ---------------------------------------------------------------------------------------------
+# File entries of state.json stay inside their step folder; symbolic links are refused.
+
+
+def _rewrite_entry(path, group, name):
+    state_path = path / "state.json"
+    state = json.loads(state_path.read_text())
+    state["checkpoint"]["files"][group]["file"] = name
+    state_path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("name", ["../../outside.safetensors", "{abs}", "sub/model.safetensors", "..", "", 7])
+def test_file_entries_outside_the_step_folder_are_refused(tmp_path, name):
+    path = save_checkpoint(tmp_path / "run", 10, _tensors(1.0), {})
+    # The same bytes outside the folder, so only the location (not the sha256) can give it away.
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((path / "model.safetensors").read_bytes())
+    (path / "sub").mkdir()
+    (path / "sub" / "model.safetensors").write_bytes(outside.read_bytes())
+    _rewrite_entry(path, "model", str(outside) if name == "{abs}" else name)
+    with pytest.raises(GenlabError, match="not a plain file name inside its step folder"):
+        load_checkpoint(path)
+
+
+def test_symlinked_files_and_step_folders_are_refused(tmp_path):
+    run = tmp_path / "run"
+    path = save_checkpoint(run, 10, _tensors(1.0), {})
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    os.replace(path / "model.safetensors", elsewhere)
+    os.symlink(elsewhere, path / "model.safetensors")  # same bytes, same sha256
+    with pytest.raises(GenlabError, match="symbolic link"):
+        load_checkpoint(path)
+
+    other = save_checkpoint(tmp_path / "other", 20, _tensors(2.0), {})
+    linked = run / "checkpoints" / "step_000030"
+    os.symlink(other, linked)
+    assert list_checkpoints(run) == [path]  # a linked step folder is not one of the run's checkpoints
+    with pytest.raises(GenlabError, match="symbolic link"):
+        load_checkpoint(linked)
+
+
+def test_find_checkpoint_skips_damaged_ones_and_picks_steps(tmp_path):
+    first = save_checkpoint(tmp_path, 10, _tensors(1.0), {}, keep_last=None)
+    second = save_checkpoint(tmp_path, 20, _tensors(2.0), {}, keep_last=None)
+    assert ckpt.find_checkpoint(tmp_path) == second and ckpt.find_checkpoint(tmp_path, 10) == first
+    assert ckpt.find_checkpoint(tmp_path, "10") == first and ckpt.find_checkpoint(tmp_path, second) == second
+    (second / "ema.safetensors").unlink()
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint step_000020"):
+        assert ckpt.find_checkpoint(tmp_path, "latest") == first
+    with pytest.raises(GenlabError, match="no checkpoint at step 15; available steps: 10, 20"):
+        ckpt.find_checkpoint(tmp_path, 15)
+    assert ckpt.find_checkpoint(tmp_path / "empty") is None
+
+
+def test_a_missing_state_key_is_a_one_line_genlab_error(tmp_path):
+    path = save_checkpoint(tmp_path, 10, _tensors(1.0), {"skeletons": {"a": 1}})
+    _, state = load_checkpoint(path)
+    assert state["skeletons"]["a"] == 1
+    with pytest.raises(GenlabError, match=r"state.json has no 'rng' entry"):
+        state["rng"]
+    with pytest.raises(GenlabError, match=r"has no 'b' entry"):
+        state["skeletons"]["b"]
+
+
+@pytest.mark.parametrize("code", [28, 27, 30])  # ENOSPC, EFBIG, EROFS
+def test_a_failed_write_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, code):
+    first = save_checkpoint(tmp_path, 10, _tensors(1.0), {"note": "first"})
+    real = ckpt.atomic_write_bytes
+    calls = {"n": 0}
+
+    def failing(path, data):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(code, os.strerror(code))
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", failing)
+    with pytest.raises(GenlabError) as info:
+        save_checkpoint(tmp_path, 20, _tensors(2.0), {"note": "second"})
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "\n" not in message and f"in {tmp_path / 'checkpoints'} ({os.strerror(code)};" in message
+    assert " free there" in message
+    assert list_checkpoints(tmp_path) == [first] and load_checkpoint(first)[1]["note"] == "first"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000010"]  # no temp left

@@ -9,10 +9,7 @@ entry; an entry that cannot be read or does not match its key is rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +19,15 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from genlab.data.config import resolve_cache_dir
+from genlab.errors import WriteError
+from genlab.fileio import atomic_write, sha256_bytes
 
 CACHE_VERSION = 1  # bump when a reader's output changes, to invalidate old entries
 
 
 def cache_path(name: str, key: dict) -> Path:
     """Where the entry for ``key`` lives: <cache>/data/<name>-<sha256(key)[:16]>.safetensors."""
-    digest = hashlib.sha256(_key_text(key).encode()).hexdigest()[:16]
+    digest = sha256_bytes(_key_text(key).encode())[:16]
     return resolve_cache_dir() / "data" / f"{name}-{digest}.safetensors"
 
 
@@ -55,20 +54,12 @@ def read_cached(name: str, key: dict) -> dict[str, Tensor] | None:
 def write_cached(name: str, key: dict, tensors: dict[str, Tensor]) -> Path | None:
     """Store tensors for ``key`` atomically; returns the path, or None (with a warning) when not writable."""
     path = cache_path(name, key)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": _key_text(key)})
-            os.replace(tmp, path)  # atomic on POSIX and Windows
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    except OSError as e:
-        warnings.warn(f"could not write the data cache {path} ({e}); set GENLAB_CACHE to a writable folder", stacklevel=2)
+        return atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata={"key": _key_text(key)}))
+    except WriteError as e:
+        warnings.warn(f"data cache not written ({e}); set GENLAB_CACHE to a writable folder", stacklevel=2)
         return None
-    return path
 
 
 def cached(name: str, key: dict, build: Callable[[], dict[str, Tensor]], check: Callable[[dict[str, Tensor]], bool] | None = None) -> dict[str, Tensor]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from genlab.errors import ConfigError
+from genlab.ranges import PositiveInt
 
 FITS = ("resize", "pad", "center-crop")
 
@@ -18,11 +19,11 @@ class DataConfig:
 
     source: str = "mnist5k"  # a name from `genlab data list`, or folder:PATH
     root: str | None = None  # data root for mnist / fashion-mnist / cifar10; None: $GENLAB_DATA
-    split: str = "train"
-    image_size: int | None = None  # None: the source's native size
+    split: str = "train"  # which split of the source to train on
+    image_size: PositiveInt | None = None  # pixels of the square images trained on; None: the source's native size
     fit: Literal["resize", "pad", "center-crop"] = "resize"  # how images reach image_size
-    channels: int | None = None  # None: native; 1 <-> 3 converts grey <-> RGB
-    limit: int | None = None  # use only the first N examples (quick runs, tests)
+    channels: Literal[1, 3] | None = None  # None: native; 1 <-> 3 converts grey <-> RGB
+    limit: PositiveInt | None = None  # use only the first N examples (quick runs, tests)
     hflip: bool = False  # random horizontal flips; carried here, applied by the trainer
 
     def __post_init__(self) -> None:

@@ -16,7 +16,6 @@ corrupt image, an unsupported mode (16-bit, float), an empty folder, or inconsis
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import re
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from genlab.data.transforms import fit_size
 from genlab.errors import ConfigError, DataError
+from genlab.fileio import sha256_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 # Modes that convert to 8-bit grey or RGB without losing meaning; alpha is composited on black.
@@ -44,6 +44,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode one image file's bytes into uint8 (H, W, C), C = 1 for grey modes and 3 otherwise."""
+    if not data:
+        raise DataError(f"{name} is not a readable image (an empty file, 0 bytes); fix or remove the file")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.seek(0)  # first frame of an animated GIF / WebP
@@ -61,7 +63,10 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
                 raise DataError(f"{name} has unsupported image mode {mode!r}; save it as 8-bit grey or RGB")
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+        raise DataError(f"{name} is not a readable image (not a format PIL knows: png, jpeg, bmp, gif, webp...); "
+                        "fix or remove the file") from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{name} is not a readable image ({reason}); fix or remove the file") from e
     if pixels.ndim == 2:
@@ -273,5 +278,5 @@ def tree_fingerprint(path: Path) -> dict:
             if filename.lower().endswith(IMAGE_EXTENSIONS):
                 stat = os.stat(os.path.join(dirpath, filename))
                 entries.append(f"{os.path.relpath(os.path.join(dirpath, filename), path)}:{stat.st_size}:{stat.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()
+    digest = sha256_bytes("\n".join(entries).encode())
     return {"path": str(path), "files": len(entries), "listing_sha256": digest}

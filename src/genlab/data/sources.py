@@ -333,6 +333,33 @@ def _read_tar_members(path: Path, names: list[str]) -> list[tuple[str, bytes]]:
         raise DataError(f"{path} is truncated or not a tar archive ({_one_line(e)}); delete it and download it again") from e
 
 
+def extract_tar(archive: Path, dest: Path) -> None:
+    """Extract a downloaded tar archive into ``dest``, refusing members that would land or link outside it.
+
+    torchvision's extractor follows ``../`` names and symbolic links (a hostile or corrupted archive
+    could overwrite any file the user can write); Python's "data" filter (PEP 706) refuses them, and
+    where it is missing (Python < 3.12, older 3.8-3.11 patch releases) the same check is done here.
+    """
+    import tarfile
+
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+                return
+            members = tar.getmembers()
+            for m in members:
+                target = PurePosixPath(m.linkname if (m.issym() or m.islnk()) else m.name)
+                parts = PurePosixPath(m.name).parts
+                if (m.name.startswith("/") or ".." in parts or target.is_absolute() or ".." in target.parts
+                        or not (m.isfile() or m.isdir() or m.issym() or m.islnk())):
+                    raise DataError(f"{archive}: member {m.name!r} would be written or link outside {dest}; "
+                                    "delete the archive and download it again")
+            tar.extractall(dest, members=members)
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as e:
+        raise DataError(f"{archive} cannot be extracted safely ({_one_line(e)}); delete it and download it again") from None
+
+
 def _check_cifar_tensors(tensors: dict[str, torch.Tensor]) -> bool:
     """A cached CIFAR entry is usable: uint8 (N, 3, 32, 32) images and N int64 labels."""
     images, labels = tensors.get("images"), tensors.get("labels")
@@ -380,12 +407,13 @@ def _load_cifar10(cfg: DataConfig, root: Path | None) -> ImageSet:
     present = [p for p in layouts if p.exists()]
     if not present:
         try:
-            from torchvision.datasets.utils import download_and_extract_archive
+            from torchvision.datasets.utils import download_url
 
             with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT):
-                download_and_extract_archive(CIFAR10_BINARY_URL, str(root), md5=CIFAR10_BINARY_MD5)
+                download_url(CIFAR10_BINARY_URL, str(root), md5=CIFAR10_BINARY_MD5)
         except Exception as e:  # noqa: BLE001 -- network, permission and checksum errors alike
             raise _download_failed("cifar10", root, ["cifar10_jpg.tar.gz (or cifar-10-binary.tar.gz)"], e) from e
+        extract_tar(root / "cifar-10-binary.tar.gz", root)
         present = [p for p in layouts if p.exists()]
     path = present[0]
     if path.name.startswith("cifar-10-b"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from genlab.models.dit import DiT as DiTNetwork
 from genlab.models.dit import DiTConfig
 from genlab.models.unet import UNet, UNetConfig
 from genlab.noise import ImageNoise
+from genlab.ranges import NonNegativeFloat, PositiveFloat, PositiveInt, Range, UnitFloat
 
 
 NETWORKS = ("unet", "dit")  # the denoisers; each has its own config section model.<network>
@@ -56,16 +57,16 @@ class DDPMConfig:
     # channels, so the U-Net runs at 1/p of the resolution for ~p^2 less compute. p = 2 is what makes
     # 28x28 diffusion train in minutes on a CPU; the diffusion itself still happens on every pixel.
     # None: derived (see ``derived_pixel_patch``). A DiT cuts its own patches (dit.patch_size).
-    patch_size: int | None = None
+    patch_size: PositiveInt | None = None
     schedule: Literal["linear", "cosine", "sigmoid", "scaled-linear"] = "linear"
-    num_timesteps: int = 1000
+    num_timesteps: Annotated[int, Range(2)] = 1000
     prediction: Literal["eps", "x0", "v"] = "eps"
-    min_snr_gamma: float | None = None  # Hang et al. 2023; None: plain MSE on the target
+    min_snr_gamma: PositiveFloat | None = None  # Hang et al. 2023; None: plain MSE on the target
     class_conditional: bool = False  # embed labels; needs a labelled data source
-    p_uncond: float = 0.1  # label dropped to the null class with this probability (for CFG)
+    p_uncond: UnitFloat = 0.1  # label dropped to the null class with this probability (for CFG)
     sampler: Literal["ddpm", "ddim", "euler", "heun", "dpmpp-2m"] = "ddim"  # default of `genlab sample`
-    sample_steps: int = 50
-    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
+    sample_steps: PositiveInt = 50
+    eta: UnitFloat = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     # Clip predicted x0 to the data range in DDPM/DDIM steps. Needed with the cosine schedule: at
     # t = T-1 its alpha_bar is ~1e-9, so x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) amplifies any eps
@@ -75,9 +76,9 @@ class DDPMConfig:
     # variance interpolation log Sigma = v log beta_t + (1 - v) log beta_tilde_t, trained by the
     # hybrid loss L_simple + vlb_weight * L_vlb (lambda = 0.001, stop-gradient on the mean in L_vlb).
     learn_sigma: bool = False
-    vlb_weight: float = 0.001
+    vlb_weight: NonNegativeFloat = 0.001
     # Highest noise level of the Karras solvers (euler, heun, dpmpp-2m); None: min(schedule's, 80).
-    sigma_max: float | None = None
+    sigma_max: PositiveFloat | None = None
 
     def __post_init__(self):
         """Fill the chosen network's section with its defaults; refuse the other network's keys."""
@@ -280,7 +281,8 @@ class DDPM(Method, Generates, Denoiser):
         """DDIM inversion (eta = 0 run upwards): the noise x_T that DDIM with the same steps maps back to x0."""
         from genlab.diffusion import ddim_invert, make_timesteps
 
-        timesteps = make_timesteps(self.config.num_timesteps, steps or self.config.sample_steps, self.config.spacing)
+        timesteps = make_timesteps(self.config.num_timesteps, self.config.sample_steps if steps is None else steps,
+                                   self.config.spacing)
         return ddim_invert(self.denoiser(labels), x0.to(self.device), self.schedule, timesteps)
 
     @torch.no_grad()
@@ -322,7 +324,8 @@ class DDPM(Method, Generates, Denoiser):
             raise ConfigError(f"{self.name} sampling does not take {', '.join(sorted(unknown))}")
         c = self.config
         sampler = sampler or c.sampler
-        steps = steps or (c.num_timesteps if sampler == "ddpm" and c.sampler != "ddpm" else c.sample_steps)
+        if steps is None:  # (steps=0 is refused by Run.sample, never silently replaced)
+            steps = c.num_timesteps if sampler == "ddpm" and c.sampler != "ddpm" else c.sample_steps
         eta = c.eta if eta is None else eta
         if sampler != "ddim":
             eta = 0.0

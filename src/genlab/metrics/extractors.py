@@ -20,7 +20,6 @@ to 299x299 (:func:`genlab.models.inception.resize_bilinear_tf1`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -31,10 +30,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from genlab.errors import ConfigError, DataError
+from genlab.fileio import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
 from genlab.models.classifier import Classifier, ClassifierConfig
 from genlab.models.inception import (
     FEATURE_DIM,
@@ -88,19 +88,10 @@ class FeatureExtractor(Protocol):
         ...
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sha256_state_dict(state: Mapping[str, torch.Tensor]) -> str:
     """Hex sha256 of a state dict's safetensors serialisation: equals :func:`sha256_file` of ``save_file(state)``."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    return hashlib.sha256(safetensors_bytes(tensors)).hexdigest()
+    return sha256_bytes(safetensors_bytes(tensors))
 
 
 def _first_line(error: BaseException) -> str:
@@ -296,10 +287,9 @@ def save_classifier_evaluator(
     layer and the sha256 of the weights file; ``extra`` keys (e.g. ``dataset``, ``epochs``) are added.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     weights, card = directory / f"{name}.safetensors", directory / f"{name}.json"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(weights))
+    atomic_write_bytes(weights, safetensors_bytes(state))
     card_data = {
         "name": name,
         "architecture": f"{Classifier.__module__}.{Classifier.__qualname__}",
@@ -312,7 +302,7 @@ def save_classifier_evaluator(
         "weights": weights.name,
         **extra,
     }
-    card.write_text(json.dumps(card_data, indent=2) + "\n")
+    atomic_write_text(card, json.dumps(card_data, indent=2) + "\n")
     return weights, card
 
 

@@ -202,10 +202,12 @@ class GaussianStats:
         return stats
 
     def save(self, path: str | Path) -> None:
-        """Write the statistics to a safetensors file (e.g. cached reference statistics)."""
-        from safetensors.torch import save_file
+        """Write the statistics to a safetensors file atomically (e.g. cached reference statistics)."""
+        from safetensors.torch import save as safetensors_bytes
 
-        save_file(self.state_dict(), str(path))
+        from genlab.fileio import atomic_write_bytes
+
+        atomic_write_bytes(path, safetensors_bytes(self.state_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> GaussianStats:

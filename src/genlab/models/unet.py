@@ -10,6 +10,7 @@ context sequence (text) joins it there when the network is built with ``context_
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Annotated
 
 import torch
 from torch import nn
@@ -18,23 +19,24 @@ from genlab.errors import ConfigError
 from genlab.nn.attention import SpatialAttention
 from genlab.nn.blocks import Downsample, ResBlock, Upsample, group_norm
 from genlab.nn.embeddings import TimestepEmbedder
+from genlab.ranges import PositiveInt, Range
 
 
 @dataclass
 class UNetConfig:
     """Width, depth and layout of the U-Net; the image and label shapes are given to UNet itself."""
 
-    base_channels: int = 64  # channels of the first level; level i has base_channels * channel_mult[i]
+    base_channels: PositiveInt = 64  # channels of the first level; level i has base_channels * channel_mult[i]
     # One entry per resolution level; None: derived from the image size (see ``resolve_unet_config``).
-    channel_mult: tuple[int, ...] | None = None
+    channel_mult: tuple[PositiveInt, ...] | None = None
     num_res_blocks: int = 2  # residual blocks per level in the encoder (the decoder has one more)
     # Feature-map sizes (pixels) with self-attention; None: the lowest resolution (derived).
     attention_resolutions: tuple[int, ...] | None = None
-    num_heads: int = 4  # attention heads (ignored when num_head_channels is set)
-    num_head_channels: int | None = None  # fixed channels per head, heads = width // this (ADM)
-    dropout: float = 0.1  # dropout before the second conv of every residual block
+    num_heads: PositiveInt = 4  # attention heads (ignored when num_head_channels is set)
+    num_head_channels: PositiveInt | None = None  # fixed channels per head, heads = width // this (ADM)
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.1  # dropout before the second conv of every residual block
     use_scale_shift_norm: bool = True  # ADM's GN(h) * (1 + scale) + shift; False adds emb (DDPM)
-    norm_groups: int = 32  # GroupNorm groups; must divide every channel count
+    norm_groups: PositiveInt = 32  # GroupNorm groups; must divide every channel count
     mid_attention: bool = True  # self-attention in the middle block, as in DDPM and ADM
 
 

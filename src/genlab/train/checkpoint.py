@@ -23,12 +23,12 @@ exactly. Only the main process should save (the trainer's job under accelerate /
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import torch
 
 import genlab
 from genlab.errors import ConfigError, GenlabError
+from genlab.fileio import atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file, write_error
 
 CHECKPOINT_FORMAT = 1  # bump when the folder layout or state.json meta changes
 STATE_FILE = "state.json"
@@ -156,7 +157,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     primary: dict[int, Path] = {}
     fallback: dict[int, Path] = {}
     for entry in root.iterdir():
-        if not (entry / STATE_FILE).is_file():
+        if entry.is_symlink() or not (entry / STATE_FILE).is_file():  # a symlinked step could point anywhere
             continue
         if m := _STEP_DIR.match(entry.name):
             primary[int(m.group(1))] = entry
@@ -184,28 +185,6 @@ def checkpoint_step(path: str | os.PathLike) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Writing
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write a new file and make it durable (flush + fsync) before returning."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename / creation inside ``path`` durable (POSIX; a no-op where directories can't be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_dir(path: Path) -> None:
@@ -322,40 +301,41 @@ def save_checkpoint(
         _check_group(group, group_tensors)
 
     root = _checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    _clean_stale(root)
-
     final = root / step_dir_name(step)
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-
-    files: dict[str, dict[str, Any]] = {}
-    for group, group_tensors in tensors.items():
-        data = safetensors.torch.save(_tensors_for_safetensors(group_tensors))
-        file_name = f"{group}.safetensors"
-        _write_bytes(tmp / file_name, data)
-        files[group] = {"file": file_name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "genlab_version": genlab.__version__,
-        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "files": files,
-    }
-    full_state = {"step": step, **state, "checkpoint": meta}
-    _write_bytes(tmp / STATE_FILE, json.dumps(full_state, indent=1, allow_nan=False).encode())  # completeness marker
-    _fsync_dir(tmp)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _clean_stale(root)
+        tmp.mkdir()
+        files: dict[str, dict[str, Any]] = {}
+        for group, group_tensors in tensors.items():
+            data = safetensors.torch.save(_tensors_for_safetensors(group_tensors))
+            file_name = f"{group}.safetensors"
+            atomic_write_bytes(tmp / file_name, data)
+            files[group] = {"file": file_name, "bytes": len(data), "sha256": sha256_bytes(data)}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "genlab_version": genlab.__version__,
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "files": files,
+        }
+        full_state = {"step": step, **state, "checkpoint": meta}
+        # state.json last: its presence marks a complete checkpoint.
+        atomic_write_bytes(tmp / STATE_FILE, json.dumps(full_state, indent=1, allow_nan=False).encode())
+    except OSError as err:  # (WriteError too) disk full, file too large, read-only: the older checkpoints stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(getattr(err, "os_error", err), final) from None
 
     if final.exists():
         # Two renames: a crash between them leaves a complete `.old` folder that readers fall back on.
         old = root / f"{final.name}.old-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         _remove_dir(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
 
     if keep_last is not None:
         complete = list_checkpoints(run_dir)
@@ -374,43 +354,64 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _size_and_sha256(file: Path) -> tuple[int, str]:
-    """Size and sha256 of a file, read in 1 MiB chunks."""
-    h, size = hashlib.sha256(), 0
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
+class CheckpointState(dict):
+    """``state.json`` as read: a missing key is a one-line GenlabError naming the file, not a KeyError."""
+
+    def __init__(self, data: dict, source: Path):
+        super().__init__(data)
+        self.source = source
+
+    def __missing__(self, key: str) -> Any:
+        raise GenlabError(f"checkpoint {self.source} has no '{key}' entry (damaged, or written by another genlab "
+                          "version); use an earlier checkpoint with --checkpoint STEP")
 
 
-def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Read a checkpoint folder: ``({group: {name: Tensor}}, state)``; tensors land on ``device``.
-
-    Every tensor file is checked against the size and sha256 recorded in ``state.json``; a missing
-    or corrupt file raises GenlabError naming it.
-    """
-    path = Path(path)
+def _read_state(path: Path) -> CheckpointState:
+    """Read and sanity-check a checkpoint folder's state.json (step and file table)."""
     state_path = path / STATE_FILE
-    if not path.is_dir():
-        raise GenlabError(f"checkpoint folder {path} does not exist; pick one from checkpoints/ (latest_checkpoint)")
-    if not state_path.is_file():
+    if path.is_symlink() or not path.is_dir():
+        what = "is a symbolic link" if path.is_symlink() else "does not exist"
+        raise GenlabError(f"checkpoint folder {path} {what}; checkpoints are real folders inside the run's checkpoints/")
+    if not state_path.is_file() or state_path.is_symlink():
         raise GenlabError(f"checkpoint {state_path} is missing: the checkpoint is incomplete, use an earlier one")
     try:
-        state = json.loads(state_path.read_text())
+        state = json.loads(state_path.read_text(), object_hook=lambda d: CheckpointState(d, state_path))
         files = state["checkpoint"]["files"]
-        if not all(isinstance(info, dict) and {"file", "bytes", "sha256"} <= info.keys() for info in files.values()):
+        if not isinstance(state, dict) or not isinstance(files, dict) or not all(
+                isinstance(info, dict) and {"file", "bytes", "sha256"} <= info.keys() for info in files.values()):
             raise ValueError("malformed 'checkpoint.files' block")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        if isinstance(state["step"], bool) or not isinstance(state["step"], int):
+            raise ValueError(f"'step' is {state['step']!r}, not an integer")
+    except GenlabError:  # a missing key: CheckpointState's message says it all
+        raise
+    except (OSError, ValueError, TypeError, AttributeError) as err:
         raise GenlabError(f"checkpoint {state_path} is corrupt ({_one_line(err)}); use an earlier checkpoint") from None
+    return state
 
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for group, info in files.items():
-        file = path / info["file"]
+
+def _tensor_file(path: Path, info: dict) -> Path:
+    """The tensor file a ``state.json`` entry names: a plain file name inside its own step folder, nothing else."""
+    name = info["file"]
+    # `../..`, absolute paths and sub-folders would let a state.json load files from anywhere.
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise GenlabError(f"checkpoint {path / STATE_FILE} names the file {name!r}, which is not a plain file name "
+                          "inside its step folder; the checkpoint is damaged or forged, use an earlier one")
+    file = path / name
+    if file.is_symlink():
+        raise GenlabError(f"checkpoint file {file} is a symbolic link; checkpoint files must be regular files "
+                          "inside their step folder: use an earlier checkpoint")
+    return file
+
+
+def verify_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Path], CheckpointState]:
+    """Check a checkpoint folder against its ``state.json`` (names, sizes, sha256); returns its files and state."""
+    path = Path(path)
+    state = _read_state(path)
+    files: dict[str, Path] = {}
+    for group, info in state["checkpoint"]["files"].items():
+        file = _tensor_file(path, info)
         try:
-            size, digest = _size_and_sha256(file)
+            size, digest = file.stat().st_size, sha256_file(file)
         except OSError as err:
             raise GenlabError(
                 f"checkpoint file {file} cannot be read ({_one_line(err)}); use an earlier checkpoint"
@@ -420,9 +421,85 @@ def load_checkpoint(
                 f"checkpoint file {file} is corrupt ({size} bytes, sha256 mismatch with state.json); "
                 "use an earlier checkpoint"
             )
+        files[group] = file
+    return files, state
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Read a checkpoint folder: ``({group: {name: Tensor}}, state)``; tensors land on ``device``.
+
+    Every tensor file is checked against the size and sha256 recorded in ``state.json``; a missing
+    or corrupt file raises GenlabError naming it, and so does a missing ``state`` key when read.
+    """
+    files, state = verify_checkpoint(path)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for group, file in files.items():
         try:
             loaded = safetensors.torch.load_file(file)  # memory-mapped read: no second copy in RAM
         except Exception as err:  # safetensors raises its own error types for malformed headers
             raise GenlabError(f"checkpoint file {file} is not a valid safetensors file ({_one_line(err)})") from None
         tensors[group] = {k: v.to(device) for k, v in loaded.items()}
     return tensors, state
+
+
+def check_weights_fit(method: torch.nn.Module, weights: dict[str, Any], ckpt: Path, config_path: Path) -> None:
+    """Refuse (one line) a checkpoint whose tensor names or shapes differ from the model the config builds.
+
+    ``weights`` maps names to tensors or shapes. Differences mean config.yaml no longer describes the
+    run (edited, truncated or damaged); torch would say so in a multi-line RuntimeError.
+    """
+    own = {k: tuple(v.shape) for k, v in method.state_dict().items()}
+    saved = {k: tuple(v.shape if hasattr(v, "shape") else v) for k, v in weights.items()}
+    if own == saved:
+        return
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    shaped = sorted(k for k in own.keys() & saved.keys() if own[k] != saved[k])
+    detail = (f"'{shaped[0]}' is {list(saved[shaped[0]])} in the checkpoint, {list(own[shaped[0]])} in the model"
+              if shaped else f"'{(missing or unexpected)[0]}' is {'missing from the checkpoint' if missing else 'unexpected'}")
+    raise GenlabError(f"{ckpt} does not fit the model that {config_path} describes ({detail}): was config.yaml edited "
+                      "or damaged? restore it (the first 'start' record of log.jsonl holds the config)")
+
+
+def find_checkpoint(run_dir: str | os.PathLike, which: int | str | os.PathLike | None = "latest") -> Path | None:
+    """The checkpoint to load: step ``which``, a checkpoint folder, or for "latest" (None) the newest *intact* one.
+
+    A damaged newer checkpoint (sha256 mismatch, missing file, corrupt state.json) is skipped with a
+    one-line warning naming it, so a crash or a bad disk sector costs the steps since the previous
+    checkpoint, not the run. Returns None when the run has no checkpoint at all.
+    """
+    if isinstance(which, os.PathLike) or (isinstance(which, str) and Path(which).is_dir()):
+        return Path(which)  # a folder: load_checkpoint checks it
+    found = list_checkpoints(run_dir)
+    if which is None or which == "latest":
+        skipped: list[tuple[str, GenlabError]] = []
+        for path in reversed(found):
+            try:
+                verify_checkpoint(path)
+            except GenlabError as err:
+                skipped.append((path.name, err))
+                warnings.warn(f"skipping damaged checkpoint {path.name}: {err}")
+                continue
+            return path
+        if skipped:
+            raise GenlabError(f"every checkpoint of {run_dir} is damaged ({', '.join(name for name, _ in skipped)}; "
+                              f"the newest: {skipped[0][1]}): restore checkpoints/ from a backup or retrain")
+        return None
+    step = parse_checkpoint_choice(which)
+    for path in found:
+        if checkpoint_step(path) == step:
+            return path
+    steps = ", ".join(str(checkpoint_step(p)) for p in found) or "none"
+    raise GenlabError(f"checkpoint {which}: {run_dir} has no checkpoint at step {step}; available steps: {steps} "
+                      "(or latest)")
+
+
+def parse_checkpoint_choice(which: int | str) -> int | str:
+    """``--checkpoint STEP|latest``: the step as an int, or "latest"; anything else is a one-line error."""
+    if which == "latest":
+        return which
+    text = str(which).strip()
+    if isinstance(which, bool) or not text.isdigit():
+        raise GenlabError(f"checkpoint {which!r}: give a step number (e.g. 500) or latest")
+    return int(text)

@@ -58,6 +58,7 @@ from genlab.errors import ConfigError, TrainingDiverged
 from genlab.methods.base import Method, OptimizerSpec
 from genlab.methods.capabilities import Generates, has
 from genlab.train.checkpoint import (
+    check_weights_fit,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -400,6 +401,7 @@ class Trainer:
         trained = state.get("config") or read_config_file(self.run_dir / "config.yaml")
         self.changes = _changed_settings(trained, to_dict(self.cfg))
         self._refuse_unresumable()
+        check_weights_fit(self.method, tensors["model"], path, self.run_dir / "config.yaml")
         self.method.load_state_dict(tensors["model"])
         sk = state["skeletons"]
         for name, ema in self.emas.items():
