@@ -239,6 +239,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ref", help="use the entries scored against this SOURCE:SPLIT (default: each run's newest)")
     c.add_argument("--out", default="compare.png", help="bar chart file (default compare.png)")
 
+    rp = sub.add_parser("report", help="one self-contained HTML page of runs: curves, grids, metrics, warnings",
+                        description="Write an HTML report of one run (config and command, loss / LR / grad-norm "
+                                    "curves, sample grids over training, every evaluation with its protocol, sweeps, "
+                                    "warnings) or a comparison of several; images are inline, it opens from disk.")
+    rp.add_argument("runs", nargs="+", help="run folders")
+    rp.add_argument("--out", help="HTML file (default RUN/report.html for one run, report.html for several)")
+
     d = sub.add_parser("data", help="data sources", description="Inspect data sources.")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     dsub.add_parser("list", help="list the data sources")
@@ -551,6 +558,14 @@ def _cmd_compare(a) -> int:
     return 0
 
 
+def _cmd_report(a) -> int:
+    from genlab.report.html import write_report
+
+    out = a.out if a.out is not None or len(a.runs) == 1 else "report.html"
+    print(write_report(a.runs, out))
+    return 0
+
+
 def _cmd_data(a) -> int:
     from genlab.data import list_sources
 
@@ -602,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = {"train": _cmd_train, "sample": _cmd_sample, "data": _cmd_data, "methods": _cmd_methods,
                "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare, "reconstruct": _cmd_reconstruct,
-               "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert}[a.command]
+               "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert, "report": _cmd_report}[a.command]
     try:
         return handler(a)
     except GenlabError as e:
