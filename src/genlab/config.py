@@ -52,6 +52,8 @@ class TrainConfig:
     eval_every: int = 0  # FID/KID of eval_n samples against eval_ref every K steps, logged (0: never)
     eval_n: int = 1000
     eval_ref: str | None = None  # e.g. "mnist:test"
+    report_every: int = 0  # rewrite RUN/report.html every K steps and at the end (0: never; `genlab report` any time)
+    tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard/ (needs the `tensorboard` extra)
     time_limit: float | None = None  # minutes of wall time; stop (and checkpoint) when reached
     threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
     device: str | None = None  # None: accelerate's choice (CUDA when present)

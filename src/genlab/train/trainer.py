@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 import warnings
 from contextlib import ExitStack
@@ -316,6 +317,12 @@ class Trainer:
         with self._with_ema_weights():
             return periodic_eval(self.method, ref=tc.eval_ref, n=tc.eval_n, data_root=self.cfg.data.root)
 
+    def _outputs(self):
+        """The log-record observer writing report.html (train.report_every) and TensorBoard events."""
+        from genlab.report.live import training_outputs
+
+        return training_outputs(self.run_dir, self.cfg.train.report_every, self.cfg.train.tensorboard)
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self, resume: bool = False) -> TrainResult:
@@ -326,11 +333,11 @@ class Trainer:
         if self.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
             (self.run_dir / "samples").mkdir(exist_ok=True)
-        log = RunLog(self.run_dir) if self.is_main else None
+        log = RunLog(self.run_dir, on_record=self._outputs()) if self.is_main else None
         if log is not None:
             log.truncate_after(self.step)
             if self.step == 0:
-                log.log(0, {"config": to_dict(self.cfg), "world_size": self.world,
+                log.log(0, {"config": to_dict(self.cfg), "argv": list(sys.argv), "world_size": self.world,
                             "num_images": len(self.data)}, kind="start")
         self.method.train()
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, desc=f"train {self.cfg.method}",
