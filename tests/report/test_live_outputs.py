@@ -10,8 +10,8 @@ from tiny_configs import TINY_DDPM
 
 from genlab import api
 from genlab.cli import main
-from genlab.errors import GenlabError
-from genlab.report.live import ReportEvery
+from genlab.errors import ConfigError, GenlabError
+from genlab.report.live import ReportEvery, training_outputs
 from genlab.report.tensorboard import TensorBoardWriter
 from genlab.train.runlog import read_log
 
@@ -82,6 +82,12 @@ def test_tensorboard_events_of_a_hand_made_log(tmp_path):
     hparams = events.PluginTagToContent("hparams")
     assert b"train.lr" in hparams["_hparams_/session_start_info"]
     assert b"final/train/loss" in hparams["_hparams_/experiment"]
+
+
+def test_a_negative_report_every_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="train.report_every must be >= 0"):
+        training_outputs(tmp_path, -5, False)
+    assert training_outputs(tmp_path, 0, False) is None
 
 
 def test_tensorboard_missing_names_the_extra(tmp_path, monkeypatch):

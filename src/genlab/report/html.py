@@ -295,7 +295,7 @@ STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1240px;padding:16px 28px;color:#1d2330;background:#fff}
 h1{font-size:22px;margin:4px 0 2px}h2{font-size:18px;border-bottom:2px solid #dde3ec;padding-bottom:4px;margin-top:28px}
 h3{font-size:14px;margin:18px 0 6px;color:#3a4a63;text-transform:uppercase;letter-spacing:.04em}
-.meta{color:#5b6780;margin:2px 0}pre{background:#f5f7fa;border:1px solid #e3e8ef;padding:8px 10px;overflow-x:auto;font-size:12px;white-space:pre-wrap;word-break:break-all}
+.meta{color:#5b6780;margin:2px 0}pre{background:#f5f7fa;border:1px solid #e3e8ef;padding:8px 10px;overflow-x:auto;font-size:12px;white-space:pre-wrap;overflow-wrap:anywhere}
 img.plot{max-width:100%;display:block;margin:4px 0 8px}
 .grids{display:flex;flex-wrap:wrap;gap:14px}figure{margin:0;text-align:center}figcaption{font-size:12px;color:#5b6780}
 img.grid{width:168px;image-rendering:pixelated;border:1px solid #d0d7e2}

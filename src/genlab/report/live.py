@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from genlab.errors import ConfigError
 from genlab.report.html import write_report
 
 REPORT_FILE = "report.html"
@@ -31,6 +32,8 @@ class ReportEvery:
 
 def training_outputs(run_dir: str | Path, report_every: int, tensorboard: bool) -> Callable[[dict], None] | None:
     """The record observer for ``train.report_every`` and ``train.tensorboard`` (None when both are off)."""
+    if report_every < 0:
+        raise ConfigError(f"train.report_every must be >= 0 (0: never), got {report_every}")
     observers: list[Callable[[dict], None]] = []
     if tensorboard:
         from genlab.report.tensorboard import TensorBoardWriter

@@ -58,12 +58,12 @@ def _draw(ax, panel: Panel) -> None:
         ax.legend(fontsize=7)
 
 
-def panels_png(panels: list[Panel], cols: int = 3) -> bytes:
+def panels_png(panels: list[Panel], cols: int = 4) -> bytes:
     """Panels in a grid of ``cols`` columns, as PNG bytes without metadata (Software would vary by version)."""
     plt = _pyplot()
     cols = min(cols, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.9 * cols, 2.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols if cols > 2 else 3.9 * cols, 2.6 * rows), squeeze=False)
     fig.subplots_adjust(left=0.08 if cols > 1 else 0.14, right=0.98, bottom=0.17 / rows ** 0.5, top=1 - 0.1 / rows ** 0.5,
                         wspace=0.3, hspace=0.55)
     for ax in axes.flat[len(panels):]:
