@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from html import escape
 
 import pytest
 from report_fixtures import make_run
@@ -96,3 +97,20 @@ def test_tensorboard_missing_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard raises ImportError
     with pytest.raises(GenlabError, match=r"genlab\[tensorboard\]"):
         TensorBoardWriter(tmp_path)
+
+
+def test_health_warnings_become_log_records_and_show_in_the_report(tmp_path):
+    """A GAN whose grad-norm ceiling is absurdly low warns; the warning is a `health` record and on the page."""
+    from tiny_configs import TINY_DCGAN
+
+    from genlab.report.html import read_run, render_report
+
+    run_dir = tmp_path / "gan"
+    with pytest.warns(UserWarning, match="exploding"):
+        api.train("gan", data="digits", run_dir=run_dir, progress=False,
+                  overrides=[*TINY_DCGAN, "train.steps=2", "train.log_every=1", "model.health.grad_norm_max=1e-6"])
+    health = [r for r in read_log(run_dir) if r["kind"] == "health"]
+    assert health and all("exploding" in r["values"]["warning"] for r in health)
+    assert health[0]["step"] == 1  # the first episode, logged with the step that saw it
+    page = render_report([read_run(run_dir)])
+    assert escape(health[0]["values"]["warning"]) in page

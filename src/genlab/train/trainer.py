@@ -323,6 +323,12 @@ class Trainer:
 
         return training_outputs(self.run_dir, self.cfg.train.report_every, self.cfg.train.tensorboard)
 
+    def _new_health_warnings(self) -> list[str]:
+        """Warnings the method's health monitor issued since the last call (logged as ``health`` records)."""
+        issued = getattr(getattr(self.method, "health", None), "warnings", [])
+        seen, self._health_seen = getattr(self, "_health_seen", 0), len(issued)
+        return issued[seen:]
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self, resume: bool = False) -> TrainResult:
@@ -384,6 +390,8 @@ class Trainer:
                     values["elapsed_s"] = self.elapsed
                     if log is not None:
                         log.log(self.step, values)
+                        for message in self._new_health_warnings():
+                            log.log(self.step, {"warning": message}, kind="health")
                     bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "d_loss", "g_loss")})
                     sums, count, window_start, images_seen = {}, 0, now, 0
                 time_up = tc.time_limit is not None and self.elapsed >= tc.time_limit * 60
