@@ -161,3 +161,8 @@ def test_cli_refuses_bad_input_in_one_line(one_run, tmp_path, capsys):
     assert err.startswith("error: --out") and len(err.strip().splitlines()) == 1
     with pytest.raises(GenlabError):
         write_report([])
+
+
+def test_a_run_of_an_unknown_method_shows_every_value():
+    command = reconstructed_command({"method": "future-gan", "data": {"source": "digits"}, "train": {"lr": 0.1}})
+    assert command == "genlab train future-gan --data digits train.lr=0.1"

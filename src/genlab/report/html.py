@@ -29,13 +29,12 @@ from genlab.errors import GenlabError
 from genlab.report import plots
 
 SAMPLE_FILE = re.compile(r"step_(\d+)\.png$")
-# Training curves, in this order when present; any other numeric train value follows under "other".
-CURVE_GROUPS = (("losses", lambda k: "loss" in k), ("learning rate", lambda k: k == "lr"),
-                ("gradient norms", lambda k: k.startswith("grad_norm")), ("health", lambda k: k.startswith("health_")))
+# Training curves in this order (losses, learning rate, gradient norms, health); other numeric values follow.
+CURVE_ORDER = (lambda k: "loss" in k, lambda k: k == "lr", lambda k: k.startswith("grad_norm"),
+               lambda k: k.startswith("health_"))
 _NOT_CURVES = {"elapsed_s"}
 # Protocol keys a sweep varies; the rest must be equal for entries to share a sweep plot.
 _SAMPLER_KEYS = ("sampler", "steps")
-_VOLATILE = ("date", "seconds", "target")
 
 
 @dataclass
@@ -59,7 +58,7 @@ def reconstructed_command(config: dict) -> str:
     method = config.get("method", "?")
     try:
         defaults = to_dict(RunConfig(method=method, model=get_method(method).Config()))
-    except Exception:  # an unknown method (a newer genlab's run): show every value
+    except GenlabError:  # an unknown method (a newer genlab's run): show every value
         defaults = {}
     overrides: list[str] = []
 
@@ -132,7 +131,7 @@ def _train_series(run: RunFiles) -> dict[str, list[tuple[float, float]]]:
 def _curve_keys(series_keys: Sequence[str]) -> list[str]:
     """Keys in display order: losses, learning rate, gradient norms, health, then the rest."""
     ordered: list[str] = []
-    for _, match in CURVE_GROUPS:
+    for match in CURVE_ORDER:
         ordered += sorted(k for k in series_keys if match(k) and k not in ordered)
     return ordered + sorted(k for k in series_keys if k not in ordered)
 
@@ -177,8 +176,10 @@ def _metrics_table(rows: Sequence[tuple[str, dict]]) -> str:
 
 
 def _identity(protocol: dict, varied: Sequence[str]) -> str:
-    rest = {k: v for k, v in protocol.items() if k not in _VOLATILE and k not in varied}
-    return json.dumps(rest, sort_keys=True)
+    """What a sweep holds fixed: the protocol without its volatile fields and the ``varied`` keys."""
+    from genlab.evaluation import _protocol_identity
+
+    return json.dumps(_protocol_identity({k: v for k, v in protocol.items() if k not in varied}), sort_keys=True)
 
 
 def _sweeps(entries: Sequence[dict]) -> list[bytes]:
