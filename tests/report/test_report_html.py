@@ -18,7 +18,7 @@ from genlab.config import build_config, to_dict
 from genlab.errors import GenlabError
 from genlab.methods import get_method
 from genlab.report import write_report
-from genlab.report.html import read_run, reconstructed_command
+from genlab.report.html import read_run, reconstructed_command, render_report
 
 
 class Page(HTMLParser):
@@ -166,3 +166,10 @@ def test_cli_refuses_bad_input_in_one_line(one_run, tmp_path, capsys):
 def test_a_run_of_an_unknown_method_shows_every_value():
     command = reconstructed_command({"method": "future-gan", "data": {"source": "digits"}, "train": {"lr": 0.1}})
     assert command == "genlab train future-gan --data digits train.lr=0.1"
+
+
+def test_runs_with_the_same_folder_name_are_told_apart_by_path(tmp_path):
+    a, b = make_run(tmp_path / "a" / "run"), make_run(tmp_path / "b" / "run", steps=(10,))
+    page = Page(render_report([read_run(a), read_run(b)]))
+    side_by_side = [img["alt"] for img in page.images if img.get("alt", "").startswith(str(tmp_path))]
+    assert side_by_side == [f"{a} at step 10", f"{b} at step 10"]

@@ -142,7 +142,8 @@ def _curves_section(runs: Sequence[RunFiles]) -> str:
     keys = _curve_keys({k for s in per_run.values() for k in s})
     if not keys:
         return "<p class='empty'>no training records in log.jsonl yet</p>"
-    panels = [plots.Panel(k, {name: s[k] for name, s in per_run.items() if k in s}) for k in keys]
+    colors = {name: f"C{i % 10}" for i, name in enumerate(per_run)}  # matplotlib's default cycle, fixed per run
+    panels = [plots.Panel(k, {name: s[k] for name, s in per_run.items() if k in s}, colors=colors) for k in keys]
     return _img(plots.panels_png(panels), "training curves: " + ", ".join(keys))
 
 
@@ -311,6 +312,9 @@ def render_report(runs: Sequence[RunFiles]) -> str:
     """The report's HTML for one run (its page) or several (a comparison first, then each run)."""
     if not runs:
         raise GenlabError("genlab report needs at least one run folder")
+    if len({r.name for r in runs}) < len(runs):  # runs/a/run and runs/b/run: tell them apart by path
+        for r in runs:
+            r.name = str(r.path)
     anchors = [f"run-{i}" for i in range(len(runs))]
     nav = "".join(f'<a href="#{a}">{escape(r.name)}</a>' for a, r in zip(anchors, runs))
     body = (_comparison_section(runs) if len(runs) > 1 else "") + "".join(

@@ -24,6 +24,7 @@ class Panel:
     ylabel: str = ""
     logx: bool = False
     logy: bool | None = None  # None: log when the positive values span more than two decades
+    colors: dict[str, str] | None = None  # label -> colour, so a run keeps its colour in every panel
 
 
 def _pyplot():
@@ -40,7 +41,8 @@ def _draw(ax, panel: Panel) -> None:
     logy = panel.logy if panel.logy is not None else bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 100
     for label, points in panel.series.items():
         xs, vs = zip(*points) if points else ((), ())
-        ax.plot(xs, vs, marker="o" if len(points) < 12 else None, markersize=3, linewidth=1.4, label=label)
+        ax.plot(xs, vs, marker="o" if len(points) < 12 else None, markersize=3, linewidth=1.4, label=label,
+                color=(panel.colors or {}).get(label))
     if panel.logx:  # ticks at the measured x (sampler steps), written plainly rather than as 10^k
         ax.set_xscale("log")
         xs = sorted({x for points in panel.series.values() for x, _ in points})
