@@ -78,8 +78,8 @@ def test_every_image_is_an_inline_png_and_the_sample_grids_are_the_files(one_run
     grids = {img["src"] for img in page.images if img.get("class") == "grid"}
     files = {"data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in (run / "samples").glob("*.png")}
     assert grids == files
-    # the training curves, the sampler sweep, the guidance sweep
-    assert len([img for img in page.images if img.get("class") == "plot"]) == 3
+    assert [img["alt"] for img in page.images if img.get("class") == "plot"][1:] == [
+        "sampler sweep: FID vs steps", "guidance sweep: fid, class_accuracy vs guidance scale"]  # after the curves
     assert all(not src.startswith(("http", "//")) for src in (img["src"] for img in page.images))
 
 
@@ -173,3 +173,16 @@ def test_runs_with_the_same_folder_name_are_told_apart_by_path(tmp_path):
     page = Page(render_report([read_run(a), read_run(b)]))
     side_by_side = [img["alt"] for img in page.images if img.get("alt", "").startswith(str(tmp_path))]
     assert side_by_side == [f"{a} at step 10", f"{b} at step 10"]
+
+
+def test_a_sampler_sweep_file_in_the_run_replaces_the_steps_sweep(tmp_path):
+    run = make_run(tmp_path / "run")
+    points = [{"sampler": s, "steps": k, "nfe": 2 * k - 1 if s == "heun" else k, "n": 300, "seed": 0, "fid": 50.0 / k,
+               "extractor": "mnist"} for s in ("ddim", "heun") for k in (5, 10)]
+    (run / "sampler_sweep.json").write_text(json.dumps(points))
+    assert read_run(run).nfe_sweep == points
+    page = Page(render_report([read_run(run)]))
+    assert [img["alt"] for img in page.images if "sweep" in img.get("alt", "")] == [
+        "sampler sweep: FID vs NFE", "guidance sweep: fid, class_accuracy vs guidance scale"]
+    (run / "sampler_sweep.json").write_text(json.dumps({"not": "a sweep"}))
+    assert read_run(run).nfe_sweep == []

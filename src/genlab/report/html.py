@@ -48,6 +48,7 @@ class RunFiles:
     records: list[dict] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     samples: list[tuple[int, Path]] = field(default_factory=list)  # (step, png), by step
+    nfe_sweep: list[dict] = field(default_factory=list)  # points of benchmarks/sampler_sweep.py's JSON in RUN/
 
 
 def reconstructed_command(config: dict) -> str:
@@ -95,7 +96,20 @@ def read_run(path: str | os.PathLike) -> RunFiles:
     samples = sorted((int(m.group(1)), p) for p in (path / "samples").glob("step_*.png")
                      if (m := SAMPLE_FILE.search(p.name)))
     return RunFiles(path=path, name=path.resolve().name, config=config, command=command, records=records,
-                    metrics=read_metrics(path), samples=samples)
+                    metrics=read_metrics(path), samples=samples, nfe_sweep=_nfe_sweep_points(path))
+
+
+def _nfe_sweep_points(path: Path) -> list[dict]:
+    """Points of sampler-sweep JSON files in the run folder (``sampler_sweep.py --json RUN/sweep.json``)."""
+    points = []
+    for file in sorted(path.glob("*.json")):
+        try:
+            data = json.loads(file.read_text())
+        except ValueError:
+            continue
+        if isinstance(data, list) and data and all(isinstance(d, dict) and {"sampler", "nfe", "fid"} <= set(d) for d in data):
+            points += data
+    return points
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -183,36 +197,56 @@ def _identity(protocol: dict, varied: Sequence[str]) -> str:
     return json.dumps(_protocol_identity({k: v for k, v in protocol.items() if k not in varied}), sort_keys=True)
 
 
-def _sweeps(entries: Sequence[dict]) -> list[bytes]:
-    """Plots of the sampler sweep (FID vs steps, a line per sampler) and the guidance sweep (FID vs scale)."""
-    out = []
-    scored = [e for e in entries if isinstance(e.get("metrics", {}).get("fid"), (int, float))]
-    groups: dict[str, list[dict]] = {}
-    for e in scored:
-        groups.setdefault(_identity(e["protocol"], _SAMPLER_KEYS), []).append(e)
-    for group in groups.values():
+def _sampler_plot(lines: dict[str, list[tuple[float, float]]], protocol: dict, x: str, short: str) -> tuple[str, bytes]:
+    """FID against ``x`` (NFE or steps; ``short`` names it in the alt text), a line per sampler, log x axis."""
+    title = f"sampler sweep: FID ({protocol.get('extractor')} features, N={protocol.get('n')})"
+    panel = plots.Panel(title, {k: sorted(v) for k, v in sorted(lines.items())}, x, "FID", logx=True)
+    return f"sampler sweep: FID vs {short}", plots.panels_png([panel], cols=1)
+
+
+def _sampler_sweeps(entries: Sequence[dict], nfe_sweep: Sequence[dict]) -> list[tuple[str, bytes]]:
+    """FID vs NFE from a sweep file; else FID vs steps from metrics.json entries that differ only in sampler/steps."""
+    if nfe_sweep:
         lines: dict[str, list[tuple[float, float]]] = {}
+        for d in nfe_sweep:
+            lines.setdefault(str(d["sampler"]), []).append((d["nfe"], d["fid"]))
+        return [_sampler_plot(lines, nfe_sweep[0], "model evaluations (NFE)", "NFE")]
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(_identity(e["protocol"], _SAMPLER_KEYS), []).append(e)
+    out = []
+    for group in groups.values():
+        lines = {}
         for e in group:
             if isinstance(e["protocol"].get("steps"), int):
                 lines.setdefault(str(e["protocol"].get("sampler")), []).append((e["protocol"]["steps"], e["metrics"]["fid"]))
-        if sum(len(v) for v in lines.values()) > 1 and any(len(v) > 1 for v in lines.values()):
-            p = group[0]["protocol"]
-            out.append(plots.panels_png([plots.Panel(
-                f"sampler sweep: FID ({p.get('extractor')} features, N={p.get('n')})",
-                {k: sorted(v) for k, v in sorted(lines.items())}, "sampler steps", "FID", logx=True)], cols=1))
-    groups = {}
-    for e in scored:
+        if any(len(v) > 1 for v in lines.values()):
+            out.append(_sampler_plot(lines, group[0]["protocol"], "sampler steps", "steps"))
+    return out
+
+
+def _guidance_sweeps(entries: Sequence[dict]) -> list[tuple[str, bytes]]:
+    """FID (and class accuracy) vs guidance scale, over entries that differ only in the scale."""
+    groups: dict[str, list[tuple[float, dict]]] = {}
+    for e in entries:
         options = dict(e["protocol"].get("sample_options") or {})
         scale = options.pop("guidance_scale", None)
         if isinstance(scale, (int, float)):
-            key = _identity({**e["protocol"], "sample_options": options}, ())
-            groups.setdefault(key, []).append((float(scale), e))
+            groups.setdefault(_identity({**e["protocol"], "sample_options": options}, ()), []).append((float(scale), e))
+    out = []
     for group in groups.values():
         if len({s for s, _ in group}) > 1:
             metrics = [m for m in ("fid", "class_accuracy") if all(m in e["metrics"] for _, e in group)]
-            out.append(plots.panels_png([plots.Panel(f"guidance sweep: {m}", {m: sorted((s, e["metrics"][m]) for s, e in group)},
-                                                     "guidance scale w", m) for m in metrics], cols=2))
+            panels = [plots.Panel(f"guidance sweep: {m}", {m: sorted((s, e["metrics"][m]) for s, e in group)},
+                                  "guidance scale w", m) for m in metrics]
+            out.append((f"guidance sweep: {', '.join(metrics)} vs guidance scale", plots.panels_png(panels, cols=2)))
     return out
+
+
+def _sweeps(entries: Sequence[dict], nfe_sweep: Sequence[dict] = ()) -> list[tuple[str, bytes]]:
+    """(alt text, PNG) of every sweep plot of a run."""
+    scored = [e for e in entries if isinstance(e.get("metrics", {}).get("fid"), (int, float))]
+    return _sampler_sweeps(scored, nfe_sweep) + _guidance_sweeps(scored)
 
 
 def _notices(run: RunFiles) -> str:
@@ -257,7 +291,7 @@ def _status(run: RunFiles) -> str:
 
 def _run_section(run: RunFiles, anchor: str) -> str:
     config = escape(yaml.safe_dump(run.config, sort_keys=False, default_flow_style=None))
-    sweeps = "".join(_img(png, "sweep") for png in _sweeps(run.metrics)) or "<p class='empty'>no sweeps in metrics.json</p>"
+    sweeps = "".join(_img(png, alt) for alt, png in _sweeps(run.metrics, run.nfe_sweep)) or "<p class='empty'>no sweeps in metrics.json</p>"
     return f"""<section id="{anchor}">
 <h2>{escape(run.name)}</h2>
 <p class="meta">{escape(str(run.config.get('method', '?')))} on {escape(str((run.config.get('data') or {}).get('source')))}
