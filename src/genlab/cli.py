@@ -617,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = {"train": _cmd_train, "sample": _cmd_sample, "data": _cmd_data, "methods": _cmd_methods,
                "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare, "reconstruct": _cmd_reconstruct,
-               "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert, "report": _cmd_report}[a.command]
+               "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert,
+               "report": _cmd_report}[a.command]
     try:
         return handler(a)
     except GenlabError as e:

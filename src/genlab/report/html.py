@@ -83,7 +83,8 @@ def read_run(path: str | os.PathLike) -> RunFiles:
 
     path = Path(path)
     if not (path / "config.yaml").is_file() and not (path / LOG_FILE).is_file():
-        raise GenlabError(f"{path}: not a genlab run folder (no config.yaml or log.jsonl); give the folder `genlab train` printed")
+        raise GenlabError(f"{path}: not a genlab run folder (no config.yaml or log.jsonl); "
+                          "give the folder `genlab train` printed")
     records = read_log(path) if (path / LOG_FILE).is_file() else []
     start = next((r["values"] for r in records if r.get("kind") == "start"), {})
     if (path / "config.yaml").is_file():
@@ -107,7 +108,9 @@ def _nfe_sweep_points(path: Path) -> list[dict]:
             data = json.loads(file.read_text())
         except ValueError:
             continue
-        if isinstance(data, list) and data and all(isinstance(d, dict) and {"sampler", "nfe", "fid"} <= set(d) for d in data):
+        is_sweep = isinstance(data, list) and data and all(
+            isinstance(d, dict) and {"sampler", "nfe", "fid"} <= set(d) for d in data)
+        if is_sweep:
             points += data
     return points
 
@@ -219,7 +222,8 @@ def _sampler_sweeps(entries: Sequence[dict], nfe_sweep: Sequence[dict]) -> list[
         lines = {}
         for e in group:
             if isinstance(e["protocol"].get("steps"), int):
-                lines.setdefault(str(e["protocol"].get("sampler")), []).append((e["protocol"]["steps"], e["metrics"]["fid"]))
+                point = (e["protocol"]["steps"], e["metrics"]["fid"])
+                lines.setdefault(str(e["protocol"].get("sampler")), []).append(point)
         if any(len(v) > 1 for v in lines.values()):
             out.append(_sampler_plot(lines, group[0]["protocol"], "sampler steps", "steps"))
     return out
@@ -291,10 +295,12 @@ def _status(run: RunFiles) -> str:
 
 def _run_section(run: RunFiles, anchor: str) -> str:
     config = escape(yaml.safe_dump(run.config, sort_keys=False, default_flow_style=None))
-    sweeps = "".join(_img(png, alt) for alt, png in _sweeps(run.metrics, run.nfe_sweep)) or "<p class='empty'>no sweeps in metrics.json</p>"
+    data = (run.config.get("data") or {}).get("source")
+    sweeps = "".join(_img(png, alt) for alt, png in _sweeps(run.metrics, run.nfe_sweep))
+    sweeps = sweeps or "<p class='empty'>no sweeps in metrics.json</p>"
     return f"""<section id="{anchor}">
 <h2>{escape(run.name)}</h2>
-<p class="meta">{escape(str(run.config.get('method', '?')))} on {escape(str((run.config.get('data') or {}).get('source')))}
+<p class="meta">{escape(str(run.config.get('method', '?')))} on {escape(str(data))}
  &middot; {escape(_status(run))} &middot; <code>{escape(str(run.path))}</code></p>
 <h3>command</h3><pre class="command">{escape(run.command)}</pre>
 <h3>training curves</h3>{_curves_section([run])}

@@ -66,7 +66,8 @@ def panels_png(panels: list[Panel], cols: int = 4) -> bytes:
     cols = min(cols, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols if cols > 2 else 3.9 * cols, 2.6 * rows), squeeze=False)
-    fig.subplots_adjust(left=0.08 if cols > 1 else 0.14, right=0.98, bottom=0.17 / rows ** 0.5, top=1 - 0.1 / rows ** 0.5,
+    margin = rows ** 0.5  # margins are fractions of the figure: smaller for taller figures
+    fig.subplots_adjust(left=0.08 if cols > 1 else 0.14, right=0.98, bottom=0.17 / margin, top=1 - 0.1 / margin,
                         wspace=0.3, hspace=0.55)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
