@@ -9,7 +9,7 @@ export GENLAB_DATA ?= $(abspath ../shared/data)
 # waiting starve each other there (5-20x slower measured on 2 cores); passive waiting avoids it.
 test test-slow: export OMP_WAIT_POLICY = PASSIVE
 
-.PHONY: install install-dev install-bench demo test test-slow bench clean
+.PHONY: install install-dev install-bench demo test test-slow test-browser bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ test: install-dev
 
 test-slow: install-dev
 	$(PY) -m pytest -m "slow" -q
+
+# The report in a real browser: Playwright drives the system's Chromium (`playwright install` needs a network).
+test-browser: install-dev
+	@$(PY) -c "import playwright" 2>/dev/null || { echo "test-browser: installing playwright into $(VENV)"; $(PIP) install "playwright>=1.40"; }
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "$$GENLAB_CHROMIUM" ] || { \
+	  if command -v apt-get >/dev/null; then echo "test-browser: installing chromium with apt-get"; \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; \
+	  else echo "test-browser needs Chromium: install it with your package manager, or set GENLAB_CHROMIUM=/path/to/chrome"; exit 2; fi; }
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m browser -q
 
 bench: install-bench
 	$(PY) benchmarks/train_throughput.py

@@ -283,6 +283,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="folder to write into (default: $GENLAB_CACHE/evaluators)")
     x.add_argument("--force", action="store_true", help="replace an existing evaluator of this name in --out")
     _add_data_options(x, data_flag="")
+    rp = sub.add_parser("report", help="one self-contained HTML page of runs: curves, grids, metrics, warnings",
+                        description="Write an HTML report of one run (config and command, loss / LR / grad-norm "
+                                    "curves, sample grids over training, every evaluation with its protocol, sweeps, "
+                                    "warnings) or a comparison of several; images are inline, it opens from disk.")
+    rp.add_argument("runs", nargs="+", help="run folders")
+    rp.add_argument("--out", help="HTML file (default RUN/report.html for one run, report.html for several)")
 
     d = sub.add_parser("data", help="data sources", description="Inspect data sources.")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
@@ -676,6 +682,14 @@ def _load_split(ref: str, n: int | None, data_root: str | None, default_split: s
     return load_data(DataConfig(source=source, split=split or default_split, root=data_root, limit=n))
 
 
+def _cmd_report(a) -> int:
+    from genlab.report.html import write_report
+
+    out = a.out if a.out is not None or len(a.runs) == 1 else "report.html"
+    print(write_report(a.runs, out))
+    return 0
+
+
 def _cmd_data(a) -> int:
     from genlab.data import list_sources
 
@@ -827,7 +841,8 @@ def main(argv: list[str] | None = None) -> int:
                "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare, "reconstruct": _cmd_reconstruct,
                "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert,
                "export-evaluator": _cmd_export_evaluator, "zero-shot": _cmd_zero_shot,
-               "retrieve": _cmd_zero_shot, "config": _cmd_config}[a.command]
+               "retrieve": _cmd_zero_shot, "config": _cmd_config,
+               "report": _cmd_report}[a.command]
     try:
         return handler(a)
     except GenlabError as e:

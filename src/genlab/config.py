@@ -55,6 +55,8 @@ class TrainConfig:
     eval_every: int = 0  # FID/KID of eval_n samples against eval_ref every K steps, logged (0: never)
     eval_n: PositiveInt = 1000  # samples per periodic evaluation
     eval_ref: str | None = None  # e.g. "mnist:test"
+    report_every: int = 0  # rewrite RUN/report.html every K steps and at the end (0: never; `genlab report` any time)
+    tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard/ (needs the `tensorboard` extra)
     time_limit: PositiveFloat | None = None  # minutes of this launch (not summed over resumes); then checkpoint and stop
     threads: PositiveInt | None = None  # torch CPU threads; None: torch's default (all cores)
     device: str | None = None  # cpu, cuda, cuda:N or mps; None: accelerate's choice (CUDA when present)

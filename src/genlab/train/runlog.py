@@ -28,7 +28,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -155,8 +155,9 @@ def _rewrite(path: Path, lines: list[str]) -> None:
 class RunLog:
     """Append-only JSON-lines log of a run, flushed line by line."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, on_record: Callable[[dict], None] | None = None):
         self.path = _log_path(run_dir)
+        self.on_record = on_record  # sees each record once it is on disk (live report, TensorBoard)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file() and self.path.stat().st_size > 0:
             self._repair_tail()
@@ -186,6 +187,8 @@ class RunLog:
         }
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        if self.on_record is not None:
+            self.on_record(record)
         return record
 
     def sync(self) -> None:

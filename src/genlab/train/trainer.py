@@ -41,6 +41,7 @@ import math
 import signal
 import sys
 import threading
+import sys
 import time
 import warnings
 from contextlib import ExitStack
@@ -78,7 +79,8 @@ _GRID_BATCH = 16  # preview images per sampling call: the grid's progress bar mo
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.lr", "train.grad_clip", "train.time_limit", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.sample_n", "train.eval_every",
-    "train.eval_n", "train.eval_ref", "train.threads", "train.device", "data.root",
+    "train.eval_n", "train.eval_ref", "train.threads", "train.device", "train.report_every", "train.tensorboard",
+    "data.root",
 })
 
 
@@ -507,6 +509,18 @@ class Trainer:
         with self._with_ema_weights():
             return self.evaluate(self.method)
 
+    def _outputs(self):
+        """The log-record observer writing report.html (train.report_every) and TensorBoard events."""
+        from genlab.report.live import training_outputs
+
+        return training_outputs(self.run_dir, self.cfg.train.report_every, self.cfg.train.tensorboard)
+
+    def _new_health_warnings(self) -> list[str]:
+        """Warnings the method's health monitor issued since the last call (logged as ``health`` records)."""
+        issued = getattr(getattr(self.method, "health", None), "warnings", [])
+        seen, self._health_seen = getattr(self, "_health_seen", 0), len(issued)
+        return issued[seen:]
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self, resume: bool | Path = False) -> TrainResult:
@@ -514,7 +528,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume(None if resume is True else Path(resume))
-        log = RunLog(self.run_dir) if self.is_main else None
+        log = RunLog(self.run_dir, on_record=self._outputs()) if self.is_main else None
         try:
             if self.step >= self.cfg.train.steps:  # resuming a finished run: nothing to train, nothing to log twice
                 self._say(f"{self.run_dir} is trained to step {self.step} (train.steps={self.cfg.train.steps}); "
@@ -543,7 +557,8 @@ class Trainer:
         save_config(self.cfg, self.run_dir / "config.yaml")
         (self.run_dir / "samples").mkdir(exist_ok=True)
         log.begin_launch(self.step)
-        values = {"config": to_dict(self.cfg), "world_size": self.world, "num_images": len(self.data)}
+        values = {"config": to_dict(self.cfg), "argv": list(sys.argv), "world_size": self.world,
+                  "num_images": len(self.data)}
         if self.step > 0:
             values.update(resumed_from=self.step, changes=self.changes, lr_plan=dataclasses.asdict(self.lr_plan))
         log.log(self.step, values, kind="start")
@@ -613,6 +628,8 @@ class Trainer:
         values["elapsed_s"] = self.elapsed
         if log is not None:
             log.log(self.step, values)
+            for message in self._new_health_warnings():
+                log.log(self.step, {"warning": message}, kind="health")
         bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "d_loss", "g_loss")})
 
     def _stop_reason(self, signals: _Signals, launch_seconds: float) -> str | int | None:
