@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from genlab.evaluation import IS_SPLITS, K_DENSITY_COVERAGE, K_PRECISION_RECALL, KID_SUBSET_SIZE, KID_SUBSETS
+from genlab.evaluation.generation import IS_SPLITS, K_DENSITY_COVERAGE, K_PRECISION_RECALL, KID_SUBSET_SIZE, KID_SUBSETS
 from genlab.metrics import GaussianStats, frechet_distance, inception_score, kernel_inception_distance
 from genlab.metrics import knn_radii, precision_recall_density_coverage
 
