@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -17,27 +15,6 @@ from genlab.metrics.extractors import DEFAULT_EXTRACTORS, FeatureExtractor, get_
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def publish(tmp: str, path: Path) -> None:
-    """Rename a finished temporary file onto ``path`` with ordinary permissions (mkstemp makes it owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def versions() -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import torch
 
 from genlab.data import DataConfig, load_data, resolve_cache_dir, to_model_range
 from genlab.errors import ConfigError, DataError, GenlabError
-from genlab.evaluation.common import atomic_write_text, default_device, publish, resolve_extractor
+from genlab.evaluation.common import default_device, resolve_extractor
+from genlab.fileio import atomic_write, atomic_write_text
 from genlab.metrics import GaussianStats
 from genlab.metrics.extractors import FeatureExtractor
 
@@ -119,17 +119,9 @@ def _write_reference(path: Path, reference: Reference) -> Path | None:
     tensors["probabilities"] = reference.probabilities.contiguous()
     key_text = json.dumps(reference.key, sort_keys=True)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"key": key_text})
-            publish(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": key_text}))
         atomic_write_text(path.with_suffix(".json"), json.dumps({**reference.key, "n_images": reference.n}, indent=2) + "\n")
-    except OSError as e:
+    except OSError as e:  # a cache is optional (WriteError is an OSError): warn and score without it
         warnings.warn(f"could not write reference statistics to {path} ({e}); set GENLAB_CACHE to a writable folder",
                       stacklevel=3)
         return None

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from genlab.errors import DataError
-from genlab.evaluation.common import atomic_write_text
+from genlab.fileio import atomic_write_text
 
 METRICS_FILE = "metrics.json"
 # Protocol fields that describe when, how fast and by which path, not what was measured: not part of an

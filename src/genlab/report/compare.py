@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -139,7 +138,7 @@ def _bar_chart(rows: list[dict], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genlab.evaluation.common import publish
+    from genlab.fileio import atomic_write
 
     panels = [(kind, c) for kind in FAMILIES for c in FAMILIES[kind]
               if any(r["kind"] == kind and c in r["metrics"] for r in rows)]
@@ -153,14 +152,8 @@ def _bar_chart(rows: list[dict], out: Path) -> Path:
         ax.set_xticks(range(len(family)), [Path(r["run"]).name or r["run"] for r in family], rotation=30, ha="right",
                       fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        publish(tmp, out)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import yaml
 
 from genlab.errors import GenlabError
+from genlab.fileio import atomic_write_text
 from genlab.report import plots
 
 SAMPLE_FILE = re.compile(r"step_(\d+)\.png$")
@@ -380,8 +381,4 @@ def write_report(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str
     if out.suffix.lower() not in (".html", ".htm"):
         raise GenlabError(f"--out {out}: a report is an HTML file; give a name ending in .html")
     text = render_report([read_run(p) for p in paths])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)  # atomic: a browser refreshing during training never sees half a page
-    return out
+    return atomic_write_text(out, text)  # a browser refreshing during training never sees half a page

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from genlab.errors import ConfigError, GenlabError
+from genlab.fileio import atomic_write_text
 
 LOG_FILE = "log.jsonl"
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -144,12 +145,7 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _rewrite(path: Path, lines: list[str]) -> None:
     """Atomically replace the file's content with ``lines`` (temp file, fsync, rename)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 class RunLog:
