@@ -41,7 +41,7 @@ def encoder_cost(captions: list[str]) -> dict:
 
 def main() -> None:
     from genlab.data import DataConfig, load_data, split_source_ref
-    from genlab.text.evaluate import first_captions, score_captions
+    from genlab.evaluation.text import first_captions, score_captions
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="mnist-captions:test")

@@ -84,6 +84,7 @@ def train(
     (``preset: PATH`` or ``preset: none (defaults)``) before training starts. ``checkpoint`` (a step
     or "latest") picks what a resumed run continues from (default: the newest intact checkpoint).
     """
+    from genlab.report.live import training_outputs
     from genlab.train.trainer import Trainer
 
     cfg, preset_file = train_config(method, data, preset, overrides, run_dir, resume, data_root)
@@ -106,7 +107,8 @@ def train(
         # A resumed child rebuilds its parents from its checkpoint: their folders may have moved.
         instance = build_method(cfg, data_info_for(cfg, images), stored_parent_records(start),
                                 run_dir / "config.yaml" if resume else None)
-        trainer = Trainer(run_dir, cfg, instance, images, progress=progress, evaluate=evaluate)
+        trainer = Trainer(run_dir, cfg, instance, images, progress=progress, evaluate=evaluate,
+                          observe=training_outputs(run_dir, cfg.train.report_every, cfg.train.tensorboard))
         trainer.fit(resume=start if start is not None else resume)
     return load_run(run_dir)
 

@@ -710,7 +710,7 @@ def _cmd_data(a) -> int:
 
 
 def _cmd_zero_shot(a) -> int:
-    from genlab.text.evaluate import load_clip, retrieve, zero_shot
+    from genlab.evaluation.text import load_clip, retrieve, zero_shot
 
     clip, name = load_clip(a.run)
     data = _load_split(a.data, a.n, a.data_root, "test")

@@ -120,7 +120,7 @@ TINY_CLIP = ["train.batch_size=16", "train.lr=3e-3", "train.warmup_steps=0", "tr
 def test_training_learns_the_captions_and_reloads(tmp_path):
     folder = _captioned_folder(tmp_path / "squares")
     run = api.train("clip", data=f"folder:{folder}", overrides=[*TINY_CLIP, "train.steps=40"], run_dir=tmp_path / "run", progress=False)
-    from genlab.text.evaluate import load_clip, zero_shot
+    from genlab.evaluation.text import load_clip, zero_shot
 
     clip, name = load_clip(tmp_path / "run")
     data = load_data(DataConfig(source=f"folder:{folder}"))

@@ -13,7 +13,7 @@ from genlab.config import build_config
 from genlab.methods import DataInfo
 from genlab.methods.gan import GAN, GANConfig
 from genlab.methods.stylegan import StyleGAN, StyleGANConfig
-from genlab.train.health import HealthWarning
+from genlab.methods.health import HealthWarning
 from methods.test_stylegan_method import TINY_STYLEGAN
 from tiny_configs import TINY_DCGAN
 

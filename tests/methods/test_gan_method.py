@@ -16,7 +16,7 @@ from genlab.methods import DataInfo
 from genlab.methods.gan import GAN, GANConfig
 from genlab.noise import ImageNoise
 from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
-from genlab.train.health import HealthWarning
+from genlab.methods.health import HealthWarning
 from genlab.train.trainer import make_optimizer
 
 from tiny_configs import TINY_DCGAN

@@ -10,7 +10,7 @@ from genlab.cli import main
 from genlab.data import DataConfig, load_data
 from genlab.errors import ConfigError, DataError
 from genlab.imageio import load_npz_captions
-from genlab.text.evaluate import evaluators_dir, first_captions, load_clip, score_captions, zero_shot
+from genlab.evaluation.text import evaluators_dir, first_captions, load_clip, score_captions, zero_shot
 
 SHIPPED = sorted(p.stem for p in evaluators_dir().glob("clip-*.json"))
 

@@ -229,13 +229,13 @@ def _target_images(
 
 
 def _score_npz_captions(target, images_u8: torch.Tensor, ref_source: str, seed: int, values: dict) -> dict | None:
-    """CLIP score and R-precision for an .npz with a ``captions`` array (SPEC M3, see genlab.text.evaluate); its protocol."""
+    """CLIP score and R-precision for an .npz with a ``captions`` array (SPEC M3, see genlab.evaluation.text); its protocol."""
     from genlab.imageio import load_npz_captions
 
     captions = load_npz_captions(target) if str(target).lower().endswith(".npz") else None
     if captions is None:
         return None
-    from genlab.text.evaluate import score_captions
+    from genlab.evaluation.text import score_captions
 
     text_values, text_protocol = score_captions(images_u8, captions[: len(images_u8)], ref_source, seed=seed)
     values.update(text_values)

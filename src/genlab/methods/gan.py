@@ -38,7 +38,7 @@ from genlab.methods.capabilities import GANLatent, Generates
 from genlab.methods.gan_health import WatchesTrainingHealth
 from genlab.models.dcgan import Discriminator, Generator
 from genlab.noise import ImageNoise
-from genlab.train.health import HealthConfig
+from genlab.methods.health import HealthConfig
 
 _TARGET_LOSSES = ("vanilla", "nonsaturating", "lsgan")  # losses that use D's real/fake targets
 _WASSERSTEIN = ("wgan", "wgan-gp")

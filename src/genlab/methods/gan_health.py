@@ -1,6 +1,6 @@
 """What every GAN method does with the training-health monitor (SPEC G4), in one place.
 
-Each training step feeds ``genlab.train.health.TrainingHealth`` the D loss and the trainer's gradient
+Each training step feeds ``genlab.methods.health.TrainingHealth`` the D loss and the trainer's gradient
 norms; every ``health.every`` steps it scores the diversity of one fixed batch, G(z) for the same z,
 labels and noise each time. That batch comes from a private seed and G runs in eval mode (restored
 after), so the monitor draws nothing from the run's random streams and leaves BatchNorm statistics
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from genlab.methods.base import DataInfo
-from genlab.train.health import HealthConfig, TrainingHealth
+from genlab.methods.health import HealthConfig, TrainingHealth
 
 HEALTH_SEED = 1234  # z (and noise inputs) of the fixed batch: the same at every check
 

@@ -31,7 +31,7 @@ from genlab.methods.capabilities import Generates, StyleSpace
 from genlab.methods.gan_health import WatchesTrainingHealth
 from genlab.models.stylegan import Discriminator, Generator, StyleGANNetConfig
 from genlab.noise import ImageNoise
-from genlab.train.health import HealthConfig
+from genlab.methods.health import HealthConfig
 
 
 def path_lengths(images: torch.Tensor, ws: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

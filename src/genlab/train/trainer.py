@@ -41,7 +41,6 @@ import math
 import signal
 import sys
 import threading
-import sys
 import time
 import warnings
 from contextlib import ExitStack
@@ -233,14 +232,18 @@ class Trainer:
 
     ``evaluate(method) -> {name: value}`` scores the method every ``train.eval_every`` steps (the caller
     builds it, e.g. from :func:`genlab.evaluation.periodic_eval`: the trainer imports no evaluation code).
+    ``observe(record)`` sees every log record as it is written (the caller's report.html and TensorBoard
+    writers, :func:`genlab.report.live.training_outputs`; the trainer imports no report code either).
     """
 
     def __init__(self, run_dir: Path, cfg: RunConfig, method: Method, data: ImageSet, progress: bool = True,
-                 evaluate: Callable[[Method], dict[str, float]] | None = None):
+                 evaluate: Callable[[Method], dict[str, float]] | None = None,
+                 observe: Callable[[dict], None] | None = None):
         from accelerate import Accelerator
 
         self.run_dir = Path(run_dir)
         self.evaluate = evaluate
+        self.observe = observe
         # The method's model config: shapes it derived from the data are saved, so a reload rebuilds them.
         self.cfg = dataclasses.replace(cfg, model=getattr(method, "config", cfg.model))
         tc = cfg.train
@@ -509,12 +512,6 @@ class Trainer:
         with self._with_ema_weights():
             return self.evaluate(self.method)
 
-    def _outputs(self):
-        """The log-record observer writing report.html (train.report_every) and TensorBoard events."""
-        from genlab.report.live import training_outputs
-
-        return training_outputs(self.run_dir, self.cfg.train.report_every, self.cfg.train.tensorboard)
-
     def _new_health_warnings(self) -> list[str]:
         """Warnings the method's health monitor issued since the last call (logged as ``health`` records)."""
         issued = getattr(getattr(self.method, "health", None), "warnings", [])
@@ -528,7 +525,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume(None if resume is True else Path(resume))
-        log = RunLog(self.run_dir, on_record=self._outputs()) if self.is_main else None
+        log = RunLog(self.run_dir, on_record=self.observe) if self.is_main else None
         try:
             if self.step >= self.cfg.train.steps:  # resuming a finished run: nothing to train, nothing to log twice
                 self._say(f"{self.run_dir} is trained to step {self.step} (train.steps={self.cfg.train.steps}); "

@@ -12,7 +12,7 @@ from scipy.spatial.distance import pdist
 from scipy.stats import entropy
 
 from genlab.data import DataConfig, load_data
-from genlab.train.health import HealthConfig, HealthWarning, TrainingHealth, class_entropy, pixel_diversity
+from genlab.methods.health import HealthConfig, HealthWarning, TrainingHealth, class_entropy, pixel_diversity
 
 
 def _quiet_health(**overrides) -> TrainingHealth:
