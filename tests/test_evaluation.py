@@ -206,6 +206,7 @@ def test_evaluate_uses_the_first_n_images_and_only_the_asked_metrics(cache, tiny
     [
         ({"ref": "digits"}, ConfigError, ["'digits'", "SOURCE:SPLIT"]),
         ({"ref": "nosuch:test"}, DataError, ["nosuch"]),
+        ({"ref": "folder:/photos"}, ConfigError, ["'folder:/photos'", "folder:/photos:train"]),  # not "source 'folder'"
         ({"metrics": "fid,lpips"}, ConfigError, ["lpips", "fid, kid, is, pr, dc"]),
         ({"weights": "last"}, ConfigError, ["last"]),
         ({"sampler": "ddim"}, ConfigError, ["--sampler", "not a run folder"]),
