@@ -135,3 +135,22 @@ def test_pix2pix_translate_and_eval_score_the_same_held_out_pairs(tmp_path, caps
         b_hat = r.method.translate(lowres(b))
     mse = ((b_hat - b) ** 2).flatten(1).mean(1)
     assert entry["metrics"]["psnr"] == pytest.approx(float((10 * torch.log10(4 / mse)).mean()), abs=1e-3)
+
+
+def test_translate_shows_the_one_channel_edge_input_of_an_rgb_run_as_grey(tmp_path):
+    """Edges of RGB images are one channel: the input row is that map in grey (it crashed on torch.cat)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        folder = tmp_path / "imgs" / split / "a"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    run, out = tmp_path / "p2p", tmp_path / "t.png"
+    assert main(["train", "pix2pix", "--data", f"folder:{tmp_path / 'imgs'}", "--run-dir", str(run), "--no-progress",
+                 "model.task=edges", "model.generator.base_channels=8", "model.disc_base_channels=8", "train.steps=1",
+                 "train.batch_size=8", "train.threads=1"]) == 0
+    assert main(["translate", str(run), "--n", "8", "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out).convert("RGB")).astype(int)  # rows: input, output, target
+    top, bottom = grid[: grid.shape[0] // 3], grid[2 * grid.shape[0] // 3:]
+    assert (top[..., 0] == top[..., 1]).all() and (top[..., 1] == top[..., 2]).all()
+    assert (bottom[..., 0] != bottom[..., 1]).any()  # the coloured targets

@@ -206,6 +206,7 @@ def test_evaluate_uses_the_first_n_images_and_only_the_asked_metrics(cache, tiny
     [
         ({"ref": "digits"}, ConfigError, ["'digits'", "SOURCE:SPLIT"]),
         ({"ref": "nosuch:test"}, DataError, ["nosuch"]),
+        ({"ref": "folder:/photos"}, ConfigError, ["'folder:/photos'", "folder:/photos:train"]),  # not "source 'folder'"
         ({"metrics": "fid,lpips"}, ConfigError, ["lpips", "fid, kid, is, pr, dc"]),
         ({"weights": "last"}, ConfigError, ["last"]),
         ({"sampler": "ddim"}, ConfigError, ["--sampler", "not a run folder"]),
@@ -658,3 +659,18 @@ def test_parallel_evaluations_of_one_run_keep_every_entry(tmp_path):
         w.join()
     seeds = sorted(e["protocol"]["seed"] for e in evaluation.read_metrics(path))
     assert seeds == sorted(1000 * w + i for w in range(4) for i in range(15))
+
+
+@pytest.mark.slow  # scores the 10,000 MNIST test images three times
+def test_export_evaluator_of_an_mnist5k_classifier_measures_on_mnist_test(tmp_path, cache, data_root):
+    """mnist5k holds training images only: its held-out split is mnist:test, as for every other command."""
+    run_dir = tmp_path / "clf5k"
+    api.train("classifier", data="mnist5k", run_dir=run_dir, progress=False,
+              overrides=[*TINY_CLASSIFIER, "train.steps=2", "data.limit=64"])
+    card = evaluation.export_evaluator(run_dir, "m5k", out_dir=tmp_path / "out", data_root=data_root)
+    test = load_data(source="mnist", split="test", root=str(data_root))
+    run = api.load_run(run_dir, device="cpu")
+    with torch.no_grad():
+        accuracy = (run.method(test.to_model_range()).argmax(dim=1) == test.labels).double().mean().item()
+    assert card["test_split"] == "mnist:test" and card["test_images"] == 10000
+    assert card["test_accuracy"] == pytest.approx(accuracy, abs=1e-12)

@@ -149,3 +149,25 @@ def test_ldm_on_an_mnist_kl_ae_uses_the_mnist_preset(tmp_path, capsys, data_root
     cfg = load_run(ldm).config
     assert cfg.data.source == "mnist" and cfg.data.root == str(data_root)
     assert cfg.model.class_conditional  # ldm_mnist_small's, not ldm_small's
+
+
+def test_heldout_images_of_a_folder_without_test_split_name_the_option_that_picks_others(tmp_path):
+    """A folder run has no test/ by default: the error names --data and FOLDER:train, and that choice works."""
+    import types
+
+    from PIL import Image
+
+    from genlab.data import DataConfig
+    from genlab.errors import DataError
+    from genlab.runs import heldout_images
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(torch.full((8, 8), 40 * i, dtype=torch.uint8).numpy()).save(tmp_path / "imgs" / f"{i}.png")
+    source = f"folder:{tmp_path / 'imgs'}"
+    run = types.SimpleNamespace(config=types.SimpleNamespace(data=DataConfig(source=source)))
+    with pytest.raises(DataError) as info:
+        heldout_images(run)
+    assert "\n" not in str(info.value) and "--data" in str(info.value) and f"{source}:train" in str(info.value)
+    held = heldout_images(run, f"{source}:train")
+    assert sorted(held.images.flatten(1)[:, 0].tolist()) == [0, 40, 80]

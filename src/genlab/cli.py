@@ -517,7 +517,8 @@ def _cmd_translate(a) -> int:
         outputs = method.translate(inputs.to(method.device)).cpu()
     scores = evaluate_pairs(method, target, torch.Generator().manual_seed(a.seed), images_a=given)
     print(f"discriminator receptive field {method.receptive_field} px ({method.disc_layers} layers)")
-    shown = inputs if inputs.shape[1] == target.shape[1] else inputs[:, : target.shape[1]]
+    # Inputs beside targets with their channels: a mask channel dropped, a one-channel edge map of RGB repeated.
+    shown = inputs[:, : target.shape[1]] if inputs.shape[1] >= target.shape[1] else inputs[:, :1].expand_as(target)
     nrow = min(len(target), 16)
     save_grid(torch.cat([_pad_rows(shown, nrow), _pad_rows(outputs, nrow), _pad_rows(target, nrow)]), a.out,
               nrow=nrow, scale=2)

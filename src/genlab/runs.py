@@ -30,7 +30,7 @@ import torch
 
 from genlab.config import RunConfig, build_config, read_config_file, to_dict
 from genlab.data import load_data
-from genlab.errors import ConfigError, GenlabError
+from genlab.errors import ConfigError, DataError, GenlabError
 from genlab.methods import DataInfo, Method, get_method
 from genlab.methods.capabilities import Encodes, GANLatent, NoiseAwareClassifier, Reconstructs, has, require
 from genlab.ranges import Range
@@ -211,7 +211,14 @@ def heldout_images(run: "Run", data: str | None = None, n: int | None = None, da
             raise ConfigError(f"{data}: give the held-out data as SOURCE:SPLIT, e.g. mnist:test")
     root = data_root if data_root is not None else cfg.root
     held = dataclasses.replace(cfg, source=source, split=split, root=root, limit=n, hflip=False)
-    return load_data(held)
+    try:
+        return load_data(held)
+    except DataError as e:
+        if data is not None or not source.startswith(("folder:", "paired:")):
+            raise
+        # The user asked for no split: say which option picks the held-out images (a folder often has no test/).
+        raise DataError(f"{e}; the held-out images default to {source}:test: pass others as SOURCE:SPLIT with --data "
+                        f"(--recon-data for eval), e.g. {source}:train (training images, not held out)") from None
 
 
 def guidance_classifier(classifier: Any, device: torch.device | str | None = None) -> Method:

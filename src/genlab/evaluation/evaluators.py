@@ -14,7 +14,6 @@ import json
 import os
 from pathlib import Path
 
-from genlab.data import DataConfig, load_data
 from genlab.errors import ConfigError, DataError, GenlabError
 from genlab.evaluation.common import versions
 from genlab.evaluation.generation import classifier_accuracy
@@ -57,7 +56,7 @@ def export_evaluator(
     the metrics will use). ``out_dir`` defaults to the user's evaluators folder (``$GENLAB_CACHE/evaluators``).
     """
     from genlab.metrics.extractors import ClassifierExtractor, save_classifier_evaluator
-    from genlab.runs import load_run
+    from genlab.runs import heldout_images, load_run
     from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
 
     out_dir = Path(out_dir).expanduser() if out_dir is not None else user_evaluators_dir()
@@ -67,11 +66,11 @@ def export_evaluator(
         raise ConfigError(f"{run_dir} is a '{run.config.method}' run; an evaluator is exported from a 'classifier' "
                           f"run (genlab train classifier --data SOURCE)")
     data = run.config.data
-    test = load_data(DataConfig(source=data.source, split="test",
-                                root=str(data_root) if data_root is not None else data.root,
-                                image_size=data.image_size, fit=data.fit, channels=data.channels))
+    # The run's held-out split, as everywhere (mnist5k, training images only, is scored on mnist:test).
+    test = heldout_images(run, data_root=None if data_root is None else str(data_root))
+    test_split = f"{test.source}:{test.split}"
     if test.labels is None:
-        raise DataError(f"{data.source}:test has no labels; an evaluator's accuracy needs a labelled test split")
+        raise DataError(f"{test_split} has no labels; an evaluator's accuracy needs a labelled test split")
     net = run.method.net
     accuracy = classifier_accuracy(ClassifierExtractor(net, name, sha256=""), test.images, test.labels)
     if training_command is None:
@@ -83,7 +82,7 @@ def export_evaluator(
         seed=run.config.train.seed,
         test_accuracy=accuracy,
         dataset=data.source,
-        test_split=f"{data.source}:test",
+        test_split=test_split,
         test_images=len(test),
         train_steps=run.step,
         train_batch_size=run.config.train.batch_size,
@@ -97,6 +96,6 @@ def export_evaluator(
     # What the metrics will load must be what was measured: reload through the extractor and re-check.
     reloaded = classifier_accuracy(ClassifierExtractor.from_files(weights_path, card_path), test.images, test.labels)
     if reloaded != accuracy:
-        raise GenlabError(f"exported evaluator scores {reloaded:.4%} on {data.source}:test but the run scored "
+        raise GenlabError(f"exported evaluator scores {reloaded:.4%} on {test_split} but the run scored "
                           f"{accuracy:.4%}; the export is inconsistent")
     return json.loads(card_path.read_text())
