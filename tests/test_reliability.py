@@ -188,7 +188,7 @@ def _truncate_after(path: Path, needle: str) -> None:
     path.write_text("".join(lines[: cut + 1]))
 
 
-@pytest.mark.parametrize("damage", ["bad-bytes", "bad-yaml", "truncated"])
+@pytest.mark.parametrize("damage", ["bad-bytes", "bad-yaml", "truncated", "truncated-at-a-section"])
 @pytest.mark.parametrize("command", ["sample", "eval", "resume"])
 def test_a_damaged_config_yaml_is_one_line_naming_the_file(run, tmp_path, capsys, damage, command):
     r = _copy(run, tmp_path)
@@ -197,8 +197,11 @@ def test_a_damaged_config_yaml_is_one_line_naming_the_file(run, tmp_path, capsys
         config.write_bytes(b"\xff\xfe\x00\x9c garbage")
     elif damage == "bad-yaml":
         config.write_text(config.read_text()[:-40] + "\n  unet: [1, {")
-    else:
+    elif damage == "truncated":
         _truncate_after(config, "base_channels")
+    else:  # valid YAML that ends before the train and model sections: defaults must not stand in for them
+        text = config.read_text()
+        config.write_text(text[: text.index("\ntrain:") + 1])
     argv = {"sample": ["sample", str(r), "--n", "2", "--out", str(tmp_path / "s.png")],
             "eval": ["eval", str(r), "--ref", "digits:test", "--n", "2", "--no-progress"],
             "resume": ["train", "ddpm", "--run-dir", str(r), "--resume", "--no-progress", "train.steps=5"]}[command]

@@ -48,7 +48,7 @@ def train_config(
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs --run-dir: the run folder to continue")
-        base = read_config_file(Path(run_dir) / "config.yaml")
+        base = read_config_file(Path(run_dir) / "config.yaml", complete=True)
         if data is not None and data != base.get("data", {}).get("source"):
             raise ConfigError(f"--data {data} differs from the run's data source {base['data']['source']!r}; "
                               "a resumed run keeps its data")

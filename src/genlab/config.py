@@ -398,8 +398,12 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def read_config_file(path: Path) -> dict:
-    """Read a saved ``config.yaml`` as plain data; a damaged file is a one-line ConfigError naming it."""
+def read_config_file(path: Path, complete: bool = False) -> dict:
+    """Read a saved ``config.yaml`` as plain data; a damaged file is a one-line ConfigError naming it.
+
+    ``complete``: the file is a run's own (written by :func:`save_config`, which always writes the
+    data, train and model sections), so a missing section means a truncated file, not "use defaults".
+    """
     if not path.is_file():
         raise ConfigError(f"no config.yaml in {path.parent}: is this a genlab run folder?")
     fix = "restore it, or copy the 'config' of the first 'start' record in log.jsonl back into it as YAML"
@@ -415,6 +419,9 @@ def read_config_file(path: Path) -> dict:
         raise ConfigError(f"{path} is not a genlab run config (no 'method' key; damaged?): {fix}")
     if not isinstance(data["method"], str):
         raise ConfigError(f"{path}: 'method' is {data['method']!r}, not a method name: {fix}")
+    missing = [s for s in ("data", "train", "model") if s not in data] if complete else []
+    if missing:
+        raise ConfigError(f"{path} is damaged (no '{missing[0]}' section: truncated?): {fix}")
     return data
 
 

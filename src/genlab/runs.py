@@ -318,7 +318,7 @@ def load_run(path: str | Path, weights: str = "ema", checkpoint: int | str | Pat
         raise GenlabError(f"{path}: no such run folder")
     if checkpoint is None:
         checkpoint = _CHECKPOINT_CHOICE.get()
-    saved = read_config_file(path / "config.yaml")
+    saved = read_config_file(path / "config.yaml", complete=True)
     method_cls = get_method(saved["method"])
     cfg = build_config(saved["method"], method_cls.Config, base=saved)
     ckpt = find_checkpoint(path, checkpoint)
