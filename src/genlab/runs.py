@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from genlab.config import RunConfig, build_config, read_config_file, to_dict
-from genlab.data import load_data
+from genlab.data import is_path_source, load_data
 from genlab.errors import ConfigError, DataError, GenlabError
 from genlab.methods import DataInfo, Method, get_method
 from genlab.methods.capabilities import Encodes, GANLatent, NoiseAwareClassifier, Reconstructs, has, require
@@ -214,7 +214,7 @@ def heldout_images(run: "Run", data: str | None = None, n: int | None = None, da
     try:
         return load_data(held)
     except DataError as e:
-        if data is not None or not source.startswith(("folder:", "paired:")):
+        if data is not None or not is_path_source(source):
             raise
         # The user asked for no split: say which option picks the held-out images (a folder often has no test/).
         raise DataError(f"{e}; the held-out images default to {source}:test: pass others as SOURCE:SPLIT with --data "

@@ -7,7 +7,8 @@
 
 from genlab.data.config import DataConfig, resolve_cache_dir, resolve_data_root
 from genlab.data.imageset import ImageSet, from_model_range, to_model_range
-from genlab.data.sources import SOURCES, Source, get_source, list_sources, load_data, register_source, split_source_ref
+from genlab.data.sources import (SOURCES, Source, get_source, is_path_source, list_sources, load_data, register_source,
+                                 split_source_ref)
 from genlab.data.transforms import convert_channels, fit_size
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "register_source",
     "resolve_cache_dir",
     "resolve_data_root",
+    "is_path_source",
     "split_source_ref",
     "to_model_range",
 ]

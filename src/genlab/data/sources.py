@@ -114,11 +114,18 @@ def get_source(name: str) -> Source:
     return SOURCES[name]
 
 
+PATH_SOURCE_PREFIXES = ("folder:", PAIRED_PREFIX)  # sources named by a path, which may itself hold colons
+
+
+def is_path_source(name: str) -> bool:
+    """Whether ``name`` is a ``folder:PATH`` or ``paired:PATH`` source (with a non-empty path)."""
+    return any(name.startswith(p) and len(name) > len(p) for p in PATH_SOURCE_PREFIXES)
+
+
 def split_source_ref(text: str) -> tuple[str, str | None]:
     """Split a reference like "mnist:test" or "folder:/photos:train" into (source, split or None)."""
     head, sep, tail = text.rpartition(":")
-    is_path_source = any(head.startswith(p) and len(head) > len(p) for p in ("folder:", PAIRED_PREFIX))
-    if sep and tail and "/" not in tail and (head in SOURCES or is_path_source):
+    if sep and tail and "/" not in tail and (head in SOURCES or is_path_source(head)):
         return head, tail
     return text, None
 

@@ -8,8 +8,7 @@ import platform
 
 import torch
 
-from genlab.data import split_source_ref
-from genlab.data.paired import PAIRED_PREFIX
+from genlab.data import is_path_source, split_source_ref
 from genlab.errors import ConfigError
 from genlab.metrics.extractors import DEFAULT_EXTRACTORS, FeatureExtractor, get_extractor
 
@@ -35,7 +34,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
 
     source, split = split_source_ref(str(ref))
     if split is None:
-        if str(ref).startswith(("folder:", PAIRED_PREFIX)):  # its path holds no split: rpartition would cut the path
+        if is_path_source(str(ref)):  # its path holds no split: rpartition would cut the path
             raise ConfigError(f"reference {ref!r} needs a split: {ref}:train (the whole folder when it has no "
                               f"train/ or test/ sub-folder) or {ref}:test")
         head, sep, _ = str(ref).rpartition(":")
