@@ -283,6 +283,34 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="folder to write into (default: $GENLAB_CACHE/evaluators)")
     x.add_argument("--force", action="store_true", help="replace an existing evaluator of this name in --out")
     _add_data_options(x, data_flag="")
+    ex = sub.add_parser("export", help="write a run in another library's format (diffusers), with a model card",
+                        description="Export RUN into the folder OUT. --format diffusers: a pixel DDPM (U-Net) run becomes "
+                                    "unet/ (UNet2DModel) and scheduler/ (DDPMScheduler with genlab's betas, prediction, "
+                                    "clipping and spacing), plus model_index.json when DDPMPipeline can run it "
+                                    "(unconditional, no pixel patch), genlab.json and a README.md model card (training "
+                                    "command, data, steps, metrics with protocol, the sampling loop).",
+                        epilog="example:\n  genlab export runs/ddpm --format diffusers ddpm-diffusers\n"
+                               "  python -c \"from diffusers import DDPMPipeline; DDPMPipeline.from_pretrained('ddpm-diffusers')\"",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("run", help="run folder")
+    ex.add_argument("--format", required=True, choices=("diffusers",), help="target format")
+    ex.add_argument("out", help="folder to write (must be empty or absent unless --force)")
+    ex.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    ex.add_argument("--checkpoint", metavar="STEP|latest", help="checkpoint to export (default: the newest intact one)")
+    ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    im = sub.add_parser("import", help="make a genlab run from another library's model folder (diffusers)",
+                        description="Import a diffusers UNet2DModel + scheduler folder (save_pretrained output, a Hub cache "
+                                    "snapshot or a models--org--name cache folder) as a genlab DDPM run: it samples with "
+                                    "every genlab sampler and guidance and is scored by `genlab eval`. Prints the run "
+                                    "folder as the last line. Weights are read from safetensors only (never unpickled).",
+                        epilog="example:\n  genlab import diffusers ddpm-diffusers --run-dir runs/imported --data mnist\n"
+                               "  genlab eval runs/imported --ref mnist:test",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    im.add_argument("format", choices=("diffusers",), help="source format")
+    im.add_argument("path", help="the model folder")
+    im.add_argument("--run-dir", help="run folder to create (default runs/imported-<folder>-<time>)")
+    im.add_argument("--data", help="data source the model was trained on, recorded in the run's config "
+                                   "(default: what a genlab export says, else unknown)")
     rp = sub.add_parser("report", help="one self-contained HTML page of runs: curves, grids, metrics, warnings",
                         description="Write an HTML report of one run (config and command, loss / LR / grad-norm "
                                     "curves, sample grids over training, every evaluation with its protocol, sweeps, "
@@ -683,6 +711,23 @@ def _load_split(ref: str, n: int | None, data_root: str | None, default_split: s
     return load_data(DataConfig(source=source, split=split or default_split, root=data_root, limit=n))
 
 
+def _cmd_export(a) -> int:
+    from genlab.interop import export_diffusers
+
+    print(export_diffusers(a.run, a.out, weights=a.weights, checkpoint=a.checkpoint, overwrite=a.force))
+    return 0
+
+
+def _cmd_import(a) -> int:
+    import time
+
+    from genlab.interop import import_diffusers
+
+    run_dir = a.run_dir or Path("runs") / f"imported-{Path(a.path).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(import_diffusers(a.path, run_dir, data=a.data))
+    return 0
+
+
 def _cmd_report(a) -> int:
     from genlab.report.html import write_report
 
@@ -843,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
                "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert,
                "export-evaluator": _cmd_export_evaluator, "zero-shot": _cmd_zero_shot,
                "retrieve": _cmd_zero_shot, "config": _cmd_config,
-               "report": _cmd_report}[a.command]
+               "report": _cmd_report, "export": _cmd_export, "import": _cmd_import}[a.command]
     try:
         return handler(a)
     except GenlabError as e:
