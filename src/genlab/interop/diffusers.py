@@ -591,7 +591,7 @@ def usage_text(marker: dict, unet_config: dict) -> str:
                 "images = pipe(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images\n"
                 "```\n\nAny diffusers scheduler built from this config samples too, e.g. DDIM: "
                 "`DDIMScheduler.from_config(pipe.scheduler.config)` (pass `use_clipped_model_output=True` to its "
-                "`step` to re-derive the noise from the clipped x0, as genlab does).")
+                "`step` to re-derive the noise from the clipped x0, as genlab does)." + sampling_notes(marker))
     conditional = marker["num_classes"] is not None
     lines = ["```python", "import torch", "import torch.nn.functional as F",
              "from diffusers import DDPMScheduler, UNet2DModel", "",
@@ -624,10 +624,23 @@ def usage_text(marker: dict, unet_config: dict) -> str:
     else:
         lines += ["        x = scheduler.step(denoise(x, t, None), t, x, generator=generator).prev_sample"]
     lines += ["images = (x / 2 + 0.5).clamp(0, 1)  # (n, C, H, W) in [0, 1]", "```"]
-    note = ""
-    if p == 1:
-        note = "\n\nWith p = 1 the two pixel_(un)shuffle calls are the identity."
-    return "\n".join(lines) + note
+    note = "\n\nWith p = 1 the two pixel_(un)shuffle calls are the identity." if p == 1 else ""
+    return "\n".join(lines) + note + sampling_notes(marker)
+
+
+def sampling_notes(marker: dict) -> str:
+    """What the card says about samplers: genlab's default, and where diffusers' schedulers differ from genlab's."""
+    s = marker.get("sampling") or {}
+    model = marker.get("model") or {}
+    notes = [f"genlab samples this run with `{s.get('sampler')}` in {s.get('steps')} steps by default; "
+             "DDPMScheduler with `set_timesteps(K)` is `genlab sample --sampler ddpm --steps K` (the same images "
+             "for the same noise, up to float rounding)."]
+    if model.get("learn_sigma") and model.get("spacing") == "trailing":
+        notes.append("The variance is learned (`variance_type=learned_range`) and the spacing is trailing, so the "
+                     "last timestep is above 0: there diffusers' DDPMScheduler still adds noise, genlab returns the "
+                     "predicted x0 (as improved DDPM's code does); use `timestep_spacing=\"leading\"` for identical "
+                     "images.")
+    return "\n\n" + " ".join(notes)
 
 
 # ---------------------------------------------------------------------------------------------
