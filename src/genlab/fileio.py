@@ -22,6 +22,11 @@ from genlab.errors import WriteError
 _CHUNK = 1 << 20  # hash files in 1 MiB chunks: no second copy of a large checkpoint in RAM
 
 
+def resolve_cache_dir() -> Path:
+    """genlab's cache folder: the environment variable GENLAB_CACHE, else ~/.cache/genlab."""
+    return Path(os.environ.get("GENLAB_CACHE") or Path.home() / ".cache" / "genlab").expanduser()
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()

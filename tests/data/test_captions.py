@@ -125,6 +125,31 @@ def test_pairs_place_each_digit_where_stored():
         {"classes": torch.tensor([[3, 8]] * 30), "arrangement": torch.tensor([C.HORIZONTAL] * 30)}) for t in t)
 
 
+def test_swapped_digits_are_the_caption_of_the_swapped_pair():
+    """swap_digits of every pair caption of (a, b) is the same template written for (b, a), articles and all."""
+    def write(template, a, b):
+        return C.fill_template(template, {"a": str(a), "b": str(b), "a_art": C._article(str(a)), "b_art": C._article(str(b))})
+
+    for kind, templates in C.PAIR_TEMPLATES.items():
+        for template in templates:
+            for a in range(10):
+                for b in range(10):
+                    swapped = C.swap_digits(write(template, a, b))
+                    assert swapped == (None if a == b else write(template, b, a)), (template, a, b)
+    assert C.swap_digits("an eight above a three") == "a three above an eight"
+    assert C.swap_digits("a thick seven, slanted right") is None  # one digit: nothing to swap
+    assert C.swap_digits("someone wrote 4") is None  # "one" inside a word is not a digit
+
+
+def test_pair_content_keys_tell_every_caption_content_apart():
+    classes = torch.tensor([[a, b] for a in range(10) for b in range(10) for _ in range(2)])
+    arrangement = torch.tensor([C.HORIZONTAL, C.VERTICAL] * 100)
+    keys = C.pair_content_keys({"classes": classes, "arrangement": arrangement})
+    assert len(set(keys.tolist())) == 200
+    again = C.pair_content_keys({"classes": classes.flip(0), "arrangement": arrangement.flip(0)})
+    assert torch.equal(again, keys.flip(0))
+
+
 def test_imageset_subset_and_limit_keep_captions_aligned():
     data = ImageSet(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.arange(4), None, "x", "train",
                     captions=[(f"c{i}",) for i in range(4)], attributes={"a": torch.arange(4) * 10})

@@ -165,3 +165,46 @@ def test_ema_skips_a_frozen_text_encoder():
     averaged = {id(p) for m in targets.values() for p in m.parameters()}
     trainable = {id(p) for p in frozen.parameters() if p.requires_grad} - {id(frozen.clip.logit_scale)}
     assert averaged == trainable
+
+
+def _direct_negclip(logits, hard):
+    """NegCLIP's loss written with explicit sums: image i's softmax runs over the N captions and its own hard negatives."""
+    n = len(logits)
+    total = 0.0
+    for i in range(n):
+        row = torch.cat([logits[i], hard[i][torch.isfinite(hard[i])]])
+        total += -logits[i, i] + torch.log(torch.exp(row).sum())
+        total += -logits[i, i] + torch.log(torch.exp(logits[:, i]).sum())  # captions: only the N images
+    return total / (2 * n)
+
+
+def test_hard_negatives_join_only_their_images_softmax():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    hard = torch.randn(5, 1, generator=g, dtype=torch.float64)
+    hard[[1, 3]] = float("-inf")  # captions without a swap have no hard negative
+    assert float(info_nce(logits, hard)) == pytest.approx(float(_direct_negclip(logits, hard)), rel=1e-12)
+    assert float(info_nce(logits, hard)) > float(info_nce(logits))  # a negative only adds to the image side
+    none = torch.full((5, 1), float("-inf"), dtype=torch.float64)
+    assert float(info_nce(logits, none)) == pytest.approx(float(info_nce(logits)), rel=1e-12)
+
+
+def test_swapped_caption_logits_and_why_a_bag_of_words_cannot_learn_order():
+    """The hard-negative logit is scale * cos(image, swapped caption); a bag-of-words tower scores it like the truth."""
+    config = CLIPMethodConfig(hard_negatives="swap_digits")
+    config.clip.text.kind = "onehot"
+    torch.manual_seed(0)
+    method = get_method("clip")(config, DataInfo(channels=1, image_size=28, num_classes=None, source="mnist-pairs"))
+    images = torch.rand(3, 1, 28, 28) * 2 - 1
+    captions = ["the digit 3 is left of the digit 8", "a 0 under a 0", "an 8 above a 1"]
+    logits, hard = method._logits(images, captions)
+    assert torch.allclose(logits, method.clip(images, captions))
+    assert hard[1, 0] == float("-inf")  # "0 under 0" has no different order
+    swapped = method.clip(images, ["the digit 8 is left of the digit 3", "x", "a 1 above an 8"])
+    assert torch.allclose(hard[[0, 2], 0], swapped.diagonal()[[0, 2]])
+    assert torch.allclose(hard[[0, 2], 0], logits.diagonal()[[0, 2]])  # same words, same bag: no signal for order
+
+
+def test_hard_negatives_are_checked():
+    with pytest.raises(ConfigError, match="hard_negatives"):
+        CLIPMethodConfig(hard_negatives="shuffle")

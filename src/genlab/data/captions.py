@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -233,13 +234,43 @@ def _article(text: str) -> str:
 
 def fill_template(template: str, fields: dict[str, str]) -> str:
     """Format a template and fix every "a" before a vowel sound ("a eight" -> "an eight")."""
-    words = template.format(**fields).split(" ")
+    return fix_articles(template.format(**fields))
+
+
+def fix_articles(text: str) -> str:
+    """Every "a" / "an" of ``text`` made to agree with the word after it."""
+    words = text.split(" ")
     for i in range(len(words) - 1):
         if words[i] in ("a", "an"):
             words[i] = _article(words[i + 1])
         elif words[i] in ("A", "An"):
             words[i] = _article(words[i + 1]).capitalize()
     return " ".join(words)
+
+
+# A digit written as a numeral or a word, as the captions write it ("3", "three").
+_DIGIT_PATTERN = re.compile(r"\b(" + "|".join([str(d) for d in range(10)] + DIGIT_WORDS) + r")\b")
+
+
+def swap_digits(caption: str) -> str | None:
+    """The caption with its first two different digits exchanged, or None when it has no such two.
+
+    "the digit 3 is left of the digit 8" -> "the digit 8 is left of the digit 3"; "an 8 to the right
+    of a 3" -> "a 3 to the right of an 8" (articles follow the words, so they do not give the swap
+    away). This is the word-order hard negative of NegCLIP (Yuksekgonul et al. 2023, "When and why
+    vision-language models behave like bags-of-words"): a caption with the same words and another
+    meaning, which a bag-of-words text tower cannot tell from the true one.
+    """
+    found = list(_DIGIT_PATTERN.finditer(caption))
+    if not found:
+        return None
+    first = found[0]
+    second = next((m for m in found[1:] if m.group(1) != first.group(1)), None)
+    if second is None:
+        return None
+    swapped = (caption[: first.start()] + second.group(1) + caption[first.end(): second.start()] + first.group(1)
+               + caption[second.end():])
+    return fix_articles(swapped)
 
 
 def caption_rng(seed: int, index: int) -> np.random.Generator:
@@ -348,6 +379,15 @@ def pair_captions(attributes: dict[str, Tensor], seed: int = 0) -> list[tuple[st
         fields = {"a": str(a), "b": str(b), "a_art": _article(str(a)), "b_art": _article(str(b))}
         out.append(tuple(templates[k].format(**fields) for k in chosen))
     return out
+
+
+def pair_content_keys(attributes: dict[str, Tensor]) -> Tensor:
+    """One integer (n,) per mnist-pairs canvas for what its captions say: both classes in order, and the arrangement.
+
+    Two canvases with the same key fit each other's captions equally well.
+    """
+    classes, arrangement = attributes["classes"], attributes["arrangement"]  # (n, 2), (n,)
+    return (classes[:, 0] * 10 + classes[:, 1]) * 2 + arrangement
 
 
 def caption_corpus(source: str) -> list[str]:

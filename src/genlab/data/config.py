@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from genlab.errors import ConfigError
+from genlab.fileio import resolve_cache_dir  # noqa: F401  (re-exported: genlab.data.resolve_cache_dir)
 from genlab.ranges import PositiveInt
 
 FITS = ("resize", "pad", "center-crop")
@@ -44,6 +45,3 @@ def resolve_data_root(root: str | os.PathLike | None = None) -> Path | None:
     return None if root is None else Path(root).expanduser()
 
 
-def resolve_cache_dir() -> Path:
-    """genlab's cache folder: the environment variable GENLAB_CACHE, else ~/.cache/genlab."""
-    return Path(os.environ.get("GENLAB_CACHE") or Path.home() / ".cache" / "genlab").expanduser()

@@ -21,7 +21,7 @@ import torch
 
 from genlab.data import ImageSet
 from genlab.errors import ConfigError, DataError, GenlabError
-from genlab.metrics.clip_score import HESSEL_W, clip_score, r_precision, recall_at_k
+from genlab.metrics.clip_score import HESSEL_W, clip_score, duplicate_ceiling, r_precision, recall_at_k
 from genlab.models.clip import CLIP, CLIPConfig
 
 # Data source -> the shipped CLIP evaluator trained on it (or on the same images).
@@ -110,12 +110,35 @@ def first_captions(data: ImageSet) -> list[str]:
     return [caps[0] for caps in data.captions]
 
 
+def content_keys(data: ImageSet) -> torch.Tensor | None:
+    """What each image's captions say, as one integer per image, where the data records it (mnist-pairs), else None."""
+    from genlab.data.captions import pair_content_keys
+
+    attributes = data.attributes or {}
+    if "classes" in attributes and "arrangement" in attributes:
+        return pair_content_keys(attributes)
+    return None
+
+
 def retrieve(clip: CLIP, data: ImageSet, gallery: int | None = 100, ks: tuple[int, ...] = (1, 5, 10)) -> dict:
-    """Image->text and text->image recall@k on held-out pairs (image, its first caption), in galleries."""
+    """Image->text and text->image recall@k on held-out pairs (image, its first caption), in galleries.
+
+    Where the data records what the captions say (mnist-pairs: the two digits in order and their
+    arrangement), it also gives content recall (``*_content_recall@k``: any image of the caption's
+    content is a hit) and ``recall@1_ceiling``, the instance recall@1 a perfect model reaches by
+    chance among duplicates: a mnist-pairs caption has 200 possible contents, so a gallery of 100
+    often holds two images that fit it equally.
+    """
     from genlab.methods.clip import embed_images, embed_texts
 
     image_emb, text_emb = embed_images(clip, data.images), embed_texts(clip, first_captions(data))
-    return {**recall_at_k(image_emb, text_emb, ks, gallery), "n": len(data), "gallery": gallery or len(data)}
+    result = recall_at_k(image_emb, text_emb, ks, gallery)
+    keys = content_keys(data)
+    if keys is not None:
+        content = recall_at_k(image_emb, text_emb, ks, gallery, keys=keys)
+        result.update({k.replace("_recall@", "_content_recall@"): v for k, v in content.items()})
+        result["recall@1_ceiling"] = duplicate_ceiling(keys, gallery or len(data))
+    return {**result, "n": len(data), "gallery": gallery or len(data)}
 
 
 def score_captions(

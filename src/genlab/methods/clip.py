@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,17 @@ from genlab.models.clip import CLIP, CLIPConfig
 from genlab.text.encoders import build_text_encoder
 
 
-def info_nce(logits: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of (N, N) logits whose diagonal holds the positive pairs: mean of both cross-entropies."""
+def info_nce(logits: torch.Tensor, hard_negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of (N, N) image x text logits whose diagonal holds the positive pairs.
+
+    The mean of the image->text and text->image cross-entropies. ``hard_negatives`` (N, K) are
+    logits of image i against K captions written to be wrong for it (-inf where there is none):
+    they join image i's softmax over captions only (NegCLIP, Yuksekgonul et al. 2023, section 4),
+    since they describe no image of the batch. Without them this is CLIP's loss.
+    """
     targets = torch.arange(len(logits), device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    image_rows = logits if hard_negatives is None else torch.cat([logits, hard_negatives], 1)  # (N, N + K)
+    return 0.5 * (F.cross_entropy(image_rows, targets) + F.cross_entropy(logits.T, targets))
 
 
 @dataclass
@@ -40,10 +47,15 @@ class CLIPMethodConfig:
 
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     max_shift: int = 2  # random translation of each training image by -max_shift..max_shift pixels per axis
+    # "swap_digits": each caption with two different digits also enters the batch with them exchanged, as a
+    # negative of its image (word order matters: "3 left of 8" is not "8 left of 3"); "none": plain CLIP.
+    hard_negatives: Literal["none", "swap_digits"] = "none"
 
     def __post_init__(self):
         if self.max_shift < 0:
             raise ConfigError(f"model.max_shift must be >= 0 pixels, got {self.max_shift}")
+        if self.hard_negatives not in ("none", "swap_digits"):
+            raise ConfigError(f"model.hard_negatives must be 'none' or 'swap_digits', got {self.hard_negatives!r}")
 
 
 def training_corpus(source: str | None) -> list[str]:
@@ -96,11 +108,30 @@ class CLIPMethod(Method):
         s = self.config.max_shift
         if s > 0:
             images = random_shift(images, ctx.randint(-s, s + 1), ctx.randint(-s, s + 1))
-        logits = self.clip(images, captions)  # (n, n)
-        loss = info_nce(logits)
+        logits, hard = self._logits(images, captions)  # (n, n), (n, 1) or None
+        loss = info_nce(logits, hard)
         ctx.optimize(loss)
         accuracy = (logits.detach().argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean()
         return {"loss": loss.detach(), "accuracy": accuracy, "logit_scale": self.clip.scale().detach()}
+
+    def _logits(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Batch logits (n, n) and, with ``hard_negatives``, each image's logit against its swapped caption (n, 1).
+
+        The swapped caption is a negative of its own image only: for another image of the batch it
+        might be the right description.
+        """
+        if self.config.hard_negatives == "none":
+            return self.clip(images, captions), None
+        from genlab.data.captions import swap_digits
+
+        swapped = [swap_digits(c) for c in captions]
+        rows = [i for i, c in enumerate(swapped) if c is not None]
+        image_emb = self.clip.encode_image(images)  # (n, E)
+        text_emb = self.clip.encode_text(captions + [swapped[i] for i in rows])  # (n + m, E)
+        scale, n = self.clip.scale(), len(captions)
+        hard = torch.full((n, 1), float("-inf"), device=image_emb.device)
+        hard[rows, 0] = scale * (image_emb[rows] * text_emb[n:]).sum(-1)  # (m,)
+        return scale * image_emb @ text_emb[:n].T, hard
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:

@@ -44,23 +44,45 @@ def r_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, distractors: in
     return (true[:, None] > wrong).all(1).float().mean()
 
 
-def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10), gallery: int | None = None) -> dict[str, float]:
+def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10), gallery: int | None = None,
+                keys: torch.Tensor | None = None) -> dict[str, float]:
     """Image -> text and text -> image recall@k, ranking within consecutive galleries of ``gallery`` pairs.
 
     recall@k = share of queries whose match is among the k most similar candidates (ties against
-    the match). ``gallery=None`` ranks among all N; a last partial gallery is dropped.
+    the match). ``gallery=None`` ranks among all N; a last partial gallery is dropped. With ``keys``
+    (N,) every candidate with the query's key is a match (the best-ranked one counts): content
+    recall, for captions that cannot tell apart two images with the same content.
     """
     n = len(image_emb)
     g = n if gallery is None else gallery
     if g < 1 or n < g:
         raise ConfigError(f"retrieval galleries of {g} pairs need at least {g} pairs, got {n}")
+    if keys is not None and len(keys) != n:
+        raise ConfigError(f"retrieval keys need one key per pair, got {len(keys)} keys for {n} pairs")
     out = {f"{d}_recall@{k}": 0.0 for d in ("image_to_text", "text_to_image") for k in ks}
     groups = n // g
     for start in range(0, groups * g, g):
         sim = image_emb[start: start + g] @ text_emb[start: start + g].T  # (g, g): images x texts
+        match = torch.eye(g, dtype=torch.bool) if keys is None else keys[start: start + g, None] == keys[None, start: start + g]  # (g, g)
+        match = match.to(sim.device)
         for direction, s in (("image_to_text", sim), ("text_to_image", sim.T)):
-            true = s.diagonal()[:, None]  # (g, 1)
-            rank = (s >= true).sum(1) - 1  # other candidates scoring at least as high as the match
+            best = s.masked_fill(~match, float("-inf")).max(1, keepdim=True).values  # (g, 1) best-scoring match
+            rank = ((s >= best) & ~match).sum(1)  # non-matches scoring at least as high as it
             for k in ks:
                 out[f"{direction}_recall@{k}"] += float((rank < k).sum())
     return {key: value / (groups * g) for key, value in out.items()}
+
+
+def duplicate_ceiling(keys: torch.Tensor, gallery: int) -> float:
+    """Expected recall@1 of a perfect model whose ties break at random, when queries share content ``keys``.
+
+    In a gallery where m other candidates have the query's content, even a perfect model can only
+    guess among the m + 1: it ranks the true one first with probability 1 / (m + 1).
+    """
+    n = len(keys)
+    groups = n // gallery
+    total = 0.0
+    for start in range(0, groups * gallery, gallery):
+        k = keys[start: start + gallery]
+        total += float((1.0 / (k[:, None] == k[None, :]).sum(1)).sum())
+    return total / (groups * gallery)

