@@ -150,6 +150,19 @@ class LoRALayer(nn.Module):
         self._original_weight = None
         self.merged = {}
 
+    @torch.no_grad()
+    def subtract(self, names: Iterable[str] | None = None) -> None:
+        """Take w (alpha / r) B A of each adapter out of a base weight that already contains it (a merged
+        run read from disk, whose original weight is gone): float64, rounded once, so the base returns up
+        to float rounding (within one layer, :meth:`unmerge` is exact instead)."""
+        if self.merged:
+            raise ConfigError("unmerge the adapters merged in this session before subtracting others")
+        weight = self.base_layer.weight
+        total = weight.double()
+        for n in (self.lora_A if names is None else names):
+            total = total - self.adapter_weight[n] * self.delta_weight(n)
+        weight.copy_(total.to(weight.dtype))
+
 
 def check_adaptable(layer: nn.Module) -> None:
     """Raise ConfigError unless LoRA can wrap ``layer``: an nn.Linear, or an ungrouped, undilated nn.Conv2d."""
