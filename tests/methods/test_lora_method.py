@@ -181,5 +181,8 @@ def test_refusals_name_the_problem(runs):
     with pytest.raises(ConfigError, match="nosuch"):
         api.train("lora", overrides=TINY_LORA + [f"model.base={runs / 'base'}", "targets=nosuch", "train.steps=1"],
                   run_dir=runs / "bad", progress=False)
+    with pytest.raises(ConfigError, match="merge it first"):
+        api.train("lora", overrides=TINY_LORA + [f"model.base={runs / 'lora'}", "train.steps=1"], run_dir=runs / "bad2",
+                  progress=False)
     with pytest.raises(ConfigError, match="not a lora run"):
         run_adapter(load_run(runs / "base", device="cpu"))

@@ -56,6 +56,9 @@ class LoRA(Method, Generates):
     def __init__(self, config: LoRAConfig, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
         super().__init__(config, data_info, parents)
         base = self.base
+        if isinstance(base, LoRA):
+            raise ConfigError(f"the base run {config.base} is itself a lora run: merge it first (`genlab lora merge "
+                              "RUN --out MERGED`) and adapt the merged run, or adapt its base")
         seen = base.data_info
         if (seen.channels, seen.image_size) != (data_info.channels, data_info.image_size):
             raise ConfigError(f"the base run {config.base} makes {seen.channels}x{seen.image_size}px images, the data is "
