@@ -26,6 +26,7 @@ examples:
   genlab train ddpm --data mnist5k --preset small
   genlab train ddpm --data mnist --data-root ../shared/data --preset small train.steps=8000
   genlab train ddpm --run-dir runs/x --resume train.steps=6000
+  genlab train lora --base runs/ddpm-mnist --data fashion-mnist rank=4 alpha=4 targets=attn,conv
 
 --resume may change train.steps (the LR decay continues from the current LR), train.lr, train.grad_clip,
 train.time_limit (minutes per launch) and bookkeeping keys; other changes are refused. Ctrl-C or SIGTERM
@@ -136,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--autoencoder", metavar="RUN", help="ldm: the kl-ae or vq-ae run whose latents to diffuse "
                                                         "(sets model.autoencoder; --data defaults to that run's data)")
     t.add_argument("--gan", metavar="RUN", help="gan-encoder: the gan or stylegan run to invert (sets model.gan)")
+    t.add_argument("--base", metavar="RUN", help="lora: the frozen run to adapt (sets model.base); then rank=4 alpha=4 "
+                                                 "targets=attn,conv (attn, conv, linear or module names)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     s = sub.add_parser("sample", help="draw samples from a run into a .png grid or an .npz file",
@@ -154,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     s.add_argument("--checkpoint", metavar="STEP|latest", help="checkpoint to sample (default: the newest intact one)")
     s.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
+    s.add_argument("--lora", metavar="A[:W],B[:W]", help="LoRA adapters (lora run folders or PEFT folders) added to "
+                                                          "the run, each scaled by its weight W (default 1)")
     _add_sampling_options(s)
 
     e = sub.add_parser("eval", help="score a run, an .npz of images or a data split against real data",
@@ -318,6 +323,23 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", help="run folders")
     rp.add_argument("--out", help="HTML file (default RUN/report.html for one run, report.html for several)")
 
+    lo = sub.add_parser("lora", help="LoRA adapters: export (PEFT folder), merge into / unmerge from a plain run",
+                        description="Work with the adapters of lora runs (train them with `genlab train lora --base RUN "
+                                    "--data SOURCE rank=4 alpha=4 targets=attn,conv`; sample several at once with "
+                                    "`genlab sample BASE_RUN --lora A:0.7,B:0.3`).")
+    losub = lo.add_subparsers(dest="lora_command", metavar="ACTION", required=True)
+    le = losub.add_parser("export", help="write a lora run's adapter as a PEFT folder (adapter_config.json + "
+                                         "adapter_model.safetensors), loadable by peft")
+    le.add_argument("run", help="lora run folder")
+    le.add_argument("out", help="folder to write")
+    lm = losub.add_parser("merge", help="write a plain run of the base's kind with W + w (alpha / r) B A in its weights")
+    lm.add_argument("run", help="lora run folder")
+    lm.add_argument("--out", required=True, help="new run folder")
+    lm.add_argument("--weight", type=float, default=1.0, help="adapter weight w (default 1)")
+    lu = losub.add_parser("unmerge", help="write the base back from a run `genlab lora merge` wrote")
+    lu.add_argument("run", help="merged run folder")
+    lu.add_argument("--out", required=True, help="new run folder")
+
     d = sub.add_parser("data", help="data sources", description="Inspect data sources.")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     dsub.add_parser("list", help="list the data sources")
@@ -364,7 +386,8 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(a) -> int:
     from genlab import api
 
-    parents = [f"model.{k}={v}" for k, v in (("codes", a.codes), ("autoencoder", a.autoencoder), ("gan", a.gan))
+    parents = [f"model.{k}={v}" for k, v in (("codes", a.codes), ("autoencoder", a.autoencoder), ("gan", a.gan),
+                                                            ("base", a.base))
                if v is not None]
     run = api.train(a.method, data=a.data, preset=a.preset, overrides=parents + list(a.overrides), run_dir=a.run_dir,
                     resume=a.resume, data_root=a.data_root, progress=not a.no_progress, announce=print,
@@ -386,6 +409,10 @@ def _cmd_sample(a) -> int:
         raise GenlabError(f"--out {out}: the file must end in .png (a grid) or .npz (uint8 images N x H x W x C)")
     check_sampling_options(n=a.n, seed=a.seed, batch_size=a.batch_size)  # before the (slow) load
     run = api.load_run(a.run, weights=a.weights, checkpoint=a.checkpoint)
+    if a.lora:
+        from genlab.adapters import attach_adapters
+
+        attach_adapters(run, a.lora)
     options = _sampling_options(a, a.n)
     images = run.sample(a.n, seed=a.seed, batch_size=a.batch_size, progress=True, **options)
     save_images(images, out)
@@ -810,6 +837,19 @@ def _yaml_value(value) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+def _cmd_lora(a) -> int:
+    from genlab import adapters
+
+    if a.lora_command == "export":
+        out = adapters.save_adapter(adapters.read_adapter(a.run), a.out)
+    elif a.lora_command == "merge":
+        out = adapters.merge_run(a.run, a.out, weight=a.weight)
+    else:
+        out = adapters.unmerge_run(a.run, a.out)
+    print(out)
+    return 0
+
+
 def _cmd_demo(a) -> int:
     from genlab.demo import run_demo
     from genlab.train.lock import RunLock
@@ -892,7 +932,8 @@ def main(argv: list[str] | None = None) -> int:
                "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert,
                "export-evaluator": _cmd_export_evaluator, "zero-shot": _cmd_zero_shot,
                "retrieve": _cmd_zero_shot, "config": _cmd_config,
-               "report": _cmd_report, "export": _cmd_export, "import": _cmd_import}[a.command]
+               "report": _cmd_report, "export": _cmd_export, "import": _cmd_import,
+               "lora": _cmd_lora}[a.command]
     try:
         return handler(a)
     except GenlabError as e:
