@@ -28,6 +28,8 @@ METHODS = {
     "dit": "genlab.methods.dit:DiT",
     "ldm": "genlab.methods.ldm:LDM",
     "clip": "genlab.methods.clip:CLIPMethod",
+    "controlnet": "genlab.methods.control:ControlNetMethod",
+    "t2i-adapter": "genlab.methods.control:T2IAdapterMethod",
 }
 
 
