@@ -183,3 +183,31 @@ def _resolve_parent_runs(method_cls, overrides: list[str], data: str | None, dat
 
 __all__ = ["Run", "data_info_for", "default_run_dir", "heldout_images", "load_run", "resolve_preset", "slerp", "train",
            "train_config"]
+
+
+def control_options(run: Run, n: int, control_from: str | None = None, control_image: str | None = None,
+                    control_scale: float | None = None, data_root: str | None = None) -> dict:
+    """The sampling options of a control run (controlnet, t2i-adapter): ``control`` maps (n, 1, H, W) made
+    from the first n images of ``control_from`` ("SOURCE:SPLIT") or read from ``control_image`` (a map
+    file), and ``control_scale``. Empty for other runs, which refuse the control flags."""
+    from genlab.methods.control import ControlledDiffusion, read_control_file
+
+    given = [flag for flag, value in (("--control-from", control_from), ("--control-image", control_image),
+                                      ("--control-scale", control_scale)) if value is not None]
+    if not isinstance(run.method, ControlledDiffusion):
+        if given:
+            raise ConfigError(f"{given[0]} is for controlnet and t2i-adapter runs; {run.path} is a {run.config.method} run")
+        return {}
+    if control_from is not None and control_image is not None:
+        raise ConfigError("give --control-from SOURCE:SPLIT or --control-image FILE, not both")
+    if control_from is None and control_image is None:
+        raise ConfigError(f"{run.path}: a {run.config.method} run samples from control maps: give --control-from "
+                          "SOURCE:SPLIT (e.g. mnist:test) or --control-image FILE")
+    if control_image is not None:
+        maps = read_control_file(control_image, run.method.data_info.image_size, n)
+    else:
+        held = heldout_images(run, control_from, n, data_root)
+        if len(held) < n:
+            raise ConfigError(f"--control-from {control_from}: {len(held)} images for --n {n}; lower --n")
+        maps = run.method.control_maps(held.to_model_range())
+    return {"control": maps} if control_scale is None else {"control": maps, "control_scale": control_scale}

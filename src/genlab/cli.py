@@ -137,8 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--autoencoder", metavar="RUN", help="ldm: the kl-ae or vq-ae run whose latents to diffuse "
                                                         "(sets model.autoencoder; --data defaults to that run's data)")
     t.add_argument("--gan", metavar="RUN", help="gan-encoder: the gan or stylegan run to invert (sets model.gan)")
-    t.add_argument("--base", metavar="RUN", help="lora: the frozen run to adapt (sets model.base); then rank=4 alpha=4 "
-                                                 "targets=attn,conv (attn, conv, linear or module names)")
+    t.add_argument("--base", metavar="RUN", help="lora: the frozen run to adapt (then rank=4 alpha=4 targets=attn,conv: "
+                                                 "attn, conv, linear or module names); controlnet, t2i-adapter: the "
+                                                 "frozen ddpm or ldm run to steer (sets model.base)")
+    t.add_argument("--control", choices=("edges", "mask", "scribble", "thickness"),
+                   help="controlnet, t2i-adapter: the control map computed from each image (sets model.control)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     s = sub.add_parser("sample", help="draw samples from a run into a .png grid or an .npz file",
@@ -159,6 +162,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
     s.add_argument("--lora", metavar="A[:W],B[:W]", help="LoRA adapters (lora run folders or PEFT folders) added to "
                                                           "the run, each scaled by its weight W (default 1)")
+    s.add_argument("--control-from", metavar="SOURCE:SPLIT", help="controlnet, t2i-adapter: control maps of the first "
+                                                                  "N images of this split (e.g. mnist:test)")
+    s.add_argument("--control-image", metavar="FILE", help="controlnet, t2i-adapter: a control map (.png, used for "
+                                                           "every sample) or maps (.npz) at the run's image size")
+    s.add_argument("--control-scale", type=float, help="multiplier of the control network's outputs (0: the base)")
+    s.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
     _add_sampling_options(s)
 
     e = sub.add_parser("eval", help="score a run, an .npz of images or a data split against real data",
@@ -387,7 +396,7 @@ def _cmd_train(a) -> int:
     from genlab import api
 
     parents = [f"model.{k}={v}" for k, v in (("codes", a.codes), ("autoencoder", a.autoencoder), ("gan", a.gan),
-                                                            ("base", a.base))
+                                             ("base", a.base), ("control", a.control))
                if v is not None]
     run = api.train(a.method, data=a.data, preset=a.preset, overrides=parents + list(a.overrides), run_dir=a.run_dir,
                     resume=a.resume, data_root=a.data_root, progress=not a.no_progress, announce=print,
@@ -414,8 +423,15 @@ def _cmd_sample(a) -> int:
 
         attach_adapters(run, a.lora)
     options = _sampling_options(a, a.n)
+    options.update(api.control_options(run, a.n, a.control_from, a.control_image, a.control_scale, a.data_root))
     images = run.sample(a.n, seed=a.seed, batch_size=a.batch_size, progress=True, **options)
     save_images(images, out)
+    if "control" in options:  # how well the samples follow their maps
+        from genlab.metrics.adherence import adherence, adherence_name
+
+        kind = run.config.model.control
+        print(f"adherence {adherence(kind, images, options['control']).mean():.3f} ({adherence_name(kind)}) "
+              f"over {a.n} samples")
     print(out)
     return 0
 

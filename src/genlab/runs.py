@@ -78,7 +78,7 @@ class Run:
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
                 opts = dict(options)
-                for key in ("labels", "negative_labels"):  # per-image options follow the batch
+                for key in ("labels", "negative_labels", "control"):  # per-image options follow the batch
                     if opts.get(key) is not None:
                         opts[key] = torch.as_tensor(opts[key])[start: start + m]
                 chunks.append(self.method.sample(m, generator=generator, **opts).cpu())
@@ -169,6 +169,7 @@ SAMPLING_RANGES = {
     "truncation": (float, Range(0)),  # psi: 0 is the mean latent, 1 none
     "temperature": (float, Range(0, lo_open=True)),
     "top_k": (int, Range(1)),
+    "control_scale": (float, Range(0)),  # 0: the frozen base; 1: as trained
 }
 
 

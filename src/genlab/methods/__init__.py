@@ -29,6 +29,8 @@ METHODS = {
     "ldm": "genlab.methods.ldm:LDM",
     "clip": "genlab.methods.clip:CLIPMethod",
     "lora": "genlab.methods.lora:LoRA",
+    "controlnet": "genlab.methods.control:ControlNetMethod",
+    "t2i-adapter": "genlab.methods.control:T2IAdapterMethod",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
-from typing import Annotated, Any, ClassVar, Literal, Mapping
+from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,9 @@ from genlab.noise import ImageNoise
 from genlab.ranges import NonNegativeFloat, PositiveFloat, PositiveInt, Range, UnitFloat
 
 
-NETWORKS = ("unet", "dit")  # the denoisers; each has its own config section model.<network>
+NETWORKS = ("unet", "dit")
+# A child run's extra inputs of the frozen backbone: (h, t, y) -> keyword arguments (see DDPM.network).
+BackboneKwargs = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], dict]  # the denoisers; each has its own config section model.<network>
 
 
 @dataclass
@@ -162,16 +164,23 @@ class DDPM(Method, Generates, Denoiser):
         """The denoising network (``self.unet`` or ``self.dit``)."""
         return getattr(self, self.network_name)
 
-    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                backbone_kwargs: BackboneKwargs | None = None) -> torch.Tensor:
         """The model's output at full resolution: (N, C, H, W) -> (N, C, H, W), or (N, 2C, H, W) with
-        learn_sigma (the prediction's channels first, then the variance's)."""
+        learn_sigma (the prediction's channels first, then the variance's).
+
+        ``backbone_kwargs(h, t, y)``, when given, returns extra keyword arguments of the backbone
+        computed from its input h (after the pixel patch): how a child run (ControlNet, T2I-Adapter)
+        steers this frozen network (``down_residuals``, ``adapter_features`` of the U-Net).
+        """
         p = self.config.patch_size
+        h = x_t if p == 1 else F.pixel_unshuffle(x_t, p)  # (N, C p^2, H / p, W / p)
+        extra = {} if backbone_kwargs is None else backbone_kwargs(h, t, y)
         if p == 1:
-            return self.backbone(x_t, t, y)
-        h = F.pixel_unshuffle(x_t, p)  # (N, C p^2, H / p, W / p)
+            return self.backbone(h, t, y, **extra)
         # pixel_shuffle maps input channels [k p^2, (k + 1) p^2) to output channel k, so the first
         # C p^2 U-Net channels (the prediction) become the first C output channels.
-        return F.pixel_shuffle(self.backbone(h, t, y), p)  # (N, C or 2C, H, W)
+        return F.pixel_shuffle(self.backbone(h, t, y, **extra), p)  # (N, C or 2C, H, W)
 
     def _split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prediction, v) of a network output; v = (raw + 1) / 2 as in improved DDPM's code, None
@@ -190,22 +199,27 @@ class DDPM(Method, Generates, Denoiser):
         x0 = self._diffused(batch["image"])  # (n, C, H, W): images in [-1, 1] (latent models: latents)
         t = ctx.randint(0, c.num_timesteps)  # (n,)
         noise = ctx.randn(*x0.shape[1:])  # (n, C, H, W)
-        y = None
-        if self.num_classes is not None:
-            y = batch["label"].clone()
-            drop = ctx.rand() < c.p_uncond  # classifier-free guidance: learn p(x) with the null class
-            y[drop] = self.num_classes
+        y = self.training_labels(batch, ctx)
         loss, logs = self.loss(x0, t, noise, y)
         ctx.optimize(loss)
         return {"loss": loss.detach(), **logs}
 
-    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_labels(self, batch: dict[str, torch.Tensor], ctx) -> torch.Tensor | None:
+        """The batch's labels (n,), each dropped to the null class with probability p_uncond (None: unconditional)."""
+        if self.num_classes is None:
+            return None
+        y = batch["label"].clone()
+        drop = ctx.rand() < self.config.p_uncond  # classifier-free guidance: learn p(x) with the null class
+        y[drop] = self.num_classes
+        return y
+
+    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None,
+             backbone_kwargs: BackboneKwargs | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training objective at given (x0, t, noise, labels): (loss, extra logs). x0 is what is
-        diffused (latent models: the scaled latents)."""
+        diffused (latent models: the scaled latents); ``backbone_kwargs`` as in :meth:`network`."""
         c = self.config
         x_t = self.schedule.q_sample(x0, t, noise)
-        output, v = self._split(self.network(x_t, t, y))
+        output, v = self._split(self.network(x_t, t, y, backbone_kwargs))
         target = training_target(c.prediction, x0, noise, t, self.schedule)
         weight = loss_weight(t, self.schedule, c.prediction, c.min_snr_gamma)
         loss = diffusion_loss(output, target, weight)
@@ -246,14 +260,15 @@ class DDPM(Method, Generates, Denoiser):
         """What the model diffuses, from images in [-1, 1]: the images (latent models: their latents)."""
         return images
 
-    def denoiser(self, y: torch.Tensor | None = None):
+    def denoiser(self, y: torch.Tensor | None = None, backbone_kwargs: BackboneKwargs | None = None):
         """The eps-predicting callable the samplers expect: denoise(x_t, t) -> eps_hat, or
         (eps_hat, v) with learn_sigma."""
-        return lambda x_t, t: self._denoise(x_t, t, y)
+        return lambda x_t, t: self._denoise(x_t, t, y, backbone_kwargs)
 
-    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                 backbone_kwargs: BackboneKwargs | None = None):
         """eps_hat (or (eps_hat, v)) at (x_t, t) with labels y (None: unconditional/null class)."""
-        output, v = self._split(self.network(x_t, t, y))
+        output, v = self._split(self.network(x_t, t, y, backbone_kwargs))
         if self.config.prediction != "eps":
             # Fractional t (Karras solvers) is only meaningful for eps; others need an integer t.
             _, output = model_output_to_x0_eps(output, x_t, t.round().long(), self.schedule, self.config.prediction)
@@ -302,6 +317,7 @@ class DDPM(Method, Generates, Denoiser):
         classifier: Any = None,
         classifier_scale: float = 1.0,
         rules: list | None = None,
+        backbone_kwargs: BackboneKwargs | None = None,
         **unknown: Any,
     ) -> torch.Tensor:
         """Draw ``n`` images with the configured (or given) sampler, optionally guided.
@@ -319,6 +335,8 @@ class DDPM(Method, Generates, Denoiser):
           samplers' eps by -sqrt(1 - abar) s grad; Dhariwal & Nichol 2021).
         - ``rules``: rule specs ("symmetry:2", "brightness:1:target=0.3", "module:function", see
           :mod:`genlab.diffusion.guidance`) or (function, weight) pairs, steering x0_hat by gradient.
+        - ``backbone_kwargs``: extra inputs of the network computed per call (see :meth:`network`);
+          with guidance the callable sees the doubled batch [x_t; x_t].
         """
         if unknown:
             raise ConfigError(f"{self.name} sampling does not take {', '.join(sorted(unknown))}")
@@ -346,12 +364,12 @@ class DDPM(Method, Generates, Denoiser):
             if labels.shape != (len(x),):
                 raise ConfigError(f"labels of shape {tuple(labels.shape)}: give one class per sample ({len(x)},)")
         conditioning = labels if self.num_classes is not None else None
-        denoise = self.denoiser(conditioning)
+        denoise = self.denoiser(conditioning, backbone_kwargs)
         if guidance_scale is not None or negative_labels is not None:
             if negative_labels is not None:
                 negative_labels = torch.as_tensor(negative_labels).long().to(self.device)
             denoise = classifier_free_guidance(
-                self._denoise, labels, 1.0 if guidance_scale is None else float(guidance_scale),
+                lambda x_t, t, y: self._denoise(x_t, t, y, backbone_kwargs), labels, 1.0 if guidance_scale is None else float(guidance_scale),
                 null_label=self.num_classes, negative_labels=negative_labels,
             )
         mean_shift = None

@@ -145,16 +145,19 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [base]  # the width of every activation the decoder will concatenate
+        self.level_ends: list[int] = []  # index in self.down of each level's last layer (adapter features join there)
         channels, resolution = base, image_size
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks):
                 self.down.append(layer(channels, base * mult, resolution))
                 channels = base * mult
                 skip_channels.append(channels)
+            self.level_ends.append(len(self.down) - 1)
             if level < len(config.channel_mult) - 1:
                 self.down.append(Downsample(channels))
                 skip_channels.append(channels)
                 resolution //= 2
+        self.skip_channels = tuple(skip_channels)  # (C,) of each skip activation, conv_in's first
 
         # Middle: residual, attention, residual at the lowest resolution.
         mid_attention = self._attention_pair(channels) if config.mid_attention else ()
@@ -196,10 +199,18 @@ class UNet(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        down_residuals: list[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
+        adapter_features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict from x (N, C_in, H, W) at t (N,) (long or float) -> (N, C_out, H, W).
 
         y: (N,) long class labels, or None for the null class; context: (N, S, context_dim) or None.
+        Control (None: the plain U-Net, bit for bit): ``down_residuals``, one tensor per skip
+        activation (shapes :meth:`skip_shapes`), are added to the skips and ``mid_residual`` to the
+        middle block's output (ControlNet, Zhang et al. 2023); ``adapter_features``, one per level
+        (shapes :meth:`level_shapes`), are added to the encoder's features at the end of each level,
+        before they are kept as skips and downsampled (T2I-Adapter, Mou et al. 2023).
         """
         n, _, height, width = x.shape
         if height % self.downsample_factor or width % self.downsample_factor:
@@ -207,6 +218,34 @@ class UNet(nn.Module):
                 f"input of size {height}x{width} is not divisible by {self.downsample_factor} "
                 f"(2 ** (len(channel_mult) - 1)): resize or pad the images, or use fewer levels"
             )
+        emb = self.embed(x, t, y)  # (N, E)
+        h = self.conv_in(x)  # (N, base, H, W)
+        skips = [h]
+        features = {}
+        if adapter_features is not None:
+            features = dict(zip(self.level_ends, _checked(adapter_features, self.level_shapes(x), "adapter_features")))
+        for i, module in enumerate(self.down):
+            h = module(h, emb, context) if isinstance(module, UNetLayer) else module(h)
+            if i in features:
+                h = h + features[i]  # T2I-Adapter: (N, C_level, H_level, W_level)
+            skips.append(h)  # (N, C_level, H_level, W_level)
+        for module in self.middle:
+            h = module(h, emb, context)  # (N, C_last, H / f, W / f)
+        if down_residuals is not None:  # ControlNet: zero convolutions' outputs join the skips
+            skips = [s + r for s, r in zip(skips, _checked(down_residuals, self.skip_shapes(x), "down_residuals"))]
+        if mid_residual is not None:
+            h = h + _checked([mid_residual], [tuple(h.shape)], "mid_residual")[0]  # (N, C_last, H / f, W / f)
+        for module in self.up:
+            if isinstance(module, UNetLayer):
+                h = module(torch.cat([h, skips.pop()], dim=1), emb, context)  # (N, C_level, ., .)
+            else:
+                h = module(h)  # Upsample: (N, C, 2H', 2W')
+        h = nn.functional.silu(self.norm_out(h))  # (N, base * channel_mult[0], H, W)
+        return self.conv_out(h)  # (N, C_out, H, W)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding (N, E) every residual block receives: time, plus class when the U-Net has classes."""
+        n = x.shape[0]
         if t.ndim == 0:
             t = t.expand(n)
         emb = self.time_embed(t)  # (N, E)
@@ -217,21 +256,31 @@ class UNet(nn.Module):
         elif y is not None:
             raise ConfigError("class labels y were given but the UNet has num_classes=None: "
                               "build it with num_classes=... or pass y=None")
+        return emb
 
-        h = self.conv_in(x)  # (N, base, H, W)
-        skips = [h]
-        for module in self.down:
-            h = module(h, emb, context) if isinstance(module, UNetLayer) else module(h)
-            skips.append(h)  # (N, C_level, H_level, W_level)
-        for module in self.middle:
-            h = module(h, emb, context)  # (N, C_last, H / f, W / f)
-        for module in self.up:
-            if isinstance(module, UNetLayer):
-                h = module(torch.cat([h, skips.pop()], dim=1), emb, context)  # (N, C_level, ., .)
-            else:
-                h = module(h)  # Upsample: (N, C, 2H', 2W')
-        h = nn.functional.silu(self.norm_out(h))  # (N, base * channel_mult[0], H, W)
-        return self.conv_out(h)  # (N, C_out, H, W)
+    def skip_shapes(self, x: torch.Tensor) -> list[tuple[int, ...]]:
+        """Shapes (N, C, H', W') of the skip activations for input x, conv_in's first (``down_residuals``)."""
+        n, _, height, width = x.shape
+        shapes, scale = [(n, self.skip_channels[0], height, width)], 1
+        for module, channels in zip(self.down, self.skip_channels[1:]):
+            scale *= 1 if isinstance(module, UNetLayer) else 2
+            shapes.append((n, channels, height // scale, width // scale))
+        return shapes
+
+    def level_shapes(self, x: torch.Tensor) -> list[tuple[int, ...]]:
+        """Shapes (N, C_level, H_level, W_level) of the encoder's levels for input x (``adapter_features``)."""
+        return [self.skip_shapes(x)[i + 1] for i in self.level_ends]
+
+
+def _checked(tensors: list[torch.Tensor] | None, shapes: list[tuple[int, ...]], name: str) -> list[torch.Tensor]:
+    """``tensors`` (empty for None) after checking they match ``shapes`` one to one; a one-line error otherwise."""
+    if tensors is None:
+        return []
+    got = [tuple(t.shape) for t in tensors]
+    if got != [tuple(s) for s in shapes]:
+        raise ConfigError(f"{name}: got shapes {got}, this U-Net needs {[tuple(s) for s in shapes]} for its input: "
+                          "build the control network from this U-Net (same widths, levels and input size)")
+    return list(tensors)
 
 
 def _validate(
