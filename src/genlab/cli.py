@@ -50,10 +50,16 @@ guidance (diffusion models):
   --negative-class k   the unconditional branch is replaced by class k ("not like a k")
   --classifier RUN --classifier-scale s    classifier guidance with a noisy-classifier run
   --rule NAME[:weight[:key=value,...]]     rule guidance on the predicted x0, e.g. --rule symmetry:50
+  --prompt TEXT / --prompts FILE            text-conditioned runs: the caption (FILE: one per line, --n
+                                            samples each, one grid row per prompt); with --guidance-scale w
+                                            the unconditional branch is the empty prompt, which
+                                            --negative-prompt TEXT replaces
 
 examples:
   genlab sample runs/demo --n 64 --out grid.png --sampler dpmpp-2m --steps 10
   genlab sample runs/cfg --class 3 --guidance-scale 3 --out threes.png
+  genlab sample runs/t2i --prompt "a thick seven" --guidance-scale 3 --out sevens.png
+  genlab sample runs/t2i --prompts prompts.txt --n 8 --guidance-scale 3 --out grid.png
   genlab sample runs/stylegan --truncation 0.7 --out sg.png
   genlab sample runs/gpt --temperature 0.9 --top-k 50 --out gpt.png
 """
@@ -154,6 +160,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     s.add_argument("--checkpoint", metavar="STEP|latest", help="checkpoint to sample (default: the newest intact one)")
     s.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
+    s.add_argument("--prompt", help="text-conditioned runs: the caption of every sample")
+    s.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="text-conditioned runs: a file of prompts, one "
+                                                                          "per line; --n samples of each, one grid row each")
+    s.add_argument("--negative-prompt", help="text-conditioned runs with --guidance-scale: replaces the empty prompt "
+                                             "of the unconditional branch (steer away from it)")
     _add_sampling_options(s)
 
     e = sub.add_parser("eval", help="score a run, an .npz of images or a data split against real data",
@@ -357,10 +368,21 @@ def _cmd_sample(a) -> int:
     if out.suffix.lower() not in (".png", ".npz"):
         raise GenlabError(f"--out {out}: the file must end in .png (a grid) or .npz (uint8 images N x H x W x C)")
     check_sampling_options(n=a.n, seed=a.seed, batch_size=a.batch_size)  # before the (slow) load
+    n, nrow, prompts = a.n, None, None
+    if a.prompts_file is not None:
+        if a.prompt is not None:
+            raise GenlabError("--prompt and --prompts FILE: give one of them")
+        from genlab.methods.text_conditioning import read_prompts_file
+
+        prompts = read_prompts_file(a.prompts_file)
+        n, nrow = a.n * len(prompts), a.n  # --n samples of each prompt, one grid row each
     run = api.load_run(a.run, weights=a.weights, checkpoint=a.checkpoint)
-    options = _sampling_options(a, a.n)
-    images = run.sample(a.n, seed=a.seed, batch_size=a.batch_size, progress=True, **options)
-    save_images(images, out)
+    options = _sampling_options(a, n)
+    for key, value in (("prompt", a.prompt), ("prompts", prompts), ("negative_prompt", a.negative_prompt)):
+        if value is not None:
+            options[key] = value
+    images = run.sample(n, seed=a.seed, batch_size=a.batch_size, progress=True, **options)
+    save_images(images, out, nrow=nrow if out.suffix.lower() == ".png" else None)
     print(out)
     return 0
 
