@@ -198,10 +198,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="with `eval ref`: the split (default test)")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster on a busy CPU)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.add_argument("--kind", choices=("auto", "generation", "reconstruction", "translation"), default="auto",
+    e.add_argument("--kind", choices=("auto", "generation", "reconstruction", "translation", "text"), default="auto",
                    help="for a run: generation metrics of samples, reconstruction metrics (MSE, PSNR, SSIM, and the "
-                        "ELBO / codebook usage where they apply) or translation metrics on held-out images, or auto "
-                        "(default): whatever the run's capabilities allow")
+                        "ELBO / codebook usage where they apply) or translation metrics on held-out images, text "
+                        "metrics of a text-conditioned run (held-out captions: FID, CLIP score, R-precision; class "
+                        "prompts' accuracy; attribute control), or auto (default): whatever the run allows")
     _add_data_options(e, "--recon-data", "held-out images for reconstruction (or pix2pix translation) metrics "
                                             "(default: the run's test split; mnist:test for mnist5k)")
     e.add_argument("--class", dest="class_label", type=_class_label, metavar="K|all",
