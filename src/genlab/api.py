@@ -113,6 +113,20 @@ def train(
     return load_run(run_dir)
 
 
+def sample(run: str | Path | Run, n: int = 64, seed: int = 0, weights: str = "ema", checkpoint: int | str | None = None,
+           **options) -> torch.Tensor:
+    """``n`` images in [-1, 1] (N, C, H, W) of a run folder (or a loaded :class:`Run`): what `genlab sample` draws.
+
+        genlab.sample("runs/t2i", 8, prompt="a thick seven", guidance_scale=3)
+        genlab.sample("runs/t2i", 16, prompts=["the digit 1", "the digit 7"], negative_prompt="a thin digit")
+
+    ``options`` are :meth:`Run.sample`'s (sampler, steps, eta, labels, guidance_scale, prompt(s), ...).
+    """
+    if not isinstance(run, Run):
+        run = load_run(run, weights=weights, checkpoint=checkpoint)
+    return run.sample(n, seed=seed, **options)
+
+
 def _writer_lock(run_dir: Path):
     """The run folder's writer lock (train, resume), taken by the main process only (RANK 0 under torchrun)."""
     import contextlib
@@ -181,7 +195,7 @@ def _resolve_parent_runs(method_cls, overrides: list[str], data: str | None, dat
     return out
 
 
-__all__ = ["Run", "data_info_for", "default_run_dir", "heldout_images", "load_run", "resolve_preset", "slerp", "train",
+__all__ = ["Run", "data_info_for", "default_run_dir", "heldout_images", "load_run", "resolve_preset", "sample", "slerp", "train",
            "train_config"]
 
 

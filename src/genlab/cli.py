@@ -51,10 +51,16 @@ guidance (diffusion models):
   --negative-class k   the unconditional branch is replaced by class k ("not like a k")
   --classifier RUN --classifier-scale s    classifier guidance with a noisy-classifier run
   --rule NAME[:weight[:key=value,...]]     rule guidance on the predicted x0, e.g. --rule symmetry:50
+  --prompt TEXT / --prompts FILE            text-conditioned runs: the caption (FILE: one per line, --n
+                                            samples each, one grid row per prompt); with --guidance-scale w
+                                            the unconditional branch is the empty prompt, which
+                                            --negative-prompt TEXT replaces
 
 examples:
   genlab sample runs/demo --n 64 --out grid.png --sampler dpmpp-2m --steps 10
   genlab sample runs/cfg --class 3 --guidance-scale 3 --out threes.png
+  genlab sample runs/t2i --prompt "a thick seven" --guidance-scale 3 --out sevens.png
+  genlab sample runs/t2i --prompts prompts.txt --n 8 --guidance-scale 3 --out grid.png
   genlab sample runs/stylegan --truncation 0.7 --out sg.png
   genlab sample runs/gpt --temperature 0.9 --top-k 50 --out gpt.png
 """
@@ -168,6 +174,11 @@ def _parser() -> argparse.ArgumentParser:
                                                            "every sample) or maps (.npz) at the run's image size")
     s.add_argument("--control-scale", type=float, help="multiplier of the control network's outputs (0: the base)")
     s.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    s.add_argument("--prompt", help="text-conditioned runs: the caption of every sample")
+    s.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="text-conditioned runs: a file of prompts, one "
+                                                                          "per line; --n samples of each, one grid row each")
+    s.add_argument("--negative-prompt", help="text-conditioned runs with --guidance-scale: replaces the empty prompt "
+                                             "of the unconditional branch (steer away from it)")
     _add_sampling_options(s)
 
     e = sub.add_parser("eval", help="score a run, an .npz of images or a data split against real data",
@@ -201,10 +212,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="with `eval ref`: the split (default test)")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster on a busy CPU)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.add_argument("--kind", choices=("auto", "generation", "reconstruction", "translation"), default="auto",
+    e.add_argument("--kind", choices=("auto", "generation", "reconstruction", "translation", "text"), default="auto",
                    help="for a run: generation metrics of samples, reconstruction metrics (MSE, PSNR, SSIM, and the "
-                        "ELBO / codebook usage where they apply) or translation metrics on held-out images, or auto "
-                        "(default): whatever the run's capabilities allow")
+                        "ELBO / codebook usage where they apply) or translation metrics on held-out images, text "
+                        "metrics of a text-conditioned run (held-out captions: FID, CLIP score, R-precision; class "
+                        "prompts' accuracy; attribute control), or auto (default): whatever the run allows")
     _add_data_options(e, "--recon-data", "held-out images for reconstruction (or pix2pix translation) metrics "
                                             "(default: the run's test split; mnist:test for mnist5k)")
     e.add_argument("--class", dest="class_label", type=_class_label, metavar="K|all",
@@ -417,21 +429,32 @@ def _cmd_sample(a) -> int:
     if out.suffix.lower() not in (".png", ".npz"):
         raise GenlabError(f"--out {out}: the file must end in .png (a grid) or .npz (uint8 images N x H x W x C)")
     check_sampling_options(n=a.n, seed=a.seed, batch_size=a.batch_size)  # before the (slow) load
+    n, nrow, prompts = a.n, None, None
+    if a.prompts_file is not None:
+        if a.prompt is not None:
+            raise GenlabError("--prompt and --prompts FILE: give one of them")
+        from genlab.methods.text_conditioning import read_prompts_file
+
+        prompts = read_prompts_file(a.prompts_file)
+        n, nrow = a.n * len(prompts), a.n  # --n samples of each prompt, one grid row each
     run = api.load_run(a.run, weights=a.weights, checkpoint=a.checkpoint)
     if a.lora:
         from genlab.adapters import attach_adapters
 
         attach_adapters(run, a.lora)
-    options = _sampling_options(a, a.n)
-    options.update(api.control_options(run, a.n, a.control_from, a.control_image, a.control_scale, a.data_root))
-    images = run.sample(a.n, seed=a.seed, batch_size=a.batch_size, progress=True, **options)
-    save_images(images, out)
+    options = _sampling_options(a, n)
+    for key, value in (("prompt", a.prompt), ("prompts", prompts), ("negative_prompt", a.negative_prompt)):
+        if value is not None:
+            options[key] = value
+    options.update(api.control_options(run, n, a.control_from, a.control_image, a.control_scale, a.data_root))
+    images = run.sample(n, seed=a.seed, batch_size=a.batch_size, progress=True, **options)
+    save_images(images, out, nrow=nrow if out.suffix.lower() == ".png" else None)
     if "control" in options:  # how well the samples follow their maps
         from genlab.metrics.adherence import adherence, adherence_name
 
         kind = run.config.model.control
         print(f"adherence {adherence(kind, images, options['control']).mean():.3f} ({adherence_name(kind)}) "
-              f"over {a.n} samples")
+              f"over {n} samples")
     print(out)
     return 0
 

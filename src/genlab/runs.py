@@ -33,6 +33,7 @@ from genlab.data import is_path_source, load_data
 from genlab.errors import ConfigError, DataError, GenlabError
 from genlab.methods import DataInfo, Method, get_method
 from genlab.methods.capabilities import Encodes, GANLatent, NoiseAwareClassifier, Reconstructs, has, require
+from genlab.methods.text_conditioning import resolve_prompts
 from genlab.ranges import Range
 from genlab.train.checkpoint import STATE_FILE, check_weights_fit, find_checkpoint, load_checkpoint
 
@@ -59,13 +60,18 @@ class Run:
     weights: str  # "ema" or "raw"
 
     def sample(self, n: int, seed: int = 0, batch_size: int = 256, progress: bool = False, **options: Any) -> torch.Tensor:
-        """``n`` images in [-1, 1] (N, C, H, W), drawn in batches; same seed, same images."""
+        """``n`` images in [-1, 1] (N, C, H, W), drawn in batches; same seed, same images.
+
+        Text-conditioned runs take ``prompt`` (one string for every sample) or ``prompts`` (n strings, or P
+        strings with n a multiple of P: each prompt for n / P consecutive samples), and likewise
+        ``negative_prompt`` / ``negative_prompts``; with ``guidance_scale`` w (classifier-free guidance).
+        """
         from tqdm.auto import tqdm
 
         check_sampling_options(n=n, seed=seed, batch_size=batch_size, **options)
         generator = torch.Generator().manual_seed(seed)
         self.method.eval()
-        options = dict(options)
+        options = resolve_prompts(self.method, dict(options), n)  # a prompt for all, or one per sample
         if isinstance(options.get("labels"), str):
             options["labels"] = self.labels(options["labels"], n)
         if options.get("classifier") is not None:
@@ -81,6 +87,9 @@ class Run:
                 for key in ("labels", "negative_labels", "control"):  # per-image options follow the batch
                     if opts.get(key) is not None:
                         opts[key] = torch.as_tensor(opts[key])[start: start + m]
+                for key in ("prompts", "negative_prompts"):
+                    if opts.get(key) is not None:
+                        opts[key] = opts[key][start: start + m]
                 chunks.append(self.method.sample(m, generator=generator, **opts).cpu())
                 bar.update(m)
         return torch.cat(chunks)

@@ -17,7 +17,7 @@ from genlab.errors import ConfigError
 from genlab.methods import METHODS, DataInfo, get_method
 from genlab.methods.capabilities import (
     DiscreteCodes, Encodes, GANLatent, Generates, HasELBO, LatentCodec, NoiseAwareClassifier, Reconstructs,
-    StyleSpace, Translates, Denoiser, capabilities_of, capable_methods, conditions_on_classes, has,
+    StyleSpace, Translates, Denoiser, capabilities_of, capable_methods, conditions_on_classes, conditions_on_text, has,
 )
 
 # (channels, image size, classes) of each source at its native size.
@@ -95,6 +95,10 @@ def test_small_presets_keep_their_declared_capabilities(name, preset):
         if has(method, Generates):
             options = {"steps": 2} if has(method, Denoiser) else {}
             assert _in_range(method.sample(2, generator=g, **options), image_shape)
+            if conditions_on_text(method):  # text presets (ddpm text_small, ldm text_small): prompts and CFG
+                guided = method.sample(2, generator=g, prompts=["a thick seven", "the digit 1"], guidance_scale=3.0,
+                                       negative_prompts=["", "a thin one"], **options)
+                assert _in_range(guided, image_shape)
         else:
             with pytest.raises(ConfigError) as e:
                 method.sample(2, generator=g)

@@ -58,12 +58,18 @@ def _with_variance(eps: torch.Tensor, v: torch.Tensor | None):
 # Classifier-free guidance (Ho & Salimans 2022)
 
 
+def _batch_of_conditions(a: Any, b: Any) -> Any:
+    """Two conditions as one batch [a; b]: labels by torch.cat, others (a text encoding) by their ``cat``."""
+    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else type(a).cat([a, b])
+
+
 def classifier_free_guidance(
-    denoise_with_labels: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any],
-    labels: torch.Tensor,
+    denoise_with_labels: Callable[[torch.Tensor, torch.Tensor, Any], Any],
+    labels: Any,
     guidance_scale: float,
-    null_label: int,
-    negative_labels: torch.Tensor | None = None,
+    null_label: int | None = None,
+    negative_labels: Any = None,
+    unconditional: Any = None,
 ) -> Denoiser:
     """Classifier-free guidance: eps = eps_uncond + w (eps_cond - eps_uncond), one network call per step.
 
@@ -71,6 +77,11 @@ def classifier_free_guidance(
     class it was trained on with probability p_uncond). Each call of the returned denoiser runs it
     ONCE on the batch [x_t; x_t] with labels [y; null] (or [y; negative_labels]: negative
     conditioning replaces the unconditional branch, so samples are pushed away from that class).
+
+    The condition need not be labels: a text model passes its prompts' encodings as ``labels`` and
+    the empty prompt's as ``unconditional`` (the "null" it was trained on with caption dropout);
+    a condition other than a tensor is batched by its class's ``cat`` (e.g.
+    :meth:`genlab.text.encoders.TextEncoding.cat`).
 
     Convention: w = ``guidance_scale``; w = 1 is the plain conditional model (returned unwrapped,
     exactly, with a single N-sample pass), w = 0 the unconditional one (or the negative class's; also
@@ -82,29 +93,34 @@ def classifier_free_guidance(
     """
     if not math.isfinite(guidance_scale):
         raise ConfigError(f"guidance_scale={guidance_scale!r}: use a finite number (1: no guidance; 3 is typical)")
-    if negative_labels is not None and negative_labels.shape != labels.shape:
-        raise ConfigError(
-            f"negative_labels of shape {tuple(negative_labels.shape)} must match labels {tuple(labels.shape)}"
-        )
+    if negative_labels is not None and len(negative_labels) != len(labels):
+        raise ConfigError(f"{len(negative_labels)} negative conditions for {len(labels)} conditions: give one per sample")
+    if null_label is None and unconditional is None and negative_labels is None:
+        raise ConfigError("classifier-free guidance needs the unconditional condition: null_label (a class "
+                          "index) or unconditional (e.g. the empty prompt's encoding)")
     if guidance_scale == 1 and negative_labels is None:
 
         def conditional(x_t: torch.Tensor, t: torch.Tensor):
             return denoise_with_labels(x_t, t, labels)
 
         return conditional
-    other = negative_labels if negative_labels is not None else torch.full_like(labels, null_label)
+    if negative_labels is not None:
+        other = negative_labels
+    else:
+        other = unconditional if unconditional is not None else torch.full_like(labels, null_label)
     if guidance_scale == 0:  # only the other branch counts: one N-sample pass, not a wasted 2N one
 
-        def unconditional(x_t: torch.Tensor, t: torch.Tensor):
-            return denoise_with_labels(x_t, t, other.to(x_t.device))
+        def other_branch(x_t: torch.Tensor, t: torch.Tensor):
+            return denoise_with_labels(x_t, t, other.to(x_t.device) if isinstance(other, torch.Tensor) else other)
 
-        return unconditional
+        return other_branch
+
+    both_conditions = _batch_of_conditions(labels, other)
 
     def guided(x_t: torch.Tensor, t: torch.Tensor):
         n = len(x_t)
-        both = denoise_with_labels(
-            torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, other]).to(x_t.device)
-        )  # (2N, C, H, W): one pass for both branches
+        conditions = both_conditions.to(x_t.device) if isinstance(both_conditions, torch.Tensor) else both_conditions
+        both = denoise_with_labels(torch.cat([x_t, x_t]), torch.cat([t, t]), conditions)  # (2N, C, H, W): one pass for both branches
         eps_both, v_both = split_output(both)
         eps_cond, eps_uncond = eps_both[:n], eps_both[n:]
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -3,7 +3,9 @@
 A run that ``Translates`` is scored on translations; one that ``Reconstructs`` on reconstructions,
 and on its samples too when it also ``Generates``; one that only ``Generates`` on its samples. An
 ``.npz`` of images or a data split is always scored as generated images. Asking for a kind a run
-cannot do names the capability it lacks (:func:`genlab.methods.capabilities.require`).
+cannot do names the capability it lacks (:func:`genlab.methods.capabilities.require`). A run
+conditioned on text (a ``model.text`` section, a run-time choice) is scored by ``kind="text"``
+(:mod:`genlab.evaluation.text_to_image`): samples of held-out captions and of class and attribute prompts.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from genlab.evaluation.translation import evaluate_translation
 from genlab.methods import get_method
 from genlab.methods.capabilities import Capability, Generates, Reconstructs, Translates, has, require
 
-KINDS = ("auto", "generation", "reconstruction", "translation")
+KINDS = ("auto", "generation", "reconstruction", "translation", "text")
 _NEEDS: dict[str, type[Capability]] = {"generation": Generates, "reconstruction": Reconstructs,
                                        "translation": Translates}
 # Options only one kind takes; the others ignore them (a VAE's `eval --ref` is for its samples).
@@ -40,6 +42,16 @@ def _method_class(target: str | os.PathLike):
     return get_method(read_config_file(path / "config.yaml")["method"])
 
 
+def _conditions_on_text(target) -> bool:
+    """Whether a run (loaded, or a folder: its config.yaml, no weights loaded) has a text encoder."""
+    from genlab.evaluation.text_to_image import conditions_on_text_config
+    from genlab.methods.capabilities import conditions_on_text
+
+    if is_run(target):
+        return conditions_on_text(target.method)
+    return conditions_on_text_config(read_config_file(Path(str(target)).expanduser() / "config.yaml").get("model"))
+
+
 def kinds_for(target: str | os.PathLike, kind: str = "auto") -> tuple[str, ...]:
     """The kinds of scoring ``kind`` means for ``target``, in the order they are run."""
     if kind not in KINDS:
@@ -50,6 +62,11 @@ def kinds_for(target: str | os.PathLike, kind: str = "auto") -> tuple[str, ...]:
         if kind not in ("auto", "generation"):
             raise ConfigError(f"{where} is not a run folder: only generation metrics apply to images (kind {kind!r})")
         return ("generation",)
+    if kind in ("auto", "text") and _conditions_on_text(target):
+        return ("text",)
+    if kind == "text":
+        raise ConfigError(f"{where}: a {cls.name} run without a text encoder cannot be scored on text (kind 'text' needs "
+                          "a text-conditioned run, trained with a model.text section)")
     if kind != "auto":
         require(cls, _NEEDS[kind], f"be scored on {kind}", where=where)
         return (kind,)
@@ -66,6 +83,10 @@ def _score(target, kind: str, options: dict[str, Any], json_path) -> dict[str, A
     if kind == "generation":
         return evaluate_generation(target, json_path=json_path,
                                    **{k: v for k, v in options.items() if k not in _HELDOUT_ONLY})
+    if kind == "text":
+        from genlab.evaluation.text_to_image import evaluate_text
+
+        return evaluate_text(target, json_path=json_path, **options)
     held = {k: v for k, v in options.items() if k not in _GENERATION_ONLY}
     if kind == "reconstruction":
         return evaluate_reconstruction(target, json_path=json_path, **held)

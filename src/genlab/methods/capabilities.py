@@ -159,8 +159,13 @@ def conditions_on_classes(method: Any) -> bool:
     return getattr(method, "num_classes", None) is not None
 
 
+def conditions_on_text(method: Any) -> bool:
+    """Whether this (built) method takes prompts: it has a text encoder (a run-time choice, ``model.text``)."""
+    return getattr(method, "text_encoder", None) is not None
+
+
 __all__ = [
     "Capability", "Generates", "Reconstructs", "Encodes", "LatentCodec", "DiscreteCodes", "Translates", "HasELBO",
     "GANLatent", "StyleSpace", "Denoiser", "NoiseAwareClassifier", "has", "require", "capable_methods",
-    "capabilities_of", "conditions_on_classes",
+    "capabilities_of", "conditions_on_classes", "conditions_on_text",
 ]

@@ -66,7 +66,7 @@ def training_corpus(source: str | None) -> list[str]:
         return folder_caption_texts(source[len("folder:"):])
     corpus = caption_corpus(source or "")
     if len(corpus) <= 1:
-        raise ConfigError(f"the clip method needs captioned data, and {source!r} has no captions; use mnist-captions, "
+        raise ConfigError(f"{source!r} has no captions, and a text encoder's tokenizer is trained on them; use mnist-captions, "
                           "fashion-mnist-captions, cifar10-captions, mnist-pairs or folder:PATH with captions")
     return corpus
 

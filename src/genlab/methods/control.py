@@ -143,8 +143,8 @@ class ControlNetMethod(ControlledDiffusion):
     def steering(self, control: torch.Tensor, scale: float = 1.0):
         """Residuals of the ControlNet on the U-Net's input (it sees x_t, t and the labels as the base does)."""
 
-        def backbone_kwargs(h: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> dict:
-            down, mid = self.control_network(h, t, _repeat_to(control, len(h)), y)
+        def backbone_kwargs(h: torch.Tensor, t: torch.Tensor, condition: dict) -> dict:
+            down, mid = self.control_network(h, t, _repeat_to(control, len(h)), **condition)
             return {"down_residuals": [scale * r for r in down], "mid_residual": scale * mid}
 
         return backbone_kwargs
@@ -163,7 +163,7 @@ class T2IAdapterMethod(ControlledDiffusion):
         """Adapter features, computed once (they depend on the control map only, not on x_t or t)."""
         features = [scale * f for f in self.control_network(control)]  # each (N, C_level, H_level, W_level)
 
-        def backbone_kwargs(h: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> dict:
+        def backbone_kwargs(h: torch.Tensor, t: torch.Tensor, condition: dict) -> dict:
             return {"adapter_features": [_repeat_to(f, len(h)) for f in features]}
 
         return backbone_kwargs

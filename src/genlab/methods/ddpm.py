@@ -31,13 +31,16 @@ from genlab.methods.capabilities import Denoiser, Generates, NoiseAwareClassifie
 from genlab.models.dit import DiT as DiTNetwork
 from genlab.models.dit import DiTConfig
 from genlab.models.unet import UNet, UNetConfig
+from genlab.methods.text_conditioning import EMPTY_PROMPT, backbone_text_inputs, encode_prompts, is_trainable
+from genlab.methods.text_conditioning import text_encoder_for, training_prompts
 from genlab.noise import ImageNoise
 from genlab.ranges import NonNegativeFloat, PositiveFloat, PositiveInt, Range, UnitFloat
+from genlab.text.encoders import TextEncoderConfig, TextEncoding
 
 
-NETWORKS = ("unet", "dit")
-# A child run's extra inputs of the frozen backbone: (h, t, y) -> keyword arguments (see DDPM.network).
-BackboneKwargs = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], dict]  # the denoisers; each has its own config section model.<network>
+NETWORKS = ("unet", "dit")  # the denoisers; each has its own config section model.<network>
+# A child run's extra inputs of the frozen backbone: (h, t, condition kwargs) -> keyword arguments (see DDPM.network).
+BackboneKwargs = Callable[[torch.Tensor, torch.Tensor, dict], dict]
 
 
 @dataclass
@@ -65,7 +68,10 @@ class DDPMConfig:
     prediction: Literal["eps", "x0", "v"] = "eps"
     min_snr_gamma: PositiveFloat | None = None  # Hang et al. 2023; None: plain MSE on the target
     class_conditional: bool = False  # embed labels; needs a labelled data source
-    p_uncond: UnitFloat = 0.1  # label dropped to the null class with this probability (for CFG)
+    p_uncond: UnitFloat = 0.1  # label (text: caption -> empty prompt) dropped with this probability (for CFG)
+    # Text conditioning (genlab.methods.text_conditioning): the encoder whose token states the denoiser
+    # cross-attends to and whose pooled vector joins the time embedding; needs captioned data. None: no text.
+    text: TextEncoderConfig | None = None
     sampler: Literal["ddpm", "ddim", "euler", "heun", "dpmpp-2m"] = "ddim"  # default of `genlab sample`
     sample_steps: PositiveInt = 50
     eta: UnitFloat = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
@@ -94,6 +100,9 @@ class DDPMConfig:
                 key = f"model.{other}.{changed[0]}={getattr(section, changed[0])!r}" if changed else f"model.{other}"
                 raise ConfigError(f"{key} applies to network={other}, but this run's model.network is "
                                   f"{self.network}: remove it (the {self.network}'s settings are model.{self.network}.*)")
+        if self.text is not None and self.class_conditional:
+            raise ConfigError("model.text and model.class_conditional=true: condition on one of them (text "
+                              "prompts can name the class, e.g. 'the digit 3')")
         if getattr(self, self.network) is None:
             setattr(self, self.network, UNetConfig() if self.network == "unet" else DiTConfig())
         if self.network == "dit" and self.patch_size not in (None, 1):
@@ -137,6 +146,8 @@ class DDPM(Method, Generates, Denoiser):
         if config.vlb_weight < 0:
             raise ConfigError(f"model.vlb_weight must be >= 0 (0.001 in improved DDPM), got {config.vlb_weight}")
         outputs = 2 if config.learn_sigma else 1  # the prediction, and v when the variance is learned
+        # The text encoder (None: no text); tiny trains with the denoiser, minilm is frozen.
+        self.text_encoder = text_encoder_for(config.text, data_info.source) if config.text is not None else None
         network = self._make_network(in_channels=data_info.channels * p * p,
                                      out_channels=outputs * data_info.channels * p * p,
                                      image_size=data_info.image_size // p)
@@ -147,11 +158,13 @@ class DDPM(Method, Generates, Denoiser):
     def _make_network(self, in_channels: int, out_channels: int, image_size: int) -> nn.Module:
         """The denoiser model.network names, for (N, in_channels, image_size, image_size) inputs."""
         c = self.config
+        width = None if self.text_encoder is None else self.text_encoder.width  # cross-attention and pooled inputs
+        text = {} if width is None else {"context_dim": width, "pooled_dim": width}
         if c.network == "dit":
             return DiTNetwork(c.dit, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
-                              num_classes=self.num_classes)
+                              num_classes=self.num_classes, **text)
         return UNet(c.unet, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
-                    num_classes=self.num_classes)
+                    num_classes=self.num_classes, **text)
 
     @property
     def network_name(self) -> str:
@@ -164,23 +177,40 @@ class DDPM(Method, Generates, Denoiser):
         """The denoising network (``self.unet`` or ``self.dit``)."""
         return getattr(self, self.network_name)
 
-    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | TextEncoding | None = None,
                 backbone_kwargs: BackboneKwargs | None = None) -> torch.Tensor:
         """The model's output at full resolution: (N, C, H, W) -> (N, C, H, W), or (N, 2C, H, W) with
-        learn_sigma (the prediction's channels first, then the variance's).
+        learn_sigma (the prediction's channels first, then the variance's). ``y``: class labels (N,), or
+        a text model's prompt encodings (None: the null class / the empty prompt).
 
-        ``backbone_kwargs(h, t, y)``, when given, returns extra keyword arguments of the backbone
-        computed from its input h (after the pixel patch): how a child run (ControlNet, T2I-Adapter)
-        steers this frozen network (``down_residuals``, ``adapter_features`` of the U-Net).
+        ``backbone_kwargs(h, t, condition)``, when given, returns extra keyword arguments of the backbone
+        computed from its input h (after the pixel patch) and the condition's keyword arguments (labels,
+        or token states, mask and pooled vector): how a child run (ControlNet, T2I-Adapter) steers this
+        frozen network (``down_residuals``, ``adapter_features`` of the U-Net).
         """
         p = self.config.patch_size
         h = x_t if p == 1 else F.pixel_unshuffle(x_t, p)  # (N, C p^2, H / p, W / p)
-        extra = {} if backbone_kwargs is None else backbone_kwargs(h, t, y)
-        if p == 1:
-            return self.backbone(h, t, y, **extra)
+        condition = self._condition(y, len(x_t))
+        extra = {} if backbone_kwargs is None else backbone_kwargs(h, t, condition)
+        output = self.backbone(h, t, **condition, **extra)  # (N, C_out p^2, H / p, W / p)
         # pixel_shuffle maps input channels [k p^2, (k + 1) p^2) to output channel k, so the first
         # C p^2 U-Net channels (the prediction) become the first C output channels.
-        return F.pixel_shuffle(self.backbone(h, t, y, **extra), p)  # (N, C or 2C, H, W)
+        return output if p == 1 else F.pixel_shuffle(output, p)  # (N, C or 2C, H, W)
+
+    def _condition(self, y: torch.Tensor | TextEncoding | None, n: int) -> dict[str, Any]:
+        """The denoiser's keyword arguments for condition ``y``: labels, or (text models) token states, mask and
+        pooled vector, those of the empty prompt when ``y`` is None."""
+        if self.text_encoder is None:
+            return {"y": y}
+        if y is None:
+            y = self.encode_prompts([EMPTY_PROMPT] * n)
+        return backbone_text_inputs(y)
+
+    def encode_prompts(self, prompts: list[str]) -> TextEncoding:
+        """The text encoder's encodings of prompts (gradients only while a trainable encoder trains)."""
+        if self.text_encoder is None:
+            raise ConfigError(f"this {self.name} run has no text encoder: prompts need a model.text section")
+        return encode_prompts(self.text_encoder, prompts)
 
     def _split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prediction, v) of a network output; v = (raw + 1) / 2 as in improved DDPM's code, None
@@ -191,7 +221,10 @@ class DDPM(Method, Generates, Denoiser):
         return prediction, (raw + 1) / 2
 
     def ema_targets(self) -> dict[str, nn.Module]:
-        return {self.network_name: self.backbone}
+        targets = {self.network_name: self.backbone}
+        if self.text_encoder is not None and is_trainable(self.text_encoder):  # tiny learns with the denoiser
+            targets["text_encoder"] = self.text_encoder
+        return targets
 
     def training_step(self, batch: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
         """Ho et al. 2020 Alg. 1: t ~ U{0..T-1}, x_t = q_sample(x0, t, eps), regress the target."""
@@ -204,8 +237,11 @@ class DDPM(Method, Generates, Denoiser):
         ctx.optimize(loss)
         return {"loss": loss.detach(), **logs}
 
-    def training_labels(self, batch: dict[str, torch.Tensor], ctx) -> torch.Tensor | None:
-        """The batch's labels (n,), each dropped to the null class with probability p_uncond (None: unconditional)."""
+    def training_labels(self, batch: dict[str, Any], ctx) -> torch.Tensor | TextEncoding | None:
+        """The batch's condition: labels (n,), each dropped to the null class with probability p_uncond, or (text
+        models) the encodings of one caption per image, dropped to the empty prompt with p_uncond; None: unconditional."""
+        if self.text_encoder is not None:
+            return self.encode_prompts(training_prompts(batch, ctx, self.config.p_uncond))
         if self.num_classes is None:
             return None
         y = batch["label"].clone()
@@ -314,6 +350,8 @@ class DDPM(Method, Generates, Denoiser):
         callback: Any = None,
         guidance_scale: float | None = None,
         negative_labels: torch.Tensor | None = None,
+        prompts: list[str] | None = None,
+        negative_prompts: list[str] | None = None,
         classifier: Any = None,
         classifier_scale: float = 1.0,
         rules: list | None = None,
@@ -330,6 +368,9 @@ class DDPM(Method, Generates, Denoiser):
           conditional model, w = 0 the unconditional one, w > 1 stronger conditioning; the
           "(1 + w')" form of Ho & Salimans has w = 1 + w'. ``negative_labels`` (n,) replace the
           unconditional branch (steer away from those classes).
+        - ``prompts`` (n strings; text models): the caption of each sample; without them every sample
+          gets the empty prompt (the unconditional model). With ``guidance_scale`` w the unconditional
+          branch is the empty prompt, and ``negative_prompts`` (n strings) replace it.
         - ``classifier`` (a noisy-classifier method; ``Run.sample`` loads it from a run folder) with
           ``classifier_scale`` s: classifier guidance towards ``labels`` (shifts DDPM's mean by s Sigma grad, other
           samplers' eps by -sqrt(1 - abar) s grad; Dhariwal & Nichol 2021).
@@ -347,13 +388,19 @@ class DDPM(Method, Generates, Denoiser):
         eta = c.eta if eta is None else eta
         if sampler != "ddim":
             eta = 0.0
+        text = self.text_encoder is not None
+        if (prompts is not None or negative_prompts is not None) and not text:
+            raise ConfigError("prompts need a text-conditioned model (train with a model.text section on captioned "
+                              "data, e.g. --preset text_small --data mnist-captions)")
         if labels is not None and self.num_classes is None and classifier is None:
             raise ConfigError("--class needs a class-conditional model (train with model.class_conditional=true) "
                               "or a noise-aware classifier (--classifier RUN)")
-        if (guidance_scale is not None or negative_labels is not None) and self.num_classes is None:
+        if (guidance_scale is not None and not text or negative_labels is not None) and self.num_classes is None:
             raise ConfigError("classifier-free guidance (guidance_scale, negative_labels) needs a class-conditional "
                               "model (train with model.class_conditional=true and p_uncond > 0)")
-        if (guidance_scale is not None or negative_labels is not None or classifier is not None) and labels is None:
+        if text and (guidance_scale is not None or negative_prompts is not None) and prompts is None:
+            raise ConfigError("classifier-free guidance of a text model needs prompts (--prompt TEXT)")
+        if (guidance_scale is not None and not text or negative_labels is not None or classifier is not None) and labels is None:
             raise ConfigError("guidance needs labels: give the class of each sample (--class K)")
         generator = ImageNoise.of(generator, n)
         if noise is None:
@@ -364,8 +411,18 @@ class DDPM(Method, Generates, Denoiser):
             if labels.shape != (len(x),):
                 raise ConfigError(f"labels of shape {tuple(labels.shape)}: give one class per sample ({len(x)},)")
         conditioning = labels if self.num_classes is not None else None
+        if text:
+            conditioning = self.encode_prompts(self._per_sample(prompts, len(x), "prompts"))
         denoise = self.denoiser(conditioning, backbone_kwargs)
-        if guidance_scale is not None or negative_labels is not None:
+        if text and (guidance_scale is not None or negative_prompts is not None):
+            # The unconditional branch is the empty prompt caption dropout trained; a negative prompt replaces it.
+            empty = self.encode_prompts([EMPTY_PROMPT] * len(x))
+            negative = None if negative_prompts is None else self.encode_prompts(
+                self._per_sample(negative_prompts, len(x), "negative_prompts"))
+            denoise = classifier_free_guidance(
+                lambda x_t, t, y: self._denoise(x_t, t, y, backbone_kwargs), conditioning,
+                1.0 if guidance_scale is None else float(guidance_scale), unconditional=empty, negative_labels=negative)
+        elif guidance_scale is not None or negative_labels is not None:
             if negative_labels is not None:
                 negative_labels = torch.as_tensor(negative_labels).long().to(self.device)
             denoise = classifier_free_guidance(
@@ -387,6 +444,15 @@ class DDPM(Method, Generates, Denoiser):
                          clip_denoised=c.clip_denoised if sampler in ("ddpm", "ddim") else None,
                          mean_shift=mean_shift, sigma_max=c.sigma_max if karras else None)
         return self._finish(x0)
+
+    @staticmethod
+    def _per_sample(prompts: list[str] | None, n: int, name: str) -> list[str]:
+        """``prompts`` checked to be n strings (None: n empty prompts, the unconditional model)."""
+        if prompts is None:
+            return [EMPTY_PROMPT] * n
+        if isinstance(prompts, str) or len(prompts) != n or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"{name}: give a list of {n} strings, one per sample (Run.sample also takes one prompt for all)")
+        return list(prompts)
 
     def _finish(self, x0: torch.Tensor) -> torch.Tensor:
         """The sampler's x_0 as the method's output: images clamped to [-1, 1] (latent models override)."""

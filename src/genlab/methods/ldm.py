@@ -58,7 +58,8 @@ class LDM(DDPM):
         if config.network == "dit" and config.dit.patch_size is not None and h % config.dit.patch_size:
             raise ConfigError(f"model.dit.patch_size={config.dit.patch_size} must divide the latent size {h} "
                               f"(the autoencoder's latents are {c}x{h}x{w}): choose a divisor of {h}, e.g. 1")
-        latent_info = DataInfo(channels=c, image_size=h, num_classes=data_info.num_classes)
+        # The source names the captions a text encoder's tokenizer is trained on.
+        latent_info = DataInfo(channels=c, image_size=h, num_classes=data_info.num_classes, source=data_info.source)
         super().__init__(config, latent_info, parents)  # the denoiser is built for the latents
         self.data_info = data_info  # the pixel data's: the CLI and evaluation rely on it
         self.latent_info = latent_info

@@ -107,18 +107,20 @@ class ControlNet(nn.Module):
         self.mid_zero_conv = zero_conv(unet.skip_channels[-1], unet.skip_channels[-1])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, control: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                context: torch.Tensor | None = None, *, context_mask: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x (N, C_in, h, w) the U-Net's input, t (N,), control (N, C_c, H, W) -> the residuals for the
-        U-Net's skips (its ``skip_shapes``) and its middle output."""
+        U-Net's skips (its ``skip_shapes``) and its middle output. The base's condition (labels y, or text:
+        context, context_mask, pooled) conditions the copy as it does the U-Net."""
         e = self.encoder
-        emb = e.embed(x, t, y)  # (N, E)
+        emb = e.embed(x, t, y, pooled)  # (N, E)
         h = e.conv_in(x) + self.condition(control)  # (N, base, h, w): the condition joins after conv_in
         skips = [h]
         for module in e.down:
-            h = module(h, emb, context) if isinstance(module, UNetLayer) else module(h)
+            h = module(h, emb, context, context_mask) if isinstance(module, UNetLayer) else module(h)
             skips.append(h)  # (N, C_level, h_level, w_level)
         for module in e.middle:
-            h = module(h, emb, context)  # (N, C_last, h / f, w / f)
+            h = module(h, emb, context, context_mask)  # (N, C_last, h / f, w / f)
         down = [conv(s) for conv, s in zip(self.zero_convs, skips)]  # each (N, C_level, ., .)
         return down, self.mid_zero_conv(h)  # ..., (N, C_last, h / f, w / f)
 

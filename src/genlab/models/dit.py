@@ -14,6 +14,14 @@ the blocks in one of the four ways of the paper's section 3.2:
 * ``adaln-zero``: as adaln, plus a per-channel gate alpha regressed from c on each residual branch,
   with the regression layers initialised to zero so each block starts as the identity. The paper
   found this the best of the four (its figure 5).
+
+Text (built with ``context_dim``): the text encoder's token states, projected to the width, are a
+context every block attends to with a cross-attention layer after self-attention (masked where the
+text is padding). In the ``cross-attention`` variant they join the condition tokens in the context of
+its existing cross-attention layer; the other variants get that layer for the text alone, as
+PixArt-alpha adds cross-attention to adaLN blocks (Chen et al. 2023), zero-initialised so an
+adaLN-Zero block stays the identity at initialisation. With ``pooled_dim``, the pooled text vector
+is lifted by an MLP and added to the timestep embedding (SDXL), so it enters c (and the t token).
 """
 
 from __future__ import annotations
@@ -117,7 +125,7 @@ class Mlp(nn.Sequential):
 class DiTBlock(nn.Module):
     """One transformer block conditioned on c (N, D) as ``conditioning`` says."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, conditioning: str):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, conditioning: str, text: bool = False):
         super().__init__()
         self.conditioning = conditioning
         adaptive = conditioning in ("adaln", "adaln-zero")
@@ -126,7 +134,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=not adaptive, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        if conditioning == "cross-attention":
+        if conditioning == "cross-attention" or text:
             self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
             self.cross = Attention(dim, num_heads, context_dim=dim)
         if adaptive:
@@ -136,20 +144,29 @@ class DiTBlock(nn.Module):
                 nn.init.zeros_(self.adaLN_modulation[-1].weight)
                 nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens x (N, T, D), condition c (N, D), context tokens (N, S, D) for cross-attention -> (N, T, D)."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens x (N, T, D), condition c (N, D), context tokens (N, S, D) for cross-attention with
+        their mask (N, S) bool (True on real tokens) -> (N, T, D)."""
         if self.conditioning == "adaln-zero":
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (N, D)
             x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+            x = self._cross(x, context, context_mask)
             return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
         if self.conditioning == "adaln":
             shift1, scale1, shift2, scale2 = self.adaLN_modulation(c).chunk(4, dim=1)  # 4 x (N, D)
             x = x + self.attn(modulate(self.norm1(x), shift1, scale1))
+            x = self._cross(x, context, context_mask)
             return x + self.mlp(modulate(self.norm2(x), shift2, scale2))
         x = x + self.attn(self.norm1(x))
-        if self.conditioning == "cross-attention":
-            x = x + self.cross(self.norm_cross(x), context)  # queries from patches, keys/values from (t, y)
+        x = self._cross(x, context, context_mask)  # queries from patches, keys/values from (t, y) [and text]
         return x + self.mlp(self.norm2(x))
+
+    def _cross(self, x: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """x + CrossAttention(LN(x), context) when the block has that layer, else x: (N, T, D)."""
+        if not hasattr(self, "cross"):
+            return x
+        return x + self.cross(self.norm_cross(x), context, key_mask=context_mask)
 
 
 class FinalLayer(nn.Module):
@@ -183,7 +200,7 @@ class DiT(nn.Module):
     """
 
     def __init__(self, config: DiTConfig, in_channels: int, out_channels: int, image_size: int,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, context_dim: int | None = None, pooled_dim: int | None = None):
         super().__init__()
         if config.patch_size is None:
             config = replace(config, patch_size=derived_patch_size(image_size))
@@ -203,7 +220,14 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(256, dim)
         # num_classes + 1 rows: the last one is the null class of classifier-free guidance.
         self.y_embedder = nn.Embedding(num_classes + 1, dim) if num_classes else None
-        self.blocks = nn.ModuleList([DiTBlock(dim, c.num_heads, c.mlp_ratio, c.conditioning) for _ in range(c.depth)])
+        self.context_dim, self.pooled_dim = context_dim, pooled_dim
+        # Text modules exist only when asked for: checkpoints of runs without text keep their keys.
+        if context_dim is not None:
+            self.context_embed = nn.Linear(context_dim, dim)  # text token states -> the width D
+        if pooled_dim is not None:
+            self.pooled_embed = nn.Sequential(nn.Linear(pooled_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        text = context_dim is not None
+        self.blocks = nn.ModuleList([DiTBlock(dim, c.num_heads, c.mlp_ratio, c.conditioning, text) for _ in range(c.depth)])
         self.final = FinalLayer(dim, c.patch_size ** 2 * out_channels, c.conditioning)
         self._init_weights()
 
@@ -228,30 +252,62 @@ class DiT(nn.Module):
             for layer in (self.final.adaLN_modulation[-1], self.final.linear):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        if self.context_dim is not None and self.config.conditioning in ("adaln", "adaln-zero"):
+            for block in self.blocks:  # text cross-attention starts silent (PixArt-alpha): the block is as without text
+                nn.init.zeros_(block.cross.proj.weight)
+                nn.init.zeros_(block.cross.proj.bias)
 
-    def condition_tokens(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """The condition as tokens (N, S, D): embed(t) and, for class-conditional models, embed(y)."""
-        tokens = [self.t_embedder(t)]
+    def condition_tokens(self, t: torch.Tensor, y: torch.Tensor | None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The condition as tokens (N, S, D): embed(t) (plus the lifted pooled text vector) and, for
+        class-conditional models, embed(y)."""
+        time = self.t_embedder(t)  # (N, D)
+        if pooled is not None:
+            if self.pooled_dim is None:
+                raise ConfigError("a pooled text vector was given but the DiT has pooled_dim=None: "
+                                  "build it with pooled_dim=... or pass pooled=None")
+            time = time + self.pooled_embed(pooled)  # (N, D)
+        tokens = [time]
         if self.y_embedder is not None:
             if y is None:
                 y = torch.full_like(t, self.num_classes, dtype=torch.long)  # unconditional: the null class
             tokens.append(self.y_embedder(y))
         return torch.stack(tokens, dim=1)  # (N, S, D)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, *, context_mask: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W); text: context (N, L, context_dim)
+        token states with context_mask (N, L) bool (True on real tokens), pooled (N, pooled_dim)."""
         n = x.shape[0]
         if t.ndim == 0:
             t = t.expand(n)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
-        cond = self.condition_tokens(t, y)  # (N, S, D)
+        cond = self.condition_tokens(t, y, pooled)  # (N, S, D)
         c = cond.sum(1)  # (N, D): embed(t) + embed(y), DiT's conditioning vector
         kind = self.config.conditioning
         if kind == "in-context":
             tokens = torch.cat([tokens, cond], dim=1)  # (N, T + S, D)
+        keys, key_mask = self._cross_context(cond, context, context_mask)
         for block in self.blocks:
-            tokens = block(tokens, c, context=cond if kind == "cross-attention" else None)
+            tokens = block(tokens, c, context=keys, context_mask=key_mask)
         if kind == "in-context":
             tokens = tokens[:, : self.grid ** 2]  # drop the condition tokens
         patches = self.final(tokens, c)  # (N, T, p*p*C_out)
         return unpatchify(patches, self.config.patch_size, self.out_channels)  # (N, C_out, H, W)
+
+    def _cross_context(self, cond: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the blocks' cross-attention attends to, and its key mask: the condition tokens (N, S, D)
+        in the cross-attention variant, then the projected text tokens (N, L, D) when there is text."""
+        if context is None:
+            if self.context_dim is not None:
+                raise ConfigError("this DiT was built with context_dim (text): pass context=... (text token states)")
+            return (cond, None) if self.config.conditioning == "cross-attention" else (None, None)
+        if self.context_dim is None:
+            raise ConfigError("a text context was given but the DiT has context_dim=None: build it with context_dim=...")
+        text = self.context_embed(context)  # (N, L, D)
+        mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if context_mask is None else context_mask
+        if self.config.conditioning != "cross-attention":
+            return text, mask
+        cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+        return torch.cat([cond, text], dim=1), torch.cat([cond_mask, mask], dim=1)  # (N, S + L, D), (N, S + L)

@@ -85,14 +85,15 @@ class UNetLayer(nn.Module):
         self.cross_attention = cross_attention
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (N, C_in, H, W), emb (N, E), context (N, S, D_ctx) or None -> (N, C_out, H, W)."""
+        """x (N, C_in, H, W), emb (N, E), context (N, S, D_ctx) or None, its mask (N, S) -> (N, C_out, H, W)."""
         h = self.res(x, emb)  # (N, C_out, H, W)
         if self.attention is not None:
             h = self.attention(h)  # (N, C_out, H, W)
         if self.cross_attention is not None:
-            h = self.cross_attention(h, context)  # (N, C_out, H, W)
+            h = self.cross_attention(h, context, context_mask)  # (N, C_out, H, W)
         return h
 
 
@@ -102,7 +103,10 @@ class UNet(nn.Module):
     With ``num_classes`` set, the class embedding table has num_classes + 1 rows; row num_classes
     is the "null" class of classifier-free guidance (Ho & Salimans 2022) and ``y=None`` means every
     sample is unconditional. With ``context_dim`` set, cross-attention to ``context`` (N, S,
-    context_dim) follows every self-attention layer (Rombach et al. 2022). ``self.config`` holds the
+    context_dim) follows every self-attention layer (Rombach et al. 2022), masked by ``context_mask``
+    (N, S) bool (True on real tokens). With ``pooled_dim`` set, a pooled text vector ``pooled`` (N,
+    pooled_dim) is lifted by an MLP and added to the time embedding (SDXL's pooled text embedding,
+    Podell et al. 2023). ``self.config`` holds the
     configuration with its size-dependent fields resolved for ``image_size``.
     """
 
@@ -114,6 +118,7 @@ class UNet(nn.Module):
         image_size: int,
         num_classes: int | None = None,
         context_dim: int | None = None,
+        pooled_dim: int | None = None,
     ):
         super().__init__()
         config = resolve_unet_config(config, image_size)
@@ -130,6 +135,9 @@ class UNet(nn.Module):
         emb_dim = 4 * base  # DDPM / ADM: the embedding is four times the base width
         self.time_embed = TimestepEmbedder(base, emb_dim)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        if pooled_dim is not None:  # only then: checkpoints of runs without text keep their keys
+            self.pooled_embed = nn.Sequential(nn.Linear(pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.pooled_dim = pooled_dim
 
         def res_block(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(
@@ -199,13 +207,17 @@ class UNet(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        *,
+        context_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
         down_residuals: list[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
         adapter_features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict from x (N, C_in, H, W) at t (N,) (long or float) -> (N, C_out, H, W).
 
-        y: (N,) long class labels, or None for the null class; context: (N, S, context_dim) or None.
+        y: (N,) long class labels, or None for the null class; context: (N, S, context_dim) or None,
+        context_mask: (N, S) bool, True on real tokens (None: all); pooled: (N, pooled_dim) or None.
         Control (None: the plain U-Net, bit for bit): ``down_residuals``, one tensor per skip
         activation (shapes :meth:`skip_shapes`), are added to the skips and ``mid_residual`` to the
         middle block's output (ControlNet, Zhang et al. 2023); ``adapter_features``, one per level
@@ -218,33 +230,35 @@ class UNet(nn.Module):
                 f"input of size {height}x{width} is not divisible by {self.downsample_factor} "
                 f"(2 ** (len(channel_mult) - 1)): resize or pad the images, or use fewer levels"
             )
-        emb = self.embed(x, t, y)  # (N, E)
+        emb = self.embed(x, t, y, pooled)  # (N, E)
         h = self.conv_in(x)  # (N, base, H, W)
         skips = [h]
         features = {}
         if adapter_features is not None:
             features = dict(zip(self.level_ends, _checked(adapter_features, self.level_shapes(x), "adapter_features")))
         for i, module in enumerate(self.down):
-            h = module(h, emb, context) if isinstance(module, UNetLayer) else module(h)
+            h = module(h, emb, context, context_mask) if isinstance(module, UNetLayer) else module(h)
             if i in features:
                 h = h + features[i]  # T2I-Adapter: (N, C_level, H_level, W_level)
             skips.append(h)  # (N, C_level, H_level, W_level)
         for module in self.middle:
-            h = module(h, emb, context)  # (N, C_last, H / f, W / f)
+            h = module(h, emb, context, context_mask)  # (N, C_last, H / f, W / f)
         if down_residuals is not None:  # ControlNet: zero convolutions' outputs join the skips
             skips = [s + r for s, r in zip(skips, _checked(down_residuals, self.skip_shapes(x), "down_residuals"))]
         if mid_residual is not None:
             h = h + _checked([mid_residual], [tuple(h.shape)], "mid_residual")[0]  # (N, C_last, H / f, W / f)
         for module in self.up:
             if isinstance(module, UNetLayer):
-                h = module(torch.cat([h, skips.pop()], dim=1), emb, context)  # (N, C_level, ., .)
+                h = module(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)  # (N, C_level, ., .)
             else:
                 h = module(h)  # Upsample: (N, C, 2H', 2W')
         h = nn.functional.silu(self.norm_out(h))  # (N, base * channel_mult[0], H, W)
         return self.conv_out(h)  # (N, C_out, H, W)
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The embedding (N, E) every residual block receives: time, plus class when the U-Net has classes."""
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+              pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding (N, E) every residual block receives: time, plus class when the U-Net has classes,
+        plus the lifted pooled text vector when it has ``pooled_dim``."""
         n = x.shape[0]
         if t.ndim == 0:
             t = t.expand(n)
@@ -256,6 +270,11 @@ class UNet(nn.Module):
         elif y is not None:
             raise ConfigError("class labels y were given but the UNet has num_classes=None: "
                               "build it with num_classes=... or pass y=None")
+        if pooled is not None:
+            if self.pooled_dim is None:
+                raise ConfigError("a pooled text vector was given but the UNet has pooled_dim=None: "
+                                  "build it with pooled_dim=... or pass pooled=None")
+            emb = emb + self.pooled_embed(pooled)  # (N, E)
         return emb
 
     def skip_shapes(self, x: torch.Tensor) -> list[tuple[int, ...]]:
@@ -329,6 +348,9 @@ def _validate(
         raise ConfigError(f"num_classes={num_classes}: use a positive count or None (unconditional)")
     if context_dim is not None and context_dim < 1:
         raise ConfigError(f"context_dim={context_dim}: use a positive width or None (no cross-attention)")
+    if context_dim is not None and not c.attention_resolutions and not c.mid_attention:
+        raise ConfigError("context_dim is set but the U-Net has no attention layer to put cross-attention in: "
+                          "set attention_resolutions (e.g. the lowest feature map) or mid_attention=true")
 
 
 def unet_ddpm_cifar10(**kwargs) -> UNet:

@@ -92,9 +92,11 @@ class SpatialAttention(nn.Module):
         nn.init.zeros_(self.attention.proj.weight)
         nn.init.zeros_(self.attention.proj.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Feature map x (N, C, H, W), optional context (N, S, D_ctx) -> (N, C, H, W)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature map x (N, C, H, W), optional context (N, S, D_ctx) with its mask (N, S) bool
+        (True on real tokens: text padding is never attended to) -> (N, C, H, W)."""
         n, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, H*W, C)
-        out = self.attention(tokens, context)  # (N, H*W, C)
+        out = self.attention(tokens, context, key_mask=context_mask)  # (N, H*W, C)
         return x + out.transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W)

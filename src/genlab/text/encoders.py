@@ -68,6 +68,21 @@ class TextEncoding:
     pooled: torch.Tensor  # (N, D)
     mask: torch.Tensor  # (N, L) bool, True on real tokens
 
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def cat(cls, encodings: Sequence["TextEncoding"]) -> "TextEncoding":
+        """Encodings stacked along the batch, token states zero-padded (and masked) to the longest L."""
+        length = max(e.tokens.shape[1] for e in encodings)
+
+        def pad(e: TextEncoding) -> tuple[torch.Tensor, torch.Tensor]:
+            extra = length - e.tokens.shape[1]
+            return F.pad(e.tokens, (0, 0, 0, extra)), F.pad(e.mask, (0, extra), value=False)  # (N, L, D), (N, L)
+
+        tokens, masks = zip(*(pad(e) for e in encodings))
+        return cls(torch.cat(tokens), torch.cat([e.pooled for e in encodings]), torch.cat(masks))
+
 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of states (N, L, D) over the positions where mask (N, L) is True -> (N, D)."""

@@ -1,0 +1,209 @@
+"""Scoring of text-conditioned runs (issue 15; SPEC E4, M3): does the text control the image?
+
+``genlab eval RUN`` on a run with a text encoder (``kind="text"``, chosen by ``auto``) measures:
+
+- **caption samples**: one sample per held-out caption (the first caption of each image of the run's
+  test split, e.g. ``mnist-captions:test``), scored against the reference split with the generation
+  metrics (FID, KID, ... on the shipped evaluator's features) and with the shipped CLIP judge of the
+  data: CLIP score (Hessel et al. 2021, w = 2.5; and x100) and R-precision (AttnGAN: the true caption
+  against 99 others). docs/results.md has the ceiling (real pairs) and the floor (shuffled pairs).
+- **class accuracy of class prompts**: ``per_prompt`` samples of "the digit K" for every K (Fashion:
+  "a photo of a NAME"), classified by the shipped classifier evaluator of the data.
+- **attribute control** (mnist-captions): "a thick NAME" vs "a thin NAME" for every digit, with the
+  same noise for both (paired samples): the ratio of their mean ink (sum of pixel intensities) and of
+  their mean stroke width; and "a handwritten K that is slanted left / right": the share of samples
+  whose measured slant (:func:`genlab.data.captions.slant`) has the asked sign.
+
+Each block's prompts, sample counts, sampler and guidance are recorded in the protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from genlab.data import from_model_range
+from genlab.errors import ConfigError
+from genlab.evaluation.common import as_run, default_device, now, parse_ref, resolve_extractor, versions
+from genlab.evaluation.generation import (
+    KID_SUBSET_SIZE, KID_SUBSETS, classifier_accuracy, parse_metrics, sample_run, score_images,
+)
+from genlab.evaluation.reference import reference_stats
+from genlab.evaluation.store import write_result
+
+DEFAULT_TEXT_N = 1000  # caption samples when n is not given (R-precision needs more than 100)
+DEFAULT_PER_PROMPT = 50  # samples of each class / attribute prompt
+
+# Captioned source -> (its class-labelled base, the class prompt of class index k).
+CLASS_PROMPTS: dict[str, tuple[str, Callable[[int, list[str]], str]]] = {
+    "mnist-captions": ("mnist", lambda k, names: f"the digit {k}"),
+    "fashion-mnist-captions": ("fashion-mnist", lambda k, names: f"a photo of a {_fashion_word(names[k])}"),
+}
+
+
+def _fashion_word(name: str) -> str:
+    from genlab.data.captions import FASHION_WORDS
+
+    return FASHION_WORDS.get(name, [name.lower()])[0]
+
+
+def conditions_on_text_config(saved_model: dict | None) -> bool:
+    """Whether a run's saved model config has a text encoder (read without building the run)."""
+    return isinstance(saved_model, dict) and saved_model.get("text") is not None
+
+
+def _samples_u8(run, prompts: Sequence[str], seed: int, batch_size: int, options: dict, progress: bool,
+                log: Callable[[str], None] | None = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) samples of the prompts (8-bit as `genlab sample --out x.npz` stores them)."""
+    images = sample_run(run, len(prompts), seed, batch_size, {**options, "prompts": list(prompts)}, progress=progress, log=log)
+    return from_model_range(images)
+
+
+def _attribute_control(run, seed: int, batch_size: int, options: dict, per_prompt: int, progress: bool
+                       ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Thick / thin ink and stroke-width ratios, slant-sign accuracy of mnist-captions prompts (paired noise)."""
+    from genlab.data.captions import DIGIT_WORDS, measure_mnist
+
+    reps = max(1, per_prompt // 10)
+
+    def measured(template: str) -> dict[str, torch.Tensor]:
+        prompts = [template.format(name=DIGIT_WORDS[k], digit=k) for k in range(10) for _ in range(reps)]
+        images = _samples_u8(run, prompts, seed, batch_size, options, progress)
+        return {**measure_mnist(images), "ink": images.double().sum((1, 2, 3)) / 255.0}
+
+    thick, thin = measured("a thick {name}"), measured("a thin {name}")
+    left, right = measured("a handwritten {digit} that is slanted left"), measured("a handwritten {digit} that is slanted right")
+    values = {
+        "thick_thin_ink_ratio": float(thick["ink"].mean() / thin["ink"].mean().clamp(min=1e-12)),
+        "thick_thin_stroke_width_ratio": float(thick["stroke_width"].double().mean() / thin["stroke_width"].double().mean()),
+        "slant_sign_accuracy": float(torch.cat([left["shear"] < 0, right["shear"] > 0]).float().mean()),
+    }
+    protocol = {
+        "thickness": f"'a thick NAME' vs 'a thin NAME', NAME = zero..nine, {reps} samples each, same seeds for both; "
+                     "ink = sum of pixel intensities / 255, stroke width = 2 area / perimeter of the ink (>= 128)",
+        "slant": f"'a handwritten K that is slanted left' / '... slanted right', K = 0..9, {reps} samples each; "
+                 "correct when the measured shear (-mu11 / mu02 of the ink) is < 0 (left) / > 0 (right)",
+    }
+    return values, protocol
+
+
+def evaluate_text(
+    target: str | os.PathLike,
+    ref: str = "mnist:test",
+    metrics: Sequence[str] | str = ("fid", "kid"),
+    n: int | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    weights: str = "ema",
+    extractor=None,
+    data_root: str | os.PathLike | None = None,
+    data: str | None = None,
+    ref_n: int | None = None,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+    json_path: str | os.PathLike | None = None,
+    write: bool = True,
+    progress: bool = False,
+    sample_options: dict | None = None,
+    log: Callable[[str], None] | None = None,
+    per_prompt: int = DEFAULT_PER_PROMPT,
+    judge: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Score a text-conditioned run (see the module docstring); ``n`` caption samples (default 1000) from the
+    held-out captions ``data`` (SOURCE:SPLIT, default the run's test split), ``per_prompt`` samples of each
+    class / attribute prompt, ``judge`` the CLIP judge (default: the shipped one of the run's data)."""
+    from genlab.evaluation.text import EVALUATOR_FOR_SOURCE, first_captions, score_captions
+    from genlab.methods.capabilities import conditions_on_text
+    from genlab.runs import heldout_images
+
+    source, split = parse_ref(ref)
+    if n is not None and n < 2:
+        raise ConfigError(f"n must be at least 2 caption samples, got {n}")
+    if per_prompt < 1:
+        raise ConfigError(f"per_prompt must be at least 1 sample per prompt, got {per_prompt}")
+    run = as_run(target, weights)
+    if not conditions_on_text(run.method):
+        raise ConfigError(f"{run.path}: a {run.config.method} run without a text encoder; text metrics need a text-conditioned "
+                          "run (a model.text section, e.g. --preset text_small)")
+    options = dict(sample_options or {})
+    if any(options.get(k) is not None for k in ("prompt", "prompts", "labels")):
+        raise ConfigError("genlab eval draws its prompts from held-out captions and class / attribute templates: "
+                          "drop --prompt / --class (use genlab sample for your own prompts)")
+    options.update({k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None})
+    metrics = parse_metrics(metrics)
+    device = torch.device(device) if device is not None else default_device()
+    run_source = run.config.data.source
+    n = DEFAULT_TEXT_N if n is None else n
+    held = heldout_images(run, data, n, None if data_root is None else str(data_root))
+    captions = first_captions(held)[:n]
+    if len(captions) < n:
+        raise ConfigError(f"{held.source}:{held.split} holds {len(captions)} captions, fewer than n={n}; lower --n")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    extractor = resolve_extractor(extractor, source, device)
+    reference = reference_stats(source, split, extractor, data_root=data_root, n=ref_n, batch_size=batch_size,
+                                device=device, progress=progress)
+    seconds["reference"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
+    images_u8 = _samples_u8(run, captions, seed, batch_size, options, progress, log)
+    seconds["caption_samples"] = round(time.perf_counter() - clock, 3)
+    values, stds = score_images(images_u8, reference, extractor, metrics, seed=seed, batch_size=batch_size,
+                                device=device, progress=progress)
+    judge = judge if judge is not None else EVALUATOR_FOR_SOURCE.get(run_source)
+    if judge is not None:
+        text_values, text_protocol = score_captions(images_u8, captions, judge, seed=seed)
+        values.update(text_values)
+    else:  # a folder of the user's: no shipped CLIP knows its captions
+        text_protocol = f"no CLIP judge for {run_source}: pass judge=RUN (a clip run trained on these captions)"
+    protocol: dict[str, Any] = {
+        "kind": "text",
+        "target": str(run.path),
+        "method": run.config.method,
+        "checkpoint_step": run.step,
+        "weights": run.weights,
+        "sampler": sampler or getattr(run.config.model, "sampler", None),
+        "steps": steps if steps is not None else getattr(run.config.model, "sample_steps", None),
+        "guidance_scale": options.get("guidance_scale"),
+        "negative_prompt": options.get("negative_prompt"),
+        "seed": seed,
+        "captions": f"first caption of the first {n} images of {held.source}:{held.split}, one sample each",
+        "n": n,
+        "image_shape": list(images_u8.shape[1:]),
+        "reference": f"{source}:{split}",
+        "reference_n": reference.n,
+        "extractor": extractor.name,
+        "extractor_sha256": extractor.sha256,
+        "kid_subsets": KID_SUBSETS,
+        "kid_subset_size": min(KID_SUBSET_SIZE, reference.n, n),
+        "text": text_protocol,
+    }
+    if run_source in CLASS_PROMPTS:
+        base, prompt_of = CLASS_PROMPTS[run_source]
+        names = list(held.class_names or [])
+        classifier = resolve_extractor(None, base, device)
+        labels = torch.arange(len(names)).repeat_interleave(per_prompt)
+        prompts = [prompt_of(int(k), names) for k in labels]
+        clock = time.perf_counter()
+        class_images = _samples_u8(run, prompts, seed, batch_size, options, progress)
+        seconds["class_samples"] = round(time.perf_counter() - clock, 3)
+        values["class_accuracy"] = classifier_accuracy(classifier, class_images, labels, batch_size=batch_size)
+        protocol["class_accuracy"] = (f"{per_prompt} samples of each of the {len(names)} prompts "
+                                      f"'{prompt_of(0, names)}' ... '{prompt_of(len(names) - 1, names)}', share the "
+                                      f"{classifier.name} evaluator (sha256 {classifier.sha256[:12]}) assigns to the asked class")
+    if run_source == "mnist-captions":
+        clock = time.perf_counter()
+        attribute_values, attribute_protocol = _attribute_control(run, seed, batch_size, options, per_prompt, progress)
+        seconds["attribute_samples"] = round(time.perf_counter() - clock, 3)
+        values.update(attribute_values)
+        protocol["attributes"] = attribute_protocol
+    protocol.update({**versions(), "date": now(), "seconds": seconds})
+    return write_result({"metrics": values, "std": stds, "protocol": protocol}, Path(run.path), json_path, write)
+
+
+__all__ = ["CLASS_PROMPTS", "DEFAULT_TEXT_N", "DEFAULT_PER_PROMPT", "evaluate_text", "conditions_on_text_config"]
