@@ -8,7 +8,7 @@ from pathlib import Path
 import genlab
 
 SRC = Path(genlab.__file__).parent
-UPPER = {"genlab.api", "genlab.runs", "genlab.evaluation", "genlab.report", "genlab.cli"}
+UPPER = {"genlab.api", "genlab.runs", "genlab.evaluation", "genlab.report", "genlab.cli", "genlab.interop"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -24,7 +24,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def upward_imports(package: str) -> set[tuple[str, str]]:
-    """(file, module) pairs where a file of ``package`` imports api, runs, evaluation, report or cli."""
+    """(file, module) pairs where a file of ``package`` imports api, runs, evaluation, report, cli or interop."""
     return {(str(f.relative_to(SRC)), u) for f in sorted((SRC / package).rglob("*.py"))
             for m in imported_modules(f) for u in UPPER if m == u or m.startswith(u + ".")}
 

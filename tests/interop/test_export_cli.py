@@ -81,6 +81,8 @@ def test_imported_run_is_scored_like_the_original(trained, tmp_path, capsys, mon
     provenance = state["imported_from"]
     assert provenance["weights_sha256"] == sha256_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert provenance["genlab_export"]["source_run"] == str(run.resolve())
+    assert main(["export", str(back), "--format", "diffusers", str(tmp_path / "again")]) == 0
+    assert f"Imported into genlab from: {out.resolve()}" in (tmp_path / "again" / "README.md").read_text()
     assert main(["import", "diffusers", str(out), "--run-dir", str(back)]) == 2  # never over an existing run
     assert "already holds a run" in one_line_error(capsys)
 

@@ -552,12 +552,24 @@ def export_diffusers(run_dir: str | os.PathLike, out: str | os.PathLike, weights
         atomic_write_bytes(tmp / MARKER_FILE, _json_bytes(marker))
         write_model_card(tmp, run.path, title=f"{Path(run.path).resolve().name}: genlab DDPM for diffusers",
                          summary=_export_summary(marker, unet_config), usage=usage_text(marker, unet_config),
-                         step=run.step, weights=run.weights)
+                         step=run.step, weights=run.weights, provenance=_imported_from(run_dir, checkpoint))
         _publish(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(getattr(err, "os_error", err), out) from None
     return out
+
+
+def _imported_from(run_dir: str | os.PathLike, checkpoint: int | str | None) -> dict[str, str]:
+    """The card's provenance line of a run that `genlab import diffusers` made (else nothing)."""
+    from genlab.train.checkpoint import STATE_FILE, find_checkpoint
+
+    try:
+        state = json.loads((find_checkpoint(run_dir, checkpoint) / STATE_FILE).read_text())
+        source = state["imported_from"]
+        return {"Imported into genlab from": f"{source['path']} (weights sha256 {source['weights_sha256']})"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _export_summary(marker: dict, unet_config: dict) -> str:
