@@ -81,16 +81,19 @@ def score_images(
         values["fid"] = frechet_distance(stats.mean, stats.covariance, reference.stats.mean, reference.stats.covariance)
         lap("fid")
     if "kid" in metrics:
+        # The within-real kernel sums and the reals' k-NN radii below come from the reference cache when stored.
+        real_sums = reference.kid_real_kernel_sums(len(features), KID_SUBSETS, KID_SUBSET_SIZE, seed)
         values["kid"], stds["kid"] = kernel_inception_distance(
             reference.features, features, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
-            generator=torch.Generator().manual_seed(seed))
+            generator=torch.Generator().manual_seed(seed), real_kernel_sums=real_sums)
         lap("kid")
     if "is" in metrics:
         values["is"], stds["is"] = inception_score(probabilities, splits=min(IS_SPLITS, len(probabilities)),
                                                    generator=torch.Generator().manual_seed(seed))
         lap("is")
     if "pr" in metrics or "dc" in metrics:
-        prdc = precision_recall_density_coverage(reference.features, features, K_PRECISION_RECALL, K_DENSITY_COVERAGE)
+        prdc = precision_recall_density_coverage(reference.features, features, K_PRECISION_RECALL, K_DENSITY_COVERAGE,
+                                                 real_radii=reference.knn_radii((K_PRECISION_RECALL, K_DENSITY_COVERAGE)))
         names = (("precision", "recall") if "pr" in metrics else ()) + (("density", "coverage") if "dc" in metrics else ())
         values.update({name: prdc[name] for name in names})
         lap("prdc")
