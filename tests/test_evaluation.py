@@ -613,6 +613,13 @@ def test_cli_eval_ref_caches_the_reference(cache, evaluator_dir, capsys):
     assert main(["eval", "ref", "--data", "digits", "--split", "test", "--extractor", str(weights), "--no-progress"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "297 images" in out[0] and Path(out[-1]).is_file() and Path(out[-1]).parent == cache / "refs"
+    # The default protocol's reference-only parts are stored with it: the first score reads them.
+    from safetensors import safe_open
+
+    with safe_open(out[-1], framework="pt") as f:
+        names = set(f.keys())
+    assert {"derived.knn_radii.k3", "derived.knn_radii.k5",
+            f"derived.kid_real_kernel_sums.seed0.subsets100.m1000.nfake{evaluation.DEFAULT_N}"} <= names
 
 
 @pytest.mark.parametrize(

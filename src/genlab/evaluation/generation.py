@@ -100,6 +100,15 @@ def score_images(
     return values, stds
 
 
+def store_reference_parts(reference: Reference, n_fake: int = DEFAULT_N, seed: int = 0) -> None:
+    """Compute and cache what scoring ``n_fake`` images with ``seed`` needs from the reals alone (the PR/DC
+    radii, the KID subsets' within-real sums), so that the first score against a new reference is as fast as
+    the next ones (``genlab eval ref``)."""
+    reference.knn_radii((K_PRECISION_RECALL, K_DENSITY_COVERAGE))
+    if min(reference.n, n_fake) >= 2:
+        reference.kid_real_kernel_sums(n_fake, KID_SUBSETS, KID_SUBSET_SIZE, seed)
+
+
 def classifier_accuracy(extractor: FeatureExtractor, images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     """Share of images (uint8 (N, C, H, W)) whose argmax logit is their label (SPEC E4)."""
     if len(images_u8) != len(labels) or not len(labels):
