@@ -24,6 +24,8 @@ from genlab.metrics import (
     frechet_distance,
     inception_score,
     kernel_inception_distance,
+    kid_real_kernel_sums,
+    knn_radii,
     precision_recall_density_coverage,
 )
 from genlab.metrics.extractors import CARD_KEYS, ClassifierExtractor, get_extractor, save_classifier_evaluator, sha256_file
@@ -151,6 +153,49 @@ def test_reference_cache_is_reused_and_rebuilt_when_its_key_changes(cache, tiny,
     tiny.calls = 0
     evaluation.reference_stats("digits", "test", tiny, device="cpu")
     assert tiny.calls > 0
+
+
+def test_reference_only_metric_parts_are_stored_in_the_cache_and_leave_the_scores_unchanged(cache, tiny, tmp_path,
+                                                                                               monkeypatch):
+    from genlab.evaluation import reference as reference_module
+
+    noise = torch.randint(0, 256, (150, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    path = _save_u8_npz(noise, tmp_path / "noise.npz")
+    first = evaluation.evaluate(path, ref="digits:test", extractor=tiny, device="cpu", seed=2)
+    stored = evaluation.reference_stats("digits", "test", tiny, device="cpu")
+    real_features = stored.features.double()
+    # What the file holds is what the metrics compute from the reals alone (squared k-NN radii, KID sums).
+    radii = knn_radii(real_features, (3, 5))
+    assert torch.equal(stored.derived["knn_radii.k3"], radii[3]) and torch.equal(stored.derived["knn_radii.k5"], radii[5])
+    torch.testing.assert_close(stored.derived["kid_real_kernel_sums.seed2.subsets100.m1000.nfake150"],
+                               kid_real_kernel_sums(real_features, 150, 100, 1000, torch.Generator().manual_seed(2)),
+                               rtol=1e-12, atol=0)
+
+    # Scored again: read from the file, not recomputed, and the same numbers as the direct formulas.
+    def not_again(*args, **kwargs):
+        raise AssertionError("a stored reference part was recomputed")
+
+    computes = {name: getattr(reference_module, name) for name in ("knn_radii", "kid_real_kernel_sums")}
+    for name in computes:
+        monkeypatch.setattr(reference_module, name, not_again)
+    again = evaluation.evaluate(path, ref="digits:test", extractor=tiny, device="cpu", seed=2)
+    fake_features, _ = _features(tiny.inner, noise)
+    prdc = precision_recall_density_coverage(real_features, fake_features, 3, 5)
+    kid = kernel_inception_distance(real_features, fake_features, 100, 1000, torch.Generator().manual_seed(2))
+    for result in (first, again):
+        assert {name: result["metrics"][name] for name in prdc} == prdc
+        assert (result["metrics"]["kid"], result["std"]["kid"]) == pytest.approx(kid, rel=1e-11)
+
+    # Another seed or another N draws other KID subsets: new sums, stored beside the old ones.
+    for name, compute in computes.items():
+        monkeypatch.setattr(reference_module, name, compute)
+    evaluation.evaluate(path, ref="digits:test", n=120, extractor=tiny, device="cpu", seed=3)
+    names = set(evaluation.reference_stats("digits", "test", tiny, device="cpu").derived)
+    assert {"kid_real_kernel_sums.seed2.subsets100.m1000.nfake150",
+            "kid_real_kernel_sums.seed3.subsets100.m1000.nfake120"} <= names
+    # Another k is another name (computed and stored); another extractor is another reference file.
+    assert torch.equal(stored.knn_radii((4,))[4], knn_radii(real_features, (4,))[4])
+    assert "knn_radii.k4" in evaluation.reference_stats("digits", "test", tiny, device="cpu").derived
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,6 +613,13 @@ def test_cli_eval_ref_caches_the_reference(cache, evaluator_dir, capsys):
     assert main(["eval", "ref", "--data", "digits", "--split", "test", "--extractor", str(weights), "--no-progress"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "297 images" in out[0] and Path(out[-1]).is_file() and Path(out[-1]).parent == cache / "refs"
+    # The default protocol's reference-only parts are stored with it: the first score reads them.
+    from safetensors import safe_open
+
+    with safe_open(out[-1], framework="pt") as f:
+        names = set(f.keys())
+    assert {"derived.knn_radii.k3", "derived.knn_radii.k5",
+            f"derived.kid_real_kernel_sums.seed0.subsets100.m1000.nfake{evaluation.DEFAULT_N}"} <= names
 
 
 @pytest.mark.parametrize(

@@ -494,6 +494,7 @@ def _evaluate(a) -> int:
             raise GenlabError("genlab eval ref needs --data SOURCE (e.g. --data mnist --split test)")
         ref = evaluation.reference_stats(a.data, a.split, extractor, data_root=a.data_root, n=a.n,
                                          batch_size=a.batch_size, progress=not a.no_progress)
+        evaluation.store_reference_parts(ref)  # PR/DC radii, KID sums of the default protocol: a fast first score
         print(f"reference {a.data}:{a.split}: {ref.n} images, extractor {ref.key['extractor']} "
               f"(sha256 {ref.key['extractor_sha256'][:12]}...)")
         print(ref.path if ref.path is not None else "(not cached: the cache folder is not writable)")

@@ -6,7 +6,7 @@ import torch
 
 from genlab.errors import ConfigError, DataError
 from genlab.metrics import kid as kid_module
-from genlab.metrics.kid import KID, KIDConfig, kernel_inception_distance, mmd2_unbiased
+from genlab.metrics.kid import KID, KIDConfig, kernel_inception_distance, kid_real_kernel_sums, mmd2_unbiased
 from genlab.metrics.statistics import canonical_order
 
 
@@ -159,6 +159,38 @@ def test_batched_subsets_equal_the_one_subset_at_a_time_loop(n_real, n_fake, dim
     ours = kernel_inception_distance(real, fake, subsets, subset_size, generator=torch.Generator().manual_seed(4))
     reference = _loop_kid(real, fake, subsets, subset_size, seed=4)
     assert ours == pytest.approx(reference, rel=1e-11, abs=1e-15)
+
+
+def _numpy_real_sums(real, n_fake, subsets, subset_size, seed):
+    """sum_{i != j} k(x_i, x_j) over the reals of each subset of the documented protocol (see _numpy_kid)."""
+    real = real.numpy()
+    real = real[np.lexsort(real.T[::-1])]
+    m = min(subset_size, len(real), n_fake)
+    g = torch.Generator().manual_seed(seed)
+    sums = []
+    for _ in range(subsets):
+        x = real[torch.randperm(len(real), generator=g)[:m].numpy()]
+        torch.randperm(n_fake, generator=g)  # the fake draw of the subset: only its count matters
+        k = (x @ x.T / x.shape[1] + 1.0) ** 3
+        sums.append(k.sum() - np.trace(k))
+    return np.array(sums)
+
+
+@pytest.mark.parametrize("n_real, n_fake, subsets, subset_size", [(150, 120, 7, 50), (40, 90, 3, 1000)])
+def test_cached_real_kernel_sums_are_the_subsets_sums_and_leave_kid_unchanged(n_real, n_fake, subsets, subset_size):
+    real, fake = _features(n_real, 6, 12).relu(), _features(n_fake, 6, 13, shift=0.2).relu()
+    sums = kid_real_kernel_sums(real[torch.randperm(n_real)], n_fake, subsets, subset_size,
+                                generator=torch.Generator().manual_seed(5))  # any order of the reals
+    np.testing.assert_allclose(sums.numpy(), _numpy_real_sums(real, n_fake, subsets, subset_size, 5), rtol=1e-12)
+    direct = kernel_inception_distance(real, fake, subsets, subset_size, generator=torch.Generator().manual_seed(5))
+    cached = kernel_inception_distance(real, fake, subsets, subset_size, generator=torch.Generator().manual_seed(5),
+                                       real_kernel_sums=sums)
+    assert cached == pytest.approx(direct, rel=1e-12, abs=1e-15)
+    # The sums are used as given: other sums give another KID; sums for the wrong subset count are refused.
+    assert kernel_inception_distance(real, fake, subsets, subset_size, generator=torch.Generator().manual_seed(5),
+                                     real_kernel_sums=sums * 1.01)[0] > direct[0]
+    with pytest.raises(DataError, match="real_kernel_sums"):
+        kernel_inception_distance(real, fake, subsets + 1, subset_size, real_kernel_sums=sums)
 
 
 def test_unbiased_mmd2_stays_differentiable():

@@ -33,6 +33,7 @@ from genlab.evaluation.generation import (
     classifier_accuracy,
     evaluate_generation,
     score_images,
+    store_reference_parts,
 )
 from genlab.evaluation.periodic import periodic_eval
 from genlab.evaluation.reconstruction import evaluate_reconstruction
@@ -57,6 +58,7 @@ __all__ = [
     "evaluate_generation",
     "kinds_for",
     "score_images",
+    "store_reference_parts",
     "periodic_eval",
     "export_evaluator",
     "classifier_accuracy",

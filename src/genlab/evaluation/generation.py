@@ -81,20 +81,32 @@ def score_images(
         values["fid"] = frechet_distance(stats.mean, stats.covariance, reference.stats.mean, reference.stats.covariance)
         lap("fid")
     if "kid" in metrics:
+        # The within-real kernel sums and the reals' k-NN radii below come from the reference cache when stored.
+        real_sums = reference.kid_real_kernel_sums(len(features), KID_SUBSETS, KID_SUBSET_SIZE, seed)
         values["kid"], stds["kid"] = kernel_inception_distance(
             reference.features, features, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
-            generator=torch.Generator().manual_seed(seed))
+            generator=torch.Generator().manual_seed(seed), real_kernel_sums=real_sums)
         lap("kid")
     if "is" in metrics:
         values["is"], stds["is"] = inception_score(probabilities, splits=min(IS_SPLITS, len(probabilities)),
                                                    generator=torch.Generator().manual_seed(seed))
         lap("is")
     if "pr" in metrics or "dc" in metrics:
-        prdc = precision_recall_density_coverage(reference.features, features, K_PRECISION_RECALL, K_DENSITY_COVERAGE)
+        prdc = precision_recall_density_coverage(reference.features, features, K_PRECISION_RECALL, K_DENSITY_COVERAGE,
+                                                 real_radii=reference.knn_radii((K_PRECISION_RECALL, K_DENSITY_COVERAGE)))
         names = (("precision", "recall") if "pr" in metrics else ()) + (("density", "coverage") if "dc" in metrics else ())
         values.update({name: prdc[name] for name in names})
         lap("prdc")
     return values, stds
+
+
+def store_reference_parts(reference: Reference, n_fake: int = DEFAULT_N, seed: int = 0) -> None:
+    """Compute and cache what scoring ``n_fake`` images with ``seed`` needs from the reals alone (the PR/DC
+    radii, the KID subsets' within-real sums), so that the first score against a new reference is as fast as
+    the next ones (``genlab eval ref``)."""
+    reference.knn_radii((K_PRECISION_RECALL, K_DENSITY_COVERAGE))
+    if min(reference.n, n_fake) >= 2:
+        reference.kid_real_kernel_sums(n_fake, KID_SUBSETS, KID_SUBSET_SIZE, seed)
 
 
 def classifier_accuracy(extractor: FeatureExtractor, images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:

@@ -4,6 +4,11 @@ The cache file is ``$GENLAB_CACHE/refs/<dataset>-<split>-<hash of key>.safetenso
 of its key (dataset, split, image size, number of images, extractor name and sha256 of its weights);
 the key is stored beside it and checked on read: change any part and the statistics are rebuilt,
 never silently reused.
+
+Besides the statistics, the file keeps what the metrics derive from the reference alone (the reals'
+k-NN radii of PR/DC, the within-real kernel sums of KID's subsets), each under a name that spells every
+setting it depends on (k; seed, subsets, subset size and fake count): computed the first time a score
+needs them, stored, and read back afterwards, so scoring against a cached reference skips that work.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +25,13 @@ from genlab.data import DataConfig, load_data, resolve_cache_dir, to_model_range
 from genlab.errors import ConfigError, DataError, GenlabError
 from genlab.evaluation.common import default_device, resolve_extractor
 from genlab.fileio import atomic_write, atomic_write_text
-from genlab.metrics import GaussianStats
+from genlab.metrics import GaussianStats, kid_real_kernel_sums, knn_radii
+from genlab.metrics.statistics import as_features
 from genlab.metrics.extractors import FeatureExtractor
 
-REFERENCE_FORMAT = 1  # bump when what a reference file holds changes, to invalidate old caches
+# Bump when what a reference file holds changes, or how a derived part (k-NN radii, KID sums) is computed:
+# it invalidates old caches.
+REFERENCE_FORMAT = 1
 
 
 @dataclass
@@ -35,11 +43,32 @@ class Reference:
     features: torch.Tensor  # (N, D) float32
     probabilities: torch.Tensor  # (N, C) float64
     path: Path | None  # cache file, or None when it could not be written
+    derived: dict[str, torch.Tensor] = field(default_factory=dict)  # reference-only metric parts, by name
 
     @property
     def n(self) -> int:
         """Number of real images summarised."""
         return self.stats.n
+
+    def _derived(self, names: list[str], compute) -> list[torch.Tensor]:
+        """The derived tensors ``names``, from the cache; when one is missing, ``compute()`` gives all of them
+        (same order) and they are stored in the cache file (when writable) for the next score."""
+        if any(name not in self.derived for name in names):
+            self.derived.update(zip(names, compute()))
+            if self.path is not None:
+                self.path = _write_reference(self.path, self)
+        return [self.derived[name] for name in names]
+
+    def knn_radii(self, ks: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """The reals' squared k-NN radii (N,) for each k of ``ks``, as :func:`genlab.metrics.knn_radii` gives them."""
+        names = [f"knn_radii.k{k}" for k in ks]
+        return dict(zip(ks, self._derived(names, lambda: [*knn_radii(as_features(self.features), tuple(ks)).values()])))
+
+    def kid_real_kernel_sums(self, n_fake: int, subsets: int, subset_size: int, seed: int) -> torch.Tensor:
+        """KID's within-real kernel sums (subsets,) for ``n_fake`` fakes and a CPU generator seeded with ``seed``."""
+        name = f"kid_real_kernel_sums.seed{seed}.subsets{subsets}.m{subset_size}.nfake{n_fake}"
+        return self._derived([name], lambda: [kid_real_kernel_sums(
+            self.features, n_fake, subsets, subset_size, torch.Generator().manual_seed(seed))])[0]
 
 
 def features_and_probabilities(
@@ -105,7 +134,8 @@ def _read_reference(path: Path, key: dict) -> Reference | None:
         stats = GaussianStats.from_state_dict({k[len("stats."):]: v for k, v in tensors.items() if k.startswith("stats.")})
     except (SafetensorError, OSError, ValueError, RuntimeError, GenlabError):
         return None
-    return Reference(key, stats, tensors["features"], tensors["probabilities"], path)
+    derived = {k[len("derived."):]: v for k, v in tensors.items() if k.startswith("derived.")}
+    return Reference(key, stats, tensors["features"], tensors["probabilities"], path, derived)
 
 
 def _write_reference(path: Path, reference: Reference) -> Path | None:
@@ -117,6 +147,7 @@ def _write_reference(path: Path, reference: Reference) -> Path | None:
     tensors = {f"stats.{k}": v for k, v in reference.stats.state_dict().items()}
     tensors["features"] = reference.features.contiguous()
     tensors["probabilities"] = reference.probabilities.contiguous()
+    tensors.update({f"derived.{name}": v.contiguous() for name, v in reference.derived.items()})
     key_text = json.dumps(reference.key, sort_keys=True)
     try:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": key_text}))
