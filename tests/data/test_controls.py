@@ -23,11 +23,28 @@ def _rows(b: torch.Tensor) -> list[str]:
     return ["".join("#" if v else "." for v in row) for row in b[0, 0].tolist()]
 
 
-def test_edges_of_a_vertical_step_are_the_two_columns_beside_it():
-    x = _image(["....####"] * 6)  # black left half, white right half
-    # Sobel d/dx of a 0 -> 1 step: 1 + 2 + 1 = 4 on both columns next to it (magnitude / 4 = 1 > 0.25), 0 elsewhere.
-    assert _rows(C.edges(x) > 0) == ["...##..."] * 6
-    assert set(C.edges(x).unique().tolist()) == {-1.0, 1.0}
+def test_edges_are_one_pixel_wide_on_the_bright_side_of_a_step_in_every_direction():
+    step = _image(["....####"] * 6)  # black left half, white right half
+    # Sobel d/dx / 4 of a 0 -> 1 step is 1 on both columns beside it; suppression keeps the bright one.
+    assert _rows(C.edges(step) > 0) == ["....#..."] * 6
+    assert _rows(C.edges(step.flip(-1)) > 0) == ["...#...."] * 6
+    assert _rows(C.edges(step.transpose(-1, -2)) > 0) == ["......"] * 4 + ["######"] + ["......"] * 3
+    assert set(C.edges(step).unique().tolist()) == {-1.0, 1.0}
+    line = _image(["...#...."] * 4)  # a one-pixel line: no gradient on it, an edge either side
+    assert _rows(C.edges(line) > 0) == ["..#.#..."] * 4
+    square = _image(["........", "........", "..####..", "..####..", "..####..", "..####..", "........", "........"])
+    assert _rows(C.edges(square) > 0) == ["........", "........", "..####..", "..#..#..", "..#..#..", "..####..",
+                                          "........", "........"]
+    assert (C.edges(step * 0.2) == -1).all()  # a weak step: magnitude 0.2 is below the threshold 0.25
+
+
+def test_a_diagonal_step_keeps_the_two_pixels_straddling_it_in_each_row():
+    x = torch.tensor([[[[1.0 if c >= r else -1.0 for c in range(10)] for r in range(10)]]])  # bright from the diagonal on
+    # Row r has Sobel magnitude 3 sqrt(2) / 4 at columns r - 1 and r and sqrt(2) / 4 at r - 2, r + 1: along the
+    # gradient (45 degrees) both of the first two are maxima, so the edge is two pixels wide on a diagonal.
+    e = C.edges(x)[0, 0] > 0
+    for r in range(2, 9):
+        assert torch.nonzero(e[r]).flatten().tolist() == [r - 1, r]
 
 
 def test_mask_is_the_ink_and_colour_uses_its_luminance():

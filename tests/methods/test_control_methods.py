@@ -140,3 +140,29 @@ def test_a_dit_base_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="controlnet steers a U-Net, but the base run /a/run denoises with DiT") as e:
         _child(ControlNetMethod, base)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.name)
+def test_a_latent_diffusion_base_is_steered_in_latent_space_from_pixel_control_maps(cls):
+    from genlab.methods.autoencoder import KLAutoencoder
+    from genlab.methods.ldm import LDM
+    from tiny_configs import TINY_KL_AE, TINY_LDM
+
+    torch.manual_seed(0)
+    autoencoder = KLAutoencoder(build_config("kl-ae", KLAutoencoder.Config, overrides=TINY_KL_AE).model, DIGITS)
+    ldm = LDM(build_config("ldm", LDM.Config, overrides=TINY_LDM + ["autoencoder=/a/run"]).model, DIGITS,
+              parents={"autoencoder": autoencoder})
+    with torch.no_grad():
+        for p in ldm.unet.parameters():
+            p.normal_(0, 0.2)
+    child = _child(cls, ldm)
+    assert ldm.latent_shape == (4, 4, 4)  # 8 px images, 4 px latents: the condition encoder halves once
+    z, t, _ = _inputs(3)
+    z = z[:, :1].expand(3, 4, 8, 8)[..., :4, :4].contiguous()
+    control = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(child.base.network(z, t, None, child.steering(control)), child.base.network(z, t))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    samples = child.sample(3, generator=g(), steps=2, control=control)
+    assert torch.equal(samples, child.base.sample(3, generator=g(), steps=2))  # zero init: the base's samples
+    assert samples.shape == (3, 1, 8, 8)

@@ -5,8 +5,8 @@ one-channel map (N, 1, H, W) in [-1, 1] on the same device: -1 where there is no
 +1 (or a graded value) where the control draws. They work on the luminance, so grey and colour
 images give the same map for the same picture.
 
-- ``edges``: Sobel gradient magnitude, thresholded (the Canny-like edge map of ControlNet's paper,
-  without non-maximum suppression; :func:`genlab.data.paired.sobel_edges`).
+- ``edges``: one-pixel edges, Canny-like (ControlNet's paper conditions on Canny edges): the Sobel
+  gradient magnitude, thinned by non-maximum suppression along the gradient, thresholded.
 - ``mask``: the ink (foreground) mask: luminance above a threshold (ink is bright on MNIST).
 - ``scribble``: the mask thinned to a one-pixel skeleton (Zhang & Suen 1984), then dilated by one
   pixel: the shape of the strokes drawn with a pen of fixed width, their thickness removed (the
@@ -19,20 +19,52 @@ images give the same map for the same picture.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genlab.data.paired import luminance, sobel_edges
+from genlab.data.paired import luminance, sobel_gradients
 from genlab.errors import ConfigError
 
 CONTROLS = ("edges", "mask", "scribble", "thickness")
 
 
 def edges(x: Tensor, threshold: float = 0.25) -> Tensor:
-    """(N, C, H, W) in [-1, 1] -> (N, 1, H, W): +1 where the Sobel magnitude / 4 of the luminance in
-    [0, 1] exceeds ``threshold`` (a full black-to-white step gives 1), -1 elsewhere."""
-    return sobel_edges(x, threshold)
+    """(N, C, H, W) in [-1, 1] -> (N, 1, H, W) one-pixel edges: +1 on edges, -1 elsewhere.
+
+    Canny's non-maximum suppression (Canny 1986) on the Sobel gradient of the luminance in [0, 1]
+    (:func:`genlab.data.paired.sobel_gradients`, a black-to-white step has magnitude 1), without the
+    Gaussian smoothing and the hysteresis: a pixel is an edge when its magnitude exceeds ``threshold``
+    and is a maximum along the gradient direction (rounded to 0, 45, 90 or 135 degrees): strictly
+    above the neighbour the gradient points to, at least the one behind it (ties, as the two pixels
+    either side of a step, go to the brighter side). So a step edge is one pixel wide, on the first
+    bright pixel, and a one-pixel line has an edge on each side.
+    """
+    g = sobel_gradients(x)  # (N, 2, H, W)
+    gx, gy = g[:, :1], g[:, 1:]  # (N, 1, H, W) each; y grows downwards (rows)
+    magnitude = (gx.square() + gy.square()).sqrt()  # (N, 1, H, W)
+    sector = torch.round(torch.atan2(gy, gx) / (math.pi / 4)).long() % 4  # 0: along x, 1: 45, 2: along y, 3: 135
+    padded = F.pad(magnitude, (1, 1, 1, 1))
+    height, width = x.shape[-2:]
+
+    def shifted(dr: int, dc: int) -> Tensor:  # the magnitude of the neighbour at (row + dr, col + dc)
+        return padded[..., 1 + dr: 1 + dr + height, 1 + dc: 1 + dc + width]
+
+    maximum = torch.zeros_like(magnitude, dtype=torch.bool)
+    for s, (dr, dc) in enumerate(((0, 1), (1, 1), (1, 0), (1, -1))):  # the gradient's direction in each sector
+        ahead, behind = shifted(dr, dc), shifted(-dr, -dc)
+        # sector s also covers the opposite direction (angle + 180), where "ahead" is the other neighbour
+        forward = torch.where(_points_forward(gx, gy, dr, dc), magnitude > ahead, magnitude > behind)
+        backward = torch.where(_points_forward(gx, gy, dr, dc), magnitude >= behind, magnitude >= ahead)
+        maximum |= (sector == s) & forward & backward
+    return _signed(maximum & (magnitude > threshold), x.dtype)
+
+
+def _points_forward(gx: Tensor, gy: Tensor, dr: int, dc: int) -> Tensor:
+    """Whether the gradient (gx, gy) points towards the neighbour (dr, dc) rather than away from it."""
+    return gx * dc + gy * dr > 0
 
 
 def ink(x: Tensor, threshold: float = 0.0) -> Tensor:

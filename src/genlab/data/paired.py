@@ -152,6 +152,15 @@ def luminance(x: Tensor) -> Tensor:
     return (x * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
 
 
+def sobel_gradients(x: Tensor) -> Tensor:
+    """(N, C, H, W) in [-1, 1] -> (N, 2, H, W): Sobel d/dx and d/dy of the luminance in [0, 1], divided by
+    :data:`SOBEL_STEP_RESPONSE` (a black-to-white step gives 1). Borders are replicate-padded."""
+    grey = (luminance(x) + 1.0) / 2.0  # (N, 1, H, W) in [0, 1]
+    kernel_x = torch.tensor(_SOBEL_X, dtype=x.dtype, device=x.device)
+    kernels = torch.stack([kernel_x, kernel_x.T]).unsqueeze(1)  # (2, 1, 3, 3): d/dx, d/dy
+    return F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels) / SOBEL_STEP_RESPONSE  # (N, 2, H, W)
+
+
 def sobel_edges(x: Tensor, threshold: float | None = 0.25) -> Tensor:
     """(N, C, H, W) -> (N, 1, H, W) edge map in [-1, 1]: Sobel gradient magnitude of the luminance.
 
@@ -161,11 +170,7 @@ def sobel_edges(x: Tensor, threshold: float | None = 0.25) -> Tensor:
     magnitude / 4 > threshold). The result is mapped back to [-1, 1]: edges +1, flat regions -1.
     Borders are replicate-padded, so the frame of the image is not an edge.
     """
-    grey = (luminance(x) + 1.0) / 2.0  # (N, 1, H, W) in [0, 1]
-    kernel_x = torch.tensor(_SOBEL_X, dtype=x.dtype, device=x.device)
-    kernels = torch.stack([kernel_x, kernel_x.T]).unsqueeze(1)  # (2, 1, 3, 3): d/dx, d/dy
-    gradients = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)  # (N, 2, H, W)
-    magnitude = gradients.square().sum(dim=1, keepdim=True).sqrt() / SOBEL_STEP_RESPONSE  # (N, 1, H, W)
+    magnitude = sobel_gradients(x).square().sum(dim=1, keepdim=True).sqrt()  # (N, 1, H, W)
     edges = magnitude.clamp(max=1.0) if threshold is None else (magnitude > threshold).to(x.dtype)
     return edges * 2.0 - 1.0
 

@@ -212,6 +212,14 @@ class DDPM(Method, Generates, Denoiser):
             raise ConfigError(f"this {self.name} run has no text encoder: prompts need a model.text section")
         return encode_prompts(self.text_encoder, prompts)
 
+    def _steered_network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                         backbone_kwargs: BackboneKwargs | None) -> torch.Tensor:
+        """:meth:`network`, called as ``network(x_t, t, y)`` when nothing steers it (what overrides and
+        test doubles of ``network`` expect)."""
+        if backbone_kwargs is None:
+            return self.network(x_t, t, y)
+        return self.network(x_t, t, y, backbone_kwargs=backbone_kwargs)
+
     def _split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prediction, v) of a network output; v = (raw + 1) / 2 as in improved DDPM's code, None
         without learn_sigma."""
@@ -255,7 +263,7 @@ class DDPM(Method, Generates, Denoiser):
         diffused (latent models: the scaled latents); ``backbone_kwargs`` as in :meth:`network`."""
         c = self.config
         x_t = self.schedule.q_sample(x0, t, noise)
-        output, v = self._split(self.network(x_t, t, y, backbone_kwargs))
+        output, v = self._split(self._steered_network(x_t, t, y, backbone_kwargs))
         target = training_target(c.prediction, x0, noise, t, self.schedule)
         weight = loss_weight(t, self.schedule, c.prediction, c.min_snr_gamma)
         loss = diffusion_loss(output, target, weight)
@@ -304,7 +312,7 @@ class DDPM(Method, Generates, Denoiser):
     def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
                  backbone_kwargs: BackboneKwargs | None = None):
         """eps_hat (or (eps_hat, v)) at (x_t, t) with labels y (None: unconditional/null class)."""
-        output, v = self._split(self.network(x_t, t, y, backbone_kwargs))
+        output, v = self._split(self._steered_network(x_t, t, y, backbone_kwargs))
         if self.config.prediction != "eps":
             # Fractional t (Karras solvers) is only meaningful for eps; others need an integer t.
             _, output = model_output_to_x0_eps(output, x_t, t.round().long(), self.schedule, self.config.prediction)

@@ -7,7 +7,9 @@ control run was trained on) is compared with the map that was asked for:
   pixels, as the boundary F-measure of edge benchmarks (Martin et al. 2004) in its simple form: a
   predicted pixel is correct when an asked-for pixel lies within the (2 tol + 1)^2 square around it
   (precision), an asked-for pixel is found when a predicted one lies within the same distance
-  (recall); F1 = 2 P R / (P + R). tolerance 0 is the exact pixel F1.
+  (recall); F1 = 2 P R / (P + R). The default is 0, the exact pixel F1: at 28 px the benchmarks'
+  tolerance (0.75 % of the diagonal) is under a third of a pixel, and with 1 px the edges of two
+  unrelated MNIST test digits already score 0.65 (exact: 0.24).
 - ``mask`` and ``thickness``: intersection over union of the ink masks (maps > -1).
 
 Scores are per image, (N,); two empty maps agree perfectly (1), one empty map scores 0.
@@ -22,7 +24,7 @@ from genlab.data.controls import control_map, dilate
 from genlab.errors import ConfigError
 
 
-def edge_f1(predicted: Tensor, target: Tensor, tolerance: int = 1) -> Tensor:
+def edge_f1(predicted: Tensor, target: Tensor, tolerance: int = 0) -> Tensor:
     """Per-image F1 (N,) of bool maps (N, 1, H, W), a pixel matching within ``tolerance`` px (chessboard)."""
     if predicted.shape != target.shape:
         raise ConfigError(f"edge maps of shapes {tuple(predicted.shape)} and {tuple(target.shape)}: they must match")
@@ -47,7 +49,7 @@ def mask_iou(predicted: Tensor, target: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def adherence(kind: str, samples: Tensor, control: Tensor, tolerance: int = 1) -> Tensor:
+def adherence(kind: str, samples: Tensor, control: Tensor, tolerance: int = 0) -> Tensor:
     """Per-image adherence (N,) of samples (N, C, H, W) in [-1, 1] to the control maps (N, 1, H, W) of ``kind``."""
     made = control_map(kind, samples)  # (N, 1, H, W)
     if kind in ("edges", "scribble"):
@@ -55,6 +57,6 @@ def adherence(kind: str, samples: Tensor, control: Tensor, tolerance: int = 1) -
     return mask_iou(made > -1, control > -1)
 
 
-def adherence_name(kind: str, tolerance: int = 1) -> str:
+def adherence_name(kind: str, tolerance: int = 0) -> str:
     """What :func:`adherence` measures for ``kind``, for tables and logs."""
     return f"{kind} F1 (tolerance {tolerance} px)" if kind in ("edges", "scribble") else f"{kind} IoU of ink masks"
