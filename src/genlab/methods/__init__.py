@@ -28,6 +28,8 @@ METHODS = {
     "dit": "genlab.methods.dit:DiT",
     "ldm": "genlab.methods.ldm:LDM",
     "clip": "genlab.methods.clip:CLIPMethod",
+    "sr": "genlab.methods.cascade:SuperResolution",
+    "refiner": "genlab.methods.refiner:Refiner",
 }
 
 

@@ -4,6 +4,7 @@ guidance (SPEC D1-D9)."""
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, ClassVar, Literal, Mapping
 
@@ -25,6 +26,7 @@ from genlab.diffusion import (
     training_target,
     vlb_terms,
 )
+from genlab.data.micro import MICRO_CONDITIONS, micro_vector
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method
 from genlab.methods.capabilities import Denoiser, Generates, NoiseAwareClassifier, require
@@ -79,6 +81,10 @@ class DDPMConfig:
     vlb_weight: NonNegativeFloat = 0.001
     # Highest noise level of the Karras solvers (euler, heun, dpmpp-2m); None: min(schedule's, 80).
     sigma_max: PositiveFloat | None = None
+    # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): the denoiser also sees each image's original
+    # size, crop and target size (genlab.data.micro), as recorded by data.random_shift,
+    # data.min_original_size and data.fit=buckets; sampling asks for them (crop (0, 0): whole objects).
+    micro_conditioning: bool = False
 
     def __post_init__(self):
         """Fill the chosen network's section with its defaults; refuse the other network's keys."""
@@ -135,7 +141,8 @@ class DDPM(Method, Generates, Denoiser):
         if config.vlb_weight < 0:
             raise ConfigError(f"model.vlb_weight must be >= 0 (0.001 in improved DDPM), got {config.vlb_weight}")
         outputs = 2 if config.learn_sigma else 1  # the prediction, and v when the variance is learned
-        network = self._make_network(in_channels=data_info.channels * p * p,
+        self.num_micro = self._num_micro_conditions()
+        network = self._make_network(in_channels=self._input_channels() * p * p,
                                      out_channels=outputs * data_info.channels * p * p,
                                      image_size=data_info.image_size // p)
         setattr(config, config.network, network.config)  # the sizes derived for this data, as saved
@@ -145,11 +152,25 @@ class DDPM(Method, Generates, Denoiser):
     def _make_network(self, in_channels: int, out_channels: int, image_size: int) -> nn.Module:
         """The denoiser model.network names, for (N, in_channels, image_size, image_size) inputs."""
         c = self.config
+        micro = {"micro_conditions": self.num_micro} if self.num_micro else {}
         if c.network == "dit":
             return DiTNetwork(c.dit, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
-                              num_classes=self.num_classes)
+                              num_classes=self.num_classes, **micro)
         return UNet(c.unet, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
-                    num_classes=self.num_classes)
+                    num_classes=self.num_classes, **micro)
+
+    def _input_channels(self) -> int:
+        """Channels the denoiser reads per pixel: the diffused image's (a super-resolution model adds its low-res input's)."""
+        return self.data_info.channels
+
+    def _num_micro_conditions(self) -> int:
+        """K, the micro-conditions per image the denoiser embeds (0: none)."""
+        return len(MICRO_CONDITIONS) if self.config.micro_conditioning else 0
+
+    def default_micro(self, n: int) -> torch.Tensor:
+        """The micro-conditions of plain data (n, K): the whole image at the data's size, uncropped."""
+        size = self.data_info.image_size
+        return micro_vector(n, (size, size)).to(self.device)
 
     @property
     def network_name(self) -> str:
@@ -162,16 +183,28 @@ class DDPM(Method, Generates, Denoiser):
         """The denoising network (``self.unet`` or ``self.dit``)."""
         return getattr(self, self.network_name)
 
-    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                micro: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
         """The model's output at full resolution: (N, C, H, W) -> (N, C, H, W), or (N, 2C, H, W) with
-        learn_sigma (the prediction's channels first, then the variance's)."""
+        learn_sigma (the prediction's channels first, then the variance's).
+
+        ``micro`` (N, K): micro-conditions (None: :meth:`default_micro`); ``condition`` (N, C', H, W): an
+        image joined to x_t as extra input channels (a super-resolution model's up-sampled input).
+        Classifier-free guidance runs [x_t; x_t] in one batch: inputs with fewer rows are repeated.
+        """
+        extra = {}
+        if self.num_micro:
+            micro = self.default_micro(len(x_t)) if micro is None else micro
+            extra["micro"] = _repeat_rows(micro, len(x_t))  # (N, K)
+        if condition is not None:
+            x_t = torch.cat([x_t, _repeat_rows(condition, len(x_t))], dim=1)  # (N, C + C', H, W)
         p = self.config.patch_size
         if p == 1:
-            return self.backbone(x_t, t, y)
+            return self.backbone(x_t, t, y, **extra)
         h = F.pixel_unshuffle(x_t, p)  # (N, C p^2, H / p, W / p)
         # pixel_shuffle maps input channels [k p^2, (k + 1) p^2) to output channel k, so the first
         # C p^2 U-Net channels (the prediction) become the first C output channels.
-        return F.pixel_shuffle(self.backbone(h, t, y), p)  # (N, C or 2C, H, W)
+        return F.pixel_shuffle(self.backbone(h, t, y, **extra), p)  # (N, C or 2C, H, W)
 
     def _split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prediction, v) of a network output; v = (raw + 1) / 2 as in improved DDPM's code, None
@@ -188,24 +221,32 @@ class DDPM(Method, Generates, Denoiser):
         """Ho et al. 2020 Alg. 1: t ~ U{0..T-1}, x_t = q_sample(x0, t, eps), regress the target."""
         c = self.config
         x0 = self._diffused(batch["image"])  # (n, C, H, W): images in [-1, 1] (latent models: latents)
-        t = ctx.randint(0, c.num_timesteps)  # (n,)
+        t = ctx.randint(*self._training_timesteps())  # (n,)
         noise = ctx.randn(*x0.shape[1:])  # (n, C, H, W)
         y = None
         if self.num_classes is not None:
             y = batch["label"].clone()
             drop = ctx.rand() < c.p_uncond  # classifier-free guidance: learn p(x) with the null class
             y[drop] = self.num_classes
-        loss, logs = self.loss(x0, t, noise, y)
+        loss, logs = self.loss(x0, t, noise, y, **self._network_inputs(batch, x0, ctx))
         ctx.optimize(loss)
         return {"loss": loss.detach(), **logs}
 
-    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _training_timesteps(self) -> tuple[int, int]:
+        """[low, high) of the training timesteps t ~ U{low..high-1}: all of them (a refiner: the low-noise ones)."""
+        return 0, self.config.num_timesteps
+
+    def _network_inputs(self, batch: dict[str, Any], x0: torch.Tensor, ctx) -> dict[str, torch.Tensor]:
+        """Extra inputs of the network for a training batch: the micro-conditions the data recorded."""
+        return {"micro": batch.get("micro")} if self.num_micro else {}
+
+    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None,
+             **inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training objective at given (x0, t, noise, labels): (loss, extra logs). x0 is what is
-        diffused (latent models: the scaled latents)."""
+        diffused (latent models: the scaled latents); ``inputs`` go to :meth:`network` (micro, condition)."""
         c = self.config
         x_t = self.schedule.q_sample(x0, t, noise)
-        output, v = self._split(self.network(x_t, t, y))
+        output, v = self._split(self.network(x_t, t, y, **inputs))
         target = training_target(c.prediction, x0, noise, t, self.schedule)
         weight = loss_weight(t, self.schedule, c.prediction, c.min_snr_gamma)
         loss = diffusion_loss(output, target, weight)
@@ -246,14 +287,14 @@ class DDPM(Method, Generates, Denoiser):
         """What the model diffuses, from images in [-1, 1]: the images (latent models: their latents)."""
         return images
 
-    def denoiser(self, y: torch.Tensor | None = None):
+    def denoiser(self, y: torch.Tensor | None = None, **inputs: Any):
         """The eps-predicting callable the samplers expect: denoise(x_t, t) -> eps_hat, or
-        (eps_hat, v) with learn_sigma."""
-        return lambda x_t, t: self._denoise(x_t, t, y)
+        (eps_hat, v) with learn_sigma. ``inputs``: the network's extra inputs (micro, condition)."""
+        return lambda x_t, t: self._denoise(x_t, t, y, **inputs)
 
-    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, **inputs: Any):
         """eps_hat (or (eps_hat, v)) at (x_t, t) with labels y (None: unconditional/null class)."""
-        output, v = self._split(self.network(x_t, t, y))
+        output, v = self._split(self.network(x_t, t, y, **inputs))
         if self.config.prediction != "eps":
             # Fractional t (Karras solvers) is only meaningful for eps; others need an integer t.
             _, output = model_output_to_x0_eps(output, x_t, t.round().long(), self.schedule, self.config.prediction)
@@ -302,6 +343,11 @@ class DDPM(Method, Generates, Denoiser):
         classifier: Any = None,
         classifier_scale: float = 1.0,
         rules: list | None = None,
+        micro: torch.Tensor | None = None,
+        crop: tuple[int, int] | None = None,
+        original_size: int | tuple[int, int] | None = None,
+        target_size: int | tuple[int, int] | None = None,
+        condition: torch.Tensor | None = None,
         **unknown: Any,
     ) -> torch.Tensor:
         """Draw ``n`` images with the configured (or given) sampler, optionally guided.
@@ -319,6 +365,10 @@ class DDPM(Method, Generates, Denoiser):
           samplers' eps by -sqrt(1 - abar) s grad; Dhariwal & Nichol 2021).
         - ``rules``: rule specs ("symmetry:2", "brightness:1:target=0.3", "module:function", see
           :mod:`genlab.diffusion.guidance`) or (function, weight) pairs, steering x0_hat by gradient.
+        - micro-conditioned models (model.micro_conditioning): ``crop`` (top, left) (default (0, 0):
+          whole, centred objects), ``original_size`` (default: the target size) and ``target_size``
+          (h, w) or N (default: the data's size; another bucket's shape for multi-aspect models), or
+          ``micro`` (n, 6) directly. ``condition`` (n, C', H, W): a conditioning image (super-resolution).
         """
         if unknown:
             raise ConfigError(f"{self.name} sampling does not take {', '.join(sorted(unknown))}")
@@ -338,20 +388,24 @@ class DDPM(Method, Generates, Denoiser):
         if (guidance_scale is not None or negative_labels is not None or classifier is not None) and labels is None:
             raise ConfigError("guidance needs labels: give the class of each sample (--class K)")
         generator = ImageNoise.of(generator, n)
+        inputs = self._sampling_inputs(n, micro, crop, original_size, target_size, condition)
         if noise is None:
-            noise = generator.randn(*self._noise_shape())  # (n, C, H, W): x_T of each image
+            shape = self._noise_shape()
+            if target_size is not None:  # a multi-aspect model asked for another bucket
+                shape = (shape[0], *_size_pair(target_size))
+            noise = generator.randn(*shape)  # (n, C, H, W): x_T of each image
         x = noise.to(self.device)
         if labels is not None:
             labels = torch.as_tensor(labels).long().to(self.device)
             if labels.shape != (len(x),):
                 raise ConfigError(f"labels of shape {tuple(labels.shape)}: give one class per sample ({len(x)},)")
         conditioning = labels if self.num_classes is not None else None
-        denoise = self.denoiser(conditioning)
+        denoise = self.denoiser(conditioning, **inputs)
         if guidance_scale is not None or negative_labels is not None:
             if negative_labels is not None:
                 negative_labels = torch.as_tensor(negative_labels).long().to(self.device)
             denoise = classifier_free_guidance(
-                self._denoise, labels, 1.0 if guidance_scale is None else float(guidance_scale),
+                functools.partial(self._denoise, **inputs), labels, 1.0 if guidance_scale is None else float(guidance_scale),
                 null_label=self.num_classes, negative_labels=negative_labels,
             )
         mean_shift = None
@@ -370,6 +424,24 @@ class DDPM(Method, Generates, Denoiser):
                          mean_shift=mean_shift, sigma_max=c.sigma_max if karras else None)
         return self._finish(x0)
 
+    def _sampling_inputs(self, n: int, micro: torch.Tensor | None, crop, original_size, target_size,
+                         condition: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The network's extra inputs for sampling n images: micro-conditions from the user's words, a condition image."""
+        inputs = {} if condition is None else {"condition": condition.to(self.device)}
+        asked = [name for name, v in (("crop", crop), ("original_size", original_size), ("target_size", target_size))
+                 if v is not None]
+        if asked and not self.config.micro_conditioning:
+            raise ConfigError(f"--{asked[0].replace('_', '-')} needs a micro-conditioned model: train it with "
+                              "model.micro_conditioning=true (and data.random_shift / data.min_original_size / data.fit=buckets)")
+        if micro is None and self.config.micro_conditioning:
+            size = self.data_info.image_size
+            target = _size_pair(target_size if target_size is not None else size)
+            original = None if original_size is None else _size_pair(original_size)
+            micro = micro_vector(n, target, original, tuple(crop) if crop is not None else (0, 0))
+        if micro is not None:
+            inputs["micro"] = torch.as_tensor(micro, dtype=torch.float32).to(self.device)
+        return inputs
+
     def _finish(self, x0: torch.Tensor) -> torch.Tensor:
         """The sampler's x_0 as the method's output: images clamped to [-1, 1] (latent models override)."""
         return x0.clamp(-1, 1)
@@ -382,3 +454,13 @@ class DDPM(Method, Generates, Denoiser):
     def _rule_guidance(self, denoise, rules: list):
         """``denoise`` steered by ``rules`` judging the predicted x0 (latent models judge its decoded image)."""
         return rule_guidance(denoise, self.schedule, rules)
+
+
+def _repeat_rows(v: torch.Tensor, n: int) -> torch.Tensor:
+    """``v`` (M, ...) repeated to n rows (n a multiple of M: classifier-free guidance's doubled batch)."""
+    return v if len(v) == n else v.repeat(n // len(v), *([1] * (v.ndim - 1)))
+
+
+def _size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    """A size N or (h, w) as (h, w)."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))

@@ -27,7 +27,7 @@ from torch import nn
 
 from genlab.errors import ConfigError
 from genlab.nn.attention import Attention
-from genlab.nn.embeddings import TimestepEmbedder
+from genlab.nn.embeddings import MicroConditionEmbedder, TimestepEmbedder
 
 CONDITIONINGS = ("in-context", "cross-attention", "adaln", "adaln-zero")
 
@@ -183,7 +183,7 @@ class DiT(nn.Module):
     """
 
     def __init__(self, config: DiTConfig, in_channels: int, out_channels: int, image_size: int,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, micro_conditions: int = 0):
         super().__init__()
         if config.patch_size is None:
             config = replace(config, patch_size=derived_patch_size(image_size))
@@ -203,6 +203,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(256, dim)
         # num_classes + 1 rows: the last one is the null class of classifier-free guidance.
         self.y_embedder = nn.Embedding(num_classes + 1, dim) if num_classes else None
+        # SDXL micro-conditions, added to the time token (so every conditioning variant sees them); zero at init.
+        self.micro_embed = MicroConditionEmbedder(micro_conditions, 256, dim) if micro_conditions else None
         self.blocks = nn.ModuleList([DiTBlock(dim, c.num_heads, c.mlp_ratio, c.conditioning) for _ in range(c.depth)])
         self.final = FinalLayer(dim, c.patch_size ** 2 * out_channels, c.conditioning)
         self._init_weights()
@@ -221,6 +223,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
+        if self.micro_embed is not None:  # zero-initialised output, undone by the xavier pass above
+            nn.init.zeros_(self.micro_embed.mlp[2].weight)
         if self.config.conditioning == "adaln-zero":  # the xavier pass above must not undo the zero init
             for block in self.blocks:
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -238,13 +242,18 @@ class DiT(nn.Module):
             tokens.append(self.y_embedder(y))
         return torch.stack(tokens, dim=1)  # (N, S, D)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                micro: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (N, C, H, W), t (N,), y (N,), micro (N, K) micro-conditions (SDXL) -> (N, C_out, H, W)."""
         n = x.shape[0]
         if t.ndim == 0:
             t = t.expand(n)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         cond = self.condition_tokens(t, y)  # (N, S, D)
+        if self.micro_embed is not None:  # embed(t) + embed(micro), as SDXL adds them to the time embedding
+            cond = torch.cat([cond[:, :1] + self.micro_embed(micro)[:, None], cond[:, 1:]], dim=1)  # (N, S, D)
+        elif micro is not None:
+            raise ConfigError("micro-conditions were given but the DiT has micro_conditions=0: build it with them")
         c = cond.sum(1)  # (N, D): embed(t) + embed(y), DiT's conditioning vector
         kind = self.config.conditioning
         if kind == "in-context":

@@ -18,7 +18,7 @@ from torch import nn
 from genlab.errors import ConfigError
 from genlab.nn.attention import SpatialAttention
 from genlab.nn.blocks import Downsample, ResBlock, Upsample, group_norm
-from genlab.nn.embeddings import TimestepEmbedder
+from genlab.nn.embeddings import MicroConditionEmbedder, TimestepEmbedder
 from genlab.ranges import PositiveInt, Range
 
 
@@ -114,6 +114,7 @@ class UNet(nn.Module):
         image_size: int,
         num_classes: int | None = None,
         context_dim: int | None = None,
+        micro_conditions: int = 0,
     ):
         super().__init__()
         config = resolve_unet_config(config, image_size)
@@ -130,6 +131,8 @@ class UNet(nn.Module):
         emb_dim = 4 * base  # DDPM / ADM: the embedding is four times the base width
         self.time_embed = TimestepEmbedder(base, emb_dim)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        # SDXL micro-conditions (N, micro_conditions), added to the time embedding; zero at init.
+        self.micro_embed = MicroConditionEmbedder(micro_conditions, base, emb_dim) if micro_conditions else None
 
         def res_block(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(
@@ -196,10 +199,12 @@ class UNet(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        micro: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict from x (N, C_in, H, W) at t (N,) (long or float) -> (N, C_out, H, W).
 
-        y: (N,) long class labels, or None for the null class; context: (N, S, context_dim) or None.
+        y: (N,) long class labels, or None for the null class; context: (N, S, context_dim) or None;
+        micro: (N, micro_conditions) float micro-conditions (SDXL), needed iff built with them.
         """
         n, _, height, width = x.shape
         if height % self.downsample_factor or width % self.downsample_factor:
@@ -217,6 +222,10 @@ class UNet(nn.Module):
         elif y is not None:
             raise ConfigError("class labels y were given but the UNet has num_classes=None: "
                               "build it with num_classes=... or pass y=None")
+        if self.micro_embed is not None:
+            emb = emb + self.micro_embed(micro)  # (N, E)
+        elif micro is not None:
+            raise ConfigError("micro-conditions were given but the UNet has micro_conditions=0: build it with them")
 
         h = self.conv_in(x)  # (N, base, H, W)
         skips = [h]
