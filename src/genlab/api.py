@@ -183,7 +183,7 @@ def _resolve_parent_runs(method_cls, overrides: list[str], data: str | None, dat
         if data is None and not resume:
             # The parent's data section first, so the prior or LDM sees the images its parent was trained on.
             parent_data = read_config_file(parent / "config.yaml").get("data", {})
-            for name in ("source", "image_size", "fit", "channels"):
+            for name in method_cls.parents[key.removeprefix("model.")].data_keys:
                 if parent_data.get(name) is not None:
                     out.insert(0, f"data.{name}={parent_data[name]}")
             if data_root is None and parent_data.get("root"):

@@ -77,6 +77,12 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncation", type=float, help="truncation psi of GAN latents (1 = none, 0 = the mean)")
     p.add_argument("--temperature", type=float, help="softmax temperature of autoregressive priors")
     p.add_argument("--top-k", type=int, help="sample autoregressive priors from the k most likely codes only")
+    p.add_argument("--crop", metavar="TOP,LEFT", help="micro-conditioned runs: the crop asked for (default 0,0: whole, "
+                                                      "centred objects; an offset reproduces cut-off ones)")
+    p.add_argument("--original-size", metavar="N|HxW", help="micro-conditioned runs: the original size asked for "
+                                                             "(default: the target size; smaller: up-scaled-looking images)")
+    p.add_argument("--target-size", metavar="N|HxW", help="micro-conditioned multi-aspect runs: the shape to sample, "
+                                                           "e.g. 20x40 (an aspect bucket of the training data)")
 
 
 def _add_data_options(p: argparse.ArgumentParser, data_flag: str = "--data",
@@ -113,6 +119,13 @@ def _sampling_options(a, n: int) -> dict:
         options["labels"] = "all" if a.class_label == "all" else torch.full((n,), a.class_label, dtype=torch.long)
     if a.negative_class is not None:
         options["negative_labels"] = torch.full((n,), a.negative_class, dtype=torch.long)
+    if getattr(a, "crop", None) is not None or getattr(a, "original_size", None) or getattr(a, "target_size", None):
+        from genlab.data.micro import parse_crop, parse_size
+
+        for key, value, parse in (("crop", a.crop, parse_crop), ("original_size", a.original_size, parse_size),
+                                  ("target_size", a.target_size, parse_size)):
+            if value is not None:
+                options[key] = parse(value)
     return options
 
 
@@ -143,9 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--autoencoder", metavar="RUN", help="ldm: the kl-ae or vq-ae run whose latents to diffuse "
                                                         "(sets model.autoencoder; --data defaults to that run's data)")
     t.add_argument("--gan", metavar="RUN", help="gan-encoder: the gan or stylegan run to invert (sets model.gan)")
-    t.add_argument("--base", metavar="RUN", help="lora: the frozen run to adapt (then rank=4 alpha=4 targets=attn,conv: "
-                                                 "attn, conv, linear or module names); controlnet, t2i-adapter: the "
-                                                 "frozen ddpm or ldm run to steer (sets model.base)")
+    t.add_argument("--base", metavar="RUN", help="the frozen parent run of a child method: lora: the run to adapt (then "
+                                                 "rank=4 alpha=4 targets=attn,conv); controlnet, t2i-adapter: the ddpm or "
+                                                 "ldm run to steer; sr, refiner: the base the cascade stage or refiner "
+                                                 "builds on (sets model.base)")
     t.add_argument("--control", choices=("edges", "mask", "scribble", "thickness"),
                    help="controlnet, t2i-adapter: the control map computed from each image (sets model.control)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

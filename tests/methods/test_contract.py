@@ -9,6 +9,8 @@ the same name (``ldm_full`` on ``kl_ae_full``) and the same data shape.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -54,7 +56,9 @@ def _build(name: str, preset: str | None, info: DataInfo | None = None):
     parents = {}
     for role, spec in cls.parents.items():  # the first family that has the capability, same preset name
         family = capable_methods(spec.capability)[0]
-        parents[role] = _build(family, preset if preset in list_presets(family) else "small", info)
+        # A cascade's super-resolution stage builds on a base at half its size.
+        parent_info = dataclasses.replace(info, image_size=info.image_size // 2) if name == "sr" else info
+        parents[role] = _build(family, preset if preset in list_presets(family) else "small", parent_info)
     torch.manual_seed(0)
     return cls(cfg.model, info, parents) if parents else cls(cfg.model, info)
 
@@ -127,7 +131,9 @@ def test_small_presets_keep_their_declared_capabilities(name, preset):
             assert method.synthesize_w(w[:, None].expand(-1, method.num_ws, -1), generator=g).shape == image_shape
         if has(method, Denoiser):
             noise = torch.randn(2, *method._noise_shape(), generator=g)
-            eps = method.denoiser()(noise, torch.tensor([0, method.config.num_timesteps - 1]))
+            # A super-resolution stage denoises given its up-sampled low-resolution input.
+            inputs = {"condition": torch.zeros_like(noise)} if name == "sr" else {}
+            eps = method.denoiser(**inputs)(noise, torch.tensor([0, method.config.num_timesteps - 1]))
             assert (eps[0] if isinstance(eps, tuple) else eps).shape == noise.shape
     if has(method, NoiseAwareClassifier):
         t = torch.tensor([0, 1])

@@ -11,7 +11,7 @@ from genlab.errors import ConfigError
 from genlab.fileio import resolve_cache_dir  # noqa: F401  (re-exported: genlab.data.resolve_cache_dir)
 from genlab.ranges import PositiveInt
 
-FITS = ("resize", "pad", "center-crop")
+FITS = ("resize", "pad", "center-crop", "buckets")
 
 
 @dataclass
@@ -22,10 +22,16 @@ class DataConfig:
     root: str | None = None  # data root for mnist / fashion-mnist / cifar10; None: $GENLAB_DATA
     split: str = "train"  # which split of the source to train on
     image_size: PositiveInt | None = None  # pixels of the square images trained on; None: the source's native size
-    fit: Literal["resize", "pad", "center-crop"] = "resize"  # how images reach image_size
+    # how images reach image_size; buckets: folder images of mixed aspect ratios keep theirs (genlab.data.buckets)
+    fit: Literal["resize", "pad", "center-crop", "buckets"] = "resize"
     channels: Literal[1, 3] | None = None  # None: native; 1 <-> 3 converts grey <-> RGB
     limit: PositiveInt | None = None  # use only the first N examples (quick runs, tests)
     hflip: bool = False  # random horizontal flips; carried here, applied by the trainer
+    # SDXL micro-conditioning augmentations (genlab.data.micro), applied by the trainer, which records
+    # them in batch["micro"]: random crops shifted by up to this many pixels, and small originals
+    # up-scaled (each image shrunk to a random size in [min_original_size, image_size] and back).
+    random_shift: int = 0
+    min_original_size: PositiveInt | None = None
 
     def __post_init__(self) -> None:
         if self.image_size is not None and (isinstance(self.image_size, bool) or self.image_size < 1):
@@ -34,6 +40,8 @@ class DataConfig:
             raise ConfigError(f"data.fit must be one of {', '.join(FITS)}, got {self.fit!r}")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"data.channels must be 1 (grey), 3 (RGB) or None (native), got {self.channels!r}")
+        if isinstance(self.random_shift, bool) or not isinstance(self.random_shift, int) or self.random_shift < 0:
+            raise ConfigError(f"data.random_shift must be a number of pixels >= 0 (0: no random crops), got {self.random_shift!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise ConfigError(f"data.limit must be a positive integer or None (all examples), got {self.limit!r}")
 

@@ -58,7 +58,7 @@ from genlab.data.idx import read_bytes, read_idx
 from genlab.data.imageset import ImageSet
 from genlab.data.paired import PAIRED_PREFIX, load_paired
 from genlab.data.transforms import convert_channels, fit_size
-from genlab.errors import DataError
+from genlab.errors import ConfigError, DataError
 
 DIGIT_NAMES = [str(d) for d in range(10)]
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -140,7 +140,12 @@ def load_data(cfg: DataConfig | None = None, **overrides) -> ImageSet:
     if source.splits is not None and cfg.split not in source.splits:
         hint = f"; {source.split_hint}" if source.split_hint else ""
         raise DataError(f"data source {cfg.source!r} has no split {cfg.split!r} (splits: {', '.join(source.splits)}){hint}")
+    if cfg.fit == "buckets" and not cfg.source.startswith("folder:"):
+        raise ConfigError(f"data.fit=buckets (multi-aspect training) needs images of mixed aspect ratios from folder:PATH, "
+                          f"not {cfg.source!r}: use data.fit=resize, or a folder source")
     data = source.load(cfg, resolve_data_root(cfg.root))
+    if cfg.fit == "buckets":  # fitted to their aspect buckets by the folder reader (genlab.data.buckets)
+        return data
     if cfg.limit is not None and cfg.limit < len(data):
         data = data.subset(slice(0, cfg.limit))
         data.images = data.images.clone()  # clone: do not keep the full split alive
@@ -464,6 +469,10 @@ def _load_folder(cfg: DataConfig, root: Path | None) -> ImageSet:
     if cfg.limit is not None:
         paths, labels = paths[: cfg.limit], None if labels is None else labels[: cfg.limit]
     folder = Path(tree.origin)
+    if cfg.fit == "buckets":  # multi-aspect data: each image fitted to the bucket of its aspect ratio
+        from genlab.data.buckets import load_buckets
+
+        return load_buckets(tree, paths, labels, class_names, cfg.image_size, cfg.source, cfg.split)
     captions = captions_.folder_captions(folder, paths)
 
     def build() -> dict[str, torch.Tensor]:

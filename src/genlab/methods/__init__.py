@@ -31,6 +31,8 @@ METHODS = {
     "lora": "genlab.methods.lora:LoRA",
     "controlnet": "genlab.methods.control:ControlNetMethod",
     "t2i-adapter": "genlab.methods.control:T2IAdapterMethod",
+    "sr": "genlab.methods.cascade:SuperResolution",
+    "refiner": "genlab.methods.refiner:Refiner",
 }
 
 

@@ -76,6 +76,9 @@ class ParentRun:
 
     capability: type[Capability]
     attribute: str
+    # The data settings a child run takes from this parent's run when --data is not given (a cascade's
+    # super-resolution stage takes the base's images but not its smaller image_size).
+    data_keys: tuple[str, ...] = ("source", "image_size", "fit", "channels")
 
 
 def checked_parents(method_cls: type["Method"], config: Any, parents: Mapping[str, nn.Module] | None

@@ -4,6 +4,7 @@ guidance (SPEC D1-D9)."""
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping
 
@@ -25,6 +26,7 @@ from genlab.diffusion import (
     training_target,
     vlb_terms,
 )
+from genlab.data.micro import MICRO_CONDITIONS, micro_vector
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method
 from genlab.methods.capabilities import Denoiser, Generates, NoiseAwareClassifier, require
@@ -87,6 +89,10 @@ class DDPMConfig:
     vlb_weight: NonNegativeFloat = 0.001
     # Highest noise level of the Karras solvers (euler, heun, dpmpp-2m); None: min(schedule's, 80).
     sigma_max: PositiveFloat | None = None
+    # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): the denoiser also sees each image's original
+    # size, crop and target size (genlab.data.micro), as recorded by data.random_shift,
+    # data.min_original_size and data.fit=buckets; sampling asks for them (crop (0, 0): whole objects).
+    micro_conditioning: bool = False
 
     def __post_init__(self):
         """Fill the chosen network's section with its defaults; refuse the other network's keys."""
@@ -148,7 +154,8 @@ class DDPM(Method, Generates, Denoiser):
         outputs = 2 if config.learn_sigma else 1  # the prediction, and v when the variance is learned
         # The text encoder (None: no text); tiny trains with the denoiser, minilm is frozen.
         self.text_encoder = text_encoder_for(config.text, data_info.source) if config.text is not None else None
-        network = self._make_network(in_channels=data_info.channels * p * p,
+        self.num_micro = self._num_micro_conditions()
+        network = self._make_network(in_channels=self._input_channels() * p * p,
                                      out_channels=outputs * data_info.channels * p * p,
                                      image_size=data_info.image_size // p)
         setattr(config, config.network, network.config)  # the sizes derived for this data, as saved
@@ -159,12 +166,27 @@ class DDPM(Method, Generates, Denoiser):
         """The denoiser model.network names, for (N, in_channels, image_size, image_size) inputs."""
         c = self.config
         width = None if self.text_encoder is None else self.text_encoder.width  # cross-attention and pooled inputs
-        text = {} if width is None else {"context_dim": width, "pooled_dim": width}
+        extra = {} if width is None else {"context_dim": width, "pooled_dim": width}
+        if self.num_micro:
+            extra["micro_conditions"] = self.num_micro
         if c.network == "dit":
             return DiTNetwork(c.dit, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
-                              num_classes=self.num_classes, **text)
+                              num_classes=self.num_classes, **extra)
         return UNet(c.unet, in_channels=in_channels, out_channels=out_channels, image_size=image_size,
-                    num_classes=self.num_classes, **text)
+                    num_classes=self.num_classes, **extra)
+
+    def _input_channels(self) -> int:
+        """Channels the denoiser reads per pixel: the diffused image's (a super-resolution model adds its low-res input's)."""
+        return self.data_info.channels
+
+    def _num_micro_conditions(self) -> int:
+        """K, the micro-conditions per image the denoiser embeds (0: none)."""
+        return len(MICRO_CONDITIONS) if self.config.micro_conditioning else 0
+
+    def default_micro(self, n: int) -> torch.Tensor:
+        """The micro-conditions of plain data (n, K): the whole image at the data's size, uncropped."""
+        size = self.data_info.image_size
+        return micro_vector(n, (size, size)).to(self.device)
 
     @property
     def network_name(self) -> str:
@@ -178,21 +200,30 @@ class DDPM(Method, Generates, Denoiser):
         return getattr(self, self.network_name)
 
     def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | TextEncoding | None = None,
-                backbone_kwargs: BackboneKwargs | None = None) -> torch.Tensor:
+                backbone_kwargs: BackboneKwargs | None = None, micro: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
         """The model's output at full resolution: (N, C, H, W) -> (N, C, H, W), or (N, 2C, H, W) with
         learn_sigma (the prediction's channels first, then the variance's). ``y``: class labels (N,), or
         a text model's prompt encodings (None: the null class / the empty prompt).
 
-        ``backbone_kwargs(h, t, condition)``, when given, returns extra keyword arguments of the backbone
-        computed from its input h (after the pixel patch) and the condition's keyword arguments (labels,
-        or token states, mask and pooled vector): how a child run (ControlNet, T2I-Adapter) steers this
-        frozen network (``down_residuals``, ``adapter_features`` of the U-Net).
+        ``micro`` (N, K): micro-conditions (None: :meth:`default_micro`); ``condition`` (N, C', H, W): an
+        image joined to x_t as extra input channels (a super-resolution model's up-sampled input).
+        Classifier-free guidance runs [x_t; x_t] in one batch: inputs with fewer rows are repeated.
+        ``backbone_kwargs(h, t, inputs)``, when given, returns extra keyword arguments of the backbone
+        computed from its input h (after the pixel patch) and its other keyword arguments (labels or
+        token states, mask and pooled vector; micro-conditions): how a child run (ControlNet,
+        T2I-Adapter) steers this frozen network (``down_residuals``, ``adapter_features`` of the U-Net).
         """
+        inputs = self._condition(y, len(x_t))
+        if self.num_micro:
+            micro = self.default_micro(len(x_t)) if micro is None else micro
+            inputs["micro"] = _repeat_rows(micro, len(x_t))  # (N, K)
+        if condition is not None:
+            x_t = torch.cat([x_t, _repeat_rows(condition, len(x_t))], dim=1)  # (N, C + C', H, W)
         p = self.config.patch_size
         h = x_t if p == 1 else F.pixel_unshuffle(x_t, p)  # (N, C p^2, H / p, W / p)
-        condition = self._condition(y, len(x_t))
-        extra = {} if backbone_kwargs is None else backbone_kwargs(h, t, condition)
-        output = self.backbone(h, t, **condition, **extra)  # (N, C_out p^2, H / p, W / p)
+        steering = {} if backbone_kwargs is None else backbone_kwargs(h, t, inputs)
+        output = self.backbone(h, t, **inputs, **steering)  # (N, C_out p^2, H / p, W / p)
         # pixel_shuffle maps input channels [k p^2, (k + 1) p^2) to output channel k, so the first
         # C p^2 U-Net channels (the prediction) become the first C output channels.
         return output if p == 1 else F.pixel_shuffle(output, p)  # (N, C or 2C, H, W)
@@ -213,12 +244,12 @@ class DDPM(Method, Generates, Denoiser):
         return encode_prompts(self.text_encoder, prompts)
 
     def _steered_network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-                         backbone_kwargs: BackboneKwargs | None) -> torch.Tensor:
-        """:meth:`network`, called as ``network(x_t, t, y)`` when nothing steers it (what overrides and
-        test doubles of ``network`` expect)."""
-        if backbone_kwargs is None:
-            return self.network(x_t, t, y)
-        return self.network(x_t, t, y, backbone_kwargs=backbone_kwargs)
+                         backbone_kwargs: BackboneKwargs | None = None, **inputs: Any) -> torch.Tensor:
+        """:meth:`network`, called as ``network(x_t, t, y)`` when nothing steers it and there are no extra
+        inputs (what overrides and test doubles of ``network`` expect)."""
+        if backbone_kwargs is not None:
+            inputs["backbone_kwargs"] = backbone_kwargs
+        return self.network(x_t, t, y, **inputs)
 
     def _split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prediction, v) of a network output; v = (raw + 1) / 2 as in improved DDPM's code, None
@@ -238,10 +269,10 @@ class DDPM(Method, Generates, Denoiser):
         """Ho et al. 2020 Alg. 1: t ~ U{0..T-1}, x_t = q_sample(x0, t, eps), regress the target."""
         c = self.config
         x0 = self._diffused(batch["image"])  # (n, C, H, W): images in [-1, 1] (latent models: latents)
-        t = ctx.randint(0, c.num_timesteps)  # (n,)
+        t = ctx.randint(*self._training_timesteps())  # (n,)
         noise = ctx.randn(*x0.shape[1:])  # (n, C, H, W)
         y = self.training_labels(batch, ctx)
-        loss, logs = self.loss(x0, t, noise, y)
+        loss, logs = self.loss(x0, t, noise, y, **self._network_inputs(batch, x0, ctx))
         ctx.optimize(loss)
         return {"loss": loss.detach(), **logs}
 
@@ -257,13 +288,22 @@ class DDPM(Method, Generates, Denoiser):
         y[drop] = self.num_classes
         return y
 
+    def _training_timesteps(self) -> tuple[int, int]:
+        """[low, high) of the training timesteps t ~ U{low..high-1}: all of them (a refiner: the low-noise ones)."""
+        return 0, self.config.num_timesteps
+
+    def _network_inputs(self, batch: dict[str, Any], x0: torch.Tensor, ctx) -> dict[str, torch.Tensor]:
+        """Extra inputs of the network for a training batch: the micro-conditions the data recorded."""
+        return {"micro": batch.get("micro")} if self.num_micro else {}
+
     def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None,
-             backbone_kwargs: BackboneKwargs | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             backbone_kwargs: BackboneKwargs | None = None, **inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training objective at given (x0, t, noise, labels): (loss, extra logs). x0 is what is
-        diffused (latent models: the scaled latents); ``backbone_kwargs`` as in :meth:`network`."""
+        diffused (latent models: the scaled latents); ``backbone_kwargs`` and ``inputs`` (micro, condition)
+        as in :meth:`network`."""
         c = self.config
         x_t = self.schedule.q_sample(x0, t, noise)
-        output, v = self._split(self._steered_network(x_t, t, y, backbone_kwargs))
+        output, v = self._split(self._steered_network(x_t, t, y, backbone_kwargs, **inputs))
         target = training_target(c.prediction, x0, noise, t, self.schedule)
         weight = loss_weight(t, self.schedule, c.prediction, c.min_snr_gamma)
         loss = diffusion_loss(output, target, weight)
@@ -304,15 +344,15 @@ class DDPM(Method, Generates, Denoiser):
         """What the model diffuses, from images in [-1, 1]: the images (latent models: their latents)."""
         return images
 
-    def denoiser(self, y: torch.Tensor | None = None, backbone_kwargs: BackboneKwargs | None = None):
+    def denoiser(self, y: torch.Tensor | None = None, backbone_kwargs: BackboneKwargs | None = None, **inputs: Any):
         """The eps-predicting callable the samplers expect: denoise(x_t, t) -> eps_hat, or
-        (eps_hat, v) with learn_sigma."""
-        return lambda x_t, t: self._denoise(x_t, t, y, backbone_kwargs)
+        (eps_hat, v) with learn_sigma. ``backbone_kwargs``, ``inputs`` (micro, condition): see :meth:`network`."""
+        return lambda x_t, t: self._denoise(x_t, t, y, backbone_kwargs, **inputs)
 
     def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-                 backbone_kwargs: BackboneKwargs | None = None):
+                 backbone_kwargs: BackboneKwargs | None = None, **inputs: Any):
         """eps_hat (or (eps_hat, v)) at (x_t, t) with labels y (None: unconditional/null class)."""
-        output, v = self._split(self._steered_network(x_t, t, y, backbone_kwargs))
+        output, v = self._split(self._steered_network(x_t, t, y, backbone_kwargs, **inputs))
         if self.config.prediction != "eps":
             # Fractional t (Karras solvers) is only meaningful for eps; others need an integer t.
             _, output = model_output_to_x0_eps(output, x_t, t.round().long(), self.schedule, self.config.prediction)
@@ -364,6 +404,11 @@ class DDPM(Method, Generates, Denoiser):
         classifier_scale: float = 1.0,
         rules: list | None = None,
         backbone_kwargs: BackboneKwargs | None = None,
+        micro: torch.Tensor | None = None,
+        crop: tuple[int, int] | None = None,
+        original_size: int | tuple[int, int] | None = None,
+        target_size: int | tuple[int, int] | None = None,
+        condition: torch.Tensor | None = None,
         **unknown: Any,
     ) -> torch.Tensor:
         """Draw ``n`` images with the configured (or given) sampler, optionally guided.
@@ -386,6 +431,10 @@ class DDPM(Method, Generates, Denoiser):
           :mod:`genlab.diffusion.guidance`) or (function, weight) pairs, steering x0_hat by gradient.
         - ``backbone_kwargs``: extra inputs of the network computed per call (see :meth:`network`);
           with guidance the callable sees the doubled batch [x_t; x_t].
+        - micro-conditioned models (model.micro_conditioning): ``crop`` (top, left) (default (0, 0):
+          whole, centred objects), ``original_size`` (default: the target size) and ``target_size``
+          (h, w) or N (default: the data's size; another bucket's shape for multi-aspect models), or
+          ``micro`` (n, 6) directly. ``condition`` (n, C', H, W): a conditioning image (super-resolution).
         """
         if unknown:
             raise ConfigError(f"{self.name} sampling does not take {', '.join(sorted(unknown))}")
@@ -411,8 +460,12 @@ class DDPM(Method, Generates, Denoiser):
         if (guidance_scale is not None and not text or negative_labels is not None or classifier is not None) and labels is None:
             raise ConfigError("guidance needs labels: give the class of each sample (--class K)")
         generator = ImageNoise.of(generator, n)
+        inputs = self._sampling_inputs(n, micro, crop, original_size, target_size, condition)
         if noise is None:
-            noise = generator.randn(*self._noise_shape())  # (n, C, H, W): x_T of each image
+            shape = self._noise_shape()
+            if target_size is not None:  # a multi-aspect model asked for another bucket
+                shape = (shape[0], *_size_pair(target_size))
+            noise = generator.randn(*shape)  # (n, C, H, W): x_T of each image
         x = noise.to(self.device)
         if labels is not None:
             labels = torch.as_tensor(labels).long().to(self.device)
@@ -421,20 +474,20 @@ class DDPM(Method, Generates, Denoiser):
         conditioning = labels if self.num_classes is not None else None
         if text:
             conditioning = self.encode_prompts(self._per_sample(prompts, len(x), "prompts"))
-        denoise = self.denoiser(conditioning, backbone_kwargs)
+        denoise = self.denoiser(conditioning, backbone_kwargs, **inputs)
+        guided = functools.partial(self._denoise, backbone_kwargs=backbone_kwargs, **inputs)  # (x_t, t, y) -> eps
         if text and (guidance_scale is not None or negative_prompts is not None):
             # The unconditional branch is the empty prompt caption dropout trained; a negative prompt replaces it.
             empty = self.encode_prompts([EMPTY_PROMPT] * len(x))
             negative = None if negative_prompts is None else self.encode_prompts(
                 self._per_sample(negative_prompts, len(x), "negative_prompts"))
-            denoise = classifier_free_guidance(
-                lambda x_t, t, y: self._denoise(x_t, t, y, backbone_kwargs), conditioning,
-                1.0 if guidance_scale is None else float(guidance_scale), unconditional=empty, negative_labels=negative)
+            denoise = classifier_free_guidance(guided, conditioning, 1.0 if guidance_scale is None else float(guidance_scale),
+                                               unconditional=empty, negative_labels=negative)
         elif guidance_scale is not None or negative_labels is not None:
             if negative_labels is not None:
                 negative_labels = torch.as_tensor(negative_labels).long().to(self.device)
             denoise = classifier_free_guidance(
-                lambda x_t, t, y: self._denoise(x_t, t, y, backbone_kwargs), labels, 1.0 if guidance_scale is None else float(guidance_scale),
+                guided, labels, 1.0 if guidance_scale is None else float(guidance_scale),
                 null_label=self.num_classes, negative_labels=negative_labels,
             )
         mean_shift = None
@@ -461,6 +514,23 @@ class DDPM(Method, Generates, Denoiser):
         if isinstance(prompts, str) or len(prompts) != n or not all(isinstance(p, str) for p in prompts):
             raise ConfigError(f"{name}: give a list of {n} strings, one per sample (Run.sample also takes one prompt for all)")
         return list(prompts)
+    def _sampling_inputs(self, n: int, micro: torch.Tensor | None, crop, original_size, target_size,
+                         condition: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The network's extra inputs for sampling n images: micro-conditions from the user's words, a condition image."""
+        inputs = {} if condition is None else {"condition": condition.to(self.device)}
+        asked = [name for name, v in (("crop", crop), ("original_size", original_size), ("target_size", target_size))
+                 if v is not None]
+        if asked and not self.config.micro_conditioning:
+            raise ConfigError(f"--{asked[0].replace('_', '-')} needs a micro-conditioned model: train it with "
+                              "model.micro_conditioning=true (and data.random_shift / data.min_original_size / data.fit=buckets)")
+        if micro is None and self.config.micro_conditioning:
+            size = self.data_info.image_size
+            target = _size_pair(target_size if target_size is not None else size)
+            original = None if original_size is None else _size_pair(original_size)
+            micro = micro_vector(n, target, original, tuple(crop) if crop is not None else (0, 0))
+        if micro is not None:
+            inputs["micro"] = torch.as_tensor(micro, dtype=torch.float32).to(self.device)
+        return inputs
 
     def _finish(self, x0: torch.Tensor) -> torch.Tensor:
         """The sampler's x_0 as the method's output: images clamped to [-1, 1] (latent models override)."""
@@ -474,3 +544,13 @@ class DDPM(Method, Generates, Denoiser):
     def _rule_guidance(self, denoise, rules: list):
         """``denoise`` steered by ``rules`` judging the predicted x0 (latent models judge its decoded image)."""
         return rule_guidance(denoise, self.schedule, rules)
+
+
+def _repeat_rows(v: torch.Tensor, n: int) -> torch.Tensor:
+    """``v`` (M, ...) repeated to n rows (n a multiple of M: classifier-free guidance's doubled batch)."""
+    return v if len(v) == n else v.repeat(n // len(v), *([1] * (v.ndim - 1)))
+
+
+def _size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    """A size N or (h, w) as (h, w)."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))

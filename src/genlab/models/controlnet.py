@@ -108,12 +108,13 @@ class ControlNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, control: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, *, context_mask: torch.Tensor | None = None,
-                pooled: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                pooled: torch.Tensor | None = None, micro: torch.Tensor | None = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x (N, C_in, h, w) the U-Net's input, t (N,), control (N, C_c, H, W) -> the residuals for the
         U-Net's skips (its ``skip_shapes``) and its middle output. The base's condition (labels y, or text:
-        context, context_mask, pooled) conditions the copy as it does the U-Net."""
+        context, context_mask, pooled; micro-conditions) conditions the copy as it does the U-Net."""
         e = self.encoder
-        emb = e.embed(x, t, y, pooled)  # (N, E)
+        emb = e.embed(x, t, y, pooled, micro)  # (N, E)
         h = e.conv_in(x) + self.condition(control)  # (N, base, h, w): the condition joins after conv_in
         skips = [h]
         for module in e.down:

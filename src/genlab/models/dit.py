@@ -35,7 +35,7 @@ from torch import nn
 
 from genlab.errors import ConfigError
 from genlab.nn.attention import Attention
-from genlab.nn.embeddings import TimestepEmbedder
+from genlab.nn.embeddings import MicroConditionEmbedder, TimestepEmbedder
 
 CONDITIONINGS = ("in-context", "cross-attention", "adaln", "adaln-zero")
 
@@ -200,7 +200,8 @@ class DiT(nn.Module):
     """
 
     def __init__(self, config: DiTConfig, in_channels: int, out_channels: int, image_size: int,
-                 num_classes: int | None = None, context_dim: int | None = None, pooled_dim: int | None = None):
+                 num_classes: int | None = None, context_dim: int | None = None, pooled_dim: int | None = None,
+                 micro_conditions: int = 0):
         super().__init__()
         if config.patch_size is None:
             config = replace(config, patch_size=derived_patch_size(image_size))
@@ -226,6 +227,8 @@ class DiT(nn.Module):
             self.context_embed = nn.Linear(context_dim, dim)  # text token states -> the width D
         if pooled_dim is not None:
             self.pooled_embed = nn.Sequential(nn.Linear(pooled_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        # SDXL micro-conditions, added to the time token (so every conditioning variant sees them); zero at init.
+        self.micro_embed = MicroConditionEmbedder(micro_conditions, 256, dim) if micro_conditions else None
         text = context_dim is not None
         self.blocks = nn.ModuleList([DiTBlock(dim, c.num_heads, c.mlp_ratio, c.conditioning, text) for _ in range(c.depth)])
         self.final = FinalLayer(dim, c.patch_size ** 2 * out_channels, c.conditioning)
@@ -245,6 +248,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
+        if self.micro_embed is not None:  # zero-initialised output, undone by the xavier pass above
+            nn.init.zeros_(self.micro_embed.mlp[2].weight)
         if self.config.conditioning == "adaln-zero":  # the xavier pass above must not undo the zero init
             for block in self.blocks:
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -275,14 +280,19 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, *, context_mask: torch.Tensor | None = None,
-                pooled: torch.Tensor | None = None) -> torch.Tensor:
+                pooled: torch.Tensor | None = None, micro: torch.Tensor | None = None) -> torch.Tensor:
         """x_t (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W); text: context (N, L, context_dim)
-        token states with context_mask (N, L) bool (True on real tokens), pooled (N, pooled_dim)."""
+        token states with context_mask (N, L) bool (True on real tokens), pooled (N, pooled_dim);
+        micro (N, K) micro-conditions (SDXL)."""
         n = x.shape[0]
         if t.ndim == 0:
             t = t.expand(n)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         cond = self.condition_tokens(t, y, pooled)  # (N, S, D)
+        if self.micro_embed is not None:  # embed(t) + embed(micro), as SDXL adds them to the time embedding
+            cond = torch.cat([cond[:, :1] + self.micro_embed(micro)[:, None], cond[:, 1:]], dim=1)  # (N, S, D)
+        elif micro is not None:
+            raise ConfigError("micro-conditions were given but the DiT has micro_conditions=0: build it with them")
         c = cond.sum(1)  # (N, D): embed(t) + embed(y), DiT's conditioning vector
         kind = self.config.conditioning
         if kind == "in-context":

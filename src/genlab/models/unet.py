@@ -18,7 +18,7 @@ from torch import nn
 from genlab.errors import ConfigError
 from genlab.nn.attention import SpatialAttention
 from genlab.nn.blocks import Downsample, ResBlock, Upsample, group_norm
-from genlab.nn.embeddings import TimestepEmbedder
+from genlab.nn.embeddings import MicroConditionEmbedder, TimestepEmbedder
 from genlab.ranges import PositiveInt, Range
 
 
@@ -119,6 +119,7 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         context_dim: int | None = None,
         pooled_dim: int | None = None,
+        micro_conditions: int = 0,
     ):
         super().__init__()
         config = resolve_unet_config(config, image_size)
@@ -138,6 +139,8 @@ class UNet(nn.Module):
         if pooled_dim is not None:  # only then: checkpoints of runs without text keep their keys
             self.pooled_embed = nn.Sequential(nn.Linear(pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.pooled_dim = pooled_dim
+        # SDXL micro-conditions (N, micro_conditions), added to the time embedding; zero at init.
+        self.micro_embed = MicroConditionEmbedder(micro_conditions, base, emb_dim) if micro_conditions else None
 
         def res_block(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(
@@ -210,6 +213,7 @@ class UNet(nn.Module):
         *,
         context_mask: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
+        micro: torch.Tensor | None = None,
         down_residuals: list[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
         adapter_features: list[torch.Tensor] | None = None,
@@ -217,7 +221,8 @@ class UNet(nn.Module):
         """Predict from x (N, C_in, H, W) at t (N,) (long or float) -> (N, C_out, H, W).
 
         y: (N,) long class labels, or None for the null class; context: (N, S, context_dim) or None,
-        context_mask: (N, S) bool, True on real tokens (None: all); pooled: (N, pooled_dim) or None.
+        context_mask: (N, S) bool, True on real tokens (None: all); pooled: (N, pooled_dim) or None;
+        micro: (N, micro_conditions) float micro-conditions (SDXL), needed iff built with them.
         Control (None: the plain U-Net, bit for bit): ``down_residuals``, one tensor per skip
         activation (shapes :meth:`skip_shapes`), are added to the skips and ``mid_residual`` to the
         middle block's output (ControlNet, Zhang et al. 2023); ``adapter_features``, one per level
@@ -230,7 +235,7 @@ class UNet(nn.Module):
                 f"input of size {height}x{width} is not divisible by {self.downsample_factor} "
                 f"(2 ** (len(channel_mult) - 1)): resize or pad the images, or use fewer levels"
             )
-        emb = self.embed(x, t, y, pooled)  # (N, E)
+        emb = self.embed(x, t, y, pooled, micro)  # (N, E)
         h = self.conv_in(x)  # (N, base, H, W)
         skips = [h]
         features = {}
@@ -256,9 +261,9 @@ class UNet(nn.Module):
         return self.conv_out(h)  # (N, C_out, H, W)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-              pooled: torch.Tensor | None = None) -> torch.Tensor:
+              pooled: torch.Tensor | None = None, micro: torch.Tensor | None = None) -> torch.Tensor:
         """The embedding (N, E) every residual block receives: time, plus class when the U-Net has classes,
-        plus the lifted pooled text vector when it has ``pooled_dim``."""
+        plus the lifted pooled text vector when it has ``pooled_dim``, plus the micro-conditions' embedding."""
         n = x.shape[0]
         if t.ndim == 0:
             t = t.expand(n)
@@ -275,6 +280,10 @@ class UNet(nn.Module):
                 raise ConfigError("a pooled text vector was given but the UNet has pooled_dim=None: "
                                   "build it with pooled_dim=... or pass pooled=None")
             emb = emb + self.pooled_embed(pooled)  # (N, E)
+        if self.micro_embed is not None:
+            emb = emb + self.micro_embed(micro)  # (N, E)
+        elif micro is not None:
+            raise ConfigError("micro-conditions were given but the UNet has micro_conditions=0: build it with them")
         return emb
 
     def skip_shapes(self, x: torch.Tensor) -> list[tuple[int, ...]]:

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from genlab.errors import ConfigError
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of (possibly fractional) timesteps t (N,) -> (N, dim), as in DDPM / ADM.
@@ -42,3 +44,37 @@ class TimestepEmbedder(nn.Module):
         """Embed timesteps t (N,) (long or float) -> (N, embed_dim)."""
         features = timestep_embedding(t, self.frequency_dim, self.max_period)  # (N, frequency_dim)
         return self.mlp(features.to(self.mlp[0].weight.dtype))  # (N, embed_dim)
+
+
+class MicroConditionEmbedder(nn.Module):
+    """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): K scalar conditions (original size,
+    crop coordinates, target size, a cascade's noise-augmentation level...) -> one embedding (N, E)
+    that the denoiser adds to its time embedding.
+
+    Each scalar gets its own sinusoidal (Fourier) features, as a timestep does, and the
+    concatenation goes through Linear -> SiLU -> Linear. The last layer starts at zero, so a network
+    built with micro-conditions computes exactly what the same network without them computes until
+    training moves it (the zero-init habit of ControlNet and adaLN-Zero): adding the conditions to a
+    recipe does not change its starting point.
+    """
+
+    def __init__(self, num_conditions: int, frequency_dim: int, embed_dim: int, max_period: float = 10000.0):
+        super().__init__()
+        self.num_conditions = num_conditions
+        self.frequency_dim = frequency_dim
+        self.max_period = max_period
+        self.mlp = nn.Sequential(
+            nn.Linear(num_conditions * frequency_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+        )
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, micro: torch.Tensor) -> torch.Tensor:
+        """Conditions (N, K) float -> (N, embed_dim)."""
+        if micro is None or micro.ndim != 2 or micro.shape[1] != self.num_conditions:
+            got = "none" if micro is None else f"shape {tuple(micro.shape)}"
+            raise ConfigError(f"this network is micro-conditioned on {self.num_conditions} values per image: pass "
+                              f"micro of shape (N, {self.num_conditions}), got {got}")
+        n, k = micro.shape
+        features = timestep_embedding(micro.reshape(n * k), self.frequency_dim, self.max_period)  # (N K, F)
+        return self.mlp(features.reshape(n, k * self.frequency_dim).to(self.mlp[0].weight.dtype))  # (N, E)

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from genlab.config import RunConfig, read_config_file, save_config, to_dict
 from genlab.data import ImageSet, to_model_range
+from genlab.data.micro import micro_augment
 from genlab.errors import ConfigError, TrainingDiverged
 from genlab.methods.base import Method, OptimizerSpec
 from genlab.methods.capabilities import Generates, has
@@ -301,10 +302,16 @@ class Trainer:
         epoch, position = divmod(micro_index, self.batches_per_epoch)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.cfg.train.seed * _SEED_STRIDE + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.data), generator=g), epoch
+            order = getattr(self.data, "epoch_order", None)  # multi-aspect data: batches of one bucket each
+            self._perm = order(g, self.micro_batch) if order else torch.randperm(len(self.data), generator=g)
+            self._perm_epoch = epoch
         lo = position * self.micro_batch + self.rank * self.local_batch
         idx = self._perm[lo: lo + self.local_batch]
         images = to_model_range(self.data.images[idx])  # (n, C, H, W) float in [-1, 1]
+        bucket_shape = getattr(self.data, "bucket_shape", None)  # multi-aspect data: cut the batch to its bucket
+        if bucket_shape is not None:
+            height, width = bucket_shape(idx)
+            images = images[..., :height, :width]
         conditions = getattr(self.data, "conditions", None)  # paired data: the input image of each pair
         condition = None if conditions is None else to_model_range(conditions[idx])
         if self.cfg.data.hflip:
@@ -312,7 +319,15 @@ class Trainer:
             images[flip] = images[flip].flip(-1)
             if condition is not None:
                 condition[flip] = condition[flip].flip(-1)
+        micro = None
+        d = self.cfg.data
+        if d.random_shift or d.min_original_size or bucket_shape is not None:  # SDXL micro-conditioning
+            draws = torch.rand(self.micro_batch, 3, generator=gen)[self.rank * self.local_batch:][: self.local_batch]
+            original = self.data.original_sizes[idx] if bucket_shape is not None else None
+            images, micro = micro_augment(images, draws, d.random_shift, d.min_original_size, original)
         batch = {"image": images.to(self.device, non_blocking=True)}
+        if micro is not None:
+            batch["micro"] = micro.to(self.device)
         if condition is not None:
             batch["condition"] = condition.to(self.device, non_blocking=True)
         if self.data.labels is not None:
