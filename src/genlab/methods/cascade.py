@@ -115,13 +115,13 @@ class SuperResolution(DDPM):
         condition = augment_condition(condition, level, ctx.randn(*condition.shape[1:]))
         return {"condition": condition, "micro": LEVEL_SCALE * level[:, None]}
 
-    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+    def network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, backbone_kwargs=None,
                 micro: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
         """DDPM's network with the up-sampled low-resolution image (N, C, H, W) as ``condition`` (required)."""
         if condition is None:
             raise ConfigError("sr's denoiser needs the up-sampled low-resolution image: pass condition=(N, C, H, W) "
                               "(sample() makes it from the base run)")
-        return super().network(x_t, t, y, micro=micro, condition=condition)
+        return super().network(x_t, t, y, backbone_kwargs, micro=micro, condition=condition)
 
     def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None,
              **inputs: Any):

@@ -79,11 +79,12 @@ class Refiner(DDPM):
         """Only the low noise levels: t ~ U{0..t_switch-1}."""
         return 0, self.config.t_switch
 
-    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, **inputs: Any):
-        """The base at t >= t_switch, the refiner below: what every sampler and guidance of DDPM.sample sees."""
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, backbone_kwargs=None, **inputs: Any):
+        """The base at t >= t_switch, the refiner below: what every sampler and guidance of DDPM.sample sees
+        (a child run's ``backbone_kwargs`` steer the refiner's network, not the base's)."""
         base_y = y if getattr(self.base, "num_classes", None) is not None else None
         base = functools.partial(self.base._denoise, y=base_y)
-        refiner = functools.partial(super()._denoise, y=y, **inputs)
+        refiner = functools.partial(super()._denoise, y=y, backbone_kwargs=backbone_kwargs, **inputs)
         return handoff_denoiser(base, refiner, self.config.t_switch)(x_t, t)
 
     @torch.no_grad()
