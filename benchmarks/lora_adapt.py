@@ -59,9 +59,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    configs = [(f"rank {r}", f"r{r}", [f"model.rank={r}", f"model.alpha={r}"]) for r in a.ranks.split(",")]
-    if not a.no_full:
-        configs.append(("full fine-tuning", "full", ["model.full_finetune=true"]))
+    configs = [] if a.no_full else [("full fine-tuning", "full", ["model.full_finetune=true"])]  # the baseline first
+    configs += [(f"rank {r}", f"r{r}", [f"model.rank={r}", f"model.alpha={r}"]) for r in a.ranks.split(",")]
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
 

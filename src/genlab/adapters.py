@@ -214,6 +214,7 @@ def write_plain_run(out: str | Path, method: torch.nn.Module, config: dict, data
 def merge_run(lora_run: str | Path, out: str | Path, weight: float = 1.0) -> Path:
     """Write ``out``: the base of ``lora_run`` with W + weight (alpha / r) B A in its weights, a plain run of the
     base's kind (on the lora run's data), keeping the adapter in ``out/lora/default`` for :func:`unmerge_run`."""
+    from genlab.config import to_dict
     from genlab.runs import load_run
 
     run = load_run(lora_run, device="cpu")
@@ -226,7 +227,7 @@ def merge_run(lora_run: str | Path, out: str | Path, weight: float = 1.0) -> Pat
         layer.merge()
     unwrap(base)
     record = method.parent_records["base"]
-    config = {**record["config"], "data": dataclasses.asdict(run.config.data)}  # it now makes the lora run's data
+    config = {**record["config"], "data": to_dict(run.config)["data"]}  # it now makes the lora run's data
     merged = [] if adapter is None else [{"name": "default", "weight": float(weight), "from": str(Path(lora_run).resolve())}]
     state = {"lora_merged": {"adapters": merged, "base_data": record["config"]["data"], "base_data_info": record["data_info"],
                              "base_path": record.get("path")}}
@@ -238,6 +239,7 @@ def merge_run(lora_run: str | Path, out: str | Path, weight: float = 1.0) -> Pat
 
 def unmerge_run(merged_run: str | Path, out: str | Path) -> Path:
     """Write ``out``: the base back from a run :func:`merge_run` wrote (its stored adapters subtracted in float64)."""
+    from genlab.config import to_dict
     from genlab.runs import load_run
     from genlab.train.checkpoint import STATE_FILE, find_checkpoint
 
@@ -254,8 +256,6 @@ def unmerge_run(merged_run: str | Path, out: str | Path) -> Path:
     for layer in lora_layers(run.method).values():
         layer.subtract()
     unwrap(run.method)
-    from genlab.config import to_dict
-
     config = {**to_dict(run.config), "data": info["base_data"]}
     return write_plain_run(out, run.method, config, info["base_data_info"], run.step)
 
