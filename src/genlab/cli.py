@@ -777,6 +777,12 @@ def _cmd_export_evaluator(a) -> int:
 
     card = export_evaluator(a.run, a.name, out_dir=a.out, data_root=a.data_root, weights=a.weights, overwrite=a.force)
     out = Path(a.out) if a.out is not None else user_evaluators_dir()
+    if "test_accuracy" not in card:  # a CLIP judge: retrieval (and zero-shot) scores
+        r = card["scores"]["retrieval"]
+        print(f"CLIP evaluator {card['name']}: text->image R@1 {r['text_to_image_recall@1']:.4f} on {card['test_split']}, "
+              f"sha256 {card['sha256'][:12]}...; use it as a judge by name (genlab zero-shot / retrieve {a.name})")
+        print(out / f"{a.name}.safetensors")
+        return 0
     print(f"evaluator {card['name']}: test accuracy {card['test_accuracy']:.2%} on {card['test_split']} "
           f"({card['test_images']} images), sha256 {card['sha256'][:12]}...")
     print(f"use it with: genlab eval RUN --extractor "

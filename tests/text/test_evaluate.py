@@ -77,3 +77,36 @@ def test_cli_zero_shot_and_data_show_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("\n")
     assert main(["data", "show", f"folder:{tmp_path}", "--out", str(tmp_path / "g.png")]) == 2
     assert "a.txt is empty" in capsys.readouterr().err
+
+
+def test_a_users_clip_evaluator_is_found_by_name_and_checked(tmp_path, monkeypatch):
+    """An evaluator in $GENLAB_CACHE/evaluators (where genlab export-evaluator writes) loads by name, only if untouched."""
+    from safetensors.torch import save_file
+
+    from genlab.config import to_dict
+    from genlab.errors import GenlabError
+    from genlab.fileio import sha256_file
+    from genlab.models.clip import CLIP, CLIPConfig
+    from genlab.text.encoders import TextEncoderConfig, build_text_encoder
+
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path))
+    folder = tmp_path / "evaluators"
+    folder.mkdir()
+    torch.manual_seed(0)
+    text = TextEncoderConfig(kind="tiny", width=16, layers=1, heads=2, vocab_size=100)
+    clip = CLIP(CLIPConfig(text=text, embed_dim=8), build_text_encoder(text, ["a left square", "a right square"])).eval()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "my-clip.safetensors"))
+    card = {"name": "my-clip", "architecture": "genlab.models.clip.CLIP", "config": to_dict(clip.config),
+            "weights": "my-clip.safetensors", "sha256": sha256_file(folder / "my-clip.safetensors")}
+    (folder / "my-clip.json").write_text(json.dumps(card))
+    loaded, label = load_clip("my-clip")
+    images = torch.rand(3, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(loaded(images, ["a left square", "a right"]), clip(images, ["a left square", "a right"]), atol=1e-6)
+    assert label.startswith("my-clip (sha256 ")
+    weights = folder / "my-clip.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(GenlabError, match="does not match the sha256"):
+        load_clip("my-clip")

@@ -1,4 +1,4 @@
-"""User evaluators: a trained ``classifier`` run exported as weights + a JSON card (``genlab export-evaluator``).
+"""User evaluators: a trained ``classifier`` (or ``clip``) run exported as weights + a JSON card (``genlab export-evaluator``).
 
 Exports go to the user's folder (:func:`~genlab.metrics.extractors.user_evaluators_dir`, i.e.
 ``$GENLAB_CACHE/evaluators``), where ``--extractor NAME`` finds them, or to any other folder given
@@ -62,9 +62,14 @@ def export_evaluator(
     out_dir = Path(out_dir).expanduser() if out_dir is not None else user_evaluators_dir()
     _check_destination(name, out_dir, overwrite)
     run = load_run(run_dir, weights=weights, device="cpu")
+    if run.config.method == "clip":  # a CLIP judge for captioned data (genlab.evaluation.text)
+        from genlab.evaluation.text import export_clip_evaluator
+
+        return export_clip_evaluator(run_dir, name, data_root=None if data_root is None else str(data_root),
+                                     training_command=training_command, out_dir=out_dir)
     if run.config.method != "classifier":
         raise ConfigError(f"{run_dir} is a '{run.config.method}' run; an evaluator is exported from a 'classifier' "
-                          f"run (genlab train classifier --data SOURCE)")
+                          f"run (genlab train classifier --data SOURCE) or a 'clip' run")
     data = run.config.data
     # The run's held-out split, as everywhere (mnist5k, training images only, is scored on mnist:test).
     test = heldout_images(run, data_root=None if data_root is None else str(data_root))

@@ -22,6 +22,7 @@ import torch
 from genlab.data import ImageSet
 from genlab.errors import ConfigError, DataError, GenlabError
 from genlab.metrics.clip_score import HESSEL_W, clip_score, duplicate_ceiling, r_precision, recall_at_k
+from genlab.metrics.extractors import user_evaluators_dir
 from genlab.models.clip import CLIP, CLIPConfig
 
 # Data source -> the shipped CLIP evaluator trained on it (or on the same images).
@@ -53,8 +54,6 @@ def _build_from_card(card: dict) -> CLIP:
 
 def load_clip(judge: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CLIP, str]:
     """(CLIP model in eval mode, its name for protocols) from a run folder, an evaluator name or a data source name."""
-    from safetensors.torch import load_file
-
     path = Path(judge)
     if path.is_dir() and (path / "config.yaml").is_file():
         from genlab.runs import load_run
@@ -64,17 +63,28 @@ def load_clip(judge: str | os.PathLike, device: str | torch.device = "cpu") -> t
             raise ConfigError(f"{path} is a '{run.config.method}' run; a CLIP judge must be a 'clip' run or a shipped evaluator")
         return run.method.clip.eval(), f"run:{path}@{run.step}"
     name = EVALUATOR_FOR_SOURCE.get(str(judge), str(judge))
-    card_path = evaluators_dir() / f"{name}.json"
-    if not card_path.is_file():
+    # A shipped evaluator first, then the user's own (genlab export-evaluator CLIP_RUN NAME).
+    card_path = next((d / f"{name}.json" for d in (evaluators_dir(), user_evaluators_dir()) if (d / f"{name}.json").is_file()), None)
+    if card_path is None:
         shipped = sorted(p.stem for p in evaluators_dir().glob("clip-*.json"))
-        raise ConfigError(f"no CLIP judge {str(judge)!r}: give a clip run folder or one of {', '.join(shipped) or '(none shipped)'}")
+        raise ConfigError(f"no CLIP judge {str(judge)!r}: give a clip run folder, a name exported with genlab export-evaluator, "
+                          f"or one of {', '.join(shipped) or '(none shipped)'}")
+    return _load_card(card_path, device)
+
+
+def _load_card(card_path: Path, device: str | torch.device = "cpu") -> tuple[CLIP, str]:
+    """A CLIP evaluator from its card and the weights beside it, after checking their sha256."""
+    from safetensors.torch import load_file
+
     card = json.loads(card_path.read_text())
-    weights = card_path.with_suffix(".safetensors")
+    if card.get("architecture") != "genlab.models.clip.CLIP":
+        raise ConfigError(f"{card_path} is not a CLIP evaluator (architecture {card.get('architecture')!r})")
+    weights = card_path.with_name(card["weights"])
     if _sha256(weights) != card["sha256"]:
-        raise GenlabError(f"{weights} does not match the sha256 in {card_path.name}; reinstall genlab")
+        raise GenlabError(f"{weights} does not match the sha256 in {card_path.name}; reinstall genlab or export it again")
     clip = _build_from_card(card)
     clip.load_state_dict(load_file(str(weights)))
-    return clip.to(device).eval(), f"{name} (sha256 {card['sha256'][:12]})"
+    return clip.to(device).eval(), f"{card['name']} (sha256 {card['sha256'][:12]})"
 
 
 def class_words(class_names: Sequence[str]) -> list[list[str]]:
@@ -214,8 +224,8 @@ def export_clip_evaluator(run_dir: str | os.PathLike, name: str, data_root: str 
         "date": datetime.date.today().isoformat(),
     }
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
-    # What the metrics load must be what was measured: reload through load_clip and re-check retrieval.
-    reloaded, _ = load_clip(name if out_dir == evaluators_dir() else run_dir)
+    # What the metrics load must be what was measured: reload the written files and re-check retrieval.
+    reloaded, _ = _load_card(out_dir / f"{name}.json")
     again = retrieve(reloaded, test, gallery=100)
     if abs(again["text_to_image_recall@1"] - scores["retrieval"]["text_to_image_recall@1"]) > 1e-9:
         raise GenlabError(f"the exported evaluator {name} scores differently from its run; the export is inconsistent")
