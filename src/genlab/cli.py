@@ -142,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--autoencoder", metavar="RUN", help="ldm: the kl-ae or vq-ae run whose latents to diffuse "
                                                         "(sets model.autoencoder; --data defaults to that run's data)")
     t.add_argument("--gan", metavar="RUN", help="gan-encoder: the gan or stylegan run to invert (sets model.gan)")
+    t.add_argument("--base", metavar="RUN", help="lora: the frozen run to adapt (sets model.base); then rank=4 alpha=4 "
+                                                 "targets=attn,conv (attn, conv, linear or module names)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     s = sub.add_parser("sample", help="draw samples from a run into a .png grid or an .npz file",
@@ -165,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                           "per line; --n samples of each, one grid row each")
     s.add_argument("--negative-prompt", help="text-conditioned runs with --guidance-scale: replaces the empty prompt "
                                              "of the unconditional branch (steer away from it)")
+    s.add_argument("--embeddings", metavar="FILE", help="text-conditioned runs: Textual Inversion embeddings "
+                                                        "({token: tensor} safetensors) whose tokens prompts may name")
     _add_sampling_options(s)
 
     e = sub.add_parser("eval", help="score a run, an .npz of images or a data split against real data",
@@ -293,6 +297,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("name", help="evaluator name: letters, digits, - and _ (e.g. my-fashion)")
     x.add_argument("--out", help="folder to write into (default: $GENLAB_CACHE/evaluators)")
     x.add_argument("--force", action="store_true", help="replace an existing evaluator of this name in --out")
+
+    ee = sub.add_parser("export-embeddings", help="write a textual-inversion run's learned token as {token: tensor} "
+                                                  "safetensors (diffusers' load_textual_inversion format)")
+    ee.add_argument("run", help="textual-inversion run folder")
+    ee.add_argument("out", help="file to write (.safetensors); use it with `genlab sample BASE_RUN --embeddings FILE`")
+    ee.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw vectors")
     _add_data_options(x, data_flag="")
     rp = sub.add_parser("report", help="one self-contained HTML page of runs: curves, grids, metrics, warnings",
                         description="Write an HTML report of one run (config and command, loss / LR / grad-norm "
@@ -347,7 +357,8 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(a) -> int:
     from genlab import api
 
-    parents = [f"model.{k}={v}" for k, v in (("codes", a.codes), ("autoencoder", a.autoencoder), ("gan", a.gan))
+    parents = [f"model.{k}={v}" for k, v in (("codes", a.codes), ("autoencoder", a.autoencoder), ("gan", a.gan),
+                                                            ("base", a.base))
                if v is not None]
     run = api.train(a.method, data=a.data, preset=a.preset, overrides=parents + list(a.overrides), run_dir=a.run_dir,
                     resume=a.resume, data_root=a.data_root, progress=not a.no_progress, announce=print,
@@ -377,6 +388,10 @@ def _cmd_sample(a) -> int:
         prompts = read_prompts_file(a.prompts_file)
         n, nrow = a.n * len(prompts), a.n  # --n samples of each prompt, one grid row each
     run = api.load_run(a.run, weights=a.weights, checkpoint=a.checkpoint)
+    if a.embeddings is not None:
+        from genlab.methods.textual_inversion import load_embeddings
+
+        load_embeddings(run.method, a.embeddings)
     options = _sampling_options(a, n)
     for key, value in (("prompt", a.prompt), ("prompts", prompts), ("negative_prompt", a.negative_prompt)):
         if value is not None:
@@ -684,6 +699,16 @@ def _cmd_compare(a) -> int:
     return 0
 
 
+def _cmd_export_embeddings(a) -> int:
+    from genlab import api
+
+    run = api.load_run(a.run, weights=a.weights)
+    if not hasattr(run.method, "save_embeddings"):
+        raise GenlabError(f"{a.run}: a {run.config.method} run; export-embeddings needs a textual-inversion run")
+    print(run.method.save_embeddings(a.out))
+    return 0
+
+
 def _cmd_export_evaluator(a) -> int:
     from genlab.evaluation import export_evaluator
     from genlab.metrics.extractors import user_evaluators_dir
@@ -864,6 +889,7 @@ def main(argv: list[str] | None = None) -> int:
                "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare, "reconstruct": _cmd_reconstruct,
                "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert,
                "export-evaluator": _cmd_export_evaluator, "zero-shot": _cmd_zero_shot,
+               "export-embeddings": _cmd_export_embeddings,
                "retrieve": _cmd_zero_shot, "config": _cmd_config,
                "report": _cmd_report}[a.command]
     try:

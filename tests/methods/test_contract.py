@@ -53,8 +53,9 @@ def _build(name: str, preset: str | None, info: DataInfo | None = None):
         loss.perceptual = 0.0  # no VGG16: its ImageNet weights cannot be downloaded here (no network)
     parents = {}
     for role, spec in cls.parents.items():  # the first family that has the capability, same preset name
-        family = capable_methods(spec.capability)[0]
-        parents[role] = _build(family, preset if preset in list_presets(family) else "small", info)
+        family = capable_methods(spec.capability)[0]  # (or the preset the child names for a parent: a text base)
+        fallback = getattr(cls, "parent_presets", {}).get(role, "small")
+        parents[role] = _build(family, preset if preset in list_presets(family) else fallback, info)
     torch.manual_seed(0)
     return cls(cfg.model, info, parents) if parents else cls(cfg.model, info)
 

@@ -23,6 +23,9 @@ class DataConfig:
     image_size: PositiveInt | None = None  # pixels of the square images trained on; None: the source's native size
     fit: Literal["resize", "pad", "center-crop"] = "resize"  # how images reach image_size
     channels: Literal[1, 3] | None = None  # None: native; 1 <-> 3 converts grey <-> RGB
+    # Keep only the examples of these class indices (before ``limit``): a base that never saw a class,
+    # a few images of one class (Textual Inversion, DreamBooth). None: every class.
+    classes: tuple[int, ...] | None = None
     limit: PositiveInt | None = None  # use only the first N examples (quick runs, tests)
     hflip: bool = False  # random horizontal flips; carried here, applied by the trainer
 
@@ -33,6 +36,8 @@ class DataConfig:
             raise ConfigError(f"data.fit must be one of {', '.join(FITS)}, got {self.fit!r}")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"data.channels must be 1 (grey), 3 (RGB) or None (native), got {self.channels!r}")
+        if self.classes is not None and (not self.classes or any(isinstance(k, bool) or k < 0 for k in self.classes)):
+            raise ConfigError(f"data.classes must be a non-empty list of class indices >= 0 (or None: all), got {list(self.classes)}")
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise ConfigError(f"data.limit must be a positive integer or None (all examples), got {self.limit!r}")
 

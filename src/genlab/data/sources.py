@@ -140,7 +140,10 @@ def load_data(cfg: DataConfig | None = None, **overrides) -> ImageSet:
     if source.splits is not None and cfg.split not in source.splits:
         hint = f"; {source.split_hint}" if source.split_hint else ""
         raise DataError(f"data source {cfg.source!r} has no split {cfg.split!r} (splits: {', '.join(source.splits)}){hint}")
-    data = source.load(cfg, resolve_data_root(cfg.root))
+    # Loaders read only the first ``limit`` examples; with a class filter the limit counts kept examples.
+    data = source.load(cfg if cfg.classes is None else dataclasses.replace(cfg, limit=None), resolve_data_root(cfg.root))
+    if cfg.classes is not None:
+        data = _keep_classes(data, cfg)
     if cfg.limit is not None and cfg.limit < len(data):
         data = data.subset(slice(0, cfg.limit))
         data.images = data.images.clone()  # clone: do not keep the full split alive
@@ -155,6 +158,18 @@ def load_data(cfg: DataConfig | None = None, **overrides) -> ImageSet:
     conditions = None if conditions is None else conditions.contiguous()
     return ImageSet(images.contiguous(), labels, data.class_names, cfg.source, cfg.split, data.origin, conditions=conditions,
                     captions=data.captions, attributes=data.attributes)
+
+
+def _keep_classes(data: ImageSet, cfg: DataConfig) -> ImageSet:
+    """The examples of ``data`` whose label is one of ``cfg.classes`` (their order kept)."""
+    if data.labels is None:
+        raise DataError(f"data.classes={list(cfg.classes)}: {cfg.source} has no class labels to filter by; remove data.classes")
+    bad = [k for k in cfg.classes if k >= data.num_classes]
+    if bad:
+        raise DataError(f"data.classes={list(cfg.classes)}: {cfg.source} has classes 0 to {data.num_classes - 1}, not {bad[0]}")
+    kept = data.subset(torch.isin(data.labels, torch.tensor(list(cfg.classes))))
+    kept.images = kept.images.clone()  # do not keep the full split alive
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------

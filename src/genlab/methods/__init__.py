@@ -28,6 +28,7 @@ METHODS = {
     "dit": "genlab.methods.dit:DiT",
     "ldm": "genlab.methods.ldm:LDM",
     "clip": "genlab.methods.clip:CLIPMethod",
+    "textual-inversion": "genlab.methods.textual_inversion:TextualInversion",
 }
 
 
