@@ -29,6 +29,7 @@ METHODS = {
     "ldm": "genlab.methods.ldm:LDM",
     "clip": "genlab.methods.clip:CLIPMethod",
     "textual-inversion": "genlab.methods.textual_inversion:TextualInversion",
+    "dreambooth": "genlab.methods.dreambooth:DreamBooth",
 }
 
 

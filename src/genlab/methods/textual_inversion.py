@@ -58,6 +58,18 @@ def check_concept_images(data_info: DataInfo, method: str) -> None:
                           "least 3 (e.g. --data folder:PATH, or data.classes=[7] data.limit=10)")
 
 
+def personalisation_base(method: Method, data_info: DataInfo) -> TextEncoder:
+    """The text encoder of ``method.base`` after the checks Textual Inversion and DreamBooth share: a text
+    base, a few images, of the base's size."""
+    encoder = text_base(method.base, method.name, method.config.base)
+    check_concept_images(data_info, method.name)
+    seen = method.base.data_info
+    if (seen.channels, seen.image_size) != (data_info.channels, data_info.image_size):
+        raise ConfigError(f"the base run makes {seen.channels}x{seen.image_size}px images, the {method.name} images are "
+                          f"{data_info.channels}x{data_info.image_size}px: use data.image_size={seen.image_size}")
+    return encoder
+
+
 def text_base(base: nn.Module, method: str, where: Any) -> TextEncoder:
     """The text encoder of a base run a personalisation method builds on; one-line errors otherwise."""
     from genlab.methods.ddpm import DDPM
@@ -207,34 +219,45 @@ class TextualInversionConfig:
     templates: tuple[str, ...] = TEMPLATES  # training prompts; "{}" is replaced by the placeholder
 
 
-class TextualInversion(Method, Generates):
-    """Learned embeddings of a new word for a frozen text-conditioned diffusion run."""
+class Personalisation(Method, Generates):
+    """What Textual Inversion and DreamBooth share: a text-conditioned base run (role ``base``), a few images
+    of a concept, prompts as the condition, and the base's sampling."""
 
-    name = "textual-inversion"
-    Config = TextualInversionConfig
     parents = {"base": ParentRun(Denoiser, attribute="base")}
     default_source = "mnist-captions"
     parent_presets = {"base": "text_small"}  # the contract test's parent: a text-conditioned ddpm
 
+    def __init__(self, config: Any, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
+        super().__init__(config, data_info, parents)
+        personalisation_base(self, data_info)
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The base's text encoder: prompts are this run's condition."""
+        return self.base.text_encoder
+
+    @torch.no_grad()
+    def sample(self, n: int, **options: Any) -> torch.Tensor:
+        """The base's sampling (every sampler, prompt and guidance option), with what this run learned."""
+        self.base.text_encoder._cache.clear()  # prompts cached before the last update are stale
+        return self.base.sample(n, **options)
+
+
+class TextualInversion(Personalisation):
+    """Learned embeddings of a new word for a frozen text-conditioned diffusion run."""
+
+    name = "textual-inversion"
+    Config = TextualInversionConfig
+
     def __init__(self, config: TextualInversionConfig, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
         super().__init__(config, data_info, parents)
-        encoder = text_base(self.base, self.name, config.base)
-        check_concept_images(data_info, self.name)
-        seen = self.base.data_info
-        if (seen.channels, seen.image_size) != (data_info.channels, data_info.image_size):
-            raise ConfigError(f"the base run makes {seen.channels}x{seen.image_size}px images, the concept images are "
-                              f"{data_info.channels}x{data_info.image_size}px: use data.image_size={seen.image_size}")
+        encoder = self.text_encoder
         if not config.templates or any("{}" not in t for t in config.templates):
             raise ConfigError(f"model.templates={list(config.templates)}: every template needs '{{}}' where the placeholder goes")
         self.embedding = PlaceholderEmbedding(config.placeholder, self._initial_vectors(encoder))
         self.embedding.attach(encoder)
         # Loading a checkpoint restores the base tokenizer from its buffer: put the placeholder back.
         self.register_load_state_dict_post_hook(lambda module, keys: module.embedding.attach(module.base.text_encoder))
-
-    @property
-    def text_encoder(self) -> TextEncoder:
-        """The base's (frozen) text encoder, with the placeholder added: prompts are this run's condition."""
-        return self.base.text_encoder
 
     def _initial_vectors(self, encoder: TextEncoder) -> torch.Tensor:
         """v* at step 0: the embedding of ``init_word`` (or the table's mean row), k times, plus ``init_noise``."""
@@ -273,12 +296,6 @@ class TextualInversion(Method, Generates):
         loss, logs = base.loss(x0, t, noise, condition)
         ctx.optimize(loss)
         return {"loss": loss.detach(), **logs}
-
-    @torch.no_grad()
-    def sample(self, n: int, **options: Any) -> torch.Tensor:
-        """The base's sampling; prompts may name the placeholder ("a photo of S*")."""
-        self.base.text_encoder._cache.clear()  # v* may have changed since a prompt was cached
-        return self.base.sample(n, **options)
 
     def save_embeddings(self, path: str | Path) -> Path:
         """The learned placeholder as ``{token: tensor[num_vectors, dim]}`` safetensors."""
