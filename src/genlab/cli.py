@@ -159,7 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--base", metavar="RUN", help="the frozen parent run of a child method: lora: the run to adapt (then "
                                                  "rank=4 alpha=4 targets=attn,conv); controlnet, t2i-adapter: the ddpm or "
                                                  "ldm run to steer; sr, refiner: the base the cascade stage or refiner "
-                                                 "builds on (sets model.base)")
+                                                 "builds on; textual-inversion, dreambooth: the text-conditioned run to "
+                                                 "personalise (sets model.base)")
     t.add_argument("--control", choices=("edges", "mask", "scribble", "thickness"),
                    help="controlnet, t2i-adapter: the control map computed from each image (sets model.control)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -193,6 +194,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                           "per line; --n samples of each, one grid row each")
     s.add_argument("--negative-prompt", help="text-conditioned runs with --guidance-scale: replaces the empty prompt "
                                              "of the unconditional branch (steer away from it)")
+    s.add_argument("--embeddings", metavar="FILE", help="text-conditioned runs: Textual Inversion embeddings "
+                                                        "({token: tensor} safetensors) whose tokens prompts may name")
     _add_sampling_options(s)
 
     e = sub.add_parser("eval", help="score a run, an .npz of images or a data split against real data",
@@ -322,6 +325,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("name", help="evaluator name: letters, digits, - and _ (e.g. my-fashion)")
     x.add_argument("--out", help="folder to write into (default: $GENLAB_CACHE/evaluators)")
     x.add_argument("--force", action="store_true", help="replace an existing evaluator of this name in --out")
+
+    ee = sub.add_parser("export-embeddings", help="write a textual-inversion run's learned token as {token: tensor} "
+                                                  "safetensors (diffusers' load_textual_inversion format)")
+    ee.add_argument("run", help="textual-inversion run folder")
+    ee.add_argument("out", help="file to write (.safetensors); use it with `genlab sample BASE_RUN --embeddings FILE`")
+    ee.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw vectors")
     _add_data_options(x, data_flag="")
     ex = sub.add_parser("export", help="write a run in another library's format (diffusers), with a model card",
                         description="Export RUN into the folder OUT. --format diffusers: a pixel DDPM (U-Net) run becomes "
@@ -456,6 +465,10 @@ def _cmd_sample(a) -> int:
         from genlab.adapters import attach_adapters
 
         attach_adapters(run, a.lora)
+    if a.embeddings is not None:
+        from genlab.methods.textual_inversion import load_embeddings
+
+        load_embeddings(run.method, a.embeddings)
     options = _sampling_options(a, n)
     for key, value in (("prompt", a.prompt), ("prompts", prompts), ("negative_prompt", a.negative_prompt)):
         if value is not None:
@@ -771,6 +784,16 @@ def _cmd_compare(a) -> int:
     return 0
 
 
+def _cmd_export_embeddings(a) -> int:
+    from genlab import api
+
+    run = api.load_run(a.run, weights=a.weights)
+    if not hasattr(run.method, "save_embeddings"):
+        raise GenlabError(f"{a.run}: a {run.config.method} run; export-embeddings needs a textual-inversion run")
+    print(run.method.save_embeddings(a.out))
+    return 0
+
+
 def _cmd_export_evaluator(a) -> int:
     from genlab.evaluation import export_evaluator
     from genlab.metrics.extractors import user_evaluators_dir
@@ -991,6 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
                "demo": _cmd_demo, "eval": _cmd_eval, "compare": _cmd_compare, "reconstruct": _cmd_reconstruct,
                "interpolate": _cmd_interpolate, "translate": _cmd_translate, "invert": _cmd_invert,
                "export-evaluator": _cmd_export_evaluator, "zero-shot": _cmd_zero_shot,
+               "export-embeddings": _cmd_export_embeddings,
                "retrieve": _cmd_zero_shot, "config": _cmd_config,
                "report": _cmd_report, "export": _cmd_export, "import": _cmd_import,
                "lora": _cmd_lora}[a.command]

@@ -46,7 +46,7 @@ def data_info_for(cfg: RunConfig, images) -> DataInfo:
     num_classes = images.num_classes if images.labels is not None else None
     conditions = getattr(images, "conditions", None)
     return DataInfo(channels=images.channels, image_size=size, num_classes=num_classes or None, source=cfg.data.source,
-                    condition_channels=None if conditions is None else int(conditions.shape[1]))
+                    condition_channels=None if conditions is None else int(conditions.shape[1]), num_images=len(images))
 
 
 @dataclass

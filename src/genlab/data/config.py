@@ -25,6 +25,9 @@ class DataConfig:
     # how images reach image_size; buckets: folder images of mixed aspect ratios keep theirs (genlab.data.buckets)
     fit: Literal["resize", "pad", "center-crop", "buckets"] = "resize"
     channels: Literal[1, 3] | None = None  # None: native; 1 <-> 3 converts grey <-> RGB
+    # Keep only the examples of these class indices (before ``limit``): a base that never saw a class,
+    # a few images of one class (Textual Inversion, DreamBooth). None: every class.
+    classes: tuple[int, ...] | None = None
     limit: PositiveInt | None = None  # use only the first N examples (quick runs, tests)
     hflip: bool = False  # random horizontal flips; carried here, applied by the trainer
     # SDXL micro-conditioning augmentations (genlab.data.micro), applied by the trainer, which records
@@ -42,6 +45,8 @@ class DataConfig:
             raise ConfigError(f"data.channels must be 1 (grey), 3 (RGB) or None (native), got {self.channels!r}")
         if isinstance(self.random_shift, bool) or not isinstance(self.random_shift, int) or self.random_shift < 0:
             raise ConfigError(f"data.random_shift must be a number of pixels >= 0 (0: no random crops), got {self.random_shift!r}")
+        if self.classes is not None and (not self.classes or any(isinstance(k, bool) or k < 0 for k in self.classes)):
+            raise ConfigError(f"data.classes must be a non-empty list of class indices >= 0 (or None: all), got {list(self.classes)}")
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise ConfigError(f"data.limit must be a positive integer or None (all examples), got {self.limit!r}")
 

@@ -143,9 +143,12 @@ def load_data(cfg: DataConfig | None = None, **overrides) -> ImageSet:
     if cfg.fit == "buckets" and not cfg.source.startswith("folder:"):
         raise ConfigError(f"data.fit=buckets (multi-aspect training) needs images of mixed aspect ratios from folder:PATH, "
                           f"not {cfg.source!r}: use data.fit=resize, or a folder source")
-    data = source.load(cfg, resolve_data_root(cfg.root))
+    # Loaders read only the first ``limit`` examples; with a class filter the limit counts kept examples.
+    data = source.load(cfg if cfg.classes is None else dataclasses.replace(cfg, limit=None), resolve_data_root(cfg.root))
     if cfg.fit == "buckets":  # fitted to their aspect buckets by the folder reader (genlab.data.buckets)
         return data
+    if cfg.classes is not None:
+        data = _keep_classes(data, cfg)
     if cfg.limit is not None and cfg.limit < len(data):
         data = data.subset(slice(0, cfg.limit))
         data.images = data.images.clone()  # clone: do not keep the full split alive
@@ -160,6 +163,18 @@ def load_data(cfg: DataConfig | None = None, **overrides) -> ImageSet:
     conditions = None if conditions is None else conditions.contiguous()
     return ImageSet(images.contiguous(), labels, data.class_names, cfg.source, cfg.split, data.origin, conditions=conditions,
                     captions=data.captions, attributes=data.attributes)
+
+
+def _keep_classes(data: ImageSet, cfg: DataConfig) -> ImageSet:
+    """The examples of ``data`` whose label is one of ``cfg.classes`` (their order kept)."""
+    if data.labels is None:
+        raise DataError(f"data.classes={list(cfg.classes)}: {cfg.source} has no class labels to filter by; remove data.classes")
+    bad = [k for k in cfg.classes if k >= data.num_classes]
+    if bad:
+        raise DataError(f"data.classes={list(cfg.classes)}: {cfg.source} has classes 0 to {data.num_classes - 1}, not {bad[0]}")
+    kept = data.subset(torch.isin(data.labels, torch.tensor(list(cfg.classes))))
+    kept.images = kept.images.clone()  # do not keep the full split alive
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ METHODS = {
     "t2i-adapter": "genlab.methods.control:T2IAdapterMethod",
     "sr": "genlab.methods.cascade:SuperResolution",
     "refiner": "genlab.methods.refiner:Refiner",
+    "textual-inversion": "genlab.methods.textual_inversion:TextualInversion",
+    "dreambooth": "genlab.methods.dreambooth:DreamBooth",
 }
 
 

@@ -27,6 +27,7 @@ class DataInfo:
     num_classes: int | None = None
     source: str | None = None  # the data source's name (e.g. "fashion-mnist"): picks evaluator networks
     condition_channels: int | None = None  # channels of the input images of paired data (pix2pix)
+    num_images: int | None = None  # examples in the training data (personalisation methods need a few; None: unknown)
 
 
 @dataclass
