@@ -42,6 +42,27 @@ def training_seconds(run_dir: Path) -> float:
     return float(json.loads((latest_checkpoint(run_dir) / STATE_FILE).read_text())["elapsed_seconds"])
 
 
+def print_shares(base_run: str, ranks: list[int], targets: list[str]) -> None:
+    """The share of the base networks' parameters an adapter trains, per targets and rank (no training)."""
+    import copy
+
+    from genlab.nn.lora import adapter_parameters, inject_adapter, select_targets
+
+    base = load_run(base_run, device="cpu").method
+    total = sum(p.numel() for network in base.ema_targets().values() for p in network.parameters())
+    print(f"| targets | layers | {' | '.join(f'rank {r}' for r in ranks)} |")
+    print(f"|---|---|{'---|' * len(ranks)}")
+    for t in targets:
+        cells, layers = [], 0
+        for r in ranks:
+            model = copy.deepcopy(base)
+            paths = select_targets(model, t, within=model.ema_targets())
+            inject_adapter(model, paths, "share", r, r)
+            n, layers = sum(p.numel() for p in adapter_parameters(model)), len(paths)
+            cells.append(f"{n:,} ({100 * n / total:.2f} %)")
+        print(f"| {t} | {layers} | {' | '.join(cells)} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="the trained run to adapt")
@@ -54,13 +75,21 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--data-root")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every run (repeatable), e.g. --set train.lr=5e-3")
+    p.add_argument("--shares", action="store_true", help="only print the trainable share per targets and rank")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.shares:
+        print_shares(a.base, [int(r) for r in a.ranks.split(",")], ["attn", "linear", "conv", "attn,conv"])
+        return
+    if a.out_dir is None:
+        p.error("--out-dir is required (except with --shares)")
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = [] if a.no_full else [("full fine-tuning", "full", ["model.full_finetune=true"])]  # the baseline first
-    configs += [(f"rank {r}", f"r{r}", [f"model.rank={r}", f"model.alpha={r}"]) for r in a.ranks.split(",")]
+    configs += [(f"rank {r}", f"r{r}", [f"model.rank={r}", f"model.alpha={r}"]) for r in a.ranks.split(",") if r]
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
 
@@ -78,7 +107,7 @@ def main() -> None:
         run_dir = out / name
         api.train("lora", data=a.data, preset="small", run_dir=run_dir, data_root=a.data_root, progress=False,
                   overrides=[f"model.base={a.base}", f"train.steps={a.steps}", f"train.threads={a.threads}",
-                             f"model.targets={a.targets}", "train.sample_n=16", *overrides])
+                             f"model.targets={a.targets}", "train.sample_n=16", *a.set, *overrides])
         minutes = training_seconds(run_dir) / 60
         trained, total = trainable_share(run_dir)
         results[name] = {"label": label, "trained": trained, "base_params": total, "train_min": minutes,

@@ -186,3 +186,37 @@ def test_refusals_name_the_problem(runs):
                   progress=False)
     with pytest.raises(ConfigError, match="not a lora run"):
         run_adapter(load_run(runs / "base", device="cpu"))
+
+
+@pytest.mark.parametrize("family", ["ldm", "vae"])
+def test_other_families_train_only_their_adapters_through_their_own_step(family):
+    """An ldm (denoiser adapted, its autoencoder untouched) and a vae: the base's loss, gradients in A and B only."""
+    from genlab.config import build_config
+    from genlab.methods import DataInfo, get_method
+    from step_context import RecordingContext
+    from tiny_configs import TINY_AE, TINY_KL_AE, TINY_LDM
+
+    info = DataInfo(channels=1, image_size=8, num_classes=10)
+    torch.manual_seed(0)
+    if family == "ldm":
+        ae = get_method("kl-ae")(build_config("kl-ae", get_method("kl-ae").Config, overrides=TINY_KL_AE).model, info)
+        cfg = build_config("ldm", get_method("ldm").Config, overrides=TINY_LDM + ["autoencoder=/a/run"]).model
+        base = get_method("ldm")(cfg, info, parents={"autoencoder": ae})
+    else:
+        base = get_method("vae")(build_config("vae", get_method("vae").Config, overrides=TINY_AE).model, info)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    lora_cfg = build_config("lora", LoRA.Config, overrides=["model.base=/a/run", "rank=2", "targets=conv"]).model
+    method = LoRA(lora_cfg, info, parents={"base": base})
+    if family == "ldm":
+        assert all(p.startswith("unet.") for p in method.target_paths)  # never the frozen autoencoder
+    ctx = RecordingContext(4)
+    method.training_step({"image": torch.rand(4, 1, 8, 8) * 2 - 1, "label": torch.arange(4)}, ctx)
+    (loss,) = ctx.losses
+    loss.backward()
+    trainable = {id(p) for p in method.optimizer_groups()["main"]}
+    with_grad = [n for n, p in method.named_parameters() if p.grad is not None]
+    assert with_grad and all(id(p) in trainable for n, p in method.named_parameters() if p.grad is not None)
+    assert all(".lora_A." in n or ".lora_B." in n for n in with_grad)
+    now = {k.replace(".base_layer", ""): v for k, v in method.base.state_dict().items() if ".lora_" not in k}
+    assert all(torch.equal(now[k], v) for k, v in before.items())
+    assert method.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)

@@ -47,8 +47,9 @@ class LoRALayer(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.adapter_weight: dict[str, float] = {}  # w_a: the user's mixing weight of each adapter
-        self.merged: dict[str, float] = {}  # adapter -> the factor w_a (alpha / r) it was merged with
-        self._original_weight: torch.Tensor | None = None  # the base weight before merge (exact)
+        self.merged: dict[str, float] = {}  # adapter -> the weight w_a it was merged with
+        # The base weight before merge, exact (a buffer: it follows .to(device); not saved).
+        self.register_buffer("_original_weight", None, persistent=False)
 
     @property
     def is_conv(self) -> bool:
