@@ -310,7 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ref", help="use the entries scored against this SOURCE:SPLIT (default: each run's newest)")
     c.add_argument("--out", default="compare.png", help="bar chart file (default compare.png)")
 
-    x = sub.add_parser("export-evaluator", help="turn a trained classifier run into an evaluator for --extractor",
+    x = sub.add_parser("export-evaluator", help="turn a trained classifier run into an evaluator for --extractor (or a clip run into a CLIP judge)",
                        description="Export a `classifier` run as an evaluator: NAME.safetensors and a NAME.json card\n"
                                    "(architecture, training command, test accuracy on the data's official test split,\n"
                                    "sha256) in --out, by default your evaluators folder ($GENLAB_CACHE/evaluators,\n"
@@ -321,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
                               "  genlab export-evaluator runs/clf my-fashion\n"
                               "  genlab eval runs/ddpm --ref fashion-mnist:test --extractor my-fashion",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    x.add_argument("run", help="classifier run folder")
+    x.add_argument("run", help="classifier run folder (or clip run folder: a CLIP judge for zero-shot / retrieve / CLIP score)")
     x.add_argument("name", help="evaluator name: letters, digits, - and _ (e.g. my-fashion)")
     x.add_argument("--out", help="folder to write into (default: $GENLAB_CACHE/evaluators)")
     x.add_argument("--force", action="store_true", help="replace an existing evaluator of this name in --out")
