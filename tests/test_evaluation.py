@@ -312,6 +312,12 @@ def test_class_all_asks_each_class_equally_and_scores_the_evaluator_verdict(cach
     _, logits = tiny.features_and_logits(to_model_range(images_u8))
     expected = float((logits.argmax(1) == labels).double().mean())
     assert result["metrics"]["class_accuracy"] == pytest.approx(expected, abs=1e-12)
+    # With the time estimate (what `genlab eval` prints) the timing batch takes the first images' classes
+    # and the scored samples stay the same.
+    logged = evaluation.evaluate(run_dir, ref="digits:test", metrics="fid", n=30, steps=2, seed=3, extractor=tiny,
+                                 device="cpu", batch_size=8, write=False, log=lambda message: None,
+                                 sample_options={"labels": "all", "guidance_scale": 2.0})
+    assert logged["metrics"] == result["metrics"]
     # Asking for a class of a dataset without labels is a one-line error.
     with pytest.raises(ConfigError, match="no class labels"):
         evaluation.evaluate(tiny_unlabelled_run(tmp_path), ref="digits:test", metrics="fid", n=4, steps=1,

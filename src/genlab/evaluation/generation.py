@@ -162,8 +162,12 @@ def sample_run(run, n: int, seed: int, batch_size: int, options: dict, progress:
         return run.sample(n, seed=seed, batch_size=batch_size, **options)
     steps_seen = []
     diffusion = has(run.method, Denoiser)
-    probe_options = {**options, "callback": lambda *args: steps_seen.append(1)} if diffusion else options
     probe = min(n, batch_size, PROBE_IMAGES)
+    # Per-image options (the class of each sample) follow the probe's first images.
+    probe_options = {k: v[:probe] if k in ("labels", "negative_labels") and isinstance(v, torch.Tensor) else v
+                     for k, v in options.items()}
+    if diffusion:
+        probe_options["callback"] = lambda *args: steps_seen.append(1)
     start = time.perf_counter()
     run.sample(probe, seed=seed + 1, batch_size=probe, **probe_options)
     seconds = time.perf_counter() - start
