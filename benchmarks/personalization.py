@@ -1,0 +1,188 @@
+"""Personalisation numbers (issue 16 items 4-5): Textual Inversion and DreamBooth on a digit the base never saw.
+
+Protocol: a text DDPM base trained on mnist-captions WITHOUT one class (``data.classes``), then a child
+trained on the first --images training images of that class. The shipped MNIST evaluator judges samples:
+
+- ``base``: what the base does before: the share of "a photo of a seven" / "a sks digit" samples the
+  evaluator calls the concept, and the class accuracy of "the digit K" for every other class K;
+- ``ti``: textual-inversion (``--ti-steps``) -> the concept share of "a photo of S*" samples (target >= 80 %);
+- ``ti-loss``: the base's diffusion loss on held-out concept images (mnist:test) under "a photo of S*" and
+  under prompts of known words (same t and noise for every prompt): what the learned word explains;
+- ``db-prior`` / ``db-plain``: dreambooth with / without the prior-preservation loss (``--db-steps``) ->
+  subject fidelity (concept share of "a sks digit" samples) and language drift (class accuracy of
+  "the digit K", K != concept, after vs before).
+
+Each part trains its child if its folder is missing (so the parts can run in parallel), samples, scores,
+and writes OUT/<part>.json; ``--part table`` prints the Markdown table of the parts measured.
+
+    python benchmarks/personalization.py --base BASE_RUN --out-dir OUT --part ti      # also base, db-prior, db-plain
+    python benchmarks/personalization.py --base BASE_RUN --out-dir OUT --part table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from genlab import api
+from genlab.evaluation.generation import classifier_accuracy
+from genlab.imageio import save_grid
+from genlab.metrics.extractors import get_extractor
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PARTS = ("base", "ti", "ti-loss", "db-prior", "db-plain")
+
+
+def to_u8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 (N, C, H, W), as `genlab sample --out x.npz` writes them."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def share(extractor, images: torch.Tensor, label: int) -> float:
+    """The evaluator's share of images it assigns to class ``label``."""
+    return classifier_accuracy(extractor, to_u8(images), torch.full((len(images),), label))
+
+
+def sample(run, prompt: str, n: int, a) -> torch.Tensor:
+    return run.sample(n, seed=a.seed, prompt=prompt, guidance_scale=a.guidance_scale, steps=a.sample_steps,
+                      batch_size=100)
+
+
+def drift(run, extractor, a, out: Path, name: str) -> dict[str, float]:
+    """Class accuracy of "the digit K" for every class K but the concept, and one grid row per K."""
+    others = [k for k in range(10) if k != a.concept]
+    images = {k: sample(run, f"the digit {k}", a.n_drift, a) for k in others}
+    save_grid(torch.cat([images[k][:10] for k in others]), out / f"{name}_digits.png", nrow=10, scale=2)
+    per_class = {k: share(extractor, images[k], k) for k in others}
+    return {"drift_accuracy": sum(per_class.values()) / len(others), "drift_per_class": per_class}
+
+
+@torch.no_grad()
+def heldout_loss(method, images: torch.Tensor, prompt: str, seed: int = 0) -> float:
+    """The base's diffusion loss on held-out images with one prompt, t and noise drawn from ``seed`` (the same
+    draws for every prompt): how well the prompt explains the images to the denoiser."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, method.config.num_timesteps, (len(images),), generator=g)
+    noise = torch.randn(images.shape, generator=g)
+    total = 0.0
+    for i in range(0, len(images), 100):
+        x0, n = images[i: i + 100], len(images[i: i + 100])
+        loss, _ = method.loss(x0, t[i: i + n], noise[i: i + n], method.encode_prompts([prompt] * n))
+        total += float(loss) * n
+    return total / len(images)
+
+
+def train_child(method: str, run_dir: Path, a, overrides: list[str]) -> float:
+    """Train a child of the base on the concept images (unless run_dir exists); its training seconds (trainer clock)."""
+    if not (run_dir / "config.yaml").is_file():
+        api.train(method, data="mnist-captions", run_dir=run_dir, progress=False, overrides=[
+            f"model.base={a.base}", f"data.classes=[{a.concept}]", f"data.limit={a.images}",
+            f"train.batch_size={a.images}", "train.threads=1", "train.sample_n=16", *overrides])
+    ends = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if '"kind": "end"' in line]
+    return float(ends[-1]["values"]["elapsed_s"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="text ddpm run trained without the concept class")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--part", required=True, choices=(*PARTS, "table"))
+    p.add_argument("--concept", type=int, default=7, help="the class the base never saw")
+    p.add_argument("--images", type=int, default=10, help="concept images (the first of the class in mnist train)")
+    p.add_argument("--ti-steps", type=int, default=400)
+    p.add_argument("--ti-lr", type=float, default=5e-3)
+    p.add_argument("--ti-vectors", type=int, default=4)
+    p.add_argument("--db-steps", type=int, default=200)
+    p.add_argument("--db-lr", type=float, default=2e-4)
+    p.add_argument("--class-images", type=int, default=100)
+    p.add_argument("--n", type=int, default=100, help="samples per concept prompt")
+    p.add_argument("--n-drift", type=int, default=30, help="samples per 'the digit K' prompt")
+    p.add_argument("--n-heldout", type=int, default=500, help="held-out concept images (mnist:test) for ti-loss")
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.part == "table":
+        return print_table(out, a)
+    extractor = get_extractor("mnist")
+    start = time.perf_counter()
+    result: dict = {"part": a.part, "concept": a.concept, "images": a.images, "n": a.n, "n_drift": a.n_drift,
+                    "guidance_scale": a.guidance_scale, "sample_steps": a.sample_steps, "seed": a.seed}
+    concept_word = WORDS[a.concept]
+    if a.part == "base":
+        run = api.load_run(a.base)
+        for prompt in (f"a photo of a {concept_word}", f"the digit {a.concept}", "a sks digit"):
+            images = sample(run, prompt, a.n, a)
+            result[f"share[{prompt}]"] = share(extractor, images, a.concept)
+        result.update(drift(run, extractor, a, out, "base"))
+    elif a.part == "ti":
+        run_dir = out / "ti"
+        result["train_seconds"] = train_child("textual-inversion", run_dir, a, [
+            f"train.steps={a.ti_steps}", f"train.lr={a.ti_lr}", "train.lr_schedule=constant", "train.warmup_steps=0",
+            "train.ema_decay=0.99", f"model.num_vectors={a.ti_vectors}", "model.init_word=digit"])
+        run = api.load_run(run_dir)
+        images = sample(run, "a photo of S*", a.n, a)
+        save_grid(images[:50], out / "ti_samples.png", nrow=10, scale=2)
+        result["share[a photo of S*]"] = share(extractor, images, a.concept)
+        run.method.save_embeddings(out / "s_star.safetensors")
+    elif a.part == "ti-loss":
+        from genlab.data import load_data
+
+        held = load_data(source="mnist", split="test", classes=(a.concept,), limit=a.n_heldout)
+        run = api.load_run(out / "ti")
+        run.method.base.text_encoder._cache.clear()
+        prompts = ["a photo of S*", f"a photo of a {concept_word}", f"the digit {a.concept}", "a photo of a digit", ""]
+        result["heldout_n"] = len(held)
+        for prompt in prompts:
+            result[f"heldout_loss[{prompt}]"] = heldout_loss(run.method.base, held.to_model_range(), prompt)
+    else:
+        prior = a.part == "db-prior"
+        run_dir = out / a.part
+        result["train_seconds"] = train_child("dreambooth", run_dir, a, [
+            f"train.steps={a.db_steps}", f"train.lr={a.db_lr}", "train.lr_schedule=constant", "train.warmup_steps=0",
+            "train.ema_decay=null", f"model.prior_preservation={str(prior).lower()}",
+            f"model.num_class_images={a.class_images}", f"model.class_guidance_scale={a.guidance_scale}",
+            f"model.class_sample_steps={a.sample_steps}"])
+        run = api.load_run(run_dir)
+        images = sample(run, "a sks digit", a.n, a)
+        save_grid(images[:50], out / f"{a.part}_samples.png", nrow=10, scale=2)
+        result["fidelity"] = share(extractor, images, a.concept)
+        result.update(drift(run, extractor, a, out, a.part))
+    result["measure_seconds"] = time.perf_counter() - start
+    (out / f"{a.part}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+def print_table(out: Path, a) -> None:
+    """The Markdown rows of the parts measured so far."""
+    r = {part: json.loads((out / f"{part}.json").read_text()) for part in PARTS if (out / f"{part}.json").is_file()}
+    base = r.get("base", {})
+    print("| model | train s (trainer clock) | concept share of its prompt | 'the digit K' accuracy, K != concept |")
+    print("|---|---|---|---|")
+    if base:
+        print(f"| base (never saw {a.concept}) | - | {base['share[a sks digit]']:.1%} ('a sks digit'), "
+              f"{base[f'share[a photo of a {WORDS[a.concept]}]']:.1%} ('a photo of a {WORDS[a.concept]}'), "
+              f"{base[f'share[the digit {a.concept}]']:.1%} ('the digit {a.concept}') | {base['drift_accuracy']:.1%} |")
+    if "ti" in r:
+        print(f"| textual-inversion | {r['ti']['train_seconds']:.0f} | {r['ti']['share[a photo of S*]']:.1%} "
+              "('a photo of S*') | unchanged (frozen) |")
+    if "ti-loss" in r:
+        losses = {k[len("heldout_loss["):-1]: v for k, v in r["ti-loss"].items() if k.startswith("heldout_loss[")}
+        print(f"\nheld-out diffusion loss on {r['ti-loss']['heldout_n']} mnist:test images of the concept, by prompt: "
+              + ", ".join(f"'{k}' {v:.4f}" for k, v in losses.items()))
+    for part, name in (("db-prior", "dreambooth, prior preservation"), ("db-plain", "dreambooth, no prior")):
+        if part in r:
+            print(f"| {name} | {r[part]['train_seconds']:.0f} | {r[part]['fidelity']:.1%} ('a sks digit') | "
+                  f"{r[part]['drift_accuracy']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
