@@ -9,13 +9,15 @@ Protocol:
 - Adherence: :func:`genlab.metrics.adherence.adherence` of each sample to its map (edges: the exact-pixel
   F1; with a 1-pixel tolerance beside it), averaged over the n samples. The
   base's value is that of its own (uncontrolled) samples against the same maps: the chance level.
-- Curve: every checkpoint of the ControlNet run (``--weights``, EMA by default); step 0 is the base
-  (the zero convolutions make the controlled model exactly the base there).
+- Curve: every checkpoint of the ControlNet (and T2I-Adapter) run (``--weights``, EMA by default); step 0 is the base
+  (the zero convolutions make the controlled model exactly the base there). Results are kept in
+  ``--json`` between calls, so the base can be scored while the control runs still train.
 - FID: ``--fid-n`` samples (controls: the first fid-n mnist:test maps; the base: uncontrolled) against
   the first 10,000 images of mnist:train with the shipped mnist evaluator, so the controls' own test
   images are not the reference.
-- Sampler: DDIM, ``--steps`` steps, seed 0 (the same noise for every model); ms / sample is the wall time
-  of sampling the n adherence images in one batch, divided by n.
+- Sampler: DDIM, ``--steps`` steps, seed 0 (the same noise for every model). ``--timing``: ms / sample of
+  the three models sampled in turn (batches of 50, the minimum of 3 rounds), so they share the machine's
+  load; the ms / sample stored beside each adherence was measured at different times (busy machine).
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from pathlib import Path
 import torch
 
 
-def _adherence(run, maps: torch.Tensor, kind: str, steps: int, controlled: bool) -> dict:
+def _adherence(run, maps: torch.Tensor, kind: str, steps: int, controlled: bool, scale: float | None = None) -> dict:
     from genlab.metrics.adherence import adherence
 
     start = time.perf_counter()
-    options = {"control": maps} if controlled else {}
+    options = {"control": maps, "control_scale": scale} if controlled else {}
     samples = run.sample(len(maps), seed=0, batch_size=len(maps), sampler="ddim", steps=steps, **options)
     seconds = time.perf_counter() - start
     out = {"adherence": float(adherence(kind, samples, maps).mean()), "ms_per_sample": 1000 * seconds / len(maps)}
@@ -69,59 +71,103 @@ def _parameters(module: torch.nn.Module) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True)
-    p.add_argument("--controlnet", required=True)
-    p.add_argument("--adapter")
+    p.add_argument("--controlnet", help="the ControlNet run (every checkpoint is scored)")
+    p.add_argument("--adapter", help="the T2I-Adapter run (its final checkpoint)")
+    p.add_argument("--control", default="edges", help="the control of the runs (taken from them when given)")
     p.add_argument("--data-root", default=os.environ.get("GENLAB_DATA"))
     p.add_argument("--n", type=int, default=200, help="samples per adherence value")
     p.add_argument("--fid-n", type=int, default=2000, help="samples per FID (0: skip FID)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", required=True, help="results; kept between calls (a stage already in it is not redone)")
     p.add_argument("--plot", help="write the adherence-vs-steps curve here (.png)")
+    p.add_argument("--scales", default="", help="also the final runs' adherence at these control scales, e.g. 1.5,2")
+    p.add_argument("--timing", action="store_true", help="ms per sample of the three models measured interleaved "
+                                                         "(batches of 50, the minimum of 3 rounds: same load for all)")
+    p.add_argument("--curve-only", action="store_true", help="score the checkpoints that exist, not the final run "
+                                                            "(while it still trains)")
+    p.add_argument("--grid", help="write a picture here (.png): rows of 16 control maps, then the base's, "
+                                  "ControlNet's and T2I-Adapter's samples for them")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
 
     from genlab import api
+    from genlab.data.controls import control_map
+
+    protocol = {"n": a.n, "steps": a.steps, "weights": a.weights, "fid_n": a.fid_n}
+    path = Path(a.json)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if results.get("protocol") != protocol:
+        results = {"protocol": protocol}
+
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=1) + "\n")
 
     base = api.load_run(a.base, device="cpu")
-    child_dir = Path(a.controlnet)
-    final = api.load_run(child_dir, weights=a.weights, device="cpu")
-    kind = final.config.model.control
-    held = api.heldout_images(final, "mnist:test", max(a.n, a.fid_n), a.data_root).to_model_range()
-    maps_all = final.method.control_maps(held)
+    kind = api.load_run(a.controlnet, device="cpu").config.model.control if a.controlnet else a.control
+    results["control"] = kind
+    held = api.heldout_images(base, "mnist:test", max(a.n, a.fid_n), a.data_root).to_model_range()
+    maps_all = control_map(kind, held)
     maps = maps_all[: a.n]
-    results = {"control": kind, "n": a.n, "steps": a.steps, "weights": a.weights,
-               "base": {"run": str(a.base), "step": base.step, **_adherence(base, maps, kind, a.steps, False)}}
-    print(f"base (uncontrolled) adherence {results['base']['adherence']:.3f}", flush=True)
-    curve = [(0, results["base"]["adherence"])]
-    for step in _checkpoint_steps(child_dir):
-        run = api.load_run(child_dir, weights=a.weights, checkpoint=step, device="cpu")
-        value = _adherence(run, maps, kind, a.steps, True)
-        curve.append((step, value["adherence"]))
-        print(f"controlnet step {step}: adherence {value['adherence']:.3f}", flush=True)
-    results["curve"] = curve
-    results["controlnet"] = {"run": str(child_dir), "step": final.step,
+    if "base" not in results:
+        results["base"] = {"run": str(a.base), "step": base.step, "parameters": _parameters(base.method.backbone),
+                           **_adherence(base, maps, kind, a.steps, False)}
+        if a.fid_n:
+            results["base"]["fid"] = _fid(base, None, a.fid_n, a.steps, a.data_root)
+        save()
+    print(f"base: {results['base']}", flush=True)
+    for role, run_dir in (("controlnet", a.controlnet), ("t2i_adapter", a.adapter)):
+        if not run_dir:
+            continue
+        curve = results.setdefault(f"{role}_curve", {})
+        steps = _checkpoint_steps(Path(run_dir))
+        for step in steps:
+            if str(step) not in curve:
+                run = api.load_run(run_dir, weights=a.weights, checkpoint=step, device="cpu")
+                curve[str(step)] = _adherence(run, maps, kind, a.steps, True)["adherence"]
+                save()
+            print(f"{role} step {step}: adherence {curve[str(step)]:.3f}", flush=True)
+        if role not in results and not a.curve_only:
+            final = api.load_run(run_dir, weights=a.weights, device="cpu")
+            results[role] = {"run": str(run_dir), "step": final.step,
                              "parameters": _parameters(final.method.control_network),
-                             "base_parameters": _parameters(base.method.backbone),
                              **_adherence(final, maps, kind, a.steps, True)}
-    if a.adapter:
-        adapter = api.load_run(a.adapter, weights=a.weights, device="cpu")
-        results["t2i_adapter"] = {"run": str(a.adapter), "step": adapter.step,
-                                  "parameters": _parameters(adapter.method.control_network),
-                                  **_adherence(adapter, maps, kind, a.steps, True)}
-        print(f"t2i-adapter: {results['t2i_adapter']}", flush=True)
-    if a.fid_n:
-        results["fid_n"] = a.fid_n
-        results["base"]["fid"] = _fid(base, None, a.fid_n, a.steps, a.data_root)
-        results["controlnet"]["fid"] = _fid(final, maps_all, a.fid_n, a.steps, a.data_root)
-        if a.adapter:
-            results["t2i_adapter"]["fid"] = _fid(adapter, maps_all, a.fid_n, a.steps, a.data_root)
-        print(f"FID: base {results['base']['fid']:.2f}, controlnet {results['controlnet']['fid']:.2f}", flush=True)
-    print(json.dumps(results, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
+            if a.fid_n:
+                results[role]["fid"] = _fid(final, maps_all, a.fid_n, a.steps, a.data_root)
+            save()
+        if role in results:
+            by_scale = results[role].setdefault("adherence_by_scale", {})
+            for scale in [x for x in a.scales.split(",") if x]:
+                if scale not in by_scale:
+                    final = api.load_run(run_dir, weights=a.weights, device="cpu")
+                    by_scale[scale] = _adherence(final, maps, kind, a.steps, True, float(scale))["adherence"]
+                    save()
+        print(f"{role}: {results.get(role)}", flush=True)
+    if a.timing and "timing" not in results:
+        runs = {"base": (base, {})}
+        for role, run_dir in (("controlnet", a.controlnet), ("t2i_adapter", a.adapter)):
+            if run_dir:
+                runs[role] = (api.load_run(run_dir, weights=a.weights, device="cpu"), {"control": maps_all[:50]})
+        best = {name: float("inf") for name in runs}
+        for _ in range(3):
+            for name, (run, options) in runs.items():
+                start = time.perf_counter()
+                run.sample(50, seed=0, batch_size=50, sampler="ddim", steps=a.steps, **options)
+                best[name] = min(best[name], 1000 * (time.perf_counter() - start) / 50)
+        results["timing"] = {"ms_per_sample": best, "batch": 50, "rounds": 3}
+        save()
+        print(f"timing: {results['timing']}", flush=True)
     if a.plot:
         _plot(results, Path(a.plot))
+    if a.grid:
+        from genlab.imageio import save_grid
+
+        rows = [maps[:16], base.sample(16, seed=0, sampler="ddim", steps=a.steps)]
+        for run_dir in (a.controlnet, a.adapter):
+            if run_dir:
+                run = api.load_run(run_dir, weights=a.weights, device="cpu")
+                rows.append(run.sample(16, seed=0, sampler="ddim", steps=a.steps, control=maps[:16]))
+        save_grid(torch.cat(rows), a.grid, nrow=16, scale=2)
     return 0
 
 
@@ -131,19 +177,19 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, values = zip(*results["curve"])
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.plot(steps, values, "o-", label="ControlNet")
+    for role, label, style in (("controlnet", "ControlNet", "o-"), ("t2i_adapter", "T2I-Adapter", "s--")):
+        curve = sorted((int(k), v) for k, v in results.get(f"{role}_curve", {}).items())
+        if curve:  # step 0: the base (zero-initialised outputs make both the base exactly)
+            steps, values = zip(*([(0, results["base"]["adherence"])] + curve))
+            ax.plot(steps, values, style, label=label)
     ax.axhline(results["base"]["adherence"], color="grey", ls="--", label="base (uncontrolled)")
-    if "t2i_adapter" in results:
-        ax.plot([results["t2i_adapter"]["step"]], [results["t2i_adapter"]["adherence"]], "s", color="C1",
-                label="T2I-Adapter (final)")
     ax.axhline(0.7, color="C2", ls=":", label="goal 0.7")
     ax.set_xlabel("training step")
     ax.set_ylabel(f"adherence ({results['control']})")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"MNIST, {results['n']} samples per point, DDIM {results['steps']}")
+    ax.set_title(f"MNIST, {results['protocol']['n']} samples per point, DDIM {results['protocol']['steps']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
