@@ -36,7 +36,7 @@ saves a checkpoint after the current step; a second one stops at once. One write
 
 EPILOG_EVAL = """\
 examples:
-  genlab eval runs/demo --ref mnist:test --n 10000 --sampler ddim --steps 50
+  genlab eval runs/demo --ref mnist:test --n 10000 --class all
   genlab eval samples.npz --ref mnist:test --metrics fid,kid
   genlab eval mnist:train --ref mnist:test --n 10000 --data-root ../shared/data
   genlab eval ref --data mnist --split test --data-root ../shared/data
@@ -421,7 +421,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small DDPM on mnist5k, sample, write runs/demo",
                           description="The five-minute tour: trains the small DDPM preset on the bundled mnist5k "
-                                      "digits, samples with DDIM and writes a grid into the run folder.")
+                                      "digits (class-conditional), samples with the preset's sampler (DDPM, 20 steps) and "
+                                      "writes a 10 x 10 grid, column j = digit j, into the run folder.")
     demo.add_argument("--run-dir", default="runs/demo", help="run folder (default runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. train.steps=500)")
     return p
