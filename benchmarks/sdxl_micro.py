@@ -10,7 +10,8 @@ A sample is "cut off" when its ink (pixels above mid-grey) touches the 1-pixel b
 Prints one JSON object: the share for each run sampled at crop (0, 0) (the plain model has no crop
 input: it is sampled as it is), for the micro-conditioned run at an offset crop (it should reproduce
 cut-off digits), and for real images without and with the training shifts (the floor and what the
-plain model learns to imitate).
+plain model learns to imitate); and the mean offset of the ink's centre of mass from the image
+centre, (row, column) in pixels, which shows whether the crop condition moves the object at all.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def cut_off_share(images: torch.Tensor, threshold: float = 0.0) -> float:
     border = torch.zeros_like(ink[0])
     border[0, :], border[-1, :], border[:, 0], border[:, -1] = True, True, True, True
     return float((ink & border).flatten(1).any(1).float().mean())
+
+
+def ink_centroid(images: torch.Tensor) -> tuple[float, float]:
+    """Mean (row, column) of the ink's centre of mass relative to the image centre, in pixels (ink = x + 1)."""
+    ink = (images.mean(dim=1) + 1).clamp(min=0)  # (N, H, W)
+    h, w = ink.shape[-2:]
+    rows, cols = torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32)
+    mass = ink.sum((1, 2)).clamp(min=1e-6)
+    row = (ink.sum(2) * rows).sum(1) / mass - (h - 1) / 2
+    col = (ink.sum(1) * cols).sum(1) / mass - (w - 1) / 2
+    return round(float(row.mean()), 2), round(float(col.mean()), 2)
 
 
 def main() -> None:
@@ -49,14 +61,17 @@ def main() -> None:
     on, off = api.load_run(a.on, checkpoint=ckpt), api.load_run(a.off, checkpoint=ckpt)
     real = load_data(DataConfig(source="mnist5k", limit=a.n)).to_model_range()
     shifted, _ = micro_augment(real, torch.rand(len(real), 3, generator=torch.Generator().manual_seed(0)), a.shift)
-    out = {
-        "n": a.n, "steps": a.steps, "step_on": on.step, "step_off": off.step,
-        "cut_off_with_conditioning_crop_0_0": cut_off_share(on.sample(a.n, seed=0, steps=a.steps, crop=(0, 0))),
-        "cut_off_without_conditioning": cut_off_share(off.sample(a.n, seed=0, steps=a.steps)),
-        f"cut_off_with_conditioning_crop_{top}_{left}": cut_off_share(on.sample(a.n, seed=0, steps=a.steps, crop=(top, left))),
-        "cut_off_real_mnist5k": cut_off_share(real),
-        f"cut_off_real_shifted_{a.shift}": cut_off_share(shifted),
+    sets = {
+        "with_conditioning_crop_0_0": on.sample(a.n, seed=0, steps=a.steps, crop=(0, 0)),
+        "without_conditioning": off.sample(a.n, seed=0, steps=a.steps),
+        f"with_conditioning_crop_{top}_{left}": on.sample(a.n, seed=0, steps=a.steps, crop=(top, left)),
+        "real_mnist5k": real,
+        f"real_shifted_{a.shift}": shifted,
     }
+    out = {"n": a.n, "steps": a.steps, "step_on": on.step, "step_off": off.step}
+    # The cut-off share, and where the ink sits (a crop (top, left) moves the object up and left by that much).
+    out.update({f"cut_off_{name}": cut_off_share(images) for name, images in sets.items()})
+    out.update({f"ink_centroid_{name}": ink_centroid(images) for name, images in sets.items()})
     print(json.dumps(out))
 
 
