@@ -46,12 +46,12 @@ def _adherence(run, maps: torch.Tensor, kind: str, steps: int, controlled: bool,
     return out
 
 
-def _fid(run, maps: torch.Tensor | None, n: int, steps: int, data_root: str | None) -> float:
-    """FID of n samples (controlled by maps (n, 1, H, W), or not: the base) against mnist:train[:10000]."""
+def _fid(run, maps: torch.Tensor | None, n: int, steps: int, data_root: str | None, scale: float | None = None) -> float:
+    """FID of n samples (controlled by maps (n, 1, H, W) at ``scale``, or not: the base) against mnist:train[:10000]."""
     from genlab.evaluation import evaluate
     from genlab.imageio import save_npz
 
-    options = {} if maps is None else {"control": maps[:n]}
+    options = {} if maps is None else {"control": maps[:n], "control_scale": scale}
     images = run.sample(n, seed=0, batch_size=500, sampler="ddim", steps=steps, **options)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "samples.npz"
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
     p.add_argument("--json", required=True, help="results; kept between calls (a stage already in it is not redone)")
     p.add_argument("--plot", help="write the adherence-vs-steps curve here (.png)")
-    p.add_argument("--scales", default="", help="also the final runs' adherence at these control scales, e.g. 1.5,2")
+    p.add_argument("--scales", default="", help="also the final runs' adherence (and FID) at these control scales, "
+                                                "e.g. 1.5,2")
     p.add_argument("--timing", action="store_true", help="ms per sample of the three models measured interleaved "
                                                          "(batches of 50, the minimum of 3 rounds: same load for all)")
     p.add_argument("--curve-only", action="store_true", help="score the checkpoints that exist, not the final run "
@@ -137,10 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             save()
         if role in results:
             by_scale = results[role].setdefault("adherence_by_scale", {})
+            fid_by_scale = results[role].setdefault("fid_by_scale", {})
             for scale in [x for x in a.scales.split(",") if x]:
+                final = api.load_run(run_dir, weights=a.weights, device="cpu")
                 if scale not in by_scale:
-                    final = api.load_run(run_dir, weights=a.weights, device="cpu")
                     by_scale[scale] = _adherence(final, maps, kind, a.steps, True, float(scale))["adherence"]
+                    save()
+                if a.fid_n and scale not in fid_by_scale:
+                    fid_by_scale[scale] = _fid(final, maps_all, a.fid_n, a.steps, a.data_root, float(scale))
                     save()
         print(f"{role}: {results.get(role)}", flush=True)
     if a.timing and "timing" not in results:

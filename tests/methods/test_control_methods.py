@@ -166,3 +166,9 @@ def test_a_latent_diffusion_base_is_steered_in_latent_space_from_pixel_control_m
     samples = child.sample(3, generator=g(), steps=2, control=control)
     assert torch.equal(samples, child.base.sample(3, generator=g(), steps=2))  # zero init: the base's samples
     assert samples.shape == (3, 1, 8, 8)
+
+
+def test_an_empty_condition_encoder_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="model.controlnet.condition_channels is empty") as e:
+        _child(ControlNetMethod, _base(), "model.controlnet.condition_channels=[]")
+    assert "\n" not in str(e.value)

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from genlab.errors import ConfigError
 from genlab.models.unet import UNet, UNetLayer
-from genlab.ranges import PositiveInt
+from genlab.ranges import PositiveFloat, PositiveInt
 
 # The paper's condition encoder for 512 px images and 64 px latents: four 4x4 convolutions with
 # stride 2 and 16, 32, 64, 128 channels (ReLU between them).
@@ -61,6 +61,9 @@ class ConditionEncoder(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, downsamplings: int,
                  channels: tuple[int, ...] = PAPER_CONDITION_CHANNELS):
         super().__init__()
+        if not channels:
+            raise ConfigError("model.controlnet.condition_channels is empty: give the condition encoder's widths, "
+                              "e.g. [16, 32, 64, 128] (the paper's)")
         widths = list(channels) + [channels[-1]] * max(0, downsamplings - len(channels))
         layers, c = [], in_channels
         for i, width in enumerate(widths):
@@ -80,7 +83,7 @@ class ConditionEncoder(nn.Module):
 class ControlNetConfig:
     """The condition encoder's widths (the paper's (16, 32, 64, 128) suit 28-32 px images as they are)."""
 
-    condition_channels: tuple[PositiveInt, ...] = PAPER_CONDITION_CHANNELS
+    condition_channels: tuple[PositiveInt, ...] = PAPER_CONDITION_CHANNELS  # widths of the condition encoder's layers
 
 
 class ControlNet(nn.Module):
@@ -143,8 +146,8 @@ class AdapterBlock(nn.Module):
 class T2IAdapterConfig:
     """Residual blocks per level (the paper: 2) and the width of the blocks relative to the U-Net's level widths."""
 
-    num_res_blocks: PositiveInt = 1
-    width_mult: float = 1.0  # adapter width of level i: round(width_mult * U-Net width of level i)
+    num_res_blocks: PositiveInt = 1  # residual blocks per level (the paper: 2)
+    width_mult: PositiveFloat = 1.0  # adapter width of level i: round(width_mult * U-Net width of level i)
 
 
 class T2IAdapter(nn.Module):
