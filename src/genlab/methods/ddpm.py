@@ -35,9 +35,9 @@ from genlab.noise import ImageNoise
 from genlab.ranges import NonNegativeFloat, PositiveFloat, PositiveInt, Range, UnitFloat
 
 
-NETWORKS = ("unet", "dit")
+NETWORKS = ("unet", "dit")  # the denoisers; each has its own config section model.<network>
 # A child run's extra inputs of the frozen backbone: (h, t, y) -> keyword arguments (see DDPM.network).
-BackboneKwargs = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], dict]  # the denoisers; each has its own config section model.<network>
+BackboneKwargs = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], dict]
 
 
 @dataclass
@@ -377,7 +377,8 @@ class DDPM(Method, Generates, Denoiser):
             if negative_labels is not None:
                 negative_labels = torch.as_tensor(negative_labels).long().to(self.device)
             denoise = classifier_free_guidance(
-                lambda x_t, t, y: self._denoise(x_t, t, y, backbone_kwargs), labels, 1.0 if guidance_scale is None else float(guidance_scale),
+                lambda x_t, t, y: self._denoise(x_t, t, y, backbone_kwargs), labels,
+                1.0 if guidance_scale is None else float(guidance_scale),
                 null_label=self.num_classes, negative_labels=negative_labels,
             )
         mean_shift = None
