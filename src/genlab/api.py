@@ -192,9 +192,6 @@ def _resolve_parent_runs(method_cls, overrides: list[str], data: str | None, dat
     return out, source
 
 
-    return out
-
-
 __all__ = ["Run", "data_info_for", "default_run_dir", "heldout_images", "load_run", "resolve_preset", "sample", "slerp", "train",
            "train_config"]
 
