@@ -82,3 +82,58 @@ def test_only_runs_with_a_text_encoder_are_scored_on_text():
     assert kinds_for(plain) == ("generation",) and kinds_for(text) == ("text",) and kinds_for(text, "text") == ("text",)
     with pytest.raises(ConfigError, match="without a text encoder cannot be scored on text"):
         kinds_for(plain, "text")
+
+
+def test_split_pair_recovers_the_placed_digits_exactly():
+    """make_pairs then split_pair gives back each digit's 28x28 frame (its ink centred by mass, as MNIST's)."""
+    from genlab.data import captions as C
+
+    digits = torch.zeros(40, 1, 28, 28, dtype=torch.uint8)
+    for k in range(40):  # a centred 8x8 square (centre of mass at the frame's centre) of intensity unique to k
+        digits[k, 0, 10:18, 10:18] = 50 + 5 * k
+    canvas, attributes = C.make_pairs(digits, torch.arange(40), 20, seed=1)
+    assert set(attributes["arrangement"].tolist()) == {0, 1}  # both arrangements are exercised
+    first, second = C.split_pair(canvas, attributes["arrangement"])
+    assert torch.equal(first, digits[attributes["classes"][:, 0]])
+    assert torch.equal(second, digits[attributes["classes"][:, 1]])
+    # a blank canvas gives blank windows (no error from the empty centre of mass)
+    blank = C.split_pair(torch.zeros(2, 1, 56, 56, dtype=torch.uint8), torch.tensor([0, 1]))
+    assert all(int(half.sum()) == 0 and half.shape == (2, 1, 28, 28) for half in blank)
+
+
+def test_composition_scores_real_pairs_near_the_ceiling_and_swaps_at_zero(data_root):
+    """Real mnist-pairs test canvases with their own captions' digits score ~ the evaluator's MNIST accuracy;
+    the same canvases asked with the digits swapped score 0 (and count as swapped)."""
+    from genlab.data import DataConfig, load_data
+    from genlab.evaluation.common import resolve_extractor
+    from genlab.evaluation.text_to_image import composition_scores
+
+    pairs = load_data(DataConfig(source="mnist-pairs", split="test", root=str(data_root), limit=300))
+    classes, arrangement = pairs.attributes["classes"], pairs.attributes["arrangement"]
+    classifier = resolve_extractor(None, "mnist", "cpu")
+    right = composition_scores(pairs.images, classes, arrangement, classifier)
+    assert right["composition_accuracy"] >= 0.95  # both of two ~99 %-accurate reads
+    assert right["composition_first_digit"] >= 0.97 and right["composition_second_digit"] >= 0.97
+    differ = classes[:, 0] != classes[:, 1]
+    swapped = composition_scores(pairs.images[differ], classes[differ].flip(1), arrangement[differ], classifier)
+    assert swapped["composition_accuracy"] <= 0.03 and swapped["composition_swapped"] >= 0.95
+    # the wrong arrangement (left/right read as top/bottom) cuts through both digits: far from the ceiling
+    crossed = composition_scores(pairs.images, classes, 1 - arrangement, classifier)
+    assert crossed["composition_accuracy"] <= 0.5
+
+
+def test_paraphrases_name_their_digit_and_no_caption_template_writes_them():
+    from genlab.data.captions import DIGIT_WORDS, MNIST_TEMPLATES, PAIR_TEMPLATES
+    from genlab.evaluation.text_to_image import mnist_paraphrases
+
+    paraphrases = mnist_paraphrases()
+    assert len(paraphrases) == 50 and sorted(k for k, _ in paraphrases) == sorted(list(range(10)) * 5)
+    words = {k: {str(k), DIGIT_WORDS[k]} for k in range(10)}
+    words[0].add("nought")
+    for k, prompt in paraphrases:
+        tokens = set(prompt.replace(",", " ").split())
+        assert tokens & words[k], prompt  # names its own digit ...
+        assert not any(tokens & words[j] for j in range(10) if j != k), prompt  # ... and no other
+    # every template's fixed words; a paraphrase starting with one of their fixed openings would be a seen caption
+    openings = {t.split("{")[0].strip() for t in MNIST_TEMPLATES + [t for ts in PAIR_TEMPLATES.values() for t in ts]} - {""}
+    assert not any(prompt.startswith(o) for _, prompt in paraphrases for o in openings if len(o) > 2)

@@ -368,6 +368,39 @@ def make_pairs(images: Tensor, labels: Tensor, n: int, seed: int) -> tuple[Tenso
     return canvas, {"classes": classes, "arrangement": arrangement, "positions": positions}
 
 
+def split_pair(canvases: Tensor, arrangement: Tensor) -> tuple[Tensor, Tensor]:
+    """The first and second digit of mnist-pairs canvases (N, 1, 56, 56) as 28x28 images (N, 1, 28, 28).
+
+    The inverse of :func:`make_pairs` for scoring samples: each digit is the ink in its half of the
+    canvas along the arrangement's axis (left / top first), cut out by a 28x28 window centred on that
+    ink's centre of mass, as MNIST centres its digits; a blank half gives its middle window.
+    """
+    n, side = len(canvases), canvases.shape[-1]
+    half = side // 2
+    index = torch.arange(side)
+    horizontal = (arrangement == HORIZONTAL).view(n, 1, 1)
+    first_half = torch.where(horizontal, index[None, None, :] < half, index[None, :, None] < half)  # (n, side, side)
+    x = canvases[:, 0].double()
+    digits = []
+    for mask in (first_half, ~first_half):
+        ink = x * mask
+        # The centre of mass of the ink; of the half itself when it holds none.
+        weights = torch.where(ink.sum((1, 2), keepdim=True) > 0, ink, mask.double())
+        mass = weights.sum((1, 2))
+        centre = [(weights.sum(dim) * index.double()).sum(1) / mass + 0.5 for dim in (2, 1)]  # row, column
+        top = (centre[0] - 14).round().long().clamp(0, side - 28)
+        left = (centre[1] - 14).round().long().clamp(0, side - 28)
+        windows = torch.stack([(canvases[i, 0] * mask[i])[top[i]: top[i] + 28, left[i]: left[i] + 28] for i in range(n)])
+        digits.append(windows[:, None].to(canvases.dtype))
+    return digits[0], digits[1]
+
+
+def pair_caption(a: int, b: int, arrangement: int, template: int) -> str:
+    """Template ``template`` of ``arrangement`` saying the digit ``a`` comes first (left / top) and ``b`` second."""
+    fields = {"a": str(a), "b": str(b), "a_art": _article(str(a)), "b_art": _article(str(b))}
+    return PAIR_TEMPLATES[arrangement][template].format(**fields)
+
+
 def pair_captions(attributes: dict[str, Tensor], seed: int = 0) -> list[tuple[str, ...]]:
     """Spatial captions of mnist-pairs canvases from their classes and arrangement."""
     classes, arrangement = attributes["classes"].tolist(), attributes["arrangement"].tolist()
@@ -376,8 +409,7 @@ def pair_captions(attributes: dict[str, Tensor], seed: int = 0) -> list[tuple[st
         rng = caption_rng(seed, i)
         templates = PAIR_TEMPLATES[kind]
         chosen = rng.choice(len(templates), size=CAPTIONS_PER_IMAGE, replace=False)
-        fields = {"a": str(a), "b": str(b), "a_art": _article(str(a)), "b_art": _article(str(b))}
-        out.append(tuple(templates[k].format(**fields) for k in chosen))
+        out.append(tuple(pair_caption(a, b, kind, k) for k in chosen))
     return out
 
 

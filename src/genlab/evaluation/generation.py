@@ -109,15 +109,17 @@ def store_reference_parts(reference: Reference, n_fake: int = DEFAULT_N, seed: i
         reference.kid_real_kernel_sums(n_fake, KID_SUBSETS, KID_SUBSET_SIZE, seed)
 
 
+def classifier_predictions(extractor: FeatureExtractor, images_u8: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The class (N,) of each image (uint8 (N, C, H, W)): the argmax logit of the evaluator network."""
+    return torch.cat([extractor.features_and_logits(to_model_range(x))[1].argmax(dim=1).cpu()
+                      for x in images_u8.split(batch_size)])
+
+
 def classifier_accuracy(extractor: FeatureExtractor, images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     """Share of images (uint8 (N, C, H, W)) whose argmax logit is their label (SPEC E4)."""
     if len(images_u8) != len(labels) or not len(labels):
         raise DataError(f"accuracy needs one label per image, got {len(images_u8)} images and {len(labels)} labels")
-    correct = 0
-    for x, y in zip(images_u8.split(batch_size), labels.split(batch_size)):
-        _, logits = extractor.features_and_logits(to_model_range(x))  # (B, num_classes)
-        correct += int((logits.argmax(dim=1).cpu() == y.cpu()).sum())
-    return correct / len(labels)
+    return float((classifier_predictions(extractor, images_u8, batch_size) == labels.cpu()).double().mean())
 
 
 def check_target(target: str | os.PathLike) -> None:

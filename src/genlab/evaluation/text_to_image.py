@@ -12,7 +12,11 @@
 - **attribute control** (mnist-captions): "a thick NAME" vs "a thin NAME" for every digit, with the
   same noise for both (paired samples): the ratio of their mean ink (sum of pixel intensities) and of
   their mean stroke width; and "a handwritten K that is slanted left / right": the share of samples
-  whose measured slant (:func:`genlab.data.captions.slant`) has the asked sign.
+  whose measured slant (:func:`genlab.data.captions.slant`) has the asked sign; and **free-form prompts**:
+  the class accuracy of 50 paraphrases no caption template writes ("show me a seven", mnist_paraphrases.txt).
+- **composition** (mnist-pairs): "the digit 3 is left of the digit 6" and the other spatial templates;
+  each half of the canvas is classified, and a sample counts when both digits are right and on the
+  asked sides (:func:`composition_scores`; real test canvases score the ceiling, see docs/results.md).
 
 Each block's prompts, sample counts, sampler and guidance are recorded in the protocol.
 """
@@ -30,7 +34,7 @@ from genlab.data import from_model_range
 from genlab.errors import ConfigError
 from genlab.evaluation.common import as_run, default_device, now, parse_ref, resolve_extractor, versions
 from genlab.evaluation.generation import (
-    KID_SUBSET_SIZE, KID_SUBSETS, classifier_accuracy, parse_metrics, sample_run, score_images,
+    KID_SUBSET_SIZE, KID_SUBSETS, classifier_accuracy, classifier_predictions, parse_metrics, sample_run, score_images,
 )
 from genlab.evaluation.reference import reference_stats
 from genlab.evaluation.store import write_result
@@ -89,6 +93,72 @@ def _attribute_control(run, seed: int, batch_size: int, options: dict, per_promp
                  "correct when the measured shear (-mu11 / mu02 of the ink) is < 0 (left) / > 0 (right)",
     }
     return values, protocol
+
+
+PARAPHRASES_FILE = Path(__file__).with_name("mnist_paraphrases.txt")
+
+
+def mnist_paraphrases() -> list[tuple[int, str]]:
+    """The fixed free-form prompts (class, prompt) of mnist-captions runs: no caption template writes them."""
+    rows = [line.split("\t") for line in PARAPHRASES_FILE.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")]
+    return [(int(k), prompt) for k, prompt in rows]
+
+
+def _paraphrase_accuracy(run, seed: int, batch_size: int, options: dict, per_prompt: int, progress: bool, classifier
+                         ) -> tuple[dict[str, float], str]:
+    """Class accuracy of samples of free-form prompts ("show me a seven") the captions never used."""
+    paraphrases = mnist_paraphrases()
+    reps = max(1, per_prompt // 5)
+    labels = torch.tensor([k for k, _ in paraphrases]).repeat_interleave(reps)
+    prompts = [p for _, p in paraphrases for _ in range(reps)]
+    images = _samples_u8(run, prompts, seed, batch_size, options, progress)
+    accuracy = float((classifier_predictions(classifier, images, batch_size) == labels).double().mean())
+    return {"paraphrase_accuracy": accuracy}, (
+        f"{len(paraphrases)} free-form prompts ({PARAPHRASES_FILE.name}, 5 per digit, none written by a caption template), "
+        f"{reps} samples each, share the {classifier.name} evaluator assigns to the prompt's digit")
+
+
+# The (first, second) digits of the composition prompts: every digit once in each place, never twice in a pair.
+COMPOSITION_PAIRS = [(k, (k + 3) % 10) for k in range(10)]
+
+
+def composition_scores(images_u8: torch.Tensor, classes: torch.Tensor, arrangement: torch.Tensor, classifier,
+                       batch_size: int = 500) -> dict[str, float]:
+    """How mnist-pairs canvases (N, 1, 56, 56) uint8 follow their asked digits (N, 2) and arrangement (N,).
+
+    Each half of the canvas is classified (:func:`genlab.data.captions.split_pair`): ``composition_accuracy``
+    is the share with both digits right and on the asked sides, ``swapped`` the share with two different
+    asked digits on each other's sides.
+    """
+    from genlab.data.captions import split_pair
+
+    first, second = split_pair(images_u8, arrangement)
+    p1, p2 = classifier_predictions(classifier, first, batch_size), classifier_predictions(classifier, second, batch_size)
+    a, b = classes[:, 0].cpu(), classes[:, 1].cpu()
+    return {"composition_accuracy": float(((p1 == a) & (p2 == b)).double().mean()),
+            "composition_first_digit": float((p1 == a).double().mean()),
+            "composition_second_digit": float((p2 == b).double().mean()),
+            "composition_swapped": float(((p1 == b) & (p2 == a) & (a != b)).double().mean())}
+
+
+def _pair_composition(run, seed: int, batch_size: int, options: dict, per_prompt: int, progress: bool, classifier
+                      ) -> tuple[dict[str, float], str]:
+    """Samples of spatial prompts ("the digit 3 is left of the digit 6"), scored half by half."""
+    from genlab.data.captions import HORIZONTAL, PAIR_TEMPLATES, VERTICAL, pair_caption
+
+    asks = [(a, b, kind, i % len(PAIR_TEMPLATES[kind])) for i, (a, b) in enumerate(COMPOSITION_PAIRS)
+            for kind in (HORIZONTAL, VERTICAL)]
+    reps = max(1, per_prompt // 2)
+    prompts = [pair_caption(a, b, kind, t) for a, b, kind, t in asks for _ in range(reps)]
+    classes = torch.tensor([[a, b] for a, b, _, _ in asks]).repeat_interleave(reps, 0)
+    arrangement = torch.tensor([kind for _, _, kind, _ in asks]).repeat_interleave(reps)
+    images = _samples_u8(run, prompts, seed, batch_size, options, progress)
+    return composition_scores(images, classes, arrangement, classifier, batch_size), (
+        f"{len(asks)} spatial prompts (digits {COMPOSITION_PAIRS} side by side and stacked, the templates in turn, "
+        f"e.g. '{prompts[0]}'), {reps} samples each; each half of the canvas (its ink re-centred in a 28x28 window) "
+        f"classified by the {classifier.name} evaluator (sha256 {classifier.sha256[:12]}); correct when both digits "
+        "are the asked ones on the asked sides")
 
 
 def evaluate_text(
@@ -198,12 +268,25 @@ def evaluate_text(
                                       f"{classifier.name} evaluator (sha256 {classifier.sha256[:12]}) assigns to the asked class")
     if run_source == "mnist-captions":
         clock = time.perf_counter()
+        classifier = resolve_extractor(None, "mnist", device)
+        paraphrase_values, protocol["paraphrases"] = _paraphrase_accuracy(
+            run, seed, batch_size, options, per_prompt, progress, classifier)
+        values.update(paraphrase_values)
+        seconds["paraphrase_samples"] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
         attribute_values, attribute_protocol = _attribute_control(run, seed, batch_size, options, per_prompt, progress)
         seconds["attribute_samples"] = round(time.perf_counter() - clock, 3)
         values.update(attribute_values)
         protocol["attributes"] = attribute_protocol
+    if run_source == "mnist-pairs":
+        clock = time.perf_counter()
+        composition_values, protocol["composition"] = _pair_composition(
+            run, seed, batch_size, options, per_prompt, progress, resolve_extractor(None, "mnist", device))
+        values.update(composition_values)
+        seconds["composition_samples"] = round(time.perf_counter() - clock, 3)
     protocol.update({**versions(), "date": now(), "seconds": seconds})
     return write_result({"metrics": values, "std": stds, "protocol": protocol}, Path(run.path), json_path, write)
 
 
-__all__ = ["CLASS_PROMPTS", "DEFAULT_TEXT_N", "DEFAULT_PER_PROMPT", "evaluate_text", "conditions_on_text_config"]
+__all__ = ["CLASS_PROMPTS", "COMPOSITION_PAIRS", "DEFAULT_TEXT_N", "DEFAULT_PER_PROMPT", "composition_scores", "conditions_on_text_config",
+           "evaluate_text", "mnist_paraphrases"]
