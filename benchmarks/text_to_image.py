@@ -6,7 +6,8 @@
 For each guidance scale w, ``genlab eval RUN --kind text --guidance-scale w`` (genlab.evaluation.text_to_image):
 FID / KID of samples of the first N held-out captions against mnist:test (the mnist evaluator's
 features), CLIP score and R-precision under the shipped CLIP judge, class accuracy of "the digit K"
-prompts (the shipped MNIST classifier) and attribute control (thick / thin ink ratio, slant sign).
+prompts (the shipped MNIST classifier), the same for 50 free-form paraphrases, attribute control (thick / thin
+ink ratio, slant sign), and for mnist-pairs runs the composition accuracy (both digits right, on the asked sides).
 Prints one markdown row per scale and a JSON line with every value and protocol. ``--grid`` draws
 the prompt grid at ``--grid-scale`` (default: the scale with the best class accuracy): one row per
 prompt, one column per seed (the same seeds in every row).
@@ -23,8 +24,9 @@ GRID_PROMPTS = [
     "the digit 0", "the digit 3", "the digit 7", "a thick seven", "a thin seven",
     "a handwritten 7 that is slanted left", "a handwritten 7 that is slanted right", "a small, thick two",
 ]
-COLUMNS = ("fid", "kid", "clip_score", "clip_score_x100", "r_precision", "class_accuracy", "thick_thin_ink_ratio",
-           "thick_thin_stroke_width_ratio", "slant_sign_accuracy")
+COLUMNS = ("fid", "kid", "clip_score", "clip_score_x100", "r_precision", "class_accuracy", "paraphrase_accuracy",
+           "thick_thin_ink_ratio", "thick_thin_stroke_width_ratio", "slant_sign_accuracy", "composition_accuracy",
+           "composition_swapped")
 
 
 def prompt_grid(run, prompts: list[str], seeds: int, scale: float, sampler: str, steps: int, path: str) -> None:
@@ -40,6 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
     p.add_argument("--data-root")
+    p.add_argument("--ref", default="mnist:test", help="reference of FID / KID (mnist-pairs runs: mnist-pairs:test)")
     p.add_argument("--scales", default="1,2,3,5")
     p.add_argument("--n", type=int, default=1000, help="caption samples per scale")
     p.add_argument("--per-prompt", type=int, default=50, help="samples of each class / attribute prompt")
@@ -60,7 +63,7 @@ def main() -> None:
     print("| w | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     for w in [float(s) for s in a.scales.split(",")]:
-        result = evaluate_text(run, ref="mnist:test", metrics=a.metrics, n=a.n, sampler=a.sampler, steps=a.steps,
+        result = evaluate_text(run, ref=a.ref, metrics=a.metrics, n=a.n, sampler=a.sampler, steps=a.steps,
                                data_root=a.data_root, per_prompt=a.per_prompt, sample_options={"guidance_scale": w})
         results[w] = result
         m = result["metrics"]

@@ -205,7 +205,8 @@ def evaluate_text(
         raise ConfigError("genlab eval draws its prompts from held-out captions and class / attribute templates: "
                           "drop --prompt / --class (use genlab sample for your own prompts)")
     options.update({k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None})
-    metrics = parse_metrics(metrics)
+    # "none": no image-distribution metrics (e.g. mnist-pairs canvases, which no shipped evaluator embeds)
+    metrics = () if metrics in ("none", "", (), None) else parse_metrics(metrics)
     device = torch.device(device) if device is not None else default_device()
     run_source = run.config.data.source
     n = DEFAULT_TEXT_N if n is None else n
@@ -216,15 +217,18 @@ def evaluate_text(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
-    extractor = resolve_extractor(extractor, source, device)
-    reference = reference_stats(source, split, extractor, data_root=data_root, n=ref_n, batch_size=batch_size,
-                                device=device, progress=progress)
+    if metrics:
+        extractor = resolve_extractor(extractor, source, device)
+        reference = reference_stats(source, split, extractor, data_root=data_root, n=ref_n, batch_size=batch_size,
+                                    device=device, progress=progress)
     seconds["reference"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     images_u8 = _samples_u8(run, captions, seed, batch_size, options, progress, log)
     seconds["caption_samples"] = round(time.perf_counter() - clock, 3)
-    values, stds = score_images(images_u8, reference, extractor, metrics, seed=seed, batch_size=batch_size,
-                                device=device, progress=progress)
+    values, stds = {}, {}
+    if metrics:
+        values, stds = score_images(images_u8, reference, extractor, metrics, seed=seed, batch_size=batch_size,
+                                    device=device, progress=progress)
     judge = judge if judge is not None else EVALUATOR_FOR_SOURCE.get(run_source)
     if judge is not None:
         text_values, text_protocol = score_captions(images_u8, captions, judge, seed=seed)
@@ -245,12 +249,9 @@ def evaluate_text(
         "captions": f"first caption of the first {n} images of {held.source}:{held.split}, one sample each",
         "n": n,
         "image_shape": list(images_u8.shape[1:]),
-        "reference": f"{source}:{split}",
-        "reference_n": reference.n,
-        "extractor": extractor.name,
-        "extractor_sha256": extractor.sha256,
-        "kid_subsets": KID_SUBSETS,
-        "kid_subset_size": min(KID_SUBSET_SIZE, reference.n, n),
+        **({"reference": f"{source}:{split}", "reference_n": reference.n, "extractor": extractor.name,
+            "extractor_sha256": extractor.sha256, "kid_subsets": KID_SUBSETS,
+            "kid_subset_size": min(KID_SUBSET_SIZE, reference.n, n)} if metrics else {"metrics": "none"}),
         "text": text_protocol,
     }
     if run_source in CLASS_PROMPTS:
