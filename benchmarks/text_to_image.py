@@ -22,7 +22,8 @@ import torch
 
 GRID_PROMPTS = [
     "the digit 0", "the digit 3", "the digit 7", "a thick seven", "a thin seven",
-    "a handwritten 7 that is slanted left", "a handwritten 7 that is slanted right", "a small, thick two",
+    "a handwritten 7 that is slanted left", "a handwritten 7 that is slanted right", "show me a seven",
+    "a 7 drawn with a thick pen",
 ]
 COLUMNS = ("fid", "kid", "clip_score", "clip_score_x100", "r_precision", "class_accuracy", "paraphrase_accuracy",
            "thick_thin_ink_ratio", "thick_thin_stroke_width_ratio", "slant_sign_accuracy", "composition_accuracy",
