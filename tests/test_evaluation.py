@@ -225,6 +225,8 @@ def test_evaluate_npz_equals_the_metric_math(cache, tiny, tmp_path):
     assert values["fid"] == pytest.approx(fid, rel=1e-9) and fid > 1e6 * max(same["metrics"]["fid"], 1e-15)
     assert (values["kid"], stds["kid"]) == pytest.approx(kid, rel=1e-9)
     assert (values["is"], stds["is"]) == pytest.approx(inception, rel=1e-9)
+    p_y = fake_probabilities.double().mean(dim=0)
+    assert values["class_entropy"] == pytest.approx(float(-(p_y * p_y.log()).sum()), rel=1e-9)
     for name in ("precision", "recall", "density", "coverage"):
         assert values[name] == pytest.approx(prdc[name], abs=1e-12)
     protocol = result["protocol"]
@@ -599,7 +601,7 @@ def test_cli_eval_prints_metric_lines_then_the_protocol(cache, evaluator_dir, tm
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = evaluation.evaluate(path, ref="digits:test", n=50, extractor=str(weights), write=False)
-    names = ["fid", "kid", "is", "precision", "recall", "density", "coverage"]
+    names = ["fid", "kid", "is", "class_entropy", "precision", "recall", "density", "coverage"]
     for line, name in zip(lines, names):
         words = line.split()
         assert words[0] == name and float(words[1]) == pytest.approx(result["metrics"][name], rel=1e-5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from genlab.errors import ConfigError, DataError
-from genlab.metrics.inception_score import InceptionScore, InceptionScoreConfig, inception_score
+from genlab.metrics.inception_score import InceptionScore, InceptionScoreConfig, inception_score, marginal_class_entropy
 
 
 def _dirichlet(n, c, seed, concentration=0.3):
@@ -90,3 +90,16 @@ def test_bad_input():
         inception_score(torch.full((4, 2), 0.5), splits=5)
     with pytest.raises(ConfigError, match="splits"):
         InceptionScoreConfig(splits=0)
+
+
+def test_marginal_class_entropy_is_the_entropy_of_the_mean_prediction_and_the_diversity_half_of_is():
+    probabilities = torch.softmax(torch.randn(200, 10, generator=torch.Generator().manual_seed(1)) * 3, dim=1).double()
+    p_y = probabilities.numpy().mean(axis=0)
+    assert marginal_class_entropy(probabilities) == pytest.approx(-(p_y * np.log(p_y)).sum(), rel=1e-12)
+    # IS (one split) = exp(H(p(y)) - E_x H(p(y|x))).
+    conditional = -(probabilities * probabilities.log()).sum(dim=1).mean().item()
+    score, _ = inception_score(probabilities, splits=1)
+    assert score == pytest.approx(np.exp(marginal_class_entropy(probabilities) - conditional), rel=1e-9)
+    one_hot = torch.eye(10, dtype=torch.float64)
+    assert marginal_class_entropy(one_hot.repeat(3, 1)) == pytest.approx(np.log(10), rel=1e-12)  # every class
+    assert marginal_class_entropy(one_hot[[4] * 30]) == 0.0  # one class only

@@ -68,3 +68,21 @@ def test_bad_sizes_are_rejected():
         DiT(DiTConfig(patch_size=3), 1, 1, 8)
     with pytest.raises(ConfigError, match="conditioning"):
         DiT(DiTConfig(conditioning="film"), 1, 1, 8)
+
+
+def test_embedding_init_sets_the_scale_of_the_condition_and_dit_is_the_papers():
+    t, y = torch.arange(0, 1000, 50), torch.arange(20) % 10
+    torch.manual_seed(0)
+    paper = DiT(DiTConfig(patch_size=2, hidden_size=64, depth=1, num_heads=4), 1, 1, 8, 10)
+    assert paper.config.embedding_init == "dit"  # the default is the paper's N(0, 0.02)
+    assert paper.y_embedder.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert paper.t_embedder.mlp[2].weight.std().item() == pytest.approx(0.02, rel=0.1)
+    unit = DiT(DiTConfig(patch_size=2, hidden_size=64, depth=1, num_heads=4, embedding_init="unit"), 1, 1, 8, 10)
+    assert unit.y_embedder.weight.std().item() == pytest.approx(1.0, rel=0.1)
+    w = unit.t_embedder.mlp[0].weight  # Xavier uniform: std sqrt(2 / (fan_in + fan_out))
+    assert w.std().item() == pytest.approx(math.sqrt(2 / sum(w.shape)), rel=0.1)
+    # c = embed(t) + embed(y): ~0.03 in the paper's init, O(1) with unit
+    c_paper, c_unit = (m.condition_tokens(t, y).sum(1).std().item() for m in (paper, unit))
+    assert c_paper < 0.1 < 0.5 < c_unit
+    with pytest.raises(ConfigError, match="embedding_init"):
+        DiT(DiTConfig(embedding_init="big"), 1, 1, 8, 10)

@@ -19,7 +19,7 @@ from genlab.errors import ConfigError, DataError
 from genlab.evaluation.common import as_run, default_device, is_run, now, parse_ref, resolve_extractor, versions
 from genlab.evaluation.reference import Reference, features_and_probabilities, reference_stats
 from genlab.evaluation.store import write_result
-from genlab.metrics import frechet_distance, inception_score, kernel_inception_distance
+from genlab.metrics import frechet_distance, inception_score, kernel_inception_distance, marginal_class_entropy
 from genlab.metrics import precision_recall_density_coverage
 from genlab.metrics.extractors import FeatureExtractor, sha256_file
 
@@ -90,6 +90,8 @@ def score_images(
     if "is" in metrics:
         values["is"], stds["is"] = inception_score(probabilities, splits=min(IS_SPLITS, len(probabilities)),
                                                    generator=torch.Generator().manual_seed(seed))
+        # IS's diversity half on its own: ln 10 = 2.30 when the samples spread evenly over the digits.
+        values["class_entropy"] = marginal_class_entropy(probabilities)
         lap("is")
     if "pr" in metrics or "dc" in metrics:
         prdc = precision_recall_density_coverage(reference.features, features, K_PRECISION_RECALL, K_DENSITY_COVERAGE,

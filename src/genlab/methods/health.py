@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from genlab.errors import ConfigError
+from genlab.metrics.inception_score import marginal_class_entropy
 
 __all__ = ["HealthConfig", "HealthWarning", "TrainingHealth", "class_entropy", "pixel_diversity"]
 
@@ -62,8 +63,7 @@ class HealthWarning(UserWarning):
 
 def class_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the mean predicted class distribution of logits (N, K): a batch diversity score."""
-    p = torch.softmax(logits.double(), dim=1).mean(dim=0)  # (K,)
-    return -(p * torch.log(p.clamp_min(1e-300))).sum().float()
+    return torch.tensor(marginal_class_entropy(torch.softmax(logits.double(), dim=1)), dtype=torch.float32)
 
 
 def pixel_diversity(images: torch.Tensor) -> torch.Tensor:

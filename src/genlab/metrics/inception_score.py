@@ -9,7 +9,7 @@ import torch
 from genlab.errors import ConfigError, DataError
 from genlab.metrics.statistics import FeatureBank, as_features, canonical_order
 
-__all__ = ["InceptionScoreConfig", "inception_score", "InceptionScore"]
+__all__ = ["InceptionScoreConfig", "inception_score", "InceptionScore", "marginal_class_entropy"]
 
 
 @dataclass
@@ -22,6 +22,16 @@ class InceptionScoreConfig:
     def __post_init__(self):
         if self.splits < 1:
             raise ConfigError(f"inception score splits must be >= 1, got {self.splits}")
+
+
+def marginal_class_entropy(probabilities: torch.Tensor) -> float:
+    """H(p(y)) in nats, p(y) the mean over samples of the class probabilities p(y|x) (N, C).
+
+    The diversity half of the Inception Score (IS = exp(H(p(y)) - E_x H(p(y|x)))): ln C when the
+    samples spread evenly over the C classes, 0 when every sample is the same class.
+    """
+    p_y = as_features(probabilities, "class probabilities").mean(dim=0)  # (C,)
+    return float(-torch.special.xlogy(p_y, p_y).sum())
 
 
 def inception_score(probabilities, splits: int = 10, generator: torch.Generator | None = None) -> tuple[float, float]:

@@ -50,6 +50,11 @@ class DiTConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     conditioning: Literal["in-context", "cross-attention", "adaln", "adaln-zero"] = "adaln-zero"
+    # Scale of the condition c = embed(t) + embed(y) at initialisation. "dit": the paper's N(0, 0.02)
+    # class table and timestep MLP, so |c| ~ 0.03 and, behind the zero-initialised adaLN layers, t and y
+    # reach the blocks only after many steps (fine at 400k steps, not at a few thousand). "unit": an
+    # N(0, 1) class table and a Xavier timestep MLP (as the U-Net's), so c starts at O(1).
+    embedding_init: Literal["dit", "unit"] = "dit"
 
 
 # The paper's sizes (table 1); the CPU presets use smaller ones.
@@ -210,6 +215,8 @@ class DiT(nn.Module):
             raise ConfigError(f"unknown DiT conditioning {c.conditioning!r}; valid: {', '.join(CONDITIONINGS)}")
         if c.patch_size < 1 or image_size % c.patch_size:
             raise ConfigError(f"DiT patch_size={c.patch_size} must divide the image size {image_size}")
+        if c.embedding_init not in ("dit", "unit"):
+            raise ConfigError(f"DiT embedding_init={c.embedding_init!r}: choose dit (the paper's N(0, 0.02)) or unit")
         if c.hidden_size % c.num_heads:
             raise ConfigError(f"DiT num_heads={c.num_heads} must divide hidden_size={c.hidden_size}")
         self.config, self.in_channels, self.out_channels = c, in_channels, out_channels
@@ -244,10 +251,11 @@ class DiT(nn.Module):
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.config.embedding_init == "dit":  # "unit": the Xavier pass above, and an N(0, 1) class table
+            nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
+            nn.init.normal_(self.y_embedder.weight, std=0.02 if self.config.embedding_init == "dit" else 1.0)
         if self.micro_embed is not None:  # zero-initialised output, undone by the xavier pass above
             nn.init.zeros_(self.micro_embed.mlp[2].weight)
         if self.config.conditioning == "adaln-zero":  # the xavier pass above must not undo the zero init
