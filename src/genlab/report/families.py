@@ -26,6 +26,7 @@ not sampled again. Rerunning the command after a crash costs only what was lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -50,17 +51,18 @@ class Family:
     method: str  # the method that draws the images (declares Generates)
     parent: str | None = None  # method of the parent run trained first (ldm: kl-ae; priors: vqvae)
     role: str | None = None  # the child's config key naming the parent: model.<role>=RUN
+    native_sampler: str | None = None  # how a family without a `sampler` setting draws, for the table
 
 
 FAMILIES = (
     Family("ddpm", "ddpm"),
     Family("dit", "dit"),
     Family("ldm", "ldm", parent="kl-ae", role="autoencoder"),
-    Family("vae", "vae"),
-    Family("vqvae+pixelcnn", "pixelcnn", parent="vqvae", role="codes"),
-    Family("vqvae+gpt", "gpt", parent="vqvae", role="codes"),
-    Family("gan", "gan"),
-    Family("stylegan", "stylegan"),
+    Family("vae", "vae", native_sampler="one pass"),
+    Family("vqvae+pixelcnn", "pixelcnn", parent="vqvae", role="codes", native_sampler="code by code"),
+    Family("vqvae+gpt", "gpt", parent="vqvae", role="codes", native_sampler="code by code"),
+    Family("gan", "gan", native_sampler="one pass"),
+    Family("stylegan", "stylegan", native_sampler="one pass"),
 )
 
 
@@ -163,6 +165,7 @@ class Row:
     parent_min: float | None = None
     child_min: float | None = None
     train_min: float | None = None  # parent + child
+    cpu_share: float | None = None  # process CPU s per wall s of the child's training launches (1 = a whole core)
     steps: int | None = None
     planned_steps: int | None = None
     parent_steps: int | None = None
@@ -198,11 +201,44 @@ def _train(method: str, run_dir: Path, data: str, budget: float, seed: int, thre
         if state is None:  # a resumed run keeps its seed and parents (both are in its config)
             overrides += [*parents, f"train.seed={seed}"]
         say(f"train {method} for {left:.2f} min{' (resumed at step %d)' % state.step if state else ''}")
-        api.train(method, data=None if state else data, preset=None if state else "small", overrides=overrides,
-                  run_dir=run_dir, resume=state is not None, data_root=data_root, progress=False,
-                  announce=lambda line: None)
+        with _cpu_account(run_dir):
+            api.train(method, data=None if state else data, preset=None if state else "small", overrides=overrides,
+                      run_dir=run_dir, resume=state is not None, data_root=data_root, progress=False,
+                      announce=lambda line: None)
         state = trained_state(run_dir)
     return state
+
+
+CPU_FILE = "bench-cpu.json"  # in a run folder: CPU and wall seconds of the launches this driver made
+
+
+@contextlib.contextmanager
+def _cpu_account(run_dir: Path):
+    """Add this block's process CPU seconds and wall seconds to ``run_dir/bench-cpu.json``.
+
+    ``train.time_limit`` counts wall time: on a shared machine a run gets less than a core for it.
+    CPU / wall is the share of a core it really had (data loading and the final preview grid included),
+    so a table made beside other jobs says how far its minutes were from quiet-machine minutes.
+    """
+    cpu, wall = time.process_time(), time.perf_counter()
+    try:
+        yield
+    finally:
+        path = run_dir / CPU_FILE
+        total = json.loads(path.read_text()) if path.is_file() else {"cpu_seconds": 0.0, "wall_seconds": 0.0}
+        total["cpu_seconds"] += time.process_time() - cpu
+        total["wall_seconds"] += time.perf_counter() - wall
+        if run_dir.is_dir():
+            path.write_text(json.dumps(total) + "\n")
+
+
+def cpu_share(run_dir: Path) -> float | None:
+    """CPU seconds per wall second of the driver's launches of this run (None: not trained by the driver)."""
+    path = run_dir / CPU_FILE
+    if not path.is_file():
+        return None
+    total = json.loads(path.read_text())
+    return total["cpu_seconds"] / total["wall_seconds"] if total["wall_seconds"] > 0 else None
 
 
 def _scored(run_dir: Path, protocol: dict[str, Any]) -> dict | None:
@@ -244,8 +280,6 @@ def _evaluate(run_dir: Path, job: Job, n: int, eval_seed: int, extractor: str | 
 def run_job(job: Job, n: int, eval_seed: int = 0, threads: int = 1, extractor: str | None = None,
             data_root: str | None = None, say: Callable[[str], None] = print) -> Row:
     """Train (parent first), score and describe one cell; errors of the user's kind are raised."""
-    from genlab.config import read_config_file
-
     fam = job.family
     child_dir = job.run_dir(fam.method)
     row = Row(fam.name, fam.method, job.data, job.seed, job.minutes, str(child_dir), parent=fam.parent,
@@ -263,14 +297,14 @@ def run_job(job: Job, n: int, eval_seed: int = 0, threads: int = 1, extractor: s
     state = _train(fam.method, child_dir, job.data, budget, job.seed, threads, data_root, parents, say=say)
     row.child_min, row.steps, row.planned_steps = state.minutes, state.step, state.planned_steps
     row.train_min = state.minutes + (row.parent_min or 0.0)
+    row.cpu_share = cpu_share(child_dir)
     entry, row.class_conditional = _evaluate(child_dir, job, n, eval_seed, extractor, data_root, say)
     p = entry["protocol"]
     row.n, row.reference, row.extractor, row.extractor_sha256 = p["n"], p["reference"], p["extractor"], p["extractor_sha256"]
     row.sampler, row.sample_steps = p.get("sampler"), p.get("steps")
     row.ms_per_sample = 1000 * p["seconds"]["sample"] / p["n"]
     row.metrics = {k: float(v) for k, v in entry["metrics"].items() if k in GENERATION or k == "class_accuracy"}
-    model = read_config_file(child_dir / "config.yaml")["model"]
-    row.sampler = row.sampler or model.get("sampler")
+    row.sampler = row.sampler or fam.native_sampler
     return row
 
 
@@ -361,8 +395,8 @@ def summarize(rows: Sequence[Row]) -> list[dict[str, Any]]:
         ok = [r for r in mine if r.error is None]
         entry: dict[str, Any] = {"family": name, "seeds": [r.seed for r in ok],
                                  "errors": {r.seed: r.error for r in mine if r.error}}
-        for key in ("train_min", "ms_per_sample", "steps"):
-            entry[key] = [getattr(r, key) for r in ok]
+        for key in ("train_min", "ms_per_sample", "steps", "cpu_share"):
+            entry[key] = [getattr(r, key) for r in ok if getattr(r, key) is not None]
         for key in GENERATION + ("class_accuracy",):
             entry[key] = [r.metrics[key] for r in ok if key in r.metrics]
         if ok:
@@ -376,8 +410,8 @@ def summarize(rows: Sequence[Row]) -> list[dict[str, Any]]:
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """The table: one line per family, mean ± sample std over seeds where there are several, then failures."""
-    lines = ["| family | preset (parent) | seeds | train min | steps | sampler | ms / sample | FID | KID | IS | "
-             "precision | recall | density | coverage |", "|" + "---|" * 14]
+    lines = ["| family | preset (parent) | seeds | train min | core share | steps | sampler | ms / sample | FID | KID | "
+             "IS | precision | recall | density | coverage |", "|" + "---|" * 15]
     failed = []
     for s in summarize(rows):
         if not s["seeds"]:
@@ -391,13 +425,13 @@ def markdown_table(rows: Sequence[Row]) -> str:
         if s["parent"]:
             minutes += f" (parent {statistics.fmean(s['parent_min']):.2f})"
         steps = f"{statistics.fmean(s['steps']):.0f} / {s['planned_steps']}"
-        cells = [s["family"], preset, ",".join(map(str, s["seeds"])), minutes, steps, sampler,
+        cells = [s["family"], preset, ",".join(map(str, s["seeds"])), minutes, _cell(s["cpu_share"], 2), steps, sampler,
                  _cell(s["ms_per_sample"], 1), _cell(s["fid"], 1), _cell(s["kid"], 4), _cell(s["is"], 2),
                  *(_cell(s[k], 3) for k in ("precision", "recall", "density", "coverage"))]
         lines.append("| " + " | ".join(cells) + " |")
     for s in failed:
         lines.append(f"| {s['family']} | failed: {'; '.join(f'seed {k}: {v}' for k, v in s['errors'].items())} |" +
-                     " |" * 12)
+                     " |" * 13)
     return "\n".join(lines) + "\n"
 
 
