@@ -450,9 +450,16 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
         if yerr is not None:
             ax.errorbar([x], [y], yerr=[[min(yerr, y * 0.99)], [yerr]], fmt="none", ecolor="black", capsize=3, lw=1)
         ax.annotate(s["family"], (x, y), textcoords="offset points", xytext=(7, 5), fontsize=9)
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("sampling cost, ms per sample (one thread)")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2, 5, 10, 20 rather than 2 x 10^0
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_locator(LogLocator(subs=(2, 5)))
+        axis.set_minor_formatter(plain)
+    ax.set_xlabel("sampling cost, ms per sample (one thread); marker area = training minutes")
     ax.set_ylabel("FID (evaluator features; lower is better)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
@@ -477,7 +484,7 @@ def write_outputs(rows: Sequence[Row], out: Path, data: str) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(doc, indent=1) + "\n")
     paths["md"].write_text(markdown_table(rows))
     seeds = sorted({r.seed for r in ok})
-    plot(rows, paths["png"], f"{data}: every family at {budget:g} CPU-min (1 thread), N={protocol.get('n')}, "
+    plot(rows, paths["png"], f"{data}: every family at {budget:g} min of training (1 thread), FID of N={protocol.get('n')}, "
                              f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}" if rows else data)
     return paths
 
