@@ -412,7 +412,7 @@ def _parser() -> argparse.ArgumentParser:
     bf = bsub.add_parser("families", help="train every generative family at one CPU budget and score them alike",
                          description="Train every generative family (ddpm, dit, ldm on a kl-ae, vae, a VQ-VAE with a "
                                      "PixelCNN or GPT prior, gan, stylegan) with the data's small preset for --minutes "
-                                     "CPU-minutes each on --threads threads (train.time_limit stops it; a two-stage "
+                                     "minutes each (--clock: CPU or wall) on --threads threads (train.time_limit stops it; a two-stage "
                                      "family spends --parent-share of its minutes on the parent and the rest on the "
                                      "child), score each with the same generation protocol (--n samples against "
                                      "DATA:test, the data's shipped evaluator, evaluation seed 0, the run's own "
@@ -427,7 +427,10 @@ def _parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     bf.add_argument("--data", required=True, help="data source with an evaluator: mnist, fashion-mnist (or any, "
                                                   "with --extractor)")
-    bf.add_argument("--minutes", type=float, required=True, help="training CPU-minutes per family (parent included)")
+    bf.add_argument("--minutes", type=float, required=True, help="training minutes per family (parent included)")
+    bf.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what --minutes counts: the training "
+                                                                          "process's CPU time (default: the same compute "
+                                                                          "on a busy machine) or wall time")
     bf.add_argument("--n", type=int, default=10000, help="samples scored per run (default 10000)")
     bf.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2 (default 0): the table "
                                                  "gives mean +- std over them")
@@ -938,7 +941,7 @@ def _cmd_bench(a) -> int:
             raise GenlabError(f"--seeds {a.seeds}: give comma-separated integers, e.g. 0,1,2") from None
         rows, paths = families.bench_families(a.data, a.minutes, n=a.n, seeds=seeds, families=a.families,
                                               parent_share=a.parent_share, out=a.out, threads=a.threads,
-                                              extractor=a.extractor, data_root=a.data_root)
+                                              extractor=a.extractor, data_root=a.data_root, clock=a.clock)
         if any(r.error for r in rows):
             print(paths["md"].read_text(), end="")
             print(f"wrote {', '.join(str(p) for p in paths.values())}; "

@@ -10,9 +10,11 @@ default sampler; class-conditional runs are asked for every class equally often)
 ``families-DATA.json`` (every number), ``families-DATA.md`` (the table) and ``families-DATA.png``
 (FID against milliseconds per sample, marker area proportional to training minutes).
 
-**Budget accounting.** The budget is optimisation wall time as the trainer counts it (``elapsed_seconds``
-of the newest checkpoint, summed over launches; data loading, model building and the final preview grid
-are outside it). A family with a frozen parent (latent diffusion on a kl-ae; the PixelCNN and GPT priors
+**Budget accounting.** The budget is optimisation time as the trainer counts it (``train.time_clock``):
+by default the training process's CPU time (``cpu_seconds`` of the newest checkpoint, summed over
+launches), so every family gets the same compute however many other jobs share the cores; ``--clock
+wall`` counts wall time instead (``elapsed_seconds``), fair only on an otherwise idle machine. Data
+loading, model building and the final preview grid are outside the budget. A family with a frozen parent (latent diffusion on a kl-ae; the PixelCNN and GPT priors
 on a VQ-VAE) spends ``parent_share`` of the budget on the parent and the rest, ``minutes`` minus the
 parent's *measured* minutes, on the child, so parent + child = the budget. The two priors share one
 VQ-VAE run and each counts its minutes in full. A preset whose ``train.steps`` end before the budget
@@ -37,6 +39,7 @@ from typing import Any, Callable, Sequence
 
 from genlab.errors import ConfigError, GenlabError
 
+CLOCKS = ("cpu", "wall")  # what a budget's minutes count (train.time_clock)
 GENERATION = ("fid", "kid", "is", "precision", "recall", "density", "coverage")
 # A run that has trained this close to its budget is done: the trainer stops after the step that crosses
 # the limit, so a finished run is at or just past it; a resume for a few seconds would only add noise.
@@ -108,8 +111,9 @@ class Trained:
     planned_steps: int
 
 
-def trained_state(run_dir: Path) -> Trained | None:
-    """The run's newest intact checkpoint as :class:`Trained`, or None when there is no run (or no checkpoint)."""
+def trained_state(run_dir: Path, clock: str = "cpu") -> Trained | None:
+    """The run's newest intact checkpoint as :class:`Trained` (minutes on ``clock``: cpu or wall), or None
+    when there is no run (or no checkpoint)."""
     from genlab.config import read_config_file
     from genlab.train.checkpoint import find_checkpoint, verify_checkpoint
 
@@ -120,7 +124,8 @@ def trained_state(run_dir: Path) -> Trained | None:
         return None
     _, state = verify_checkpoint(checkpoint)
     planned = read_config_file(run_dir / "config.yaml")["train"]["steps"]
-    return Trained(int(state["step"]), float(state.get("elapsed_seconds", 0.0)) / 60, int(planned))
+    seconds = state.get("cpu_seconds" if clock == "cpu" else "elapsed_seconds", 0.0)
+    return Trained(int(state["step"]), float(seconds) / 60, int(planned))
 
 
 def minutes_left(state: Trained | None, budget: float) -> float:
@@ -145,6 +150,7 @@ class Job:
     minutes: float
     parent_share: float
     out: Path
+    clock: str = "cpu"  # what the minutes count: the process's CPU time, or wall time
 
     def run_dir(self, method: str) -> Path:
         return self.out / self.data / f"{method}-s{self.seed}"
@@ -160,6 +166,7 @@ class Row:
     seed: int
     budget_min: float
     run: str
+    clock: str = "cpu"
     parent: str | None = None
     parent_run: str | None = None
     parent_min: float | None = None
@@ -190,22 +197,23 @@ def _preset_name(method: str, data: str) -> str:
 
 
 def _train(method: str, run_dir: Path, data: str, budget: float, seed: int, threads: int, data_root: str | None,
-           parents: Sequence[str] = (), say: Callable[[str], None] = print) -> Trained:
+           parents: Sequence[str] = (), say: Callable[[str], None] = print, clock: str = "cpu") -> Trained:
     """Train (or resume) ``run_dir`` until it has used ``budget`` minutes or its preset's steps; its state after."""
     from genlab import api
 
-    state = trained_state(run_dir)
+    state = trained_state(run_dir, clock)
     left = minutes_left(state, budget)
     if left > 0:
-        overrides = [f"train.time_limit={left:.4f}", f"train.threads={threads}"]
+        overrides = [f"train.time_limit={left:.4f}", f"train.time_clock={clock}", f"train.threads={threads}"]
         if state is None:  # a resumed run keeps its seed and parents (both are in its config)
             overrides += [*parents, f"train.seed={seed}"]
-        say(f"train {method} for {left:.2f} min{' (resumed at step %d)' % state.step if state else ''}")
+        say(f"train {method} for {left:.2f} {'CPU-' if clock == 'cpu' else ''}min"
+            f"{' (resumed at step %d)' % state.step if state else ''}")
         with _cpu_account(run_dir):
             api.train(method, data=None if state else data, preset=None if state else "small", overrides=overrides,
                       run_dir=run_dir, resume=state is not None, data_root=data_root, progress=False,
                       announce=lambda line: None)
-        state = trained_state(run_dir)
+        state = trained_state(run_dir, clock)
     return state
 
 
@@ -282,19 +290,20 @@ def run_job(job: Job, n: int, eval_seed: int = 0, threads: int = 1, extractor: s
     """Train (parent first), score and describe one cell; errors of the user's kind are raised."""
     fam = job.family
     child_dir = job.run_dir(fam.method)
-    row = Row(fam.name, fam.method, job.data, job.seed, job.minutes, str(child_dir), parent=fam.parent,
+    row = Row(fam.name, fam.method, job.data, job.seed, job.minutes, str(child_dir), job.clock, parent=fam.parent,
               preset=_preset_name(fam.method, job.data))
     parents: list[str] = []
     budget = job.minutes
     if fam.parent is not None:
         parent_dir = job.run_dir(fam.parent)
         parent_state = _train(fam.parent, parent_dir, job.data, parent_budget(job.minutes, job.parent_share),
-                              job.seed, threads, data_root, say=say)
+                              job.seed, threads, data_root, say=say, clock=job.clock)
         row.parent_run, row.parent_preset = str(parent_dir), _preset_name(fam.parent, job.data)
         row.parent_min, row.parent_steps = parent_state.minutes, parent_state.step
         budget = child_budget(job.minutes, parent_state.minutes)
         parents = [f"model.{fam.role}={parent_dir}"]
-    state = _train(fam.method, child_dir, job.data, budget, job.seed, threads, data_root, parents, say=say)
+    state = _train(fam.method, child_dir, job.data, budget, job.seed, threads, data_root, parents, say=say,
+                   clock=job.clock)
     row.child_min, row.steps, row.planned_steps = state.minutes, state.step, state.planned_steps
     row.train_min = state.minutes + (row.parent_min or 0.0)
     row.cpu_share = cpu_share(child_dir)
@@ -319,20 +328,22 @@ def check_evaluator(data: str, extractor: str | None) -> None:
 
 
 def plan(data: str, minutes: float, seeds: Sequence[int], families: Sequence[Family], parent_share: float,
-         out: Path) -> list[Job]:
+         out: Path, clock: str = "cpu") -> list[Job]:
     """The jobs of the table, seed-major (a first seed's full table comes before any repeat)."""
     if not minutes > 0 or not math.isfinite(minutes):
         raise ConfigError(f"--minutes {minutes:g}: give a positive number of CPU-minutes per family (e.g. 3)")
     if not seeds:
         raise ConfigError("--seeds is empty: give at least one training seed (e.g. 0 or 0,1,2)")
+    if clock not in CLOCKS:
+        raise ConfigError(f"--clock {clock}: choose cpu (the process's CPU time) or wall (wall time)")
     parent_budget(minutes, parent_share)  # checks the share
-    return [Job(f, data, s, minutes, parent_share, Path(out)) for s in seeds for f in families]
+    return [Job(f, data, s, minutes, parent_share, Path(out), clock) for s in seeds for f in families]
 
 
 def bench_families(data: str, minutes: float, n: int = 10000, seeds: Sequence[int] = (0,), families=None,
                    parent_share: float = 1 / 3, out: str | Path = "runs/families", eval_seed: int = 0,
                    threads: int = 1, extractor: str | None = None, data_root: str | None = None,
-                   say: Callable[[str], None] = print) -> tuple[list[Row], dict[str, Path]]:
+                   clock: str = "cpu", say: Callable[[str], None] = print) -> tuple[list[Row], dict[str, Path]]:
     """Drive the whole table: every job (failures recorded, the rest go on), then the JSON, table and plot."""
     import torch
 
@@ -341,9 +352,10 @@ def bench_families(data: str, minutes: float, n: int = 10000, seeds: Sequence[in
     if threads < 1:
         raise ConfigError(f"--threads {threads}: give at least 1")
     check_evaluator(data, extractor)
-    jobs = plan(data, minutes, list(seeds), select_families(families), parent_share, Path(out))
+    jobs = plan(data, minutes, list(seeds), select_families(families), parent_share, Path(out), clock)
     torch.set_num_threads(threads)
     rows: list[Row] = []
+    kept = earlier_rows(Path(out), data, minutes, clock, n, jobs)
     for i, job in enumerate(jobs, 1):
         head = f"[{i}/{len(jobs)}] {job.family.name} {data} seed {job.seed}"
         start = time.perf_counter()
@@ -351,20 +363,38 @@ def bench_families(data: str, minutes: float, n: int = 10000, seeds: Sequence[in
             row = run_job(job, n, eval_seed, threads, extractor, data_root, say=lambda line: say(f"{head}: {line}"))
         except GenlabError as e:
             row = Row(job.family.name, job.family.method, data, job.seed, minutes, str(job.run_dir(job.family.method)),
-                      parent=job.family.parent, error=str(e).splitlines()[0])
+                      clock, parent=job.family.parent, error=str(e).splitlines()[0])
         except Exception as e:  # a bug in one family must not cost the others' hours: record it, go on
             message = (str(e).strip().splitlines() or [""])[0][:200]
             row = Row(job.family.name, job.family.method, data, job.seed, minutes, str(job.run_dir(job.family.method)),
-                      parent=job.family.parent, error=f"unexpected {type(e).__name__}: {message}")
+                      clock, parent=job.family.parent, error=f"unexpected {type(e).__name__}: {message}")
         rows.append(row)
         wall = (time.perf_counter() - start) / 60
         if row.error:
             say(f"{head}: error: {row.error}")
         else:
             say(f"{head}: FID {row.metrics.get('fid', float('nan')):.1f}, {row.ms_per_sample:.1f} ms/sample, trained "
-                f"{row.train_min:.2f} min ({_steps_text(row)}); {wall:.1f} min wall for this line")
-        paths = write_outputs(rows, Path(out), data)  # after every line: an interruption keeps what was done
+                f"{row.train_min:.2f} {'CPU-' if clock == 'cpu' else ''}min ({_steps_text(row)}); {wall:.1f} min wall "
+                "for this line")
+        paths = write_outputs(table_order(kept + rows), Path(out), data)  # after every line: an interruption keeps what was done
     return rows, paths
+
+
+def earlier_rows(out: Path, data: str, minutes: float, clock: str, n: int, jobs: Sequence[Job]) -> list[Row]:
+    """Rows of an earlier invocation's table that this one does not redo (other families or seeds), when it
+    measured under the same budget, clock and N: so the table can be filled family by family."""
+    path = out / f"families-{data}.json"
+    if not path.is_file():
+        return []
+    doing = {(j.family.name, j.seed) for j in jobs}
+    return [r for r in read_rows(path) if (r.family, r.seed) not in doing and r.error is None
+            and r.budget_min == minutes and r.clock == clock and r.n == n]
+
+
+def table_order(rows: Sequence[Row]) -> list[Row]:
+    """Rows in :data:`FAMILIES` order, then by seed."""
+    rank = {f.name: i for i, f in enumerate(FAMILIES)}
+    return sorted(rows, key=lambda r: (rank.get(r.family, len(rank)), r.seed))
 
 
 def _steps_text(row: Row) -> str:
@@ -410,7 +440,8 @@ def summarize(rows: Sequence[Row]) -> list[dict[str, Any]]:
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """The table: one line per family, mean ± sample std over seeds where there are several, then failures."""
-    lines = ["| family | preset (parent) | seeds | train min | core share | steps | sampler | ms / sample | FID | KID | "
+    unit = "CPU-min" if rows and rows[0].clock == "cpu" else "min"
+    lines = [f"| family | preset (parent) | seeds | train {unit} | core share | steps | sampler | ms / sample | FID | KID | "
              "IS | precision | recall | density | coverage |", "|" + "---|" * 15]
     failed = []
     for s in summarize(rows):
@@ -484,7 +515,8 @@ def write_outputs(rows: Sequence[Row], out: Path, data: str) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(doc, indent=1) + "\n")
     paths["md"].write_text(markdown_table(rows))
     seeds = sorted({r.seed for r in ok})
-    plot(rows, paths["png"], f"{data}: every family at {budget:g} min of training (1 thread), FID of N={protocol.get('n')}, "
+    unit = "CPU-min" if rows and rows[0].clock == "cpu" else "wall-min"
+    plot(rows, paths["png"], f"{data}: every family at {budget:g} {unit} of training (1 thread), FID of N={protocol.get('n')}, "
                              f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}" if rows else data)
     return paths
 
