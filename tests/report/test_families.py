@@ -153,19 +153,31 @@ def test_two_stage_family_charges_the_parent(fake_trainer, monkeypatch, tmp_path
 def test_cpu_account_measures_the_share_of_a_core(tmp_path):
     import time
 
+    def spend(seconds):  # busy until this much CPU was used, however long the machine makes that take
+        start = time.process_time()
+        while time.process_time() - start < seconds:
+            pass
+
+    def parts():
+        return json.loads((tmp_path / fam.CPU_FILE).read_text())
+
     with fam._cpu_account(tmp_path):
         time.sleep(0.3)  # waiting: no CPU
-    first = json.loads((tmp_path / fam.CPU_FILE).read_text())
+    first = parts()["train"]
     assert first["wall_seconds"] >= 0.3 and first["cpu_seconds"] < 0.1
     with fam._cpu_account(tmp_path):
-        start = time.process_time()
-        while time.process_time() - start < 0.2:  # busy until 0.2 CPU-s were spent, however long that takes
-            pass
-    total = json.loads((tmp_path / fam.CPU_FILE).read_text())
-    assert total["cpu_seconds"] >= first["cpu_seconds"] + 0.2  # both launches summed
-    assert total["wall_seconds"] >= first["wall_seconds"] + 0.2
-    assert fam.cpu_share(tmp_path) == pytest.approx(total["cpu_seconds"] / total["wall_seconds"])
-    assert fam.cpu_share(tmp_path / "absent") is None
+        spend(0.2)
+    train = parts()["train"]  # training launches add up
+    assert train["cpu_seconds"] >= first["cpu_seconds"] + 0.2 and train["wall_seconds"] >= first["wall_seconds"] + 0.2
+    assert fam.cpu_share(tmp_path) == pytest.approx(train["cpu_seconds"] / train["wall_seconds"])
+    for _ in range(2):
+        with fam._cpu_account(tmp_path, "eval"):
+            spend(0.1)
+    assert 0.1 <= parts()["eval"]["cpu_seconds"] < 0.2  # an evaluation replaces the previous one
+    assert parts()["train"] == train
+    assert fam.cpu_share(tmp_path / "absent") is None and fam.cpu_share(tmp_path, "other") is None
+    (tmp_path / fam.CPU_FILE).write_text(json.dumps({"cpu_seconds": 1.0, "wall_seconds": 4.0}))  # the first format
+    assert fam.cpu_share(tmp_path) == 0.25
 
 
 def test_scored_matches_the_protocol_only(tmp_path):
@@ -185,7 +197,7 @@ def _row(family, seed, fid, ms=2.0, minutes=3.0, error=None, parent=None):
     return fam.Row(family, family, "mnist", seed, 3.0, f"runs/{family}-s{seed}", parent=parent,
                    parent_min=1.0 if parent else None, train_min=minutes, steps=900, planned_steps=6000,
                    preset=f"{family}_mnist_small", parent_preset="kl_ae_mnist_small" if parent else None,
-                   cpu_share=0.9, sampler="ddpm", sample_steps=20, n=2000, ms_per_sample=ms, reference="mnist:test",
+                   cpu_share=0.9, sampler="ddpm", sample_steps=20, n=2000, ms_per_sample=ms, sample_cpu_ms=0.9 * ms, reference="mnist:test",
                    extractor="mnist", extractor_sha256="abc", metrics={} if error else {"fid": fid, "kid": fid / 1000},
                    error=error)
 
@@ -196,11 +208,11 @@ def test_table_pools_seeds_with_mean_and_sample_std_and_lists_failures():
                                                              _row("dit", 0, 0, error="disk full; free space")]
     table = fam.markdown_table(rows)
     lines = table.strip().splitlines()
-    assert len(lines) == 2 + 3 and all(line.count("|") == 16 for line in lines[:4])
+    assert len(lines) == 2 + 3 and all(line.count("|") == 17 for line in lines[:4])
     ddpm = next(line for line in lines if line.startswith("| ddpm "))
     mean, std = statistics.fmean(fids), statistics.stdev(fids)  # 13.0, 3.606
     assert f"{mean:.1f} ± {std:.1f}" in ddpm and "| 0,1,2 |" in ddpm
-    assert "| 3.00 ± 0.00 | 0.90 ± 0.00 | 900 / 6000 | ddpm 20 |" in ddpm and "| train CPU-min |" in lines[0]
+    assert "| 3.00 ± 0.00 | 0.90 ± 0.00 | 900 / 6000 | ddpm 20 | 2.0 ± 0.0 | 1.8 ± 0.0 |" in ddpm and "| train CPU-min |" in lines[0]
     ldm = next(line for line in lines if line.startswith("| ldm "))
     assert "ldm_mnist_small (kl_ae_mnist_small)" in ldm and "(parent 1.00)" in ldm and "| 40.0 |" in ldm
     assert lines[-1].startswith("| dit | failed: seed 0: disk full; free space |")
@@ -231,7 +243,7 @@ def test_driver_records_a_failure_and_goes_on(monkeypatch, tmp_path):
     said = []
     rows, paths = fam.bench_families("mnist", 3, n=100, families="ddpm,dit,gan", out=tmp_path, say=said.append)
     assert [r.error for r in rows] == [None, "model.dit.depth=0: must be at least 1", "unexpected RuntimeError: boom"]
-    assert said[0].startswith("[1/3] ddpm mnist seed 0: FID 10.0, 2.0 ms/sample, trained 3.00 CPU-min (900 of 6000 steps)")
+    assert said[0].startswith("[1/3] ddpm mnist seed 0: FID 10.0, 1.8 CPU ms/sample, trained 3.00 CPU-min (900 of 6000 steps)")
     assert said[1] == "[2/3] dit mnist seed 0: error: model.dit.depth=0: must be at least 1"
     assert all("\n" not in s for s in said)
     assert len(json.loads(paths["json"].read_text())["rows"]) == 3

@@ -182,7 +182,8 @@ class Row:
     sample_steps: int | None = None
     class_conditional: bool = False
     n: int | None = None
-    ms_per_sample: float | None = None
+    ms_per_sample: float | None = None  # wall time of sampling N, per sample (batches of 500)
+    sample_cpu_ms: float | None = None  # the same times the evaluation's CPU share: load-independent
     metrics: dict[str, float] = field(default_factory=dict)
     reference: str | None = None
     extractor: str | None = None
@@ -217,36 +218,45 @@ def _train(method: str, run_dir: Path, data: str, budget: float, seed: int, thre
     return state
 
 
-CPU_FILE = "bench-cpu.json"  # in a run folder: CPU and wall seconds of the launches this driver made
+CPU_FILE = "bench-cpu.json"  # in a run folder: CPU and wall seconds of what this driver ran there
+
+
+def _read_cpu_file(run_dir: Path) -> dict[str, dict[str, float]]:
+    path = run_dir / CPU_FILE
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {"train": data} if "cpu_seconds" in data else data  # the first format held the training launches only
 
 
 @contextlib.contextmanager
-def _cpu_account(run_dir: Path):
-    """Add this block's process CPU seconds and wall seconds to ``run_dir/bench-cpu.json``.
+def _cpu_account(run_dir: Path, part: str = "train"):
+    """Record this block's process CPU seconds and wall seconds under ``part`` of ``run_dir/bench-cpu.json``.
 
-    ``train.time_limit`` counts wall time: on a shared machine a run gets less than a core for it.
-    CPU / wall is the share of a core it really had (data loading and the final preview grid included),
-    so a table made beside other jobs says how far its minutes were from quiet-machine minutes.
+    On a shared machine a process gets less than a core: CPU / wall is the share it really had. Training
+    launches add up (part "train": data loading and the final preview grid included); an evaluation
+    replaces the previous one (part "eval": sampling and scoring), so a table made beside other jobs
+    can say how far its wall times were from quiet-machine times.
     """
     cpu, wall = time.process_time(), time.perf_counter()
     try:
         yield
     finally:
-        path = run_dir / CPU_FILE
-        total = json.loads(path.read_text()) if path.is_file() else {"cpu_seconds": 0.0, "wall_seconds": 0.0}
+        parts = _read_cpu_file(run_dir)
+        total = parts.get(part) if part == "train" else None
+        total = dict(total or {"cpu_seconds": 0.0, "wall_seconds": 0.0})
         total["cpu_seconds"] += time.process_time() - cpu
         total["wall_seconds"] += time.perf_counter() - wall
         if run_dir.is_dir():
-            path.write_text(json.dumps(total) + "\n")
+            (run_dir / CPU_FILE).write_text(json.dumps({**parts, part: total}) + "\n")
 
 
-def cpu_share(run_dir: Path) -> float | None:
-    """CPU seconds per wall second of the driver's launches of this run (None: not trained by the driver)."""
-    path = run_dir / CPU_FILE
-    if not path.is_file():
+def cpu_share(run_dir: Path, part: str = "train") -> float | None:
+    """CPU seconds per wall second of ``part`` (train or eval) as the driver ran it here (None: not run by it)."""
+    total = _read_cpu_file(run_dir).get(part)
+    if not total or total["wall_seconds"] <= 0:
         return None
-    total = json.loads(path.read_text())
-    return total["cpu_seconds"] / total["wall_seconds"] if total["wall_seconds"] > 0 else None
+    return total["cpu_seconds"] / total["wall_seconds"]
 
 
 def _scored(run_dir: Path, protocol: dict[str, Any]) -> dict | None:
@@ -280,8 +290,9 @@ def _evaluate(run_dir: Path, job: Job, n: int, eval_seed: int, extractor: str | 
         say(f"sample {n} and score against {ref}")
         # A class-conditional run is asked for every class equally often (guidance scale 1: the plain
         # conditional model); its label-free branch, trained on 10 % of the batches, would be judged instead.
-        entry = evaluate(run, kind="generation", ref=ref, n=n, seed=eval_seed, extractor=extractor,
-                         data_root=data_root, sample_options={"labels": "all"} if conditional else None)
+        with _cpu_account(run_dir, "eval"):
+            entry = evaluate(run, kind="generation", ref=ref, n=n, seed=eval_seed, extractor=extractor,
+                             data_root=data_root, sample_options={"labels": "all"} if conditional else None)
     return entry, conditional
 
 
@@ -312,6 +323,9 @@ def run_job(job: Job, n: int, eval_seed: int = 0, threads: int = 1, extractor: s
     row.n, row.reference, row.extractor, row.extractor_sha256 = p["n"], p["reference"], p["extractor"], p["extractor_sha256"]
     row.sampler, row.sample_steps = p.get("sampler"), p.get("steps")
     row.ms_per_sample = 1000 * p["seconds"]["sample"] / p["n"]
+    share = cpu_share(child_dir, "eval")
+    # Sampling's wall time times the evaluation's share of a core: what a sample costs on an idle core.
+    row.sample_cpu_ms = None if share is None else row.ms_per_sample * min(share, 1.0)
     row.metrics = {k: float(v) for k, v in entry["metrics"].items() if k in GENERATION or k == "class_accuracy"}
     row.sampler = row.sampler or fam.native_sampler
     return row
@@ -373,7 +387,8 @@ def bench_families(data: str, minutes: float, n: int = 10000, seeds: Sequence[in
         if row.error:
             say(f"{head}: error: {row.error}")
         else:
-            say(f"{head}: FID {row.metrics.get('fid', float('nan')):.1f}, {row.ms_per_sample:.1f} ms/sample, trained "
+            say(f"{head}: FID {row.metrics.get('fid', float('nan')):.1f}, {row.sample_cpu_ms or row.ms_per_sample:.1f} "
+                f"{'CPU ' if row.sample_cpu_ms else ''}ms/sample, trained "
                 f"{row.train_min:.2f} {'CPU-' if clock == 'cpu' else ''}min ({_steps_text(row)}); {wall:.1f} min wall "
                 "for this line")
         paths = write_outputs(table_order(kept + rows), Path(out), data)  # after every line: an interruption keeps what was done
@@ -425,7 +440,7 @@ def summarize(rows: Sequence[Row]) -> list[dict[str, Any]]:
         ok = [r for r in mine if r.error is None]
         entry: dict[str, Any] = {"family": name, "seeds": [r.seed for r in ok],
                                  "errors": {r.seed: r.error for r in mine if r.error}}
-        for key in ("train_min", "ms_per_sample", "steps", "cpu_share"):
+        for key in ("train_min", "ms_per_sample", "sample_cpu_ms", "steps", "cpu_share"):
             entry[key] = [getattr(r, key) for r in ok if getattr(r, key) is not None]
         for key in GENERATION + ("class_accuracy",):
             entry[key] = [r.metrics[key] for r in ok if key in r.metrics]
@@ -441,8 +456,8 @@ def summarize(rows: Sequence[Row]) -> list[dict[str, Any]]:
 def markdown_table(rows: Sequence[Row]) -> str:
     """The table: one line per family, mean ± sample std over seeds where there are several, then failures."""
     unit = "CPU-min" if rows and rows[0].clock == "cpu" else "min"
-    lines = [f"| family | preset (parent) | seeds | train {unit} | core share | steps | sampler | ms / sample | FID | KID | "
-             "IS | precision | recall | density | coverage |", "|" + "---|" * 15]
+    lines = [f"| family | preset (parent) | seeds | train {unit} | core share | steps | sampler | wall ms / sample | "
+             "CPU ms / sample | FID | KID | IS | precision | recall | density | coverage |", "|" + "---|" * 16]
     failed = []
     for s in summarize(rows):
         if not s["seeds"]:
@@ -457,12 +472,12 @@ def markdown_table(rows: Sequence[Row]) -> str:
             minutes += f" (parent {statistics.fmean(s['parent_min']):.2f})"
         steps = f"{statistics.fmean(s['steps']):.0f} / {s['planned_steps']}"
         cells = [s["family"], preset, ",".join(map(str, s["seeds"])), minutes, _cell(s["cpu_share"], 2), steps, sampler,
-                 _cell(s["ms_per_sample"], 1), _cell(s["fid"], 1), _cell(s["kid"], 4), _cell(s["is"], 2),
+                 _cell(s["ms_per_sample"], 1), _cell(s["sample_cpu_ms"], 1), _cell(s["fid"], 1), _cell(s["kid"], 4), _cell(s["is"], 2),
                  *(_cell(s[k], 3) for k in ("precision", "recall", "density", "coverage"))]
         lines.append("| " + " | ".join(cells) + " |")
     for s in failed:
         lines.append(f"| {s['family']} | failed: {'; '.join(f'seed {k}: {v}' for k, v in s['errors'].items())} |" +
-                     " |" * 13)
+                     " |" * 14)
     return "\n".join(lines) + "\n"
 
 
@@ -473,9 +488,10 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6), dpi=100)
     for s in summarize(rows):
-        if not s["fid"] or not s["ms_per_sample"]:
+        cost = s["sample_cpu_ms"] or s["ms_per_sample"]  # CPU time where measured (load-independent), else wall
+        if not s["fid"] or not cost:
             continue
-        x, y = statistics.fmean(s["ms_per_sample"]), statistics.fmean(s["fid"])
+        x, y = statistics.fmean(cost), statistics.fmean(s["fid"])
         yerr = statistics.stdev(s["fid"]) if len(s["fid"]) > 1 else None
         ax.scatter([x], [y], s=40 * statistics.fmean(s["train_min"]), alpha=0.6)
         if yerr is not None:
@@ -490,7 +506,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
         axis.set_major_formatter(plain)
         axis.set_minor_locator(LogLocator(subs=(2, 5)))
         axis.set_minor_formatter(plain)
-    ax.set_xlabel("sampling cost, ms per sample (one thread); marker area = training minutes")
+    ax.set_xlabel("sampling cost, CPU ms per sample (one thread); marker area = training minutes")
     ax.set_ylabel("FID (evaluator features; lower is better)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
