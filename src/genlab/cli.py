@@ -423,11 +423,12 @@ def _parser() -> argparse.ArgumentParser:
                          epilog="examples:\n  genlab bench families --data mnist --minutes 3 --n 2000\n"
                                 "  genlab bench families --data mnist --minutes 3 --n 2000 --seeds 0,1,2\n"
                                 "  genlab bench families --data fashion-mnist --minutes 15 --families ddpm,gan,vae\n"
-                                "  genlab bench families --data mnist --minutes 3 --table-only   # redraw from the JSON",
+                                "  genlab bench families --data mnist --table-only   # redraw the table and plot from the JSON",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     bf.add_argument("--data", required=True, help="data source with an evaluator: mnist, fashion-mnist (or any, "
                                                   "with --extractor)")
-    bf.add_argument("--minutes", type=float, required=True, help="training minutes per family (parent included)")
+    bf.add_argument("--minutes", type=float, help="training minutes per family (parent included); required unless "
+                                                 "--table-only")
     bf.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what --minutes counts: the training "
                                                                           "process's CPU time (default: the same compute "
                                                                           "on a busy machine) or wall time")
@@ -935,6 +936,8 @@ def _cmd_bench(a) -> int:
             raise GenlabError(f"{source}: no such file; run `genlab bench families --data {a.data} --minutes M` first")
         paths = families.write_outputs(families.read_rows(source), Path(a.out), a.data)
     else:
+        if a.minutes is None:
+            raise GenlabError("genlab bench families needs --minutes M: the training minutes of each family (e.g. 3)")
         try:
             seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
         except ValueError:

@@ -256,6 +256,8 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert "--seeds 0,x" in one_line_error(capsys)
     assert main(["bench", "families", "--data", "mnist", "--minutes", "3", "--table-only", "--out", str(tmp_path)]) == 2
     assert "no such file" in one_line_error(capsys)
+    assert main(["bench", "families", "--data", "mnist", "--out", str(tmp_path)]) == 2
+    assert "needs --minutes M" in one_line_error(capsys)
     assert main(["bench", "families", "--data", "mnist", "--minutes", "-1", "--out", str(tmp_path)]) == 2
     assert "--minutes -1" in one_line_error(capsys)
     assert not list(tmp_path.iterdir())  # nothing trained or written
@@ -264,7 +266,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
 def test_cli_table_only_rewrites_from_the_json(capsys, tmp_path):
     fam.write_outputs([_row("vae", 0, 33.0)], tmp_path, "mnist")
     (tmp_path / "families-mnist.md").unlink()
-    assert main(["bench", "families", "--data", "mnist", "--minutes", "3", "--table-only", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "families", "--data", "mnist", "--table-only", "--out", str(tmp_path)]) == 0
     assert "| vae | vae_mnist_small |" in capsys.readouterr().out
     assert (tmp_path / "families-mnist.md").is_file()
 

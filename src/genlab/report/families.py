@@ -326,7 +326,7 @@ def run_job(job: Job, n: int, eval_seed: int = 0, threads: int = 1, extractor: s
     share = cpu_share(child_dir, "eval")
     # Sampling's wall time times the evaluation's share of a core: what a sample costs on an idle core.
     row.sample_cpu_ms = None if share is None else row.ms_per_sample * min(share, 1.0)
-    row.metrics = {k: float(v) for k, v in entry["metrics"].items() if k in GENERATION or k == "class_accuracy"}
+    row.metrics = {k: float(v) for k, v in entry["metrics"].items() if k in GENERATION or k in ("class_accuracy", "class_entropy")}
     row.sampler = row.sampler or fam.native_sampler
     return row
 
@@ -487,13 +487,15 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6), dpi=100)
-    for s in summarize(rows):
+    summary = summarize(rows)
+    longest = max((statistics.fmean(s["train_min"]) for s in summary if s["train_min"]), default=1.0) or 1.0
+    for s in summary:
         cost = s["sample_cpu_ms"] or s["ms_per_sample"]  # CPU time where measured (load-independent), else wall
         if not s["fid"] or not cost:
             continue
         x, y = statistics.fmean(cost), statistics.fmean(s["fid"])
         yerr = statistics.stdev(s["fid"]) if len(s["fid"]) > 1 else None
-        ax.scatter([x], [y], s=40 * statistics.fmean(s["train_min"]), alpha=0.6)
+        ax.scatter([x], [y], s=120 * statistics.fmean(s["train_min"]) / longest, alpha=0.6)  # area: minutes
         if yerr is not None:
             ax.errorbar([x], [y], yerr=[[min(yerr, y * 0.99)], [yerr]], fmt="none", ecolor="black", capsize=3, lw=1)
         ax.annotate(s["family"], (x, y), textcoords="offset points", xytext=(7, 5), fontsize=9)
