@@ -2,6 +2,10 @@
 
     python benchmarks/family_table.py RUN [RUN ...] [--ref mnist:test]
 
+To train and score every generative family at one CPU budget first (the all-families table), use
+`genlab bench families --data mnist --minutes M` (genlab.report.families); this script tabulates any
+runs that already exist.
+
 For each run: method, steps trained, training wall time (from log.jsonl), threads, the newest
 generation metrics against --ref (FID, KID, precision, recall, density, coverage with N and the
 sampling time per image from the protocol) and, where the run was scored on reconstructions, MSE /
@@ -15,19 +19,10 @@ from pathlib import Path
 
 from genlab.config import read_config_file
 from genlab.evaluation import read_metrics
-from genlab.train.runlog import read_log
+from genlab.report.families import training_summary
 
 GENERATION = ("fid", "kid", "precision", "recall", "density", "coverage")
 RECONSTRUCTION = ("mse", "psnr", "ssim", "nll_nats", "bits_per_dim", "code_usage", "code_perplexity")
-
-
-def _training(run: Path) -> tuple[int, float, int | None]:
-    """(steps, training minutes, torch threads) of a run."""
-    records = read_log(run)
-    steps = max((r["step"] for r in records), default=0)
-    elapsed = max((r["values"].get("elapsed_s", 0.0) for r in records if r["kind"] in ("train", "end")), default=0.0)
-    threads = read_config_file(run / "config.yaml")["train"].get("threads")
-    return steps, elapsed / 60, threads
 
 
 def _fmt(value) -> str:
@@ -45,7 +40,7 @@ def main() -> None:
         gen = [e for e in entries if e["protocol"].get("reference") == a.ref]
         rec = [e for e in entries if e["protocol"].get("kind") == "reconstruction"]
         has_recon |= bool(rec)
-        steps, minutes, threads = _training(run)
+        steps, minutes, threads = training_summary(run)
         row = {"run": run.name, "method": read_config_file(run / "config.yaml")["method"], "steps": steps,
                "train min": round(minutes, 1), "threads": threads}
         if gen:

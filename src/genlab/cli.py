@@ -406,6 +406,46 @@ def _parser() -> argparse.ArgumentParser:
         else:
             z.add_argument("--gallery", type=int, default=100, help="rank among groups of this many pairs (0: all; default 100)")
 
+    b = sub.add_parser("bench", help="benchmarks that train and score: `bench families` (every family, one budget)",
+                       description="Benchmarks that train and score runs.")
+    bsub = b.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    bf = bsub.add_parser("families", help="train every generative family at one CPU budget and score them alike",
+                         description="Train every generative family (ddpm, dit, ldm on a kl-ae, vae, a VQ-VAE with a "
+                                     "PixelCNN or GPT prior, gan, stylegan) with the data's small preset for --minutes "
+                                     "minutes each (--clock: CPU or wall) on --threads threads (train.time_limit stops it; a two-stage "
+                                     "family spends --parent-share of its minutes on the parent and the rest on the "
+                                     "child), score each with the same generation protocol (--n samples against "
+                                     "DATA:test, the data's shipped evaluator, evaluation seed 0, the run's own "
+                                     "sampler; class-conditional runs are asked for every class equally often) and "
+                                     "write OUT/families-DATA.json, .md (table) and .png (FID vs ms per sample, marker "
+                                     "area = training minutes). Rerunning skips what is done and resumes what was "
+                                     "interrupted.",
+                         epilog="examples:\n  genlab bench families --data mnist --minutes 3 --n 2000\n"
+                                "  genlab bench families --data mnist --minutes 3 --n 2000 --seeds 0,1,2\n"
+                                "  genlab bench families --data fashion-mnist --minutes 15 --families ddpm,gan,vae\n"
+                                "  genlab bench families --data mnist --table-only   # redraw the table and plot from the JSON",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    bf.add_argument("--data", required=True, help="data source with an evaluator: mnist, fashion-mnist (or any, "
+                                                  "with --extractor)")
+    bf.add_argument("--minutes", type=float, help="training minutes per family (parent included); required unless "
+                                                 "--table-only")
+    bf.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what --minutes counts: the training "
+                                                                          "process's CPU time (default: the same compute "
+                                                                          "on a busy machine) or wall time")
+    bf.add_argument("--n", type=int, default=10000, help="samples scored per run (default 10000)")
+    bf.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2 (default 0): the table "
+                                                 "gives mean +- std over them")
+    bf.add_argument("--families", help="comma-separated subset (default all): ddpm,dit,ldm,vae,vqvae+pixelcnn,"
+                                       "vqvae+gpt,gan,stylegan")
+    bf.add_argument("--parent-share", type=float, default=1 / 3, help="fraction of a two-stage family's minutes "
+                                                                     "for its parent (default 1/3)")
+    bf.add_argument("--out", default="runs/families", help="folder of the runs and the outputs (default runs/families)")
+    bf.add_argument("--threads", type=int, default=1, help="torch threads for training and sampling (default 1)")
+    bf.add_argument("--extractor", help="evaluator NAME or file (default: the data's shipped evaluator)")
+    bf.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
+    bf.add_argument("--table-only", action="store_true", help="train and score nothing: rewrite the table and plot "
+                                                              "from OUT/families-DATA.json")
+
     sub.add_parser("methods", help="list the model families")
 
     cf = sub.add_parser("config", help="print a method's resolved config: each key's value, default, source and meaning",
@@ -887,6 +927,34 @@ def _cmd_zero_shot(a) -> int:
     return 0
 
 
+def _cmd_bench(a) -> int:
+    from genlab.report import families
+
+    if a.table_only:
+        source = Path(a.out) / f"families-{a.data}.json"
+        if not source.is_file():
+            raise GenlabError(f"{source}: no such file; run `genlab bench families --data {a.data} --minutes M` first")
+        paths = families.write_outputs(families.read_rows(source), Path(a.out), a.data)
+    else:
+        if a.minutes is None:
+            raise GenlabError("genlab bench families needs --minutes M: the training minutes of each family (e.g. 3)")
+        try:
+            seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise GenlabError(f"--seeds {a.seeds}: give comma-separated integers, e.g. 0,1,2") from None
+        rows, paths = families.bench_families(a.data, a.minutes, n=a.n, seeds=seeds, families=a.families,
+                                              parent_share=a.parent_share, out=a.out, threads=a.threads,
+                                              extractor=a.extractor, data_root=a.data_root, clock=a.clock)
+        if any(r.error for r in rows):
+            print(paths["md"].read_text(), end="")
+            print(f"wrote {', '.join(str(p) for p in paths.values())}; "
+                  f"{sum(r.error is not None for r in rows)} of {len(rows)} failed (see the table)")
+            return 1
+    print(paths["md"].read_text(), end="")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def _cmd_methods(a) -> int:
     from genlab.config import list_presets
     from genlab.methods import METHODS
@@ -1018,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
                "export-embeddings": _cmd_export_embeddings,
                "retrieve": _cmd_zero_shot, "config": _cmd_config,
                "report": _cmd_report, "export": _cmd_export, "import": _cmd_import,
-               "lora": _cmd_lora}[a.command]
+               "lora": _cmd_lora, "bench": _cmd_bench}[a.command]
     try:
         return handler(a)
     except GenlabError as e:

@@ -58,6 +58,7 @@ class TrainConfig:
     report_every: int = 0  # rewrite RUN/report.html every K steps and at the end (0: never; `genlab report` any time)
     tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard/ (needs the `tensorboard` extra)
     time_limit: PositiveFloat | None = None  # minutes of this launch (not summed over resumes); then checkpoint and stop
+    time_clock: Literal["wall", "cpu"] = "wall"  # what time_limit counts: wall time, or this process's CPU time (all its threads; a budget other jobs on the cores cannot shrink)
     threads: PositiveInt | None = None  # torch CPU threads; None: torch's default (all cores)
     device: str | None = None  # cpu, cuda, cuda:N or mps; None: accelerate's choice (CUDA when present)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp32 is the fast path on CPUs

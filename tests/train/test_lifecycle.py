@@ -208,6 +208,26 @@ def test_time_limit_stops_with_a_message_and_a_checkpoint(tmp_path, capsys):
     assert end["kind"] == "end" and end["values"]["stopped_by"] == "time_limit"
 
 
+def test_time_clock_cpu_counts_process_time_not_wall_time(tmp_path, monkeypatch):
+    """A fake CPU clock that runs 30 s per reading: the CPU budget stops the run, the wall budget does not."""
+    import types
+
+    from genlab.train import trainer as trainer_module
+
+    readings = iter(range(0, 10**6, 30))
+    fake = types.SimpleNamespace(perf_counter=time.perf_counter, time=time.time, sleep=time.sleep,
+                                 process_time=lambda: float(next(readings)))
+    monkeypatch.setattr(trainer_module, "time", fake)
+    wall = _train(tmp_path / "wall", "train.steps=6", "train.time_limit=1")
+    assert wall.step == 6  # 1 wall-minute is far away
+    cpu = _train(tmp_path / "cpu", "train.steps=6", "train.time_limit=1", "train.time_clock=cpu")
+    assert cpu.step == 2  # 30 then 60 fake CPU seconds: the limit is reached after the second step
+    state = json.loads((latest_checkpoint(tmp_path / "cpu") / "state.json").read_text())
+    assert state["cpu_seconds"] == 60.0 and state["elapsed_seconds"] < 60
+    end = read_log(tmp_path / "cpu")[-1]
+    assert end["values"]["stopped_by"] == "time_limit" and end["values"]["cpu_s"] == 60.0
+
+
 def _logged_lrs(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["values"]["lr"] for r in read_log(run_dir) if r["kind"] == "train"}
 

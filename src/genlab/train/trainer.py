@@ -29,7 +29,9 @@ The run lifecycle (issues 12, 13):
   restarts with a warm-up to ``train.lr`` and decays again (a warm restart, Loshchilov & Hutter 2017,
   SGDR) with a warning. During the first warm-up nothing changes: the warm-up ignores the total.
 * **``train.time_limit`` is per launch**: minutes since this launch began training; reaching it
-  saves a checkpoint and says so.
+  saves a checkpoint and says so. ``train.time_clock=cpu`` counts the process's CPU minutes instead
+  of wall minutes, so a budget means the same compute on a shared, loaded machine (both are saved in
+  checkpoints and logged: ``elapsed_s``, ``cpu_s``).
 * **SIGINT and SIGTERM** save a checkpoint at the next step boundary and stop with a message naming
   it; a second signal stops at once, naming the newest checkpoint that really exists.
 """
@@ -78,7 +80,7 @@ _GRID_BATCH = 16  # preview images per sampling call: the grid's progress bar mo
 # Config keys a resumed run may change; every other key is refused on resume (see the module docstring).
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.lr", "train.grad_clip", "train.time_limit", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.sample_n", "train.eval_every",
+    "train.keep_checkpoints", "train.time_clock", "train.log_every", "train.sample_every", "train.sample_n", "train.eval_every",
     "train.eval_n", "train.eval_ref", "train.threads", "train.device", "train.report_every", "train.tensorboard",
     "data.root",
 })
@@ -289,6 +291,7 @@ class Trainer:
             self.emas = {name: EMA(module, decay=tc.ema_decay) for name, module in method.ema_targets().items()}
         self.step = 0
         self.elapsed = 0.0  # seconds of training over all launches of this run (logged; time_limit is per launch)
+        self.cpu_elapsed = 0.0  # CPU seconds of the same (all threads of the process; train.time_clock=cpu)
         self.changes: dict[str, list[Any]] = {}  # settings this launch changed on resume: key -> [old, new]
         self._perm_epoch = -1
         self._perm = None
@@ -405,7 +408,7 @@ class Trainer:
             tensors[f"sched_{group}"], skeletons[f"sched_{group}"] = flatten_state(self.schedulers[group].state_dict())
         rng_tensors, rng_json = capture_rng_state()
         tensors["rng"] = rng_tensors
-        state = {"step": self.step, "elapsed_seconds": self.elapsed, "skeletons": skeletons, "rng": rng_json,
+        state = {"step": self.step, "elapsed_seconds": self.elapsed, "cpu_seconds": self.cpu_elapsed, "skeletons": skeletons, "rng": rng_json,
                  "method": self.cfg.method, "data_info": dataclasses.asdict(self.method.data_info),
                  "parents": self.method.parent_records,  # frozen parents' configs: a child loads without their folders
                  "config": to_dict(self.cfg), "lr_plan": dataclasses.asdict(self.lr_plan)}
@@ -432,6 +435,7 @@ class Trainer:
         restore_rng_state(tensors.get("rng", {}), state["rng"])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed_seconds", 0.0))
+        self.cpu_elapsed = float(state.get("cpu_seconds", 0.0))
         self.lr_plan = LRPlan(**state.get("lr_plan", {}))
         if "train.steps" in self.changes and self.step < self.cfg.train.steps:
             self._replan_schedule(trained)
@@ -553,8 +557,9 @@ class Trainer:
                 raise Interrupted(stop, f"stopped by {signal.Signals(stop).name} at step {self.step} of "
                                         f"{self.cfg.train.steps}; {self._checkpoint_phrase()}")
             if stop == "time_limit":
+                unit = "CPU-min" if self.cfg.train.time_clock == "cpu" else "min"
                 self._say(f"stopped at step {self.step} of {self.cfg.train.steps}: train.time_limit="
-                          f"{self.cfg.train.time_limit:g} min (per launch) reached; {self._checkpoint_phrase()}")
+                          f"{self.cfg.train.time_limit:g} {unit} (per launch) reached; {self._checkpoint_phrase()}")
             self._finish(log, stopped_early=stop is not None)
         finally:
             if log is not None:
@@ -579,8 +584,8 @@ class Trainer:
         """Train until train.steps or a stop; returns None, "time_limit" or the signal number that stopped it."""
         tc = self.cfg.train
         self.method.train()
-        window, launch_start = _LogWindow(), time.perf_counter()
-        elapsed_before = self.elapsed
+        window, launch_start, launch_cpu_start = _LogWindow(), time.perf_counter(), time.process_time()
+        elapsed_before, cpu_before = self.elapsed, self.cpu_elapsed
         with _Signals(self) as signals, tqdm(total=tc.steps, initial=self.step, disable=not self.progress,
                                              desc=f"train {self.cfg.method}", unit="step", dynamic_ncols=True) as bar:
             while self.step < tc.steps:
@@ -591,16 +596,18 @@ class Trainer:
                         log.log(self.step, {"error": str(e)}, kind="diverged")
                     raise
                 launch_seconds = time.perf_counter() - launch_start
+                launch_cpu_seconds = time.process_time() - launch_cpu_start
                 self.elapsed = elapsed_before + launch_seconds
+                self.cpu_elapsed = cpu_before + launch_cpu_seconds
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     self._log_window(log, window, bar)
-                stop = self._stop_reason(signals, launch_seconds)
+                stop = self._stop_reason(signals, launch_cpu_seconds if tc.time_clock == "cpu" else launch_seconds)
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or stop is not None:
                     self.save()
                 if stop is not None:
                     if log is not None:
-                        log.log(self.step, {"elapsed_s": self.elapsed, "stopped_early": True,
+                        log.log(self.step, {"elapsed_s": self.elapsed, "cpu_s": self.cpu_elapsed, "stopped_early": True,
                                             "stopped_by": stop if isinstance(stop, str) else signal.Signals(stop).name},
                                 kind="end")
                     return stop
@@ -638,6 +645,7 @@ class Trainer:
         values = window.flush()
         values["lr"] = next(iter(self.schedulers.values())).get_last_lr()[0]
         values["elapsed_s"] = self.elapsed
+        values["cpu_s"] = self.cpu_elapsed
         if log is not None:
             log.log(self.step, values)
             for message in self._new_health_warnings():
@@ -678,7 +686,8 @@ class Trainer:
             self.sample_grid(grid, progress=self.progress)
         records = log.records()
         if not (records and records[-1]["kind"] == "end" and records[-1]["step"] == self.step):
-            log.log(self.step, {"elapsed_s": self.elapsed, "stopped_early": stopped_early}, kind="end")
+            log.log(self.step, {"elapsed_s": self.elapsed, "cpu_s": self.cpu_elapsed, "stopped_early": stopped_early},
+                    kind="end")
 
 
 def _changed_settings(trained: dict, new: dict) -> dict[str, list[Any]]:
