@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--on", required=True, help="run trained with crops and model.micro_conditioning=true")
     p.add_argument("--off", required=True, help="run trained with the same crops, without the conditioning")
     p.add_argument("--n", type=int, default=256)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: each run's model.sample_steps)")
     p.add_argument("--offset", default="6,6", help="the offset crop asked of the conditioned run")
     p.add_argument("--shift", type=int, default=8, help="data.random_shift of the runs (for the real-data reference)")
     p.add_argument("--checkpoint", default=None, help="step of both runs to load (default: the newest)")
@@ -68,7 +68,8 @@ def main() -> None:
         "real_mnist5k": real,
         f"real_shifted_{a.shift}": shifted,
     }
-    out = {"n": a.n, "steps": a.steps, "step_on": on.step, "step_off": off.step}
+    out = {"n": a.n, "sampler": [on.method.config.sampler, off.method.config.sampler], "steps": a.steps,
+           "step_on": on.step, "step_off": off.step}
     # The cut-off share, and where the ink sits (a crop (top, left) moves the object up and left by that much).
     out.update({f"cut_off_{name}": cut_off_share(images) for name, images in sets.items()})
     out.update({f"ink_centroid_{name}": ink_centroid(images) for name, images in sets.items()})
