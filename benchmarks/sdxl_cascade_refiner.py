@@ -44,12 +44,12 @@ def cascade(a) -> None:
     from genlab import api
 
     base = api.load_run(a.base)
-    low = base.sample(a.n, seed=a.seed, steps=a.steps)  # (N, C, 14, 14): one set of base samples for every row
+    low = base.sample(a.n, seed=a.seed)  # (N, C, 14, 14), the base's own sampler: one set of base samples for every row
     for path in a.sr:
         run = api.load_run(path)
         levels = [None] if run.method.num_micro == 0 else [None, *a.levels]
         for level in levels:
-            options = {"low_res": low, "steps": a.steps}
+            options = {"low_res": low, "steps": a.steps, "sampler": a.sampler or run.method.config.sampler}
             if level is not None:
                 options["augmentation"] = level
             images = torch.cat([run.method.sample(len(chunk), generator=torch.Generator().manual_seed(a.seed + i),
@@ -59,7 +59,8 @@ def cascade(a) -> None:
             print(json.dumps({"table": "cascade", "sr_run": path, "sr_step": run.step, "base_step": base.step,
                               "max_augmentation": run.method.config.max_augmentation,
                               "sample_augmentation": 0.0 if run.method.num_micro == 0 else (used if used is not None else run.method.config.max_augmentation / 2),
-                              "n": a.n, "steps": a.steps, "fid": fid(images, a.data_root)}), flush=True)
+                              "n": a.n, "sampler": options["sampler"], "steps": a.steps,
+                              "fid": fid(images, a.data_root)}), flush=True)
     up = torch.nn.functional.interpolate(low, size=28, mode="bilinear", align_corners=False)
     print(json.dumps({"table": "cascade", "sr_run": "none (base samples up-sampled bilinearly)", "n": a.n,
                       "fid": fid(up.clamp(-1, 1), a.data_root)}), flush=True)
@@ -70,13 +71,15 @@ def refiner(a) -> None:
 
     run = api.load_run(a.refiner)
     base = run.method.base  # the base stored in the refiner's checkpoint
+    # One sampler for both rows (default: the base's own), else the rows would differ in more than the refiner.
+    sampler = a.sampler or base.config.sampler
     for steps in a.steps:
-        alone = torch.cat([base.sample(m, generator=torch.Generator().manual_seed(a.seed + i), steps=steps)
-                           for i, m in enumerate(_chunks(a.n))])
-        handoff = torch.cat([run.method.sample(m, generator=torch.Generator().manual_seed(a.seed + i), steps=steps)
-                             for i, m in enumerate(_chunks(a.n))])
+        alone = torch.cat([base.sample(m, generator=torch.Generator().manual_seed(a.seed + i), steps=steps,
+                                       sampler=sampler) for i, m in enumerate(_chunks(a.n))])
+        handoff = torch.cat([run.method.sample(m, generator=torch.Generator().manual_seed(a.seed + i), steps=steps,
+                                               sampler=sampler) for i, m in enumerate(_chunks(a.n))])
         print(json.dumps({"table": "refiner", "refiner_run": a.refiner, "refiner_step": run.step,
-                          "t_switch": run.method.config.t_switch, "n": a.n, "nfe": steps,
+                          "t_switch": run.method.config.t_switch, "n": a.n, "sampler": sampler, "nfe": steps,
                           "fid_base_alone": fid(alone, a.data_root), "fid_base_then_refiner": fid(handoff, a.data_root)}),
               flush=True)
 
@@ -92,10 +95,12 @@ def main() -> None:
     c.add_argument("--base", required=True)
     c.add_argument("--sr", nargs="+", required=True)
     c.add_argument("--levels", type=float, nargs="*", default=[0.0], help="extra sampling levels of augmented SR runs")
-    c.add_argument("--steps", type=int, default=50)
+    c.add_argument("--steps", type=int, default=50, help="steps of the SR stage (the base samples with its own defaults)")
+    c.add_argument("--sampler", default=None, help="sampler of the SR stage (default: each SR run's model.sampler)")
     r = sub.add_parser("refiner")
     r.add_argument("--refiner", required=True)
-    r.add_argument("--steps", type=int, nargs="+", default=[50])
+    r.add_argument("--steps", type=int, nargs="+", default=[20])
+    r.add_argument("--sampler", default=None, help="sampler of both rows (default: the base's model.sampler)")
     for q in (c, r):
         q.add_argument("--n", type=int, default=500)
         q.add_argument("--seed", type=int, default=0)
