@@ -30,9 +30,10 @@ from genlab import api
 from genlab.evaluation import evaluate
 from genlab.runs import checkpoint_choice, load_run
 
-# Targets of the share table: each kind alone, then the combinations the adaptation table uses.
-SHARE_TARGETS = ["attn", "conv1x1", "linear", "conv", "attn,conv1x1", "attn,linear", "attn,linear,conv1x1",
-                 "attn,conv"]
+# Rows of the share table (targets, conv_rank): each kind alone, then the combinations the adaptation table uses.
+SHARE_TARGETS = [("attn", None), ("conv1x1", None), ("linear", None), ("emb_proj", None), ("conv", None),
+                 ("attn,conv1x1", None), ("attn,emb_proj", None), ("attn,linear", None), ("attn,linear,conv1x1", None),
+                 ("attn,conv", None), ("attn,conv", 1), ("attn,conv", 2)]
 
 
 def trainable_share(run_dir: Path) -> tuple[int, int]:
@@ -58,26 +59,28 @@ def last_loss(run_dir: Path) -> float | None:
     return losses[-1] if losses else None
 
 
-def print_shares(base_run: str, ranks: list[int], targets: list[str]) -> None:
-    """The share of the base networks' parameters an adapter trains, per targets and rank (no training)."""
+def print_shares(base_run: str, ranks: list[int], rows: list[tuple[str, int | None]]) -> None:
+    """The share of the base networks' parameters an adapter trains, per targets (and conv_rank) and rank: the
+    adapters are built as a lora run builds them and their parameters counted (no training)."""
     import copy
 
-    from genlab.nn.lora import adapter_parameters, inject_adapter, select_targets
+    from genlab.nn.lora import adapter_parameters, adapter_ranks, inject_adapter, select_targets
 
     base = load_run(base_run, device="cpu").method
     total = sum(p.numel() for network in base.ema_targets().values() for p in network.parameters())
     print(f"base networks: {total:,} parameters")
     print(f"| targets | layers | {' | '.join(f'rank {r}' for r in ranks)} |")
     print(f"|---|---|{'---|' * len(ranks)}")
-    for t in targets:
+    for targets, conv_rank in rows:
         cells, layers = [], 0
         for r in ranks:
             model = copy.deepcopy(base)
-            paths = select_targets(model, t, within=model.ema_targets())
-            inject_adapter(model, paths, "share", r, r)
+            paths = select_targets(model, targets, within=model.ema_targets())
+            inject_adapter(model, paths, "share", adapter_ranks(model, paths, r, conv_rank), r)
             n, layers = sum(p.numel() for p in adapter_parameters(model)), len(paths)
             cells.append(f"{n:,} ({100 * n / total:.2f} %)")
-        print(f"| {t} | {layers} | {' | '.join(cells)} |")
+        label = targets if conv_rank is None else f"{targets}, conv_rank={conv_rank}"
+        print(f"| {label} | {layers} | {' | '.join(cells)} |")
 
 
 def main() -> None:
@@ -103,7 +106,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.shares:
-        print_shares(a.base, [int(r) for r in a.ranks.split(",")], a.targets or SHARE_TARGETS)
+        print_shares(a.base, [int(r) for r in a.ranks.split(",")], [(t, None) for t in a.targets or []] or SHARE_TARGETS)
         return
     if a.out_dir is None:
         p.error("--out-dir is required (except with --shares)")

@@ -257,3 +257,18 @@ def test_conv_rank_travels_as_peft_rank_pattern_both_ways(runs, tmp_path):
     assert {p: layer.r["ours"] for p, layer in lora_layers(run.method).items()} == {
         p: layer.r["default"] for p, layer in layers.items()}
     torch.testing.assert_close(_out(run.method, x, t, y), ours, rtol=1e-5, atol=1e-6)
+    # a folder peft wrote with its own patterns (a bare layer name, another alpha) reads the same way
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["to_qkv", "conv_in", "conv_out"],
+                             rank_pattern={"conv_in": 1}, alpha_pattern={"conv_in": 5})
+    peft_model = peft.get_peft_model(load_run(runs / "base", device="cpu").method, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    expected = _out(peft_model.base_model.model, x, t, y)
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    run = load_run(runs / "base", device="cpu")
+    attach_adapters(run, str(tmp_path / "theirs"))
+    conv_in = lora_layers(run.method)["unet.conv_in"]
+    assert (conv_in.r["theirs"], conv_in.scaling("theirs")) == (1, 5.0)
+    torch.testing.assert_close(_out(run.method, x, t, y), expected, rtol=1e-5, atol=1e-6)
