@@ -1,16 +1,21 @@
-"""Adapt a trained run to new data with LoRA at several ranks and with full fine-tuning, same steps.
+"""Adapt a trained run to new data with LoRA at several ranks and targets and with full fine-tuning, same steps.
 
-    python benchmarks/lora_adapt.py --base runs/ddpm-mnist --data fashion-mnist --steps 300 \\
-        --ranks 1,4,16 --n 1000 --sample-steps 20 --data-root ../shared/data --out-dir runs/lora-adapt
+    python benchmarks/lora_adapt.py --base runs/ddpm-mnist --data fashion-mnist --steps 1000 \\
+        --ranks 1,4,16 --targets attn,conv1x1 --lora-lr 5e-3 --full-lr 1e-3 --n 2000 \\
+        --fid-at 500 --data-root ../shared/data --out-dir runs/lora-adapt
 
 Each configuration is one `genlab train lora --base RUN --data DATA --preset small rank=r alpha=r
-train.steps=S` run (full fine-tuning: model.full_finetune=true, every weight of the base's networks
-trained by the same step, data, learning rate and EMA), then scored by FID of N samples (DDIM with
---sample-steps, seed 0, EMA weights) against DATA:test with the data's own evaluator network. The
+targets=T train.steps=S` run (full fine-tuning: model.full_finetune=true, every weight of the base's
+networks trained by the same step, data and EMA), then scored by FID of N samples (the base's own
+sampler and --sample-steps, seed 0, EMA weights) against DATA:test with the data's own evaluator
+network; --fid-at also scores earlier checkpoints of each run (how far from converged it is). The
 base itself, unadapted, is scored the same way. Prints one Markdown row per configuration: trainable
-parameters and their share of the base networks' parameters, FID, training wall time (the trainer's own
-clock: no loading, no preview grid). Finished runs
-in --out-dir are reused (delete a folder to retrain it).
+parameters and their share of the base networks' parameters, FID, the last logged training loss and
+the training wall time (the trainer's own clock: no loading, no preview grid). Finished runs in
+--out-dir are reused (delete a folder, or its entry in results.json, to redo it); --targets is
+repeatable and every targets set is run at every rank.
+
+    python benchmarks/lora_adapt.py --base runs/ddpm-mnist --shares   # the share table only, no training
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ import torch
 
 from genlab import api
 from genlab.evaluation import evaluate
-from genlab.runs import load_run
+from genlab.runs import checkpoint_choice, load_run
+
+# Rows of the share table (targets, conv_rank): each kind alone, then the combinations the adaptation table uses.
+SHARE_TARGETS = [("attn", None), ("conv1x1", None), ("linear", None), ("emb_proj", None), ("conv", None),
+                 ("attn,conv1x1", None), ("attn,emb_proj", None), ("attn,linear", None), ("attn,linear,conv1x1", None),
+                 ("attn,conv", None), ("attn,conv", 1), ("attn,conv", 2)]
 
 
 def trainable_share(run_dir: Path) -> tuple[int, int]:
@@ -42,25 +52,35 @@ def training_seconds(run_dir: Path) -> float:
     return float(json.loads((latest_checkpoint(run_dir) / STATE_FILE).read_text())["elapsed_seconds"])
 
 
-def print_shares(base_run: str, ranks: list[int], targets: list[str]) -> None:
-    """The share of the base networks' parameters an adapter trains, per targets and rank (no training)."""
+def last_loss(run_dir: Path) -> float | None:
+    """The last training loss the run logged (a mean over its last log interval)."""
+    losses = [e["values"]["loss"] for e in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+              if e.get("kind") == "train" and "loss" in e.get("values", {})]
+    return losses[-1] if losses else None
+
+
+def print_shares(base_run: str, ranks: list[int], rows: list[tuple[str, int | None]]) -> None:
+    """The share of the base networks' parameters an adapter trains, per targets (and conv_rank) and rank: the
+    adapters are built as a lora run builds them and their parameters counted (no training)."""
     import copy
 
-    from genlab.nn.lora import adapter_parameters, inject_adapter, select_targets
+    from genlab.nn.lora import adapter_parameters, adapter_ranks, inject_adapter, select_targets
 
     base = load_run(base_run, device="cpu").method
     total = sum(p.numel() for network in base.ema_targets().values() for p in network.parameters())
+    print(f"base networks: {total:,} parameters")
     print(f"| targets | layers | {' | '.join(f'rank {r}' for r in ranks)} |")
     print(f"|---|---|{'---|' * len(ranks)}")
-    for t in targets:
+    for targets, conv_rank in rows:
         cells, layers = [], 0
         for r in ranks:
             model = copy.deepcopy(base)
-            paths = select_targets(model, t, within=model.ema_targets())
-            inject_adapter(model, paths, "share", r, r)
+            paths = select_targets(model, targets, within=model.ema_targets())
+            inject_adapter(model, paths, "share", adapter_ranks(model, paths, r, conv_rank), r)
             n, layers = sum(p.numel() for p in adapter_parameters(model)), len(paths)
             cells.append(f"{n:,} ({100 * n / total:.2f} %)")
-        print(f"| {t} | {layers} | {' | '.join(cells)} |")
+        label = targets if conv_rank is None else f"{targets}, conv_rank={conv_rank}"
+        print(f"| {label} | {layers} | {' | '.join(cells)} |")
 
 
 def main() -> None:
@@ -69,59 +89,85 @@ def main() -> None:
     p.add_argument("--data", default="fashion-mnist", help="data source to adapt to (scored against DATA:test)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--ranks", default="1,4,16")
-    p.add_argument("--targets", default="attn,conv", help="layers the adapters wrap (model.targets)")
+    p.add_argument("--targets", action="append", help="layers the adapters wrap (model.targets); repeatable, "
+                   "default attn,conv")
     p.add_argument("--no-full", action="store_true", help="skip the full fine-tuning baseline")
+    p.add_argument("--lora-lr", type=float, help="train.lr of the LoRA runs (default: the preset's)")
+    p.add_argument("--full-lr", type=float, help="train.lr of full fine-tuning (default: the preset's)")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--fid-at", default="", help="also score these earlier checkpoints of each run (steps, e.g. 500)")
     p.add_argument("--data-root")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an override for every run (repeatable), e.g. --set train.lr=5e-3")
+                   help="an override for every run (repeatable), e.g. --set train.batch_size=32")
     p.add_argument("--shares", action="store_true", help="only print the trainable share per targets and rank")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.shares:
-        print_shares(a.base, [int(r) for r in a.ranks.split(",")], ["attn", "linear", "conv", "attn,conv"])
+        print_shares(a.base, [int(r) for r in a.ranks.split(",")], [(t, None) for t in a.targets or []] or SHARE_TARGETS)
         return
     if a.out_dir is None:
         p.error("--out-dir is required (except with --shares)")
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    configs = [] if a.no_full else [("full fine-tuning", "full", ["model.full_finetune=true"])]  # the baseline first
-    configs += [(f"rank {r}", f"r{r}", [f"model.rank={r}", f"model.alpha={r}"]) for r in a.ranks.split(",") if r]
+    lora_lr = [f"train.lr={a.lora_lr}"] if a.lora_lr else []
+    full_lr = [f"train.lr={a.full_lr}"] if a.full_lr else []
+    configs = [] if a.no_full else [("full fine-tuning", "full", ["model.full_finetune=true", *full_lr])]  # baseline first
+    for targets in a.targets or ["attn,conv"]:
+        configs += [(f"rank {r}, {targets}", f"r{r}-{targets.replace(',', '+')}",
+                     [f"model.rank={r}", f"model.alpha={r}", f"model.targets={targets}", *lora_lr])
+                    for r in a.ranks.split(",") if r]
+    fid_at = [int(s) for s in a.fid_at.split(",") if s]
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
 
-    def fid(target) -> float:
-        result = evaluate(target, "generation", ref=f"{a.data}:test", metrics="fid", n=a.n, steps=a.sample_steps,
-                          seed=0, extractor=a.data, data_root=a.data_root, write=False)
-        return float(result["metrics"]["fid"])
+    def fid(target, checkpoint=None) -> tuple[float, dict]:
+        with checkpoint_choice(checkpoint):
+            result = evaluate(target, "generation", ref=f"{a.data}:test", metrics="fid", n=a.n, steps=a.sample_steps,
+                              seed=0, extractor=a.data, data_root=a.data_root, write=False)
+        return float(result["metrics"]["fid"]), result["protocol"]
+
+    def save() -> None:
+        results_file.write_text(json.dumps(results, indent=2))
 
     if "base" not in results:
-        results["base"] = {"fid": fid(a.base)}
-        results_file.write_text(json.dumps(results, indent=2))
+        value, protocol = fid(a.base)
+        results["base"] = {"fid": value, "protocol": protocol}
+        save()
     for label, name, overrides in configs:
         if name in results:
             continue
         run_dir = out / name
         api.train("lora", data=a.data, preset="small", run_dir=run_dir, data_root=a.data_root, progress=False,
                   overrides=[f"model.base={a.base}", f"train.steps={a.steps}", f"train.threads={a.threads}",
-                             f"model.targets={a.targets}", "train.sample_n=16", *a.set, *overrides])
-        minutes = training_seconds(run_dir) / 60
+                             "train.sample_n=16", *a.set, *overrides])
         trained, total = trainable_share(run_dir)
-        results[name] = {"label": label, "trained": trained, "base_params": total, "train_min": minutes,
-                         "fid": fid(run_dir)}
-        results_file.write_text(json.dumps(results, indent=2))
-        print(json.dumps({name: results[name]}), flush=True)
-    print(f"| configuration | trained parameters | share of the base network | FID ({a.data}:test, N={a.n}) | "
-          "train wall time |")
-    print("|---|---|---|---|---|")
-    print(f"| base, not adapted | 0 | 0 % | {results['base']['fid']:.2f} | - |")
+        entry = {"label": label, "overrides": overrides, "steps": a.steps, "trained": trained, "base_params": total,
+                 "train_min": training_seconds(run_dir) / 60, "loss": last_loss(run_dir)}
+        entry["fid"], entry["protocol"] = fid(run_dir)
+        entry["fid_at"] = {str(s): fid(run_dir, s)[0] for s in fid_at if s < a.steps}
+        results[name] = entry
+        save()
+        print(json.dumps({name: {k: v for k, v in entry.items() if k != "protocol"}}), flush=True)
+    protocol = results["base"]["protocol"]
+    print(f"FID: N = {protocol['n']}, {protocol.get('sampler')} {protocol.get('steps')} steps, seed {protocol['seed']}, "
+          f"against {protocol['reference']} with the {protocol['extractor']} evaluator "
+          f"(sha256 {protocol['extractor_sha256'][:12]})")
+    full = results.get("full", {}).get("fid")
+    earlier = "".join(f" FID at step {s} |" for s in fid_at)
+    print(f"| configuration | LR | trained parameters (share) | FID |{earlier} FID / full FT | last loss | train time |")
+    print(f"|---|---|---|---|{'---|' * len(fid_at)}---|---|---|")
+    base_ratio = f"{results['base']['fid'] / full:.2f}" if full else "-"
+    print(f"| base, not adapted | - | 0 | {results['base']['fid']:.1f} |{' - |' * len(fid_at)} {base_ratio} | - | - |")
     for _, name, _ in configs:
         r = results[name]
-        print(f"| {r['label']} | {r['trained']:,} | {100 * r['trained'] / r['base_params']:.2f} % | {r['fid']:.2f} | "
-              f"{r['train_min']:.1f} min |")
+        lr = next((o.split("=", 1)[1] for o in r["overrides"] if o.startswith("train.lr=")), "preset")
+        cells = "".join(f" {r['fid_at'][str(s)]:.1f} |" if str(s) in r.get("fid_at", {}) else " - |" for s in fid_at)
+        ratio = f"{r['fid'] / full:.2f}" if full else "-"
+        print(f"| {r['label']} | {lr} | {r['trained']:,} ({100 * r['trained'] / r['base_params']:.2f} %) | "
+              f"{r['fid']:.1f} |{cells} {ratio} | {r['loss']:.4f} | {r['train_min']:.1f} min |")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ Module paths are those of the base run's method (``unet.mid.1.attention.to_qkv``
 folder into the same torch module (``PeftModel.from_pretrained(method, folder)``) and genlab loads
 folders peft wrote. r and lora_alpha travel together: the scale alpha / r is recomputed, never stored
 rounded. Loading checks every key and shape and refuses, in one line naming them, an adapter that does
-not fit; peft options genlab does not implement (DoRA, rsLoRA, per-layer rank patterns, biases) are
-refused by name rather than ignored.
+not fit; peft options genlab does not implement (DoRA, rsLoRA, biases) are refused by name rather than
+ignored. Layers whose rank differs from ``r`` (``conv_rank``) are listed in peft's ``rank_pattern`` and
+``alpha_pattern`` (escaped module paths), which genlab reads by peft's rule.
 
     genlab lora export LORA_RUN OUT                     # the PEFT folder of a lora run
     genlab lora merge LORA_RUN --out RUN [--weight w]   # a plain run of the base's kind, W + w (alpha / r) B A
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,8 @@ from typing import Any
 import torch
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.nn.lora import LoRALayer, adapter_state_dict, load_adapter, lora_layers, resolve_peft_targets, unwrap
+from genlab.nn.lora import (LoRALayer, adapter_state_dict, load_adapter, lora_layers, pattern_value, resolve_peft_targets,
+                            unwrap)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -40,7 +43,7 @@ MERGED_DIR = "lora"  # a merged run keeps each merged adapter in RUN/lora/<name>
 
 # peft LoraConfig options with the value genlab implements; any other value is refused by name.
 _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False,
-                "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+                "modules_to_save": None, "layers_to_transform": None}
 
 
 @dataclass
@@ -51,6 +54,9 @@ class Adapter:
     lora_alpha: float
     target_modules: list[str] | str  # module paths / names, or a regex (peft's two forms)
     tensors: dict[str, torch.Tensor] = field(repr=False)
+    # peft's per-layer exceptions to r and lora_alpha: regex (matched at the end of a module path) -> value
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_dropout: float = 0.0
     base_model_name_or_path: str | None = None  # the base run it was trained on (provenance)
 
@@ -61,7 +67,13 @@ class Adapter:
         return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": self.base_model_name_or_path,
                 "revision": None, "inference_mode": True, "r": self.r, "lora_alpha": alpha,
                 "lora_dropout": self.lora_dropout, "target_modules": targets, "init_lora_weights": True,
-                "layers_pattern": None, **_UNSUPPORTED}
+                "layers_pattern": None, **_UNSUPPORTED, "rank_pattern": dict(self.rank_pattern),
+                "alpha_pattern": {k: int(v) if float(v).is_integer() else v for k, v in self.alpha_pattern.items()}}
+
+    def ranks_and_alphas(self, paths: list[str]) -> tuple[dict[str, int], dict[str, float]]:
+        """path -> rank and path -> alpha by peft's rule (rank_pattern / alpha_pattern, else r / lora_alpha)."""
+        return ({p: pattern_value(self.rank_pattern, p, self.r) for p in paths},
+                {p: float(pattern_value(self.alpha_pattern, p, self.lora_alpha)) for p in paths})
 
 
 def save_adapter(adapter: Adapter, folder: str | Path) -> Path:
@@ -100,14 +112,17 @@ def read_adapter_folder(folder: str | Path) -> Adapter:
             raise ConfigError(f"{folder / CONFIG_FILE}: {key}={value!r} is not supported by genlab's LoRA "
                               f"(only {key}={supported!r}); export the adapter without it")
     r = config["r"]
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ConfigError(f"{folder / CONFIG_FILE}: r must be a positive integer, got {r!r}")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for rank in (r, *rank_pattern.values()):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"{folder / CONFIG_FILE}: ranks (r, rank_pattern) must be positive integers, got {rank!r}")
     try:
         raw = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ConfigError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in raw.items()}
     return Adapter(r=r, lora_alpha=float(config["lora_alpha"]), target_modules=config["target_modules"], tensors=tensors,
+                   rank_pattern=dict(rank_pattern), alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
                    lora_dropout=float(config.get("lora_dropout") or 0.0),
                    base_model_name_or_path=config.get("base_model_name_or_path"))
 
@@ -122,8 +137,11 @@ def run_adapter(run) -> Adapter:
                           "--base RUN`)")
     if method.config.full_finetune:
         raise ConfigError(f"{run.path} is a full fine-tuning run (model.full_finetune=true): it has no adapter")
+    alphas = method.alphas()
     return Adapter(r=method.config.rank, lora_alpha=method.alpha, target_modules=list(method.target_paths),
                    tensors={k: v.clone() for k, v in adapter_state_dict(method.base, ADAPTER).items()},
+                   rank_pattern={re.escape(p): r for p, r in method.ranks.items() if r != method.config.rank},
+                   alpha_pattern={re.escape(p): alphas[p] for p, r in method.ranks.items() if r != method.config.rank},
                    lora_dropout=method.config.dropout,
                    base_model_name_or_path=method.parent_records.get("base", {}).get("path"))
 
@@ -147,7 +165,8 @@ def attach(model: torch.nn.Module, adapter: Adapter, name: str, weight: float = 
     if not paths:
         raise ConfigError(f"{where}: target_modules {adapter.target_modules!r} name no Linear or Conv2d layer of this "
                           f"{getattr(model, 'name', type(model).__name__)} model: load it into the base it was trained on")
-    return load_adapter(model, adapter.tensors, name, adapter.r, adapter.lora_alpha, paths, where, weight)
+    ranks, alphas = adapter.ranks_and_alphas(paths)
+    return load_adapter(model, adapter.tensors, name, ranks, alphas, paths, where, weight)
 
 
 def parse_lora_spec(spec: str) -> list[tuple[str, float]]:

@@ -27,6 +27,7 @@ examples:
   genlab train ddpm --data mnist --data-root ../shared/data --preset small train.steps=8000
   genlab train ddpm --run-dir runs/x --resume train.steps=6000
   genlab train lora --base runs/ddpm-mnist --data fashion-mnist rank=4 alpha=4 targets=attn,conv
+  genlab train lora --base runs/ddpm-mnist --data fashion-mnist rank=4 targets=attn,conv conv_rank=1
 
 --resume may change train.steps (the LR decay continues from the current LR), train.lr, train.grad_clip,
 train.time_limit (minutes per launch) and bookkeeping keys; other changes are refused. Ctrl-C or SIGTERM
@@ -157,7 +158,9 @@ def _parser() -> argparse.ArgumentParser:
                                                         "(sets model.autoencoder; --data defaults to that run's data)")
     t.add_argument("--gan", metavar="RUN", help="gan-encoder: the gan or stylegan run to invert (sets model.gan)")
     t.add_argument("--base", metavar="RUN", help="the frozen parent run of a child method: lora: the run to adapt (then "
-                                                 "rank=4 alpha=4 targets=attn,conv); controlnet, t2i-adapter: the ddpm or "
+                                                 "rank=4 alpha=4 targets=attn,conv: attention projections and every Conv2d; "
+                                                 "targets=attn,conv1x1 skips the 3x3 convs, conv_rank=k gives them their "
+                                                 "own rank); controlnet, t2i-adapter: the ddpm or "
                                                  "ldm run to steer; sr, refiner: the base the cascade stage or refiner "
                                                  "builds on; textual-inversion, dreambooth: the text-conditioned run to "
                                                  "personalise (sets model.base)")

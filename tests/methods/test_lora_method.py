@@ -220,3 +220,55 @@ def test_other_families_train_only_their_adapters_through_their_own_step(family)
     now = {k.replace(".base_layer", ""): v for k, v in method.base.state_dict().items() if ".lora_" not in k}
     assert all(torch.equal(now[k], v) for k, v in before.items())
     assert method.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
+
+
+def test_conv_rank_travels_as_peft_rank_pattern_both_ways(runs, tmp_path):
+    """conv_rank=1 beside rank=3, alpha=6: the 3x3 convolutions get rank 1 at the same scale 2; the exported
+    folder names them in rank_pattern / alpha_pattern, peft builds the same layers and gives the same outputs,
+    and genlab reads the folder back to the same ranks (merge / unmerge runs go through the same folder)."""
+    from types import SimpleNamespace
+
+    from genlab.config import build_config
+    from genlab.nn.lora import is_spatial_conv
+    from genlab.runs import build_method
+
+    peft = pytest.importorskip("peft")
+    base = load_run(runs / "base", device="cpu").method
+    cfg = build_config("lora", LoRA.Config, overrides=[f"model.base={runs / 'base'}", "rank=3", "alpha=6", "conv_rank=1",
+                                                       "targets=attn,conv"])
+    method = build_method(cfg, base.data_info)
+    layers = lora_layers(method.base)
+    assert {p for p, layer in layers.items() if layer.r["default"] == 1} == {
+        p for p, layer in layers.items() if is_spatial_conv(layer)} != set()
+    assert all(layer.scaling("default") == 2.0 for layer in layers.values())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B["default"].weight.copy_(0.05 * torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+    x, t, y = _x()
+    ours = _out(method.base, x, t, y)
+    folder = save_adapter(run_adapter(SimpleNamespace(method=method, path=tmp_path)), tmp_path / "ours")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["r"] == 3 and set(config["rank_pattern"].values()) == {1} and set(config["alpha_pattern"].values()) == {2}
+    model = peft.PeftModel.from_pretrained(load_run(runs / "base", device="cpu").method, str(folder))
+    torch.testing.assert_close(_out(model.base_model.model, x, t, y), ours, rtol=1e-5, atol=1e-6)
+    run = load_run(runs / "base", device="cpu")
+    attach_adapters(run, str(folder))
+    assert {p: layer.r["ours"] for p, layer in lora_layers(run.method).items()} == {
+        p: layer.r["default"] for p, layer in layers.items()}
+    torch.testing.assert_close(_out(run.method, x, t, y), ours, rtol=1e-5, atol=1e-6)
+    # a folder peft wrote with its own patterns (a bare layer name, another alpha) reads the same way
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["to_qkv", "conv_in", "conv_out"],
+                             rank_pattern={"conv_in": 1}, alpha_pattern={"conv_in": 5})
+    peft_model = peft.get_peft_model(load_run(runs / "base", device="cpu").method, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    expected = _out(peft_model.base_model.model, x, t, y)
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    run = load_run(runs / "base", device="cpu")
+    attach_adapters(run, str(tmp_path / "theirs"))
+    conv_in = lora_layers(run.method)["unet.conv_in"]
+    assert (conv_in.r["theirs"], conv_in.scaling("theirs")) == (1, 5.0)
+    torch.testing.assert_close(_out(run.method, x, t, y), expected, rtol=1e-5, atol=1e-6)

@@ -153,3 +153,28 @@ def test_load_refuses_mismatched_keys_and_shapes_in_one_line():
     assert not lora_layers(other)  # nothing attached by a refused load
     load_adapter(other, tensors, "x", 2, 2.0, paths, where="adapter.safetensors")
     assert len(lora_layers(other)) == len(paths)
+
+
+def test_conv1x1_selects_pointwise_convolutions_and_conv_rank_sets_the_spatial_ones():
+    """Each adapter costs r (kh kw C_in + C_out) parameters (r (in + out) for a Linear), with conv_rank on kernels > 1x1."""
+    from genlab.nn.lora import adapter_ranks, is_spatial_conv
+
+    net = tiny_unet()
+    pointwise = select_targets(net, "conv1x1")
+    convs = {p: m for p, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    assert pointwise == [p for p, m in convs.items() if m.kernel_size == (1, 1)] and len(pointwise) < len(convs)
+    paths = select_targets(net, "attn,conv")
+    ranks = adapter_ranks(net, paths, rank=4, conv_rank=1)
+    assert {p for p, r in ranks.items() if r == 1} == {p for p in convs if convs[p].kernel_size != (1, 1)}
+    assert adapter_ranks(net, paths, rank=4) == dict.fromkeys(paths, 4)
+    inject_adapter(net, paths, "default", r=ranks, alpha={p: float(r) for p, r in ranks.items()})
+    expected = 0
+    for path in paths:
+        layer = net.get_submodule(path).base_layer
+        if isinstance(layer, nn.Conv2d):
+            kh, kw = layer.kernel_size
+            expected += (1 if is_spatial_conv(layer) else 4) * (kh * kw * layer.in_channels + layer.out_channels)
+        else:
+            expected += 4 * (layer.in_features + layer.out_features)
+    assert sum(p.numel() for p in adapter_parameters(net)) == expected
+    assert all(layer.scaling("default") == 1.0 for layer in lora_layers(net).values())

@@ -26,7 +26,7 @@ from torch import nn
 from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method, ParentRun
 from genlab.methods.capabilities import Generates
-from genlab.nn.lora import adapter_parameters, inject_adapter, lora_layers, select_targets
+from genlab.nn.lora import adapter_parameters, adapter_ranks, inject_adapter, lora_layers, select_targets
 from genlab.ranges import PositiveFloat, PositiveInt, Range
 
 ADAPTER = "default"  # the adapter a lora run trains (peft's default name)
@@ -39,9 +39,14 @@ class LoRAConfig:
     base: str | None = None  # run folder of the frozen base run (required; --base RUN)
     rank: PositiveInt = 4  # r: rank of the update B A
     alpha: PositiveFloat | None = None  # the update is scaled by alpha / r; None: alpha = r (scale 1)
-    # Comma-separated: attn (attention q/k/v and output projections), conv (every Conv2d), linear
-    # (every Linear), or module names / path suffixes as in peft's target_modules (to_qkv, unet.conv_in).
+    # Comma-separated: attn (attention q/k/v and output projections), conv (every Conv2d), conv1x1 (the
+    # 1x1 Conv2d only: residual skips, projections), linear (every Linear), or module names / path suffixes
+    # as in peft's target_modules (to_qkv, unet.conv_in). A 3x3 conv adapter costs r (9 C_in + C_out):
+    # on a 32-64 channel U-Net that is 6-12 % of the layer at rank 4 (docs/results.md, the LoRA share table).
     targets: str = "attn,conv"
+    # Rank of the adapters on convolutions with a kernel larger than 1x1 (LoCon's and kohya sd-scripts'
+    # conv_dim; saved as peft's rank_pattern), with the same scale alpha / r as the others; None: rank.
+    conv_rank: PositiveInt | None = None
     dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.0  # dropout on the adapters' input
     full_finetune: bool = False  # baseline: train every weight of the base's networks, no adapters
 
@@ -75,11 +80,17 @@ class LoRA(Method, Generates):
         self.alpha = float(config.alpha if config.alpha is not None else config.rank)
         if config.full_finetune:
             self.target_paths: list[str] = []
+            self.ranks: dict[str, int] = {}
             for network in self.networks.values():
                 network.requires_grad_(True)
         else:
             self.target_paths = select_targets(base, config.targets, within=self.networks)
-            inject_adapter(base, self.target_paths, ADAPTER, config.rank, self.alpha, config.dropout)
+            self.ranks = adapter_ranks(base, self.target_paths, config.rank, config.conv_rank)
+            inject_adapter(base, self.target_paths, ADAPTER, self.ranks, self.alphas(), config.dropout)
+
+    def alphas(self) -> dict[str, float]:
+        """path -> alpha, so that every adapter has the scale alpha / r of the run (conv_rank ones too)."""
+        return {path: self.alpha * r / self.config.rank for path, r in self.ranks.items()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The adapters' A and B (or, with full_finetune, the base networks' weights)."""

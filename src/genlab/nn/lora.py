@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,9 @@ from torch import nn
 from genlab.errors import ConfigError
 
 # Target words of `targets=...`: each selects a kind of layer; anything else is a module name (below).
-TARGET_KINDS = ("attn", "conv", "linear")
+# conv1x1 is the pointwise convolutions only (residual skips, projections): kohya sd-scripts' default LoRA
+# ("LierLa") adapts Linear and 1x1 Conv2d layers and reaches 3x3 kernels only when asked (its conv_dim).
+TARGET_KINDS = ("attn", "conv", "conv1x1", "linear")
 
 
 class LoRALayer(nn.Module):
@@ -209,8 +212,9 @@ def select_targets(model: nn.Module, targets: str | Sequence[str], within: Mappi
     """Module paths of ``model`` that LoRA wraps for ``targets``, in module order.
 
     Each target is a kind (``attn``: the q/k/v and output projections of attention layers; ``conv``:
-    every Conv2d; ``linear``: every Linear) or a module name matched as peft matches target_modules
-    (the full path or its last components, e.g. ``to_qkv`` or ``unet.conv_in``). ``within`` limits the
+    every Conv2d; ``conv1x1``: the Conv2d with a 1x1 kernel; ``linear``: every Linear) or a module name
+    matched as peft matches target_modules (the full path or its last components, e.g. ``to_qkv`` or
+    ``unet.conv_in``). ``within`` limits the
     search to these sub-modules of ``model`` (a method's own networks, not its frozen parents). A target
     that selects nothing is an error naming it.
     """
@@ -230,6 +234,8 @@ def select_targets(model: nn.Module, targets: str | Sequence[str], within: Mappi
                 ok = isinstance(layer, nn.Linear) and id(module) in attention_children
             elif t == "conv":
                 ok = isinstance(layer, nn.Conv2d)
+            elif t == "conv1x1":
+                ok = isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1)
             elif t == "linear":
                 ok = isinstance(layer, nn.Linear)
             else:
@@ -263,9 +269,10 @@ def _example_path(model: nn.Module, allowed: set[int]) -> str:
     return next((path for path, m in _candidate_layers(model) if id(m) in allowed), "(none)")
 
 
-def inject_adapter(model: nn.Module, paths: Sequence[str], name: str, r: int, alpha: float,
-                   dropout: float = 0.0) -> dict[str, LoRALayer]:
-    """Wrap the layers at ``paths`` (once) and add adapter ``name`` to each; returns path -> wrapper."""
+def inject_adapter(model: nn.Module, paths: Sequence[str], name: str, r: int | Mapping[str, int],
+                   alpha: float | Mapping[str, float], dropout: float = 0.0) -> dict[str, LoRALayer]:
+    """Wrap the layers at ``paths`` (once) and add adapter ``name`` to each (rank and alpha per path when
+    given as path -> value); returns path -> wrapper."""
     layers = {}
     for path in paths:
         parent_path, _, attr = path.rpartition(".")
@@ -274,9 +281,22 @@ def inject_adapter(model: nn.Module, paths: Sequence[str], name: str, r: int, al
         if not isinstance(layer, LoRALayer):
             layer = LoRALayer(layer)
             setattr(parent, attr, layer)
-        layer.add_adapter(name, r, alpha, dropout)
+        rank = r[path] if isinstance(r, Mapping) else r
+        layer.add_adapter(name, rank, alpha[path] if isinstance(alpha, Mapping) else alpha, dropout)
         layers[path] = layer
     return layers
+
+
+def is_spatial_conv(layer: nn.Module) -> bool:
+    """A Conv2d whose kernel is larger than 1x1 (an adapter on it costs r (kh kw C_in + C_out), not r (C_in + C_out))."""
+    layer = layer.base_layer if isinstance(layer, LoRALayer) else layer
+    return isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
+
+
+def adapter_ranks(model: nn.Module, paths: Sequence[str], rank: int, conv_rank: int | None = None) -> dict[str, int]:
+    """path -> rank: ``conv_rank`` on the convolutions with a kernel larger than 1x1 (LoCon's and kohya's conv_dim),
+    ``rank`` on every other layer; ``conv_rank=None`` means ``rank`` everywhere."""
+    return {p: conv_rank if conv_rank is not None and is_spatial_conv(model.get_submodule(p)) else rank for p in paths}
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -342,9 +362,7 @@ def load_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor], name: st
     check_adapter_tensors(tensors, expected_adapter_shapes(model, paths, r), where)
     layers = {}
     for path in paths:
-        rank = r[path] if isinstance(r, Mapping) else r
-        a = alpha[path] if isinstance(alpha, Mapping) else alpha
-        layer = inject_adapter(model, [path], name, rank, a)[path]
+        layer = inject_adapter(model, [path], name, r, alpha)[path]
         with torch.no_grad():
             layer.lora_A[name].weight.copy_(tensors[f"{path}.lora_A.weight"])
             layer.lora_B[name].weight.copy_(tensors[f"{path}.lora_B.weight"])
@@ -362,6 +380,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
+    """peft's rank_pattern / alpha_pattern rule: the value of the first key that, as a regex, matches the end of
+    ``path`` after a '.' (or all of it); ``default`` when none does."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
 def resolve_peft_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
     """The module paths peft would adapt for ``target_modules``: a regex (full match) or a list of names."""
     out = []
@@ -375,6 +402,6 @@ def resolve_peft_targets(model: nn.Module, target_modules: str | Sequence[str]) 
     return out
 
 
-__all__ = ["LoRALayer", "TARGET_KINDS", "adapter_parameters", "adapter_state_dict", "check_adapter_tensors",
-           "expected_adapter_shapes", "inject_adapter", "load_adapter", "lora_layers", "parse_targets",
-           "resolve_peft_targets", "select_targets", "unwrap"]
+__all__ = ["LoRALayer", "TARGET_KINDS", "adapter_parameters", "adapter_ranks", "adapter_state_dict",
+           "check_adapter_tensors", "expected_adapter_shapes", "inject_adapter", "is_spatial_conv", "load_adapter",
+           "lora_layers", "parse_targets", "pattern_value", "resolve_peft_targets", "select_targets", "unwrap"]
