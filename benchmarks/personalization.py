@@ -12,10 +12,13 @@ trained on the first --images training images of that class. The shipped MNIST e
   subject fidelity (concept share of "a sks digit" samples) and language drift (class accuracy of
   "the digit K", K != concept, after vs before).
 
-Each part trains its child if its folder is missing (so the parts can run in parallel), samples, scores,
-and writes OUT/<part>.json; ``--part table`` prints the Markdown table of the parts measured.
+Each part trains its child in OUT/<name> (``--name``, default the part) if that folder is missing (so the parts
+can run in parallel), samples, scores, and writes OUT/<name>.json; ``--part table`` prints the Markdown table of
+every measured json in OUT. Variants of one part get their own ``--name``:
 
     python benchmarks/personalization.py --base BASE_RUN --out-dir OUT --part ti      # also base, db-prior, db-plain
+    python benchmarks/personalization.py --base BASE_RUN --out-dir OUT --part ti --name ti-captions \
+        --ti-caption-words seven,7 --guidance-scales 3,5,7.5
     python benchmarks/personalization.py --base BASE_RUN --out-dir OUT --part table
 """
 
@@ -99,9 +102,18 @@ def main() -> None:
     p.add_argument("--ti-steps", type=int, default=400)
     p.add_argument("--ti-lr", type=float, default=5e-3)
     p.add_argument("--ti-vectors", type=int, default=4)
+    p.add_argument("--ti-init", default="digit", help="the word whose embedding starts v* (null: the mean row)")
+    p.add_argument("--ti-init-noise", type=float, default=0.0)
+    p.add_argument("--ti-caption-words", default="", help="comma-separated words naming the concept in its captions "
+                   "(e.g. seven,7): the images' captions with the placeholder join the templates")
+    p.add_argument("--ti-run", default="ti", help="ti-loss: the --name of the ti part to score")
+    p.add_argument("--guidance-scales", default="3", help="ti: comma-separated guidance scales to sample S* at")
     p.add_argument("--db-steps", type=int, default=200)
     p.add_argument("--db-lr", type=float, default=2e-4)
     p.add_argument("--class-images", type=int, default=100)
+    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--class-prompt", default="a digit")
+    p.add_argument("--name", help="the run folder and json of this part in OUT (default: the part)")
     p.add_argument("--n", type=int, default=100, help="samples per concept prompt")
     p.add_argument("--n-drift", type=int, default=30, help="samples per 'the digit K' prompt")
     p.add_argument("--n-heldout", type=int, default=500, help="held-out concept images (mnist:test) for ti-loss")
@@ -110,6 +122,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
+    name = a.name or a.part
     torch.set_num_threads(a.threads)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,20 +140,27 @@ def main() -> None:
             result[f"share[{prompt}]"] = share(extractor, images, a.concept)
         result.update(drift(run, extractor, a, out, "base"))
     elif a.part == "ti":
-        run_dir = out / "ti"
+        run_dir = out / name
+        words = [w for w in a.ti_caption_words.split(",") if w]
+        result.update(ti_vectors=a.ti_vectors, ti_steps=a.ti_steps, ti_lr=a.ti_lr, ti_init=a.ti_init, ti_caption_words=words)
         result["train_seconds"] = train_child("textual-inversion", run_dir, a, [
             f"train.steps={a.ti_steps}", f"train.lr={a.ti_lr}", "train.lr_schedule=constant", "train.warmup_steps=0",
-            "train.ema_decay=0.99", f"model.num_vectors={a.ti_vectors}", "model.init_word=digit"])
+            "train.ema_decay=0.99", f"model.num_vectors={a.ti_vectors}", f"model.init_word={a.ti_init}",
+            f"model.init_noise={a.ti_init_noise}", f"model.caption_words=[{','.join(words)}]"])
         run = api.load_run(run_dir)
-        images = sample(run, "a photo of S*", a.n, a)
-        save_grid(images[:50], out / "ti_samples.png", nrow=10, scale=2)
-        result["share[a photo of S*]"] = share(extractor, images, a.concept)
-        run.method.save_embeddings(out / "s_star.safetensors")
+        for w in [float(g) for g in a.guidance_scales.split(",")]:  # the concept share at each guidance scale
+            images = run.sample(a.n, seed=a.seed, prompt="a photo of S*", guidance_scale=w, steps=a.sample_steps,
+                                batch_size=100)
+            save_grid(images[:50], out / f"{name}_samples_w{w:g}.png", nrow=10, scale=2)
+            result[f"share[a photo of S*][w={w:g}]"] = share(extractor, images, a.concept)
+            if w == a.guidance_scale:
+                result["share[a photo of S*]"] = result[f"share[a photo of S*][w={w:g}]"]
+        run.method.save_embeddings(out / f"{name}_s_star.safetensors")
     elif a.part == "ti-loss":
         from genlab.data import load_data
 
         held = load_data(source="mnist", split="test", classes=(a.concept,), limit=a.n_heldout)
-        run = api.load_run(out / "ti")
+        run = api.load_run(out / a.ti_run)
         run.method.base.text_encoder._cache.clear()
         prompts = ["a photo of S*", f"a photo of a {concept_word}", f"the digit {a.concept}", "a photo of a digit", ""]
         result["heldout_n"] = len(held)
@@ -148,46 +168,53 @@ def main() -> None:
             result[f"heldout_loss[{prompt}]"] = heldout_loss(run.method.base, held.to_model_range(), prompt)
     else:
         prior = a.part == "db-prior"
-        run_dir = out / a.part
+        run_dir = out / name
+        result.update(db_steps=a.db_steps, db_lr=a.db_lr, prior_weight=a.prior_weight if prior else 0.0,
+                      class_prompt=a.class_prompt if prior else None)
         result["train_seconds"] = train_child("dreambooth", run_dir, a, [
             f"train.steps={a.db_steps}", f"train.lr={a.db_lr}", "train.lr_schedule=constant", "train.warmup_steps=0",
-            "train.ema_decay=null", f"model.prior_preservation={str(prior).lower()}",
-            f"model.num_class_images={a.class_images}", f"model.class_guidance_scale={a.guidance_scale}",
-            f"model.class_sample_steps={a.sample_steps}"])
+            "train.ema_decay=null", f"model.prior_preservation={str(prior).lower()}", f"model.prior_weight={a.prior_weight}",
+            f"model.class_prompt={a.class_prompt}", f"model.num_class_images={a.class_images}",
+            f"model.class_guidance_scale={a.guidance_scale}", f"model.class_sample_steps={a.sample_steps}"])
         run = api.load_run(run_dir)
         images = sample(run, "a sks digit", a.n, a)
-        save_grid(images[:50], out / f"{a.part}_samples.png", nrow=10, scale=2)
+        save_grid(images[:50], out / f"{name}_samples.png", nrow=10, scale=2)
         result["fidelity"] = share(extractor, images, a.concept)
-        result.update(drift(run, extractor, a, out, a.part))
+        result.update(drift(run, extractor, a, out, name))
     result["measure_seconds"] = time.perf_counter() - start
-    (out / f"{a.part}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
 
 def print_table(out: Path, a) -> None:
-    """The Markdown rows of the parts measured so far."""
-    r = {part: json.loads((out / f"{part}.json").read_text()) for part in PARTS if (out / f"{part}.json").is_file()}
-    base = r.get("base", {})
+    """The Markdown rows of every part measured in OUT (one json per --name)."""
+    r = {f.stem: json.loads(f.read_text()) for f in sorted(out.glob("*.json"))}
+    word = WORDS[a.concept]
     print("| model | train s (trainer clock) | concept share of its prompt | 'the digit K' accuracy, K != concept "
           "| 'the digit K' samples taken for the concept |")
     print("|---|---|---|---|---|")
-    if base:
-        print(f"| base (never saw {a.concept}) | - | {base['share[a sks digit]']:.1%} ('a sks digit'), "
-              f"{base[f'share[a photo of a {WORDS[a.concept]}]']:.1%} ('a photo of a {WORDS[a.concept]}'), "
-              f"{base[f'share[the digit {a.concept}]']:.1%} ('the digit {a.concept}') | {base['drift_accuracy']:.1%} | "
-              f"{base['drift_concept_share']:.1%} |")
-    if "ti" in r:
-        print(f"| textual-inversion | {r['ti']['train_seconds']:.0f} | {r['ti']['share[a photo of S*]']:.1%} "
-              "('a photo of S*') | unchanged (frozen) | unchanged |")
-    for part, name in (("db-prior", "dreambooth, prior preservation"), ("db-plain", "dreambooth, no prior")):
-        if part in r:
-            print(f"| {name} | {r[part]['train_seconds']:.0f} | {r[part]['fidelity']:.1%} ('a sks digit') | "
-                  f"{r[part]['drift_accuracy']:.1%} | {r[part]['drift_concept_share']:.1%} |")
-    if "ti-loss" in r:
-        losses = {k[len("heldout_loss["):-1]: v for k, v in r["ti-loss"].items() if k.startswith("heldout_loss[")}
-        print(f"\nheld-out diffusion loss on {r['ti-loss']['heldout_n']} mnist:test images of the concept, by prompt: "
-              + ", ".join(f"'{k}' {v:.4f}" for k, v in losses.items()))
-
+    for name, x in r.items():
+        if x["part"] == "base":
+            print(f"| {name} (never saw {a.concept}) | - | {x['share[a sks digit]']:.1%} ('a sks digit'), "
+                  f"{x[f'share[a photo of a {word}]']:.1%} ('a photo of a {word}'), "
+                  f"{x[f'share[the digit {a.concept}]']:.1%} ('the digit {a.concept}') | {x['drift_accuracy']:.1%} | "
+                  f"{x['drift_concept_share']:.1%} |")
+        elif x["part"] == "ti":
+            shares = ", ".join(f"{v:.0%} at w={k.split('[w=')[1][:-1]}" for k, v in x.items()
+                               if k.startswith("share[a photo of S*][w="))
+            print(f"| {name}: textual-inversion, {x.get('ti_vectors')} vectors, {x.get('ti_steps')} steps, lr "
+                  f"{x.get('ti_lr')}, init {x.get('ti_init')}, caption words {x.get('ti_caption_words') or '-'} | "
+                  f"{x['train_seconds']:.0f} | {shares} ('a photo of S*') | unchanged (frozen) | unchanged |")
+        elif x["part"] in ("db-prior", "db-plain"):
+            prior = f"prior '{x.get('class_prompt')}' x {x.get('prior_weight')}" if x["part"] == "db-prior" else "no prior"
+            print(f"| {name}: dreambooth, {prior}, {x.get('db_steps')} steps, lr {x.get('db_lr')} | "
+                  f"{x['train_seconds']:.0f} | {x['fidelity']:.1%} ('a sks digit') | {x['drift_accuracy']:.1%} | "
+                  f"{x['drift_concept_share']:.1%} |")
+    for name, x in r.items():
+        if x["part"] == "ti-loss":
+            losses = {k[len("heldout_loss["):-1]: v for k, v in x.items() if k.startswith("heldout_loss[")}
+            print(f"\n{name}: held-out diffusion loss on {x['heldout_n']} mnist:test images of the concept, by prompt: "
+                  + ", ".join(f"'{k}' {v:.4f}" for k, v in losses.items()))
 
 
 if __name__ == "__main__":

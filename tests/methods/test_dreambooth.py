@@ -50,6 +50,27 @@ def test_prior_preservation_loss_equals_the_direct_computation(text_base, tmp_pa
     assert torch.allclose(ctx.losses[0], subject + 0.7 * prior, rtol=1e-5)
 
 
+def test_a_list_of_class_prompts_spreads_the_class_images_and_the_prior_loss_over_them(text_base, tmp_path):
+    """Class image i comes from prompt i mod P, and the prior loss prompts each picked image with its own."""
+    run = _train(text_base, tmp_path / "db", "model.class_prompt=[a bar at the top, a bar at the bottom]", steps=1)
+    method, base = run.method, run.method.base
+    prompts = ["a bar at the top", "a bar at the bottom"]
+    expected = api.load_run(text_base[0]).method.sample(
+        6, generator=ImageNoise.for_indices(0, 0, 6), prompts=[prompts[i % 2] for i in range(6)], steps=2)
+    assert torch.equal(method.class_images, expected)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    logs = method.training_step({"image": x}, RecordingContext(4, seed=5))
+    g = torch.Generator().manual_seed(5)  # t, eps, class picks, t', eps'
+    torch.randint(0, 100, (4,), generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    pick = torch.randint(0, 6, (4,), generator=g)
+    t_class, eps_class = torch.randint(0, 100, (4,), generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        per_image = [_mse_eps(base, method.class_images[i: i + 1], t_class[k: k + 1], eps_class[k: k + 1], prompts[i % 2])
+                     for k, i in enumerate(pick.tolist())]
+    assert len(set(pick.remainder(2).tolist())) == 2  # both prompts drawn, so a single prompt would not match
+    assert torch.allclose(logs["prior_loss"], torch.stack(per_image).mean(), rtol=1e-5)
+
+
 def test_class_images_come_from_the_base_and_prior_weight_zero_is_plain_fine_tuning(text_base, tmp_path):
     zero = _train(text_base, tmp_path / "zero", "model.prior_weight=0")
     plain = _train(text_base, tmp_path / "plain", "model.prior_preservation=false")

@@ -92,6 +92,22 @@ def test_saved_embeddings_load_into_the_base_with_identical_samples(text_base, t
     assert np.abs(np.load(tmp_path / "s.npz")["images"].astype(int) - expected).max() <= 1
 
 
+def test_caption_words_turn_each_images_captions_into_training_prompts(text_base, tmp_path):
+    """With caption_words the image's own captions, the concept's name replaced by the placeholder (whole words,
+    any case), join the templates; captions that do not name it do not; without caption_words the templates alone."""
+    from step_context import RecordingContext
+
+    run = _train_ti(text_base, tmp_path / "ti", "model.caption_words=[bar, 7]", "model.templates=['a photo of {}']",
+                    steps=1)
+    method = run.method
+    captions = ["a Bar at the top", "the digit 7 and bars", "a plain caption"]
+    assert method.prompt_options(captions) == ["a photo of S*", "a S* at the top", "the digit S* and bars"]
+    drawn = method.training_prompts(RecordingContext(200, seed=1), [captions] * 200)
+    assert set(drawn) == {"a photo of S*", "a S* at the top", "the digit S* and bars"}
+    method.config.caption_words = ()
+    assert set(method.training_prompts(RecordingContext(50, seed=1), [captions] * 50)) == {"a photo of S*"}
+
+
 def test_one_line_errors(text_base, tmp_path):
     base, folder = text_base
     plain = tmp_path / "plain"

@@ -9,7 +9,8 @@ class ("a sks digit"). Alone, this overfits and lets the class word drift toward
     L = E || eps - eps_theta(x_t, t, c("a sks digit")) ||^2 + lambda E || eps' - eps_theta(x'_t', t', c("a digit")) ||^2,
 
 where x' are ``num_class_images`` images the base itself generated for the class prompt before any
-update (stored in the run's checkpoint, so a resumed run keeps them). ``prior_preservation: false``
+update (with a list of class prompts, image i from prompt i mod P and trained with it: the prior of a class
+the base knows under several names, e.g. every "the digit K") (stored in the run's checkpoint, so a resumed run keeps them). ``prior_preservation: false``
 (or ``prior_weight`` lambda = 0) is plain fine-tuning on the subject.
 
 The base run is the parent (role ``base``, ARCHITECTURE: "A child run"); unlike other children its
@@ -44,7 +45,8 @@ class DreamBoothConfig:
 
     base: str | None = None  # run folder of a text-conditioned ddpm / dit / ldm run (required; --base RUN)
     instance_prompt: str = "a sks digit"  # the rare identifier and the class noun (the paper's "a [V] dog")
-    class_prompt: str = "a digit"  # the class alone: what the prior-preservation images are generated from
+    # The class alone: what the prior-preservation images are generated from; a list spreads them over its prompts.
+    class_prompt: str | tuple[str, ...] = "a digit"
     prior_preservation: bool = True
     prior_weight: NonNegativeFloat = 1.0  # lambda (the paper uses 1)
     num_class_images: PositiveInt = 100  # class images the base generates before the first update
@@ -83,8 +85,14 @@ class DreamBooth(Personalisation):
         return {f"base_{name}": network for name, network in self.networks.items()}
 
     @torch.no_grad()
+    def class_prompts(self, indices: list[int]) -> list[str]:
+        """The class prompt of each class image: image i's is prompt i mod P of the list (or the one prompt)."""
+        prompts = self.config.class_prompt
+        prompts = (prompts,) if isinstance(prompts, str) else prompts
+        return [prompts[i % len(prompts)] for i in indices]
+
     def make_class_images(self) -> torch.Tensor:
-        """x': ``num_class_images`` samples of the (not yet updated) base for the class prompt, seeded by class_seed."""
+        """x': ``num_class_images`` samples of the (not yet updated) base for the class prompts, seeded by class_seed."""
         c = self.config
         n = len(self.class_images)
         options = {"steps": c.class_sample_steps, "guidance_scale": c.class_guidance_scale}
@@ -92,7 +100,8 @@ class DreamBooth(Personalisation):
         for start in range(0, n, CLASS_IMAGE_BATCH):  # image i's noise from its own generator, whatever the batch
             m = min(CLASS_IMAGE_BATCH, n - start)
             noise = ImageNoise.for_indices(c.class_seed, start, start + m, self.device)
-            chunks.append(self.base.sample(m, generator=noise, prompts=[c.class_prompt] * m, **options))
+            chunks.append(self.base.sample(m, generator=noise, prompts=self.class_prompts(range(start, start + m)),
+                                           **options))
         self.class_images.copy_(torch.cat(chunks))
         self.class_images_made.fill_(True)
         return self.class_images
@@ -118,7 +127,7 @@ class DreamBooth(Personalisation):
         x0_class = base._diffused(self.class_images[pick])  # (n, C, H, W)
         t_class = ctx.randint(0, base.config.num_timesteps)
         noise_class = ctx.randn(*x0_class.shape[1:])
-        prior, _ = base.loss(x0_class, t_class, noise_class, self.encode([c.class_prompt] * len(x0_class)))
+        prior, _ = base.loss(x0_class, t_class, noise_class, self.encode(self.class_prompts(pick.tolist())))
         return subject, prior
 
     def training_step(self, batch: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ base (:func:`load_embeddings`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Mapping
@@ -220,6 +221,11 @@ class TextualInversionConfig:
     init_word: str | None = None
     init_noise: Annotated[float, Range(0)] = 0.0  # std of Gaussian noise added to the start (breaks symmetry of k > 1)
     templates: tuple[str, ...] = TEMPLATES  # training prompts; "{}" is replaced by the placeholder
+    # Words of the data's captions that name the concept (e.g. [seven, "7"] for mnist-captions' 7s): each image's
+    # own captions, these words replaced by the placeholder ("a thick seven" -> "a thick S*"), join the templates
+    # as its training prompts, so v* learns in the caption grammar the base was trained on and the captions'
+    # attributes (thickness, slant, size) explain what is not the concept. Empty: the templates alone.
+    caption_words: tuple[str, ...] = ()
 
 
 class Personalisation(Method, Generates):
@@ -283,10 +289,21 @@ class TextualInversion(Personalisation):
     def ema_targets(self) -> dict[str, nn.Module]:
         return {"embedding": self.embedding}
 
-    def training_prompts(self, ctx) -> list[str]:
-        """One template per image, drawn through the step context, with the placeholder in it."""
-        templates = self.config.templates
-        return [templates[k % len(templates)].format(self.config.placeholder) for k in ctx.randint(0, 1 << 30).tolist()]
+    def prompt_options(self, captions: list[str] | None) -> list[str]:
+        """The training prompts of one image: the templates with the placeholder, then (with ``caption_words``)
+        the image's captions that name the concept, with the placeholder in place of its name."""
+        c = self.config
+        options = [t.format(c.placeholder) for t in c.templates]
+        if c.caption_words and captions:
+            names = re.compile(r"\b(" + "|".join(re.escape(w) for w in c.caption_words) + r")\b", re.IGNORECASE)
+            options += [names.sub(lambda m: c.placeholder, text) for text in captions if names.search(text)]
+        return options
+
+    def training_prompts(self, ctx, captions: list[list[str]] | None = None) -> list[str]:
+        """One prompt per image (of its :meth:`prompt_options`), drawn through the step context."""
+        picks = ctx.randint(0, 1 << 30).tolist()  # (n,)
+        per_image = captions if captions is not None and self.config.caption_words else [None] * len(picks)
+        return [(options := self.prompt_options(text))[k % len(options)] for k, text in zip(picks, per_image)]
 
     def training_step(self, batch: dict[str, torch.Tensor], ctx) -> dict[str, torch.Tensor]:
         """The base's diffusion loss on the concept images, prompted with the placeholder; only v* gets gradients."""
@@ -295,7 +312,7 @@ class TextualInversion(Personalisation):
         t = ctx.randint(0, base.config.num_timesteps)  # (n,)
         noise = ctx.randn(*x0.shape[1:])  # (n, C, H, W)
         # Not DDPM.encode_prompts: a frozen encoder runs there without gradients, and v* needs them.
-        condition = base.text_encoder.encode(self.training_prompts(ctx))
+        condition = base.text_encoder.encode(self.training_prompts(ctx, batch.get("captions")))
         loss, logs = base.loss(x0, t, noise, condition)
         ctx.optimize(loss)
         return {"loss": loss.detach(), **logs}
