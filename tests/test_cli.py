@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,15 @@ def test_every_command_on_a_run_takes_the_same_data_root_and_weights_options(arg
     assert _parser().parse_args(argv).weights == "ema"
     with pytest.raises(SystemExit):
         _parser().parse_args([*argv, "--weights", "best"])
+
+
+def test_python_dash_m_genlab_is_the_command_line():
+    """`python -m genlab` runs the same CLI as the `genlab` script (exit code and the one-line usage error)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    ok = subprocess.run([sys.executable, "-m", "genlab", "--version"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ok.stdout.startswith("genlab ")
+    bad = subprocess.run([sys.executable, "-m", "genlab", "bogus"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "invalid choice: 'bogus'" in bad.stderr and "Traceback" not in bad.stderr
