@@ -48,7 +48,7 @@ class ClassifierConfig:
     in_channels: int = 1  # 1 for MNIST / Fashion-MNIST, 3 for CIFAR-10
     image_size: int = 28  # the size it is trained on; extractors resize inputs to it
     num_classes: int = 10
-    channels: tuple[int, ...] = (32, 64)  # per stage: two conv3x3-BN-ReLU, then a 2x2 max-pool
+    channels: tuple[int, ...] = (32, 64)  # per stage: two conv3x3-BN-ReLU and a 2x2 max-pool (see stage_order)
     pooled_size: int = 4  # side of the adaptive average pool before the feature layer
     feature_dim: int = 128  # width of the penultimate (feature) layer
     dropout: float = 0.3  # on the features, before the last linear layer (training only)
