@@ -6,8 +6,9 @@ Three measurements, printed as Markdown:
    forward pass and of one training step (forward + backward), counted with torch.utils.flop_counter
    (convolutions and matmuls; normalisations and element-wise ops are free), and so per epoch of
    50,000 images; then the measured seconds per training step at the preset's batch on this machine's
-   current threads (SGD step included, random data, median of ``--repeats``), with and without
-   channels_last, and the effective GFLOP/s.
+   current threads (SGD step included, random data, median of ``--repeats``): NCHW and channels_last
+   in float32, and channels_last under bfloat16 autocast (the preset's ``train.mixed_precision: bf16``),
+   with the effective GFLOP/s.
 2. **Training speed of a finished run** (``--run RUN``): images/s and seconds per epoch read from its
    log.jsonl (median of the logged windows), and its total training seconds.
 3. **Test accuracy of an evaluator** (``--evaluator NAME_OR_PATH``, default the shipped ``cifar10``)
@@ -56,8 +57,8 @@ def flops_per_image() -> tuple[float, float]:
     return forward.get_total_flops() / 8, step.get_total_flops() / 8
 
 
-def step_seconds(channels_last: bool, repeats: int) -> float:
-    """Median wall seconds of one SGD training step at the preset's batch on random data."""
+def step_seconds(channels_last: bool, repeats: int, bf16: bool = False) -> float:
+    """Median wall seconds of one SGD training step at the preset's batch on random data (bf16: autocast)."""
     method, batch = preset_network(channels_last)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
@@ -66,7 +67,8 @@ def step_seconds(channels_last: bool, repeats: int) -> float:
     times = []
     for i in range(repeats + 2):  # two warm-up steps
         start = time.perf_counter()
-        loss = F.cross_entropy(method(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(method(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -117,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     _, batch = preset_network(False)
     print(f"| layout | s / step (batch {batch}) | s / epoch | effective GFLOP/s |")
     print("|---|---|---|---|")
-    for channels_last in (False, True):
-        seconds = step_seconds(channels_last, a.repeats)
-        print(f"| {'channels_last' if channels_last else 'contiguous (NCHW)'} | {seconds:.3f} | "
+    for channels_last, bf16 in ((False, False), (True, False), (True, True)):
+        seconds = step_seconds(channels_last, a.repeats, bf16)
+        layout = ("channels_last" if channels_last else "contiguous (NCHW)") + (", bf16 autocast" if bf16 else ", float32")
+        print(f"| {layout} | {seconds:.3f} | "
               f"{seconds * EPOCH_IMAGES / batch:.0f} | {step * batch / seconds / 1e9:.1f} |")
     if a.run is not None:
         speed = run_speed(a.run)
