@@ -665,7 +665,7 @@ def test_cli_compare_prints_a_table_and_writes_the_chart(cache, tiny, tmp_path, 
 # The shipped evaluators.
 
 
-@pytest.mark.parametrize("name, minimum", [("mnist", 0.99), ("fashion-mnist", 0.90)])
+@pytest.mark.parametrize("name, minimum", [("mnist", 0.99), ("fashion-mnist", 0.90), ("cifar10", 0.85)])
 def test_shipped_evaluator_cards_are_complete_and_small(name, minimum):
     weights = Path(genlab.__file__).parent / "evaluators" / f"{name}.safetensors"
     if not weights.is_file():
@@ -678,7 +678,7 @@ def test_shipped_evaluator_cards_are_complete_and_small(name, minimum):
 
 @pytest.mark.slow  # 10,000 test images through the network: about 5 s each on a busy 2-core CPU
 @pytest.mark.data
-@pytest.mark.parametrize("name, source", [("mnist", "mnist"), ("fashion-mnist", "fashion-mnist")])
+@pytest.mark.parametrize("name, source", [("mnist", "mnist"), ("fashion-mnist", "fashion-mnist"), ("cifar10", "cifar10")])
 def test_shipped_evaluator_accuracy_reproduces_on_the_official_test_split(name, source, data_root):
     weights = Path(genlab.__file__).parent / "evaluators" / f"{name}.safetensors"
     if not weights.is_file():
@@ -687,6 +687,38 @@ def test_shipped_evaluator_accuracy_reproduces_on_the_official_test_split(name, 
     test = load_data(source=source, split="test", root=str(data_root))
     accuracy = evaluation.classifier_accuracy(extractor, test.images, test.labels)
     assert accuracy == extractor.card["test_accuracy"]
+
+
+@pytest.mark.data
+def test_shipped_cifar10_evaluator_classifies_real_test_images_at_its_documented_accuracy(data_root):
+    """500 CIFAR-10 test images drawn with a fixed seed (all ten classes): the shipped weights, loaded as the metrics load
+    them, score the card's 10,000-image accuracy p within 4 binomial standard deviations sqrt(p (1 - p) / 500)
+    (about 6 points): random or mis-loaded weights (10 %), swapped colour channels or a wrong input range fail."""
+    weights = Path(genlab.__file__).parent / "evaluators" / "cifar10.safetensors"
+    if not weights.is_file():
+        pytest.skip(f"{weights} has not been exported yet")
+    extractor = get_extractor("cifar10")
+    test = load_data(source="cifar10", split="test", root=str(data_root))
+    index = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:500]
+    images, labels = test.images[index], test.labels[index]
+    assert sorted(set(labels.tolist())) == list(range(10))
+    accuracy = evaluation.classifier_accuracy(extractor, images, labels)
+    p = extractor.card["test_accuracy"]
+    assert abs(accuracy - p) <= 4 * math.sqrt(p * (1 - p) / len(labels)), (accuracy, p)
+
+
+def test_default_extractor_for_cifar10_is_the_shipped_cifar10_evaluator_and_inception_stays_selectable():
+    from genlab.evaluation.common import resolve_extractor
+
+    if not (Path(genlab.__file__).parent / "evaluators" / "cifar10.safetensors").is_file():
+        pytest.skip("the shipped cifar10 evaluator has not been exported yet")
+    extractor = resolve_extractor(None, "cifar10", "cpu")
+    assert extractor.name == "cifar10" and (extractor.feature_dim, extractor.num_classes) == (128, 10)
+    assert extractor.model.config.in_channels == 3 and extractor.model.config.flip_average
+    # Other sources keep their own default; "inception" still names the FID Inception path (weights needed).
+    assert evaluation.DEFAULT_EXTRACTORS.get("folder:x", "inception") == "inception"
+    with pytest.raises(DataError):
+        resolve_extractor(str(Path(genlab.__file__).parent / "evaluators" / "absent-inception.pth"), "cifar10", "cpu")
 
 
 def test_default_extractor_for_digits_is_the_shipped_mnist_evaluator(cache, tmp_path):

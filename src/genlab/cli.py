@@ -221,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="sampling and metric seed (default 0)")
     e.add_argument("--checkpoint", metavar="STEP|latest", help="checkpoint of a run to score (default: the newest "
                                                                "intact one)")
-    e.add_argument("--extractor", help="mnist, fashion-mnist, inception, the NAME of an evaluator made with `genlab "
+    e.add_argument("--extractor", help="mnist, fashion-mnist, cifar10, inception, the NAME of an evaluator made with `genlab "
                                        "export-evaluator`, an evaluator .safetensors or Inception .pth (default: the "
                                        "shipped evaluator of the reference data, else inception)")
     e.add_argument("--inception-weights", help="file of the FID Inception weights (else $GENLAB_INCEPTION_WEIGHTS)")
@@ -318,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "(architecture, training command, test accuracy on the data's official test split,\n"
                                    "sha256) in --out, by default your evaluators folder ($GENLAB_CACHE/evaluators,\n"
                                    "i.e. ~/.cache/genlab/evaluators). Then score with `genlab eval RUN --extractor NAME`\n"
-                                   "(or the .safetensors path). The shipped evaluators (mnist, fashion-mnist) are never\n"
+                                   "(or the .safetensors path). The shipped evaluators (mnist, fashion-mnist, cifar10) are never\n"
                                    "overwritten.",
                        epilog="example:\n  genlab train classifier --data fashion-mnist --preset small --run-dir runs/clf\n"
                               "  genlab export-evaluator runs/clf my-fashion\n"

@@ -42,7 +42,7 @@ class TrainConfig:
     lr: PositiveFloat = 2e-4  # peak learning rate
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
     warmup_steps: int = 100  # linear warm-up from 0 to lr
-    weight_decay: NonNegativeFloat = 0.0  # AdamW's decoupled weight decay
+    weight_decay: NonNegativeFloat = 0.0  # AdamW's decoupled weight decay (an SGD optimiser: its L2 penalty)
     adam_betas: tuple[Annotated[float, Range(0, 1, hi_open=True)], ...] = (0.9, 0.999)  # Adam's (beta1, beta2)
     grad_clip: PositiveFloat | None = 1.0  # max global grad norm; None disables clipping
     ema_decay: UnitFloat | None = 0.999  # None disables the EMA copy

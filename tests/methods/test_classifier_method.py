@@ -97,11 +97,61 @@ def test_bad_option_values_are_rejected(override, key):
         build_config("classifier", ClassifierMethodConfig, overrides=[override])
 
 
-@pytest.mark.parametrize("preset, source", [("mnist_small", "mnist"), ("fashion_mnist_small", "fashion-mnist")])
+@pytest.mark.parametrize("preset, source", [("mnist_small", "mnist"), ("fashion_mnist_small", "fashion-mnist"),
+                                            ("cifar10_small", "cifar10")])
 def test_shipped_presets_build_valid_configs(preset, source):
     assert preset in list_presets("classifier")
     cfg = build_config("classifier", ClassifierMethodConfig, preset=preset)
     assert cfg.data.source == source and cfg.model.max_shift > 0
     # The evaluators must stay small enough to ship inside the package (< 2 MB of float32).
-    method = ClassifierMethod(cfg.model, DataInfo(channels=1, image_size=28, num_classes=10))
+    channels, size = (3, 32) if source == "cifar10" else (1, 28)
+    method = ClassifierMethod(cfg.model, DataInfo(channels=channels, image_size=size, num_classes=10))
     assert sum(p.numel() for p in method.parameters()) * 4 < 2_000_000
+
+
+@pytest.mark.parametrize("dy, dx", [(1, -2), (0, 0), (-2, 2), (2, 1)])
+def test_reflect_padded_shift_is_a_random_crop_of_the_mirror_padded_image(dy, dx):
+    images = torch.rand(3, 2, 9, 7) * 2 - 1
+    shifted = random_shift(images, torch.full((3,), dy), torch.full((3,), dx), padding="reflect")
+    # numpy's "reflect" mirrors about the edge pixel without repeating it, as torch's does.
+    padded = np.pad(images.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
+    expected = padded[:, :, 2 - dy: 2 - dy + 9, 2 - dx: 2 - dx + 7]
+    np.testing.assert_array_equal(shifted.numpy(), expected)
+
+
+def test_sgd_option_builds_nesterov_sgd_and_refuses_nesterov_without_momentum():
+    from genlab.train.trainer import make_optimizer
+
+    cfg = build_config("classifier", ClassifierMethodConfig, overrides=["model.optimizer=sgd", "train.weight_decay=5e-4"])
+    method = ClassifierMethod(cfg.model, DataInfo(channels=3, image_size=32, num_classes=10))
+    optimizer = make_optimizer(method.optimizer_groups()["main"], cfg.train)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 5e-4)
+    with pytest.raises(ConfigError, match="nesterov"):
+        build_config("classifier", ClassifierMethodConfig, overrides=["model.optimizer=sgd", "model.momentum=0"])
+
+
+def test_channels_last_changes_the_layout_not_the_training_step():
+    """One SGD step with and without channels_last: the same loss and (to float rounding) the same weights."""
+    from genlab.train.trainer import make_optimizer
+
+    results = []
+    for channels_last in (False, True):
+        cfg = build_config("classifier", ClassifierMethodConfig, overrides=[
+            "model.optimizer=sgd", f"model.channels_last={str(channels_last).lower()}", "model.net.channels=[8,16]",
+            "model.net.pooled_size=1", "model.net.dropout=0.0", "model.net.stage_order=conv-pool-conv"])
+        torch.manual_seed(0)
+        method = ClassifierMethod(cfg.model, DataInfo(channels=3, image_size=16, num_classes=10))
+        conv = method.net.body[0][0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        optimizer = make_optimizer(method.optimizer_groups()["main"], cfg.train)
+        images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        loss = torch.nn.functional.cross_entropy(method(images if not channels_last else
+                                                        images.contiguous(memory_format=torch.channels_last)),
+                                                 torch.arange(8))
+        loss.backward()
+        optimizer.step()
+        results.append((loss.item(), conv.detach().contiguous().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)

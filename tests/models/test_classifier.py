@@ -1,5 +1,6 @@
 """The evaluator classifier: feature layer, size budget, config checks, and (slow) the MNIST accuracy target."""
 
+import dataclasses
 import gzip
 import os
 import time
@@ -164,3 +165,47 @@ def test_trains_to_99_percent_on_mnist_in_two_epochs():
     test_accuracy = accuracy(model, x_test, y_test)
     print(f"MNIST test accuracy {test_accuracy:.4f} after 2 epochs in {time.perf_counter() - start:.0f} s")
     assert test_accuracy >= 0.99
+
+
+# ---------------------------------------------------------------------------------------------
+# The CIFAR-10 evaluator's options: conv-pool-conv stages and flip-averaged features.
+
+CIFAR_LIKE = ClassifierConfig(in_channels=3, image_size=32, channels=(8, 16, 32), pooled_size=1, feature_dim=16,
+                              dropout=0.0, stage_order="conv-pool-conv")
+
+
+def test_conv_pool_conv_runs_the_second_conv_at_half_resolution_with_the_same_weight_shapes():
+    vgg, cpc = Classifier(dataclasses.replace(CIFAR_LIKE, stage_order="conv-conv-pool")), Classifier(CIFAR_LIKE)
+    shapes = lambda m: sorted(tuple(p.shape) for p in m.parameters())  # noqa: E731
+    assert shapes(vgg) == shapes(cpc)
+    sizes = {}
+    for name, module in cpc.body.named_children():
+        if isinstance(module, torch.nn.Sequential):
+            module.register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, o.shape[-1]))
+    cpc.eval()(torch.zeros(1, 3, 32, 32))
+    # Stage s: first conv at 32 / 2^s, second conv after the pool at 32 / 2^(s+1).
+    assert list(sizes.values()) == [32, 16, 16, 8, 8, 4]
+
+
+def test_flip_average_is_the_mean_of_the_features_of_the_image_and_its_mirror():
+    averaged = _eval_model(dataclasses.replace(CIFAR_LIKE, flip_average=True))
+    plain = Classifier(CIFAR_LIKE)
+    plain.load_state_dict(averaged.state_dict())
+    plain.eval()
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = 0.5 * (plain.features(x) + plain.features(x.flip(-1)))
+        torch.testing.assert_close(averaged.features(x), expected)
+        torch.testing.assert_close(averaged.features(x.flip(-1)), averaged.features(x))  # flip-invariant
+        torch.testing.assert_close(averaged(x), plain.head(expected))
+        assert not torch.allclose(plain.features(x), plain.features(x.flip(-1)), atol=1e-4)  # the flip matters
+    averaged.train()  # training sees single images
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert averaged.features(x).shape == (5, 16)
+        assert not torch.allclose(averaged.features(x), averaged.features(x.flip(-1)), atol=1e-4)
+
+
+def test_stage_order_must_be_known():
+    with pytest.raises(ConfigError, match="stage_order"):
+        ClassifierConfig(stage_order="pool-conv-conv")

@@ -45,6 +45,7 @@ class OptimizerSpec:
     kind: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float | None = None
     momentum: float = 0.0  # SGD only
+    nesterov: bool = False  # SGD only: Nesterov momentum (Sutskever et al. 2013)
 
 
 class StepContext(Protocol):

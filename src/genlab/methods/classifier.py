@@ -5,22 +5,28 @@ Not a generative model: the same trainer, configs, checkpoints and EMA train it,
 plus its JSON card in ``$GENLAB_CACHE/evaluators``) that ``genlab eval --extractor NAME`` uses.
 
 Augmentation is a random translation by up to ``max_shift`` pixels (the canvas border fills with
-black, -1), drawn per image through the trainer's step context so that a resumed run sees exactly
-the same shifts. Random horizontal flips (useful for Fashion-MNIST, wrong for digits) are the data
-section's ``data.hflip``.
+black, -1, or, with ``shift_padding: reflect``, with the mirrored image: the padded random crop of
+CIFAR training recipes), drawn per image through the trainer's step context so that a resumed run
+sees exactly the same shifts. Random horizontal flips (useful for Fashion-MNIST and CIFAR-10, wrong
+for digits) are the data section's ``data.hflip``.
+
+``optimizer: sgd`` (with ``momentum`` and ``nesterov``) gives the SGD-Nesterov recipe of fast CIFAR-10
+training (Page 2018; Jordan 2024, airbench); ``train.weight_decay`` is then SGD's L2 penalty.
+``channels_last`` keeps the network and its inputs in NHWC memory layout, oneDNN's fast layout on
+CPUs (measured 1.6x faster per step for the CIFAR-10 evaluator on one thread); the values are the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from genlab.errors import ConfigError
-from genlab.methods.base import DataInfo, Method
+from genlab.methods.base import DataInfo, Method, OptimizerSpec
 from genlab.models.classifier import Classifier, ClassifierConfig
 
 
@@ -35,24 +41,39 @@ class ClassifierMethodConfig:
     net: ClassifierConfig = field(default_factory=ClassifierConfig)
     label_smoothing: float = 0.0  # Szegedy et al. 2016: target 1 - s on the label, s / C spread over all classes
     max_shift: int = 0  # random translation of each training image by -max_shift..max_shift pixels per axis
+    shift_padding: Literal["constant", "reflect"] = "constant"  # what fills the uncovered border: black (-1) or the mirror
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = True  # SGD only
+    channels_last: bool = False  # NHWC memory layout for the network and its inputs (faster convolutions on CPU)
 
     def __post_init__(self):
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_shift < 0:
             raise ConfigError(f"model.max_shift must be >= 0 pixels, got {self.max_shift}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"model.momentum must be in [0, 1), got {self.momentum}")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            raise ConfigError("model.nesterov needs model.momentum > 0; set model.momentum=0.9 or model.nesterov=false")
 
 
-def random_shift(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, fill: float = -1.0) -> torch.Tensor:
+def random_shift(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, fill: float = -1.0,
+                 padding: str = "constant") -> torch.Tensor:
     """Translate each image (N, C, H, W) by integer (dy[i], dx[i]) pixels; uncovered pixels become ``fill``.
 
-    ``out[i, :, y, x] = images[i, :, y - dy[i], x - dx[i]]`` where that pixel exists, else ``fill``.
+    ``out[i, :, y, x] = images[i, :, y - dy[i], x - dx[i]]`` where that pixel exists, else ``fill``;
+    with ``padding="reflect"`` an uncovered pixel is the image's mirror across its border instead
+    (row -1 is row 1, row H is row H - 2): a random crop of the reflect-padded image.
     """
     n, c, h, w = images.shape
     pad = int(max(dy.abs().max(), dx.abs().max())) if n else 0
     if pad == 0:
         return images
-    padded = F.pad(images, (pad, pad, pad, pad), value=fill)  # (N, C, H + 2p, W + 2p)
+    if padding == "reflect":
+        padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")  # (N, C, H + 2p, W + 2p)
+    else:
+        padded = F.pad(images, (pad, pad, pad, pad), value=fill)
     rows = torch.arange(h, device=images.device)[None, :] + pad - dy[:, None].to(images.device)  # (N, H)
     cols = torch.arange(w, device=images.device)[None, :] + pad - dx[:, None].to(images.device)  # (N, W)
     batch = torch.arange(n, device=images.device)[:, None, None]  # (N, 1, 1)
@@ -80,6 +101,14 @@ class ClassifierMethod(Method):
             num_classes=data_info.num_classes,
         )
         self.net = Classifier(net_config)
+        if config.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter] | OptimizerSpec]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.config.optimizer == "sgd":
+            return {"main": OptimizerSpec(params, kind="sgd", momentum=self.config.momentum, nesterov=self.config.nesterov)}
+        return {"main": params}
 
     def ema_targets(self) -> dict[str, torch.nn.Module]:
         return {"net": self.net}
@@ -94,7 +123,9 @@ class ClassifierMethod(Method):
         s = self.config.max_shift
         if s > 0:
             dy, dx = ctx.randint(-s, s + 1), ctx.randint(-s, s + 1)  # (n,) each
-            images = random_shift(images, dy, dx)
+            images = random_shift(images, dy, dx, padding=self.config.shift_padding)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         logits = self.net(images)  # (n, num_classes)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
         ctx.optimize(loss)

@@ -5,8 +5,10 @@ the exact network that produced it (SPEC E5). Two kinds exist:
 
 - :class:`InceptionExtractor`: the standard FID Inception network (TF 2015-12-05 weights), 2048-d
   pool_3 features, 1008 class logits. Comparable with published FIDs.
-- :class:`ClassifierExtractor`: the project's own small classifiers (MNIST, Fashion-MNIST), shipped
-  as ``src/genlab/evaluators/<name>.safetensors`` plus a ``<name>.json`` card; fully offline.
+- :class:`ClassifierExtractor`: the project's own small classifiers (MNIST, Fashion-MNIST, CIFAR-10),
+  shipped as ``src/genlab/evaluators/<name>.safetensors`` plus a ``<name>.json`` card; fully offline.
+  Their numbers are comparable only with numbers from the same evaluator (its sha256), never with
+  published Inception FIDs: for those, pass ``inception`` with the standard weights.
 
 Input rule, applied batch by batch by every extractor (see :func:`prepare_images`): float images
 (N, C, H, W) in [-1, 1]; values a little outside are clamped to [-1, 1] as writing 8-bit pixels
@@ -60,10 +62,11 @@ __all__ = [
     "CARD_KEYS",
 ]
 
-SHIPPED_EVALUATORS = ("mnist", "fashion-mnist")
+SHIPPED_EVALUATORS = ("mnist", "fashion-mnist", "cifar10")
 # Which extractor judges which data by default: the project's own evaluators where they exist
 # (offline, and far more telling on grey digits than ImageNet features), else the FID Inception network.
-DEFAULT_EXTRACTORS = {"mnist": "mnist", "mnist5k": "mnist", "digits": "mnist", "fashion-mnist": "fashion-mnist"}
+DEFAULT_EXTRACTORS = {"mnist": "mnist", "mnist5k": "mnist", "digits": "mnist", "fashion-mnist": "fashion-mnist",
+                      "cifar10": "cifar10"}
 # What an evaluator card must record, so a metric can cite the network that produced it (SPEC E5).
 CARD_KEYS = ("name", "architecture", "config", "training_command", "seed", "test_accuracy", "sha256", "feature_layer")
 CLASSIFIER_FEATURE_LAYER = "feature: ReLU of the feature_dim-unit linear layer, the input of the last linear layer (head)"
@@ -325,7 +328,7 @@ def is_evaluator_name(text: str) -> bool:
 
 
 def get_extractor(name_or_path: str | os.PathLike, device: torch.device | str | None = None) -> FeatureExtractor:
-    """The extractor called ``"inception"``, ``"mnist"`` or ``"fashion-mnist"``, a user evaluator's name, or a path.
+    """The extractor called ``"inception"``, ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``, a user evaluator's name, or a path.
 
     Names other than the shipped ones are looked up in :func:`user_evaluators_dir`. Paths: ``*.json``
     or ``*.safetensors`` with a ``.json`` card beside it (an evaluator), else ``*.safetensors`` /

@@ -16,11 +16,22 @@ The feature layer is the ReLU output of the 128-unit linear layer, i.e. the inpu
 linear layer (dropout is the identity in eval mode): ``forward(x) == head(features(x))``. The
 adaptive pool makes the same weights shapes work for 28 and 32 px inputs. With one input channel
 the network has 197,674 parameters (0.79 MB as float32); with three, 198,250.
+
+Two options serve the CIFAR-10 evaluator (a fast-training recipe after Page 2018 and Jordan 2024, airbench):
+
+- ``stage_order="conv-pool-conv"``: each stage is conv3x3(c)-BN-ReLU, max-pool 2, conv3x3(c)-BN-ReLU, so
+  the second convolution runs at half the resolution: about half the FLOPs of "conv-conv-pool" for the
+  same widths and weights shapes (measured 2x faster per training step on one CPU thread).
+- ``flip_average=True``: in eval mode, ``features(x)`` is the mean of the features of x and of its
+  mirror image (flip test-time augmentation). The head is linear, so the logits are the mean logits
+  too, and every metric built on these features is invariant to horizontal flips. Training (train
+  mode) sees single images.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -37,10 +48,12 @@ class ClassifierConfig:
     in_channels: int = 1  # 1 for MNIST / Fashion-MNIST, 3 for CIFAR-10
     image_size: int = 28  # the size it is trained on; extractors resize inputs to it
     num_classes: int = 10
-    channels: tuple[int, ...] = (32, 64)  # per stage: two conv3x3-BN-ReLU, then a 2x2 max-pool
+    channels: tuple[int, ...] = (32, 64)  # per stage: two conv3x3-BN-ReLU and a 2x2 max-pool (see stage_order)
     pooled_size: int = 4  # side of the adaptive average pool before the feature layer
     feature_dim: int = 128  # width of the penultimate (feature) layer
     dropout: float = 0.3  # on the features, before the last linear layer (training only)
+    stage_order: Literal["conv-conv-pool", "conv-pool-conv"] = "conv-conv-pool"  # where each stage's max-pool sits
+    flip_average: bool = False  # eval mode: features averaged over the image and its mirror (flip TTA)
 
     def __post_init__(self):
         if self.in_channels not in (1, 3):
@@ -57,6 +70,8 @@ class ClassifierConfig:
                 f"classifier image_size {self.image_size} is too small for {len(self.channels)} pooling stages "
                 f"and pooled_size {self.pooled_size}; use image_size >= {smallest}"
             )
+        if self.stage_order not in ("conv-conv-pool", "conv-pool-conv"):
+            raise ConfigError(f"classifier stage_order must be 'conv-conv-pool' or 'conv-pool-conv', got {self.stage_order!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"classifier dropout must be in [0, 1), got {self.dropout}")
 
@@ -78,7 +93,10 @@ class Classifier(nn.Module):
         self.config = config = config if config is not None else ClassifierConfig()
         stages, width = [], config.in_channels
         for out in config.channels:
-            stages += [_conv_bn_relu(width, out), _conv_bn_relu(out, out), nn.MaxPool2d(2)]
+            if config.stage_order == "conv-pool-conv":
+                stages += [_conv_bn_relu(width, out), nn.MaxPool2d(2), _conv_bn_relu(out, out)]
+            else:
+                stages += [_conv_bn_relu(width, out), _conv_bn_relu(out, out), nn.MaxPool2d(2)]
             width = out
         self.body = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(config.pooled_size), nn.Flatten())
         self.feature = nn.Sequential(nn.Linear(width * config.pooled_size**2, config.feature_dim), nn.ReLU())
@@ -96,6 +114,9 @@ class Classifier(nn.Module):
             raise DataError(
                 f"classifier expects images (N, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}"
             )
+        if self.config.flip_average and not self.training:
+            both = self.feature(self.body(torch.cat([x, x.flip(-1)])))  # (2N, feature_dim)
+            return 0.5 * (both[: len(x)] + both[len(x):])  # (N, feature_dim)
         h = self.body(x)  # (N, channels[-1] * pooled_size**2)
         return self.feature(h)  # (N, feature_dim)
 

@@ -124,7 +124,7 @@ def make_optimizer(spec: OptimizerSpec | list, tc) -> torch.optim.Optimizer:
     lr = tc.lr if spec.lr is None else spec.lr
     weight_decay = tc.weight_decay if spec.weight_decay is None else spec.weight_decay
     if spec.kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, nesterov=spec.nesterov, weight_decay=weight_decay)
     if spec.kind != "adamw":
         raise ConfigError(f"unknown optimiser kind {spec.kind!r}; valid: adamw, sgd")
     betas = tuple(tc.adam_betas) if spec.betas is None else tuple(spec.betas)
