@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="write the adherence-vs-steps curve here (.png)")
     p.add_argument("--scales", default="", help="also the final runs' adherence (and FID) at these control scales, "
                                                 "e.g. 1.5,2")
+    p.add_argument("--scale-fid", action="store_true", help="also the FID at each of --scales (fid-n samples each)")
     p.add_argument("--timing", action="store_true", help="ms per sample of the three models measured interleaved "
                                                          "(batches of 50, the minimum of 3 rounds: same load for all)")
     p.add_argument("--curve-only", action="store_true", help="score the checkpoints that exist, not the final run "
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 if scale not in by_scale:
                     by_scale[scale] = _adherence(final, maps, kind, True, float(scale))["adherence"]
                     save()
-                if a.fid_n and scale not in fid_by_scale:
+                if a.fid_n and a.scale_fid and scale not in fid_by_scale:
                     fid_by_scale[scale] = _fid(final, maps_all, a.fid_n, a.data_root, float(scale))
                     save()
         print(f"{role}: {results.get(role)}", flush=True)
