@@ -139,22 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         if not run_dir:
             continue
         curve = results.setdefault(f"{role}_curve", {})
-        steps = _checkpoint_steps(Path(run_dir))
-        for step in steps:
-            if str(step) not in curve:
-                run = api.load_run(run_dir, weights=a.weights, checkpoint=step, device="cpu")
-                curve[str(step)] = _adherence(run, maps, kind, True)["adherence"]
-                save()
-            print(f"{role} step {step}: adherence {curve[str(step)]:.3f}", flush=True)
+        # The headline numbers first (the final run; its adherence is also the curve's last point), then the curve.
         if role not in results and not a.curve_only:
             final = api.load_run(run_dir, weights=a.weights, device="cpu")
             results[role] = {"run": str(run_dir), "step": final.step,
                              "parameters": _parameters(final.method.control_network),
                              "train_seconds": _train_seconds(Path(run_dir)),
                              **_adherence(final, maps, kind, True)}
+            curve[str(final.step)] = results[role]["adherence"]
+            save()
             if a.fid_n:
                 results[role]["fid"] = _fid(final, maps_all, a.fid_n, a.data_root)
-            save()
+                save()
         if role in results:
             by_scale = results[role].setdefault("adherence_by_scale", {})
             fid_by_scale = results[role].setdefault("fid_by_scale", {})
@@ -166,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                 if a.fid_n and a.scale_fid and scale not in fid_by_scale:
                     fid_by_scale[scale] = _fid(final, maps_all, a.fid_n, a.data_root, float(scale))
                     save()
+        for step in _checkpoint_steps(Path(run_dir)):
+            if str(step) not in curve:
+                run = api.load_run(run_dir, weights=a.weights, checkpoint=step, device="cpu")
+                curve[str(step)] = _adherence(run, maps, kind, True)["adherence"]
+                save()
+                if a.plot:  # the curve so far, in case the run is stopped
+                    _plot(results, Path(a.plot))
+            print(f"{role} step {step}: adherence {curve[str(step)]:.3f}", flush=True)
         print(f"{role}: {results.get(role)}", flush=True)
     if a.timing and "timing" not in results:
         runs = {"base": (base, {})}
