@@ -160,8 +160,8 @@ def _periodic_evaluator(cfg: RunConfig):
                 raise ConfigError(f"train.eval_n={tc.eval_n}, but {heldout_split(cfg.data)} holds {len(held)} images "
                                   "for the control maps; lower train.eval_n")
             options["control"] = method.control_maps(held.to_model_range().to(method.device))
-        return evaluation.periodic_eval(method, ref=tc.eval_ref, n=tc.eval_n, data_root=cfg.data.root,
-                                        sample_options=options)
+        extra = {"sample_options": options} if options else {}  # other runs: the plain call
+        return evaluation.periodic_eval(method, ref=tc.eval_ref, n=tc.eval_n, data_root=cfg.data.root, **extra)
 
     return evaluate
 
