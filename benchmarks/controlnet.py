@@ -15,7 +15,8 @@ Protocol:
 - FID: ``--fid-n`` samples (controls: the first fid-n mnist:test maps; the base: uncontrolled) against
   the first 10,000 images of mnist:train with the shipped mnist evaluator, so the controls' own test
   images are not the reference.
-- Sampler: DDIM, ``--steps`` steps, seed 0 (the same noise for every model). ``--timing``: ms / sample of
+- Sampler: ``--sampler`` (default ddpm: ancestral, the mnist presets' choice, far better FID than DDIM on these
+  networks), ``--steps`` steps, seed 0 (the same noise for every model). ``--timing``: ms / sample of
   the three models sampled in turn (batches of 50, the minimum of 3 rounds), so they share the machine's
   load; the ms / sample stored beside each adherence was measured at different times (busy machine).
 """
@@ -33,12 +34,15 @@ from pathlib import Path
 import torch
 
 
-def _adherence(run, maps: torch.Tensor, kind: str, steps: int, controlled: bool, scale: float | None = None) -> dict:
+SAMPLING: dict = {}  # sampler and steps of every sample drawn (main() sets them from --sampler, --steps)
+
+
+def _adherence(run, maps: torch.Tensor, kind: str, controlled: bool, scale: float | None = None) -> dict:
     from genlab.metrics.adherence import adherence
 
     start = time.perf_counter()
     options = {"control": maps, "control_scale": scale} if controlled else {}
-    samples = run.sample(len(maps), seed=0, batch_size=len(maps), sampler="ddim", steps=steps, **options)
+    samples = run.sample(len(maps), seed=0, batch_size=len(maps), **SAMPLING, **options)
     seconds = time.perf_counter() - start
     out = {"adherence": float(adherence(kind, samples, maps).mean()), "ms_per_sample": 1000 * seconds / len(maps)}
     if kind in ("edges", "scribble"):
@@ -46,13 +50,13 @@ def _adherence(run, maps: torch.Tensor, kind: str, steps: int, controlled: bool,
     return out
 
 
-def _fid(run, maps: torch.Tensor | None, n: int, steps: int, data_root: str | None, scale: float | None = None) -> float:
+def _fid(run, maps: torch.Tensor | None, n: int, data_root: str | None, scale: float | None = None) -> float:
     """FID of n samples (controlled by maps (n, 1, H, W) at ``scale``, or not: the base) against mnist:train[:10000]."""
     from genlab.evaluation import evaluate
     from genlab.imageio import save_npz
 
     options = {} if maps is None else {"control": maps[:n], "control_scale": scale}
-    images = run.sample(n, seed=0, batch_size=500, sampler="ddim", steps=steps, **options)
+    images = run.sample(n, seed=0, batch_size=500, **SAMPLING, **options)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "samples.npz"
         save_npz(images, path)
@@ -62,6 +66,15 @@ def _fid(run, maps: torch.Tensor | None, n: int, steps: int, data_root: str | No
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def _train_seconds(run_dir: Path) -> float | None:
+    """Wall seconds of the run's training (the last ``elapsed_s`` its log.jsonl recorded)."""
+    seconds = None
+    log = Path(run_dir) / "log.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        seconds = json.loads(line).get("values", {}).get("elapsed_s", seconds)
+    return seconds
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -75,14 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", help="the T2I-Adapter run (its final checkpoint)")
     p.add_argument("--control", default="edges", help="the control of the runs (taken from them when given)")
     p.add_argument("--data-root", default=os.environ.get("GENLAB_DATA"))
+    p.add_argument("--heldout", default="mnist:test", help="SOURCE:SPLIT whose first images give the control maps")
     p.add_argument("--n", type=int, default=200, help="samples per adherence value")
     p.add_argument("--fid-n", type=int, default=2000, help="samples per FID (0: skip FID)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--sampler", default="ddpm", help="sampler of every model (default ddpm: ancestral)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
     p.add_argument("--json", required=True, help="results; kept between calls (a stage already in it is not redone)")
     p.add_argument("--plot", help="write the adherence-vs-steps curve here (.png)")
     p.add_argument("--scales", default="", help="also the final runs' adherence (and FID) at these control scales, "
                                                 "e.g. 1.5,2")
+    p.add_argument("--scale-fid", action="store_true", help="also the FID at each of --scales (fid-n samples each)")
     p.add_argument("--timing", action="store_true", help="ms per sample of the three models measured interleaved "
                                                          "(batches of 50, the minimum of 3 rounds: same load for all)")
     p.add_argument("--curve-only", action="store_true", help="score the checkpoints that exist, not the final run "
@@ -95,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     from genlab import api
     from genlab.data.controls import control_map
 
-    protocol = {"n": a.n, "steps": a.steps, "weights": a.weights, "fid_n": a.fid_n}
+    protocol = {"heldout": a.heldout, "n": a.n, "sampler": a.sampler, "steps": a.steps, "weights": a.weights, "fid_n": a.fid_n}
+    SAMPLING.update(sampler=a.sampler, steps=a.steps)
     path = Path(a.json)
     results = json.loads(path.read_text()) if path.is_file() else {}
     if results.get("protocol") != protocol:
@@ -107,46 +124,52 @@ def main(argv: list[str] | None = None) -> int:
     base = api.load_run(a.base, device="cpu")
     kind = api.load_run(a.controlnet, device="cpu").config.model.control if a.controlnet else a.control
     results["control"] = kind
-    held = api.heldout_images(base, "mnist:test", max(a.n, a.fid_n), a.data_root).to_model_range()
+    held = api.heldout_images(base, a.heldout, max(a.n, a.fid_n), a.data_root).to_model_range()
     maps_all = control_map(kind, held)
     maps = maps_all[: a.n]
     if "base" not in results:
         results["base"] = {"run": str(a.base), "step": base.step, "parameters": _parameters(base.method.backbone),
-                           **_adherence(base, maps, kind, a.steps, False)}
+                           "train_seconds": _train_seconds(Path(a.base)),
+                           **_adherence(base, maps, kind, False)}
         if a.fid_n:
-            results["base"]["fid"] = _fid(base, None, a.fid_n, a.steps, a.data_root)
+            results["base"]["fid"] = _fid(base, None, a.fid_n, a.data_root)
         save()
     print(f"base: {results['base']}", flush=True)
     for role, run_dir in (("controlnet", a.controlnet), ("t2i_adapter", a.adapter)):
         if not run_dir:
             continue
         curve = results.setdefault(f"{role}_curve", {})
-        steps = _checkpoint_steps(Path(run_dir))
-        for step in steps:
-            if str(step) not in curve:
-                run = api.load_run(run_dir, weights=a.weights, checkpoint=step, device="cpu")
-                curve[str(step)] = _adherence(run, maps, kind, a.steps, True)["adherence"]
-                save()
-            print(f"{role} step {step}: adherence {curve[str(step)]:.3f}", flush=True)
+        # The headline numbers first (the final run; its adherence is also the curve's last point), then the curve.
         if role not in results and not a.curve_only:
             final = api.load_run(run_dir, weights=a.weights, device="cpu")
             results[role] = {"run": str(run_dir), "step": final.step,
                              "parameters": _parameters(final.method.control_network),
-                             **_adherence(final, maps, kind, a.steps, True)}
-            if a.fid_n:
-                results[role]["fid"] = _fid(final, maps_all, a.fid_n, a.steps, a.data_root)
+                             "train_seconds": _train_seconds(Path(run_dir)),
+                             **_adherence(final, maps, kind, True)}
+            curve[str(final.step)] = results[role]["adherence"]
             save()
+            if a.fid_n:
+                results[role]["fid"] = _fid(final, maps_all, a.fid_n, a.data_root)
+                save()
         if role in results:
             by_scale = results[role].setdefault("adherence_by_scale", {})
             fid_by_scale = results[role].setdefault("fid_by_scale", {})
             for scale in [x for x in a.scales.split(",") if x]:
                 final = api.load_run(run_dir, weights=a.weights, device="cpu")
                 if scale not in by_scale:
-                    by_scale[scale] = _adherence(final, maps, kind, a.steps, True, float(scale))["adherence"]
+                    by_scale[scale] = _adherence(final, maps, kind, True, float(scale))["adherence"]
                     save()
-                if a.fid_n and scale not in fid_by_scale:
-                    fid_by_scale[scale] = _fid(final, maps_all, a.fid_n, a.steps, a.data_root, float(scale))
+                if a.fid_n and a.scale_fid and scale not in fid_by_scale:
+                    fid_by_scale[scale] = _fid(final, maps_all, a.fid_n, a.data_root, float(scale))
                     save()
+        for step in _checkpoint_steps(Path(run_dir)):
+            if str(step) not in curve:
+                run = api.load_run(run_dir, weights=a.weights, checkpoint=step, device="cpu")
+                curve[str(step)] = _adherence(run, maps, kind, True)["adherence"]
+                save()
+                if a.plot:  # the curve so far, in case the run is stopped
+                    _plot(results, Path(a.plot))
+            print(f"{role} step {step}: adherence {curve[str(step)]:.3f}", flush=True)
         print(f"{role}: {results.get(role)}", flush=True)
     if a.timing and "timing" not in results:
         runs = {"base": (base, {})}
@@ -157,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(3):
             for name, (run, options) in runs.items():
                 start = time.perf_counter()
-                run.sample(50, seed=0, batch_size=50, sampler="ddim", steps=a.steps, **options)
+                run.sample(50, seed=0, batch_size=50, **SAMPLING, **options)
                 best[name] = min(best[name], 1000 * (time.perf_counter() - start) / 50)
         results["timing"] = {"ms_per_sample": best, "batch": 50, "rounds": 3}
         save()
@@ -167,11 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.grid:
         from genlab.imageio import save_grid
 
-        rows = [maps[:16], base.sample(16, seed=0, sampler="ddim", steps=a.steps)]
+        rows = [maps[:16], base.sample(16, seed=0, **SAMPLING)]
         for run_dir in (a.controlnet, a.adapter):
             if run_dir:
                 run = api.load_run(run_dir, weights=a.weights, device="cpu")
-                rows.append(run.sample(16, seed=0, sampler="ddim", steps=a.steps, control=maps[:16]))
+                rows.append(run.sample(16, seed=0, **SAMPLING, control=maps[:16]))
         save_grid(torch.cat(rows), a.grid, nrow=16, scale=2)
     return 0
 
@@ -194,7 +217,8 @@ def _plot(results: dict, path: Path) -> None:
     ax.set_ylabel(f"adherence ({results['control']})")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"MNIST, {results['protocol']['n']} samples per point, DDIM {results['protocol']['steps']}")
+    protocol = results["protocol"]
+    ax.set_title(f"MNIST, {protocol['n']} samples per point, {protocol['sampler'].upper()} {protocol['steps']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

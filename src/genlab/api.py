@@ -147,8 +147,23 @@ def _periodic_evaluator(cfg: RunConfig):
     if tc.eval_ref is None:
         raise ConfigError("train.eval_every needs train.eval_ref, e.g. train.eval_ref=mnist:test")
     from genlab import evaluation
+    from genlab.methods.control import ControlledDiffusion
+    from genlab.runs import heldout_data, heldout_split
 
-    return lambda method: evaluation.periodic_eval(method, ref=tc.eval_ref, n=tc.eval_n, data_root=cfg.data.root)
+    options: dict = {}
+
+    def evaluate(method):
+        if isinstance(method, ControlledDiffusion) and "control" not in options:
+            # A control run is scored on controlled samples: the maps of its first eval_n held-out images, made once.
+            held = heldout_data(cfg.data, n=tc.eval_n)
+            if len(held) < tc.eval_n:
+                raise ConfigError(f"train.eval_n={tc.eval_n}, but {heldout_split(cfg.data)} holds {len(held)} images "
+                                  "for the control maps; lower train.eval_n")
+            options["control"] = method.control_maps(held.to_model_range().to(method.device))
+        extra = {"sample_options": options} if options else {}  # other runs: the plain call
+        return evaluation.periodic_eval(method, ref=tc.eval_ref, n=tc.eval_n, data_root=cfg.data.root, **extra)
+
+    return evaluate
 
 
 def resolve_preset(method: str, data: str | None, preset: str | None) -> str | None:
@@ -197,11 +212,14 @@ __all__ = ["Run", "data_info_for", "default_run_dir", "heldout_images", "load_ru
 
 
 def control_options(run: Run, n: int, control_from: str | None = None, control_image: str | None = None,
-                    control_scale: float | None = None, data_root: str | None = None) -> dict:
+                    control_scale: float | None = None, data_root: str | None = None, *,
+                    heldout_default: bool = False) -> dict:
     """The sampling options of a control run (controlnet, t2i-adapter): ``control`` maps (n, 1, H, W) made
     from the first n images of ``control_from`` ("SOURCE:SPLIT") or read from ``control_image`` (a map
-    file), and ``control_scale``. Empty for other runs, which refuse the control flags."""
+    file), and ``control_scale``. Empty for other runs, which refuse the control flags. Without either
+    source: a one-line error, or with ``heldout_default`` (evaluation) the run's held-out split."""
     from genlab.methods.control import ControlledDiffusion, read_control_file
+    from genlab.runs import heldout_split
 
     given = [flag for flag, value in (("--control-from", control_from), ("--control-image", control_image),
                                       ("--control-scale", control_scale)) if value is not None]
@@ -211,6 +229,8 @@ def control_options(run: Run, n: int, control_from: str | None = None, control_i
         return {}
     if control_from is not None and control_image is not None:
         raise ConfigError("give --control-from SOURCE:SPLIT or --control-image FILE, not both")
+    if control_from is None and control_image is None and heldout_default:
+        control_from = heldout_split(run.config.data)
     if control_from is None and control_image is None:
         raise ConfigError(f"{run.path}: a {run.config.method} run samples from control maps: give --control-from "
                           "SOURCE:SPLIT (e.g. mnist:test) or --control-image FILE")

@@ -41,6 +41,10 @@ examples:
   genlab eval samples.npz --ref mnist:test --metrics fid,kid
   genlab eval mnist:train --ref mnist:test --n 10000 --data-root ../shared/data
   genlab eval ref --data mnist --split test --data-root ../shared/data
+  genlab eval runs/controlnet --ref mnist:train --n 2000
+      (a controlnet / t2i-adapter run: controlled samples, from the edges etc. of the first N images of
+       its test split, or --control-from SOURCE:SPLIT / --control-image FILE; adherence is reported too;
+       a reference other than the maps' split keeps their own images out of the FID)
 """
 
 
@@ -84,6 +88,12 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
                                                              "(default: the target size; smaller: up-scaled-looking images)")
     p.add_argument("--target-size", metavar="N|HxW", help="micro-conditioned multi-aspect runs: the shape to sample, "
                                                            "e.g. 20x40 (an aspect bucket of the training data)")
+    p.add_argument("--control-from", metavar="SOURCE:SPLIT", help="controlnet, t2i-adapter: control maps of the first "
+                                                                  "N images of this split (e.g. mnist:test; eval's "
+                                                                  "default: the run's test split)")
+    p.add_argument("--control-image", metavar="FILE", help="controlnet, t2i-adapter: a control map (.png, used for "
+                                                           "every sample) or maps (.npz) at the run's image size")
+    p.add_argument("--control-scale", type=float, help="multiplier of the control network's outputs (0: the base)")
 
 
 def _add_data_options(p: argparse.ArgumentParser, data_flag: str = "--data",
@@ -128,6 +138,13 @@ def _sampling_options(a, n: int) -> dict:
             if value is not None:
                 options[key] = parse(value)
     return options
+
+
+def _control_flags(a) -> dict:
+    """--control-from / --control-image / --control-scale as given (sampling options a control run resolves once
+    loaded: `genlab eval` scores a control run's controlled samples, by default from its held-out split)."""
+    return {k: v for k, v in (("control_from", a.control_from), ("control_image", a.control_image),
+                              ("control_scale", a.control_scale)) if v is not None}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -186,11 +203,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
     s.add_argument("--lora", metavar="A[:W],B[:W]", help="LoRA adapters (lora run folders or PEFT folders) added to "
                                                           "the run, each scaled by its weight W (default 1)")
-    s.add_argument("--control-from", metavar="SOURCE:SPLIT", help="controlnet, t2i-adapter: control maps of the first "
-                                                                  "N images of this split (e.g. mnist:test)")
-    s.add_argument("--control-image", metavar="FILE", help="controlnet, t2i-adapter: a control map (.png, used for "
-                                                           "every sample) or maps (.npz) at the run's image size")
-    s.add_argument("--control-scale", type=float, help="multiplier of the control network's outputs (0: the base)")
     s.add_argument("--data-root", help="folder holding mnist/, fashion_mnist/, cifar10 data (default: $GENLAB_DATA)")
     s.add_argument("--prompt", help="text-conditioned runs: the caption of every sample")
     s.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="text-conditioned runs: a file of prompts, one "
@@ -577,7 +589,7 @@ def _evaluate(a) -> int:
         a.target, a.kind, ref=a.ref, metrics=a.metrics, n=a.n, sampler=a.sampler, steps=a.steps, seed=a.seed,
         weights=a.weights, extractor=extractor, data_root=a.data_root, data=a.recon_data, ref_n=a.ref_n,
         batch_size=a.batch_size, json_path=a.json, progress=not a.no_progress, log=_note,
-        sample_options=_sampling_options(a, a.n or evaluation.DEFAULT_N))
+        sample_options={**_sampling_options(a, a.n or evaluation.DEFAULT_N), **_control_flags(a)})
     for result in results:
         _print_result(result)
     return 0

@@ -49,6 +49,9 @@ def data_info_for(cfg: RunConfig, images) -> DataInfo:
                     condition_channels=None if conditions is None else int(conditions.shape[1]), num_images=len(images))
 
 
+# Sampling options holding one row per sample (class labels, control maps): a batch of samples takes its rows.
+PER_SAMPLE_OPTIONS = ("labels", "negative_labels", "control")
+
 @dataclass
 class Run:
     """A trained (or training) run folder with its method loaded: sample from it, inspect its config."""
@@ -84,7 +87,7 @@ class Run:
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
                 opts = dict(options)
-                for key in ("labels", "negative_labels", "control"):  # per-image options follow the batch
+                for key in PER_SAMPLE_OPTIONS:  # per-image options follow the batch
                     if opts.get(key) is not None:
                         opts[key] = torch.as_tensor(opts[key])[start: start + m]
                 for key in ("prompts", "negative_prompts"):
@@ -202,19 +205,28 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
 
 
+def _heldout_source(data_config) -> tuple[str, str]:
+    """(source, split) of the held-out images of a run's data config: its test split; mnist5k has none: mnist:test."""
+    return "mnist" if data_config.source == "mnist5k" else data_config.source, "test"
+
+
+def heldout_split(data_config) -> str:
+    """:func:`_heldout_source` as "SOURCE:SPLIT" (what a protocol records)."""
+    return ":".join(_heldout_source(data_config))
+
+
 def heldout_images(run: "Run", data: str | None = None, n: int | None = None, data_root: str | None = None):
-    """Held-out images for a run, fitted to its size and channels: ``data`` ("SOURCE:SPLIT") or the run's test split.
+    """Held-out images for a run, fitted to its size and channels: ``data`` ("SOURCE:SPLIT") or the run's test split
+    (:func:`heldout_split`; mnist:test for mnist5k, which needs the data root)."""
+    return heldout_data(run.config.data, data, n, data_root)
 
-    mnist5k has no test split; its held-out images are mnist:test (which needs the data root).
-    """
-    import dataclasses
 
+def heldout_data(cfg, data: str | None = None, n: int | None = None, data_root: str | None = None):
+    """:func:`heldout_images` of a run's data config ``cfg`` (a run not loaded yet: the trainer's periodic eval)."""
     from genlab.data import split_source_ref
 
-    cfg = run.config.data
     if data is None:
-        source = "mnist" if cfg.source == "mnist5k" else cfg.source
-        split = "test"
+        source, split = _heldout_source(cfg)
     else:
         source, split = split_source_ref(data)
         if split is None:

@@ -172,3 +172,66 @@ def test_an_empty_condition_encoder_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="model.controlnet.condition_channels is empty") as e:
         _child(ControlNetMethod, _base(), "model.controlnet.condition_channels=[]")
     assert "\n" not in str(e.value)
+
+
+def _encoder_activations(unet) -> tuple[list, list]:
+    """Hooks recording, per forward call of ``unet``, its encoder activations: conv_in's output, every down
+    module's output, the middle block's output (the tensors a ControlNet copy mirrors). Returns (records, handles)."""
+    records, handles = [], []
+    handles.append(unet.conv_in.register_forward_hook(lambda m, i, o: records.append([o.detach().clone()])))
+    for module in list(unet.down) + [unet.middle[-1]]:
+        handles.append(module.register_forward_hook(lambda m, i, o: records[-1].append(o.detach().clone())))
+    return records, handles
+
+
+def _copy_activations(controlnet) -> tuple[list, list]:
+    """Hooks recording, per ControlNet call, the inputs of its zero convolutions (its copy's encoder activations)."""
+    records, handles = [], []
+    convs = list(controlnet.zero_convs) + [controlnet.mid_zero_conv]
+    handles.append(convs[0].register_forward_pre_hook(lambda m, i: records.append([i[0].detach().clone()])))
+    for conv in convs[1:]:
+        handles.append(conv.register_forward_pre_hook(lambda m, i: records[-1].append(i[0].detach().clone())))
+    return records, handles
+
+
+def _text_base():
+    from methods.test_text_conditioning import _text_method
+
+    return _text_method("unet")
+
+
+@pytest.mark.parametrize("phase", ["guided sampling", "training"])
+@pytest.mark.parametrize("conditioning", ["class", "text"])
+def test_the_controlnet_copy_sees_the_condition_the_base_sees(conditioning, phase):
+    """The trainable copy's time + class (or text) embedding path matches the frozen encoder's: at initialisation
+    (weights copied, the condition encoder's zero output) its encoder activations equal the base's, call by call,
+    through classifier-free guidance's [conditional; null] batch and through a training step (labels or captions,
+    some dropped). A copy fed no condition (or the null class, or the empty prompt, for every row) would differ:
+    the check that the condition changes the base's activations makes sure it can."""
+    base = _base("model.class_conditional=true") if conditioning == "class" else _text_base()
+    child = _child(ControlNetMethod, base)
+    captions = [["the digit one"], ["a thick two"], ["three"], ["a thin four"]]
+    _, _, control = _inputs(4)
+    base_records, base_hooks = _encoder_activations(child.base.backbone)
+    copy_records, copy_hooks = _copy_activations(child.control_network)
+    try:
+        if phase == "training":
+            child.base.config.p_uncond = 0.5  # half the rows to the null class / empty prompt (seeded draws)
+            images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+            child.training_step({"image": images, "label": torch.tensor([1, 2, 3, 4]), "captions": captions},
+                                RecordingContext(4, seed=3))
+        else:
+            options = ({"labels": torch.tensor([1, 2, 3, 4])} if conditioning == "class"
+                       else {"prompts": [c[0] for c in captions]})
+            child.sample(4, generator=torch.Generator().manual_seed(0), steps=3, guidance_scale=3.0, control=control,
+                         **options)
+    finally:
+        for handle in base_hooks + copy_hooks:
+            handle.remove()
+    assert len(base_records) == len(copy_records) == (1 if phase == "training" else 3)  # one call per step
+    for ours, theirs in zip(copy_records, base_records):
+        assert len(ours) == len(theirs)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        # rows differ in their condition only in guided sampling ([x_t; x_t]): there it reaches the activations
+        if phase != "training":
+            assert not torch.allclose(theirs[-1][:4], theirs[-1][4:])

@@ -160,6 +160,7 @@ def sample_run(run, n: int, seed: int, batch_size: int, options: dict, progress:
     receives the probe's seconds.
     """
     from genlab.methods.capabilities import Denoiser, has
+    from genlab.runs import PER_SAMPLE_OPTIONS
     from tqdm.auto import tqdm
 
     if not (progress or log is not None):
@@ -167,8 +168,8 @@ def sample_run(run, n: int, seed: int, batch_size: int, options: dict, progress:
     steps_seen = []
     diffusion = has(run.method, Denoiser)
     probe = min(n, batch_size, PROBE_IMAGES)
-    # Per-image options (the class of each sample) follow the probe's first images.
-    probe_options = {k: v[:probe] if k in ("labels", "negative_labels") and isinstance(v, torch.Tensor) else v
+    # Per-image options (the class or control map of each sample) follow the probe's first images.
+    probe_options = {k: v[:probe] if k in PER_SAMPLE_OPTIONS and isinstance(v, torch.Tensor) else v
                      for k, v in options.items()}
     if diffusion:
         probe_options["callback"] = lambda *args: steps_seen.append(1)
@@ -193,6 +194,32 @@ def sample_run(run, n: int, seed: int, batch_size: int, options: dict, progress:
     return images
 
 
+# Sampling options of control runs (controlnet, t2i-adapter): where the control maps come from, their scale.
+CONTROL_FLAGS = ("control_from", "control_image", "control_scale")
+
+
+def _control(run, n: int, flags: dict, data_root, options: dict) -> dict | None:
+    """Put the control maps of a control run into ``options`` (n maps of ``control_from``, ``control_image``, or by
+    default the run's held-out split: a control run is scored on what it makes, controlled samples, not its
+    frozen base's); what the protocol says about them, None for other runs (which refuse control flags)."""
+    from genlab.api import control_options
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    maps = control_options(run, n, **given, data_root=None if data_root is None else str(data_root),
+                           heldout_default=True)
+    if not maps:
+        return None
+    options.update(maps)
+    if given.get("control_image") is not None:
+        source = str(given["control_image"])
+    else:
+        from genlab.runs import heldout_split
+
+        source = f"{given.get('control_from') or heldout_split(run.config.data)}[:{n}]"
+    scale = maps.get("control_scale", run.config.model.control_scale)
+    return {"maps_from": source, "scale": float(scale)}
+
+
 def _target_images(
     target: str | os.PathLike, n: int | None, seed: int, sampler: str | None, steps: int | None, weights: str,
     data_root, batch_size: int, progress: bool, sample_options: dict, log: Callable[[str], None] | None = None,
@@ -206,11 +233,15 @@ def _target_images(
     if is_run(target) or path.is_dir():
         n = DEFAULT_N if n is None else n
         run = as_run(target, weights)
+        control_flags = {k: sample_options.pop(k, None) for k in CONTROL_FLAGS}
         options = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
         options.update(sample_options)
         if isinstance(options.get("labels"), str):  # "all": balanced classes, resolved by the run
             options["labels"] = sample_options["labels"] = run.labels(options["labels"], n)
+        control = _control(run, n, control_flags, data_root, options)
         config = run.config.model
+        # A control run samples with its frozen base's sampler (its own config has none).
+        sampling = run.method.base.config if control is not None else config
         images = sample_run(run, n, seed, batch_size, options, progress=progress, log=log, timings=timings)
         # Round to 8-bit pixels as `genlab sample --out x.npz` stores them: the same samples give the same score.
         images_u8 = from_model_range(images)
@@ -219,13 +250,20 @@ def _target_images(
             "method": run.config.method,
             "checkpoint_step": run.step,
             "weights": run.weights,
-            "sampler": sampler or getattr(config, "sampler", None),
+            "sampler": sampler or getattr(sampling, "sampler", None),
             # Without --steps the method picks them; the config's sample_steps is that choice for its own sampler.
             "steps": steps if steps is not None else (
-                getattr(config, "sample_steps", None) if sampler in (None, getattr(config, "sampler", None)) else "default"),
+                getattr(sampling, "sample_steps", None) if sampler in (None, getattr(sampling, "sampler", None))
+                else "default"),
         }
         if sample_options:  # guidance scale, class labels, truncation...: part of what was measured
             info["sample_options"] = {k: _describe_option(v) for k, v in sample_options.items()}
+        if control is not None:  # which maps steered the samples, and how closely the samples follow them
+            from genlab.metrics.adherence import adherence, adherence_name
+
+            kind = config.control
+            info["control"] = {**control, "kind": kind, "adherence_metric": adherence_name(kind),
+                               "adherence": float(adherence(kind, images, options["control"]).mean())}
         return images_u8, info, path
     if sampler is not None or steps is not None or sample_options:
         raise ConfigError(f"--sampler/--steps and sampling options apply to run folders; {text} is not a run folder")
@@ -317,6 +355,8 @@ def evaluate_generation(
         # Samples asked for a class: the evaluator (a classifier of the data's own classes; Inception's
         # ImageNet classes cannot judge digits) says whether they got it (SPEC E4).
         values["class_accuracy"] = classifier_accuracy(extractor, images_u8, labels, batch_size=batch_size)
+    if "control" in info:  # a control run: how closely its samples follow their maps (a metric, not protocol)
+        values["adherence"] = info["control"].pop("adherence")
     text_protocol = _score_npz_captions(target, images_u8, source, seed, values)
     protocol = {
         "kind": "generation",

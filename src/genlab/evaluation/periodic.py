@@ -12,6 +12,7 @@ from genlab.evaluation.common import parse_ref, resolve_extractor
 from genlab.evaluation.generation import score_images
 from genlab.evaluation.reference import reference_stats
 from genlab.metrics.extractors import FeatureExtractor
+from genlab.runs import PER_SAMPLE_OPTIONS
 
 
 def periodic_eval(
@@ -43,7 +44,9 @@ def periodic_eval(
         chunks = []
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
-            chunks.append(from_model_range(method.sample(m, generator=generator, **(sample_options or {})).cpu()))
+            options = {k: v[start: start + m] if k in PER_SAMPLE_OPTIONS and isinstance(v, torch.Tensor) else v
+                       for k, v in (sample_options or {}).items()}  # the class or control map of each sample
+            chunks.append(from_model_range(method.sample(m, generator=generator, **options).cpu()))
     finally:
         method.train(was_training)
     values, stds = score_images(torch.cat(chunks), reference, extractor, metrics, seed=seed, batch_size=batch_size,
