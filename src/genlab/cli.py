@@ -181,8 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     s.add_argument("--checkpoint", metavar="STEP|latest", help="checkpoint to sample (default: the newest intact one)")
     s.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
-    s.add_argument("--compile", action="store_true", help="diffusion runs: torch.compile the denoiser (1.7x faster "
-                                                          "steps on CPU after a compile of minutes; pays for many images)")
+    s.add_argument("--compile", action="store_true", help="diffusion runs: torch.compile the denoiser (faster steps "
+                                                          "after a compile of minutes: pays for thousands of images)")
     s.add_argument("--lora", metavar="A[:W],B[:W]", help="LoRA adapters (lora run folders or PEFT folders) added to "
                                                           "the run, each scaled by its weight W (default 1)")
     s.add_argument("--control-from", metavar="SOURCE:SPLIT", help="controlnet, t2i-adapter: control maps of the first "
