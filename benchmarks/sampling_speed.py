@@ -21,6 +21,12 @@ median of per-repeat ratios. DDIM's images are also compared (same x_T, same wei
 
     python benchmarks/sampling_speed.py                      # random weights of the preset (speed only)
     python benchmarks/sampling_speed.py --run runs/demo      # a trained ddpm run's EMA weights
+    python benchmarks/sampling_speed.py --compile            # also genlab with torch.compile'd backbone
+
+``--compile`` adds a third contender, genlab with its backbone compiled by torch.compile (inductor,
+``dynamic=False``, ``--compile-mode``) and its outputs checked against eager; the one-off compile time
+(first call, cold cache unless TORCHINDUCTOR_CACHE_DIR holds earlier kernels) is printed separately
+with the number of images after which it pays, at the measured per-image saving.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per library and sampler (median)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="also time genlab with a torch.compile'd backbone")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs)")
     return parser.parse_args(argv)
 
 
@@ -124,20 +132,49 @@ def main(argv: list[str] | None = None) -> None:
                 theirs = ddim_check.step(out, t, theirs, use_clipped_model_output=True).prev_sample
         ddim_diff = float((theirs.clamp(-1, 1) - method.sample(4, noise=x[:4], sampler="ddim", steps=50)).abs().max())
 
+        compile_seconds = compile_diff = None
+        if args.compile:
+            import copy
+
+            compiled = copy.deepcopy(method)
+            compiled.backbone.compile(dynamic=False, mode=None if args.compile_mode == "default" else args.compile_mode)
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = compiled.network(x, torch.full((len(x),), 500), None)  # compiles, at the timed batch shape
+            compile_seconds = time.perf_counter() - start
+            with torch.no_grad():
+                compile_diff = float((out - method.network(x, torch.full((len(x),), 500), None)).abs().max())
+            for name, (ours, theirs_fn) in list(samplers.items()):
+                steps_ = 50 if name == "DDIM-50" else 10
+                solver = "ddim" if steps_ == 50 else "dpmpp-2m"
+                samplers[name] = (ours, theirs_fn, lambda x, s=solver, k=steps_: compiled.sample(
+                    len(x), noise=x, sampler=s, steps=k))
+
         rows = []
-        for name, (ours, theirs_fn) in samplers.items():
-            ours(x[:2]), theirs_fn(x[:2])  # warm-up
-            timings: dict[str, list[float]] = {"genlab": [], "diffusers": []}
+        for name, fns in samplers.items():
+            libs = ["genlab", "diffusers", "genlab compiled"][:len(fns)]
+            fns[0](x[:2]), fns[1](x[:2])  # warm-up
+            warm = 0.0
+            if len(fns) == 3:  # the compiled graph is specialised to shapes and dtypes (t: long or float): compile them now
+                start = time.perf_counter()
+                fns[2](x)
+                warm = time.perf_counter() - start
+            timings: dict[str, list[float]] = {lib: [] for lib in libs}
             for repeat in range(args.repeats):
-                order = [("genlab", ours), ("diffusers", theirs_fn)]
+                order = list(zip(libs, fns))
                 for lib, fn in order if repeat % 2 == 0 else order[::-1]:
                     start = time.perf_counter()
                     fn(x)
                     timings[lib].append(time.perf_counter() - start)
-            ratios = sorted(d / g for g, d in zip(timings["genlab"], timings["diffusers"]))
-            rows.append((name, median_ms(timings["genlab"], args.batch_size),
-                         median_ms(timings["diffusers"], args.batch_size), statistics.median(ratios),
-                         ratios[0], ratios[-1]))
+            if warm:  # recompilation in the first call counts as compile time (minus the call's own work)
+                compile_seconds += max(0.0, warm - statistics.median(timings["genlab compiled"]))
+            for lib in libs:
+                if lib == "diffusers":
+                    continue
+                ratios = sorted(d / g for g, d in zip(timings[lib], timings["diffusers"]))
+                rows.append((f"{name}, {lib}", median_ms(timings[lib], args.batch_size),
+                             median_ms(timings["diffusers"], args.batch_size), statistics.median(ratios),
+                             ratios[0], ratios[-1]))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"python {platform.python_version()}")
@@ -149,6 +186,20 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, ours_ms, theirs_ms, ratio, low, high in rows:
         print(f"| {name} | {ours_ms:.2f} | {theirs_ms:.2f} | {ratio:.3f} | {low:.3f} | {high:.3f} |")
+    if compile_seconds is not None:
+        import os
+
+        saved = {name.split(",")[0]: None for name, *_ in rows}
+        eager_ms = {name.split(",")[0]: ms for name, ms, *_ in rows if name.endswith("genlab")}
+        for name, ms, *_ in rows:
+            if name.endswith("compiled"):
+                saved[name.split(",")[0]] = eager_ms[name.split(",")[0]] - ms
+        print(f"\ncompile ({args.compile_mode}, dynamic=False, batch {args.batch_size}): {compile_seconds:.1f} s "
+              f"(first call); compiled vs eager U-Net output max |diff| {compile_diff:.2e}; load average "
+              f"{os.getloadavg()[0]:.1f}")
+        for name, ms in saved.items():
+            pays = f"pays after {1000 * compile_seconds / ms:.0f} images" if ms and ms > 0 else "never pays"
+            print(f"{name}: saves {ms:.2f} ms/image against eager genlab, {pays}")
 
 
 if __name__ == "__main__":

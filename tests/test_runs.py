@@ -171,3 +171,45 @@ def test_heldout_images_of_a_folder_without_test_split_name_the_option_that_pick
     assert "\n" not in str(info.value) and "--data" in str(info.value) and f"{source}:train" in str(info.value)
     held = heldout_images(run, f"{source}:train")
     assert sorted(held.images.flatten(1)[:, 0].tolist()) == [0, 40, 80]
+
+
+def _tiny_ddpm(tmp_path):
+    from tiny_configs import TINY_DDPM
+
+    api.train("ddpm", data="digits", overrides=[*TINY_DDPM, "train.steps=2"], run_dir=tmp_path / "ddpm", progress=False)
+    return load_run(tmp_path / "ddpm")
+
+
+def test_sampling_falls_back_to_the_eager_network_with_one_warning_when_compilation_fails(tmp_path, monkeypatch):
+    run = _tiny_ddpm(tmp_path)
+    eager = run.sample(6, seed=3, batch_size=4, sampler="ddim", steps=3)
+
+    def broken(fn, *args, **kwargs):  # what inductor does without a C++ compiler: fail at the first call
+        def call(*a, **k):
+            raise RuntimeError("no working C++ compiler\nsecond line")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match=r"^torch.compile failed \(RuntimeError: no working C\+\+ compiler\); "
+                                            "sampling with the eager network$") as caught:
+        fallback = run.sample(6, seed=3, batch_size=4, sampler="ddim", steps=3, compile=True)
+    assert len(caught) == 1  # once: the second batch goes straight to the eager network
+    assert torch.equal(fallback, eager)  # the failed batch is redrawn from the same noise
+    assert run.method.backbone._compiled_call_impl is None
+
+
+def test_compile_refuses_a_run_without_a_denoiser_network(tmp_path):
+    path = tmp_path / "gan"
+    api.train("gan", data="digits", overrides=TINY_DCGAN + ["train.steps=1"], run_dir=path, progress=False)
+    with pytest.raises(ConfigError, match="--compile applies to diffusion runs .* a gan run has none"):
+        load_run(path).sample(2, compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_sampling_agrees_with_eager_sampling(tmp_path):
+    run = _tiny_ddpm(tmp_path)
+    for sampler, steps in (("ddim", 4), ("dpmpp-2m", 3)):  # integer and fractional timesteps
+        eager = run.sample(4, seed=1, sampler=sampler, steps=steps)
+        compiled = run.sample(4, seed=1, sampler=sampler, steps=steps, compile=True)
+        assert run.method.backbone._compiled_call_impl is not None  # it did compile, no fallback
+        assert float((compiled - eager).abs().max()) < 1e-4  # float32 reassociation only

@@ -62,8 +62,15 @@ class Run:
     step: int
     weights: str  # "ema" or "raw"
 
-    def sample(self, n: int, seed: int = 0, batch_size: int = 256, progress: bool = False, **options: Any) -> torch.Tensor:
+    def sample(self, n: int, seed: int = 0, batch_size: int = 256, progress: bool = False, compile: bool = False,
+               **options: Any) -> torch.Tensor:
         """``n`` images in [-1, 1] (N, C, H, W), drawn in batches; same seed, same images.
+
+        ``compile``: run a diffusion model's denoiser network through ``torch.compile`` (inductor,
+        static shapes): measured 1.75x faster U-Net evaluations on a 1-thread CPU, 1.3x (DDIM-50) and 1.2x
+        (DPM-Solver++ 10) faster sampling, after a one-off compile of minutes (docs/results.md: it pays after
+        thousands of images). If compiling fails, a one-line
+        warning and the eager network.
 
         Text-conditioned runs take ``prompt`` (one string for every sample) or ``prompts`` (n strings, or P
         strings with n a multiple of P: each prompt for n / P consecutive samples), and likewise
@@ -82,6 +89,7 @@ class Run:
         for key in ("labels", "negative_labels"):
             if options.get(key) is not None:
                 options[key] = self._check_labels(options[key], n, key)
+        draw = compiled_sampler(self.method) if compile else self.method.sample
         chunks = []
         with tqdm(total=n, disable=not progress, desc="sample", unit="img") as bar:
             for start in range(0, n, batch_size):
@@ -93,7 +101,7 @@ class Run:
                 for key in ("prompts", "negative_prompts"):
                     if opts.get(key) is not None:
                         opts[key] = opts[key][start: start + m]
-                chunks.append(self.method.sample(m, generator=generator, **opts).cpu())
+                chunks.append(draw(m, generator=generator, **opts).cpu())
                 bar.update(m)
         return torch.cat(chunks)
 
@@ -167,6 +175,38 @@ class Run:
             path = torch.stack([slerp(za, zb, float(t)) for t in w], 1)
             images = method.synthesize(path.flatten(0, 1))
         return images.clamp(-1, 1).cpu().unflatten(0, (len(start), steps))
+
+
+def compiled_sampler(method: Method):
+    """``method.sample`` with its denoiser network compiled by torch.compile (static shapes; each new batch
+    shape or timestep dtype compiles once more), falling back to the eager network with a one-line warning
+    when compilation fails (no C++ compiler, an unsupported operator)."""
+    import warnings
+
+    backbone = getattr(method, "backbone", None)
+    if not isinstance(backbone, torch.nn.Module):
+        raise ConfigError(f"--compile applies to diffusion runs (a denoiser network); a {method.name} run has none: "
+                          "sample without --compile")
+    if backbone._compiled_call_impl is None:  # compile once per loaded run
+        backbone.compile(dynamic=False)
+
+    def sample(n: int, generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:
+        if backbone._compiled_call_impl is None:  # an earlier batch fell back
+            return method.sample(n, generator=generator, **options)
+        state = None if generator is None else generator.get_state()
+        try:
+            return method.sample(n, generator=generator, **options)
+        except GenlabError:
+            raise  # the user's input, not the compiler
+        except Exception as error:  # inductor's failures have many types (compiler missing, lowering, C++ build)
+            backbone._compiled_call_impl = None
+            warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                          "sampling with the eager network", RuntimeWarning, stacklevel=2)
+            if state is not None:
+                generator.set_state(state)  # the same images as an eager run
+            return method.sample(n, generator=generator, **options)
+
+    return sample
 
 
 # Ranges of the sampling options that methods share; Run.sample checks them, so the CLI and the API agree.
