@@ -250,7 +250,7 @@ def test_driver_records_a_failure_and_goes_on(monkeypatch, tmp_path):
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path):
-    assert main(["bench", "families", "--data", "cifar10", "--minutes", "3", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "families", "--data", "mnist-pairs", "--minutes", "3", "--out", str(tmp_path)]) == 2
     assert "ships no evaluator" in one_line_error(capsys)
     assert main(["bench", "families", "--data", "mnist", "--minutes", "3", "--seeds", "0,x", "--out", str(tmp_path)]) == 2
     assert "--seeds 0,x" in one_line_error(capsys)
