@@ -113,8 +113,7 @@ def _paraphrase_accuracy(run, seed: int, batch_size: int, options: dict, per_pro
     labels = torch.tensor([k for k, _ in paraphrases]).repeat_interleave(reps)
     prompts = [p for _, p in paraphrases for _ in range(reps)]
     images = _samples_u8(run, prompts, seed, batch_size, options, progress)
-    accuracy = float((classifier_predictions(classifier, images, batch_size) == labels).double().mean())
-    return {"paraphrase_accuracy": accuracy}, (
+    return {"paraphrase_accuracy": classifier_accuracy(classifier, images, labels, batch_size)}, (
         f"{len(paraphrases)} free-form prompts ({PARAPHRASES_FILE.name}, 5 per digit, none written by a caption template), "
         f"{reps} samples each, share the {classifier.name} evaluator assigns to the prompt's digit")
 
@@ -268,8 +267,7 @@ def evaluate_text(
                                       f"'{prompt_of(0, names)}' ... '{prompt_of(len(names) - 1, names)}', share the "
                                       f"{classifier.name} evaluator (sha256 {classifier.sha256[:12]}) assigns to the asked class")
     if run_source == "mnist-captions":
-        clock = time.perf_counter()
-        classifier = resolve_extractor(None, "mnist", device)
+        clock = time.perf_counter()  # `classifier`: the mnist evaluator of the class-prompt block above
         paraphrase_values, protocol["paraphrases"] = _paraphrase_accuracy(
             run, seed, batch_size, options, per_prompt, progress, classifier)
         values.update(paraphrase_values)
