@@ -94,3 +94,28 @@ def test_export_refuses_a_run_that_is_not_a_pixel_ddpm(tmp_path, capsys):
     assert main(["export", str(run), "--format", "diffusers", str(tmp_path / "out")]) == 2
     assert "'vae' run; --format diffusers exports pixel 'ddpm' runs" in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_an_imported_run_fine_tunes_from_its_weights(trained, tmp_path, capsys):
+    """An imported checkpoint holds weights only (no optimiser, EMA or RNG state): `--resume` trains on from those
+    weights with a fresh optimiser and an EMA started from them (training settings such as train.ema_decay may change:
+    there is no state they must agree with), instead of failing on the missing state. At
+    train.lr=1e-12 two steps move no weight by more than ~1e-11, so raw and EMA weights must stay at the imported
+    ones; a random start (or an EMA started from it: 1.8 % of it is left after two warm-up updates) would not."""
+    from genlab.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    run, _ = trained
+    out, back = tmp_path / "export", tmp_path / "imported"
+    assert main(["export", str(run), "--format", "diffusers", str(out)]) == 0
+    assert main(["import", "diffusers", str(out), "--run-dir", str(back)]) == 0
+    imported = load_checkpoint(latest_checkpoint(back))[0]["model"]
+    capsys.readouterr()
+    assert main(["train", "ddpm", "--run-dir", str(back), "--resume", "--no-progress", "train.steps=2",
+                 "train.lr=1e-12", "train.ema_decay=0.99", "train.sample_every=0"]) == 0
+    assert "holds weights only (imported)" in capsys.readouterr().err
+    tuned, state = load_checkpoint(latest_checkpoint(back))
+    assert state["step"] == 2
+    assert max((tuned["model"][k] - w).abs().max().item() for k, w in imported.items()) < 1e-9
+    shadows = {k.removeprefix("params."): v for k, v in tuned["ema_unet"].items() if k.startswith("params.")}
+    assert shadows.keys() == {k.removeprefix("unet.") for k in imported}
+    assert max((shadow - imported["unet." + k]).abs().max().item() for k, shadow in shadows.items()) < 1e-9

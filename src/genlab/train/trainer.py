@@ -423,9 +423,13 @@ class Trainer:
         # The settings that trained up to this checkpoint (older checkpoints: the run's config.yaml).
         trained = state.get("config") or read_config_file(self.run_dir / "config.yaml")
         self.changes = _changed_settings(trained, to_dict(self.cfg))
-        self._refuse_unresumable()
+        weights_only = not any(group.startswith("optim_") for group in tensors)
+        if not weights_only:  # with no training state to honour, only the weights' shapes must fit
+            self._refuse_unresumable()
         check_weights_fit(self.method, tensors["model"], path, self.run_dir / "config.yaml")
         self.method.load_state_dict(tensors["model"])
+        if weights_only:
+            return self._start_from_weights(state, path)
         sk = state["skeletons"]
         for name, ema in self.emas.items():
             ema.load_state_dict(unflatten_state(tensors[f"ema_{name}"], sk[f"ema_{name}"]))
@@ -446,6 +450,17 @@ class Trainer:
                     import shutil
 
                     shutil.rmtree(later, ignore_errors=True)
+        return self.step
+
+    def _start_from_weights(self, state: dict, path: Path) -> int:
+        """A checkpoint of weights alone (``genlab import``: no optimiser, EMA or RNG state to continue):
+        training goes on from those weights with a fresh optimiser, schedule and EMA, i.e. fine-tuning."""
+        if self.emas:  # the EMA was built from the initial weights: start it from the loaded ones
+            self.emas = {name: EMA(module, decay=self.cfg.train.ema_decay) for name, module in self.method.ema_targets().items()}
+        self.step = int(state.get("step", 0))
+        self._say(f"{path} holds weights only ({'imported' if 'imported_from' in state else 'no training state'}): "
+                  f"training continues from them with a fresh optimiser, learning-rate schedule and EMA")
+        self._apply_schedule()
         return self.step
 
     def _refuse_unresumable(self) -> None:
