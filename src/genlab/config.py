@@ -61,7 +61,9 @@ class TrainConfig:
     time_clock: Literal["wall", "cpu"] = "wall"  # what time_limit counts: wall time, or this process's CPU time (all its threads; a budget other jobs on the cores cannot shrink)
     threads: PositiveInt | None = None  # torch CPU threads; None: torch's default (all cores)
     device: str | None = None  # cpu, cuda, cuda:N or mps; None: accelerate's choice (CUDA when present)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp32 is the fast path for the small U-Nets on this CPU; bf16 autocast paid 1.7x for the CIFAR-10 classifier's channels_last convs on an avx512_bf16 CPU (docs/results.md): measure per model
+    # fp32 is the fast path for the small U-Nets on this CPU; bf16 autocast paid 1.7x for the CIFAR-10
+    # classifier's channels_last convs on an avx512_bf16 CPU (docs/results.md): measure per model.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
     def __post_init__(self) -> None:
         if len(self.adam_betas) != 2:
