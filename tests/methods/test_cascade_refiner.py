@@ -153,8 +153,8 @@ def test_the_handoff_uses_the_base_at_and_above_t_switch_and_the_refiner_below()
     assert base.calls == [[500, 300]] and refiner.calls == [[299]]
 
 
-def _refiner(t_switch: int = 40, *overrides: str) -> Refiner:
-    base = _ddpm(DIGITS, "model.schedule=cosine")
+def _refiner(t_switch: int = 40, *overrides: str, base: DDPM | None = None) -> Refiner:
+    base = _ddpm(DIGITS, "model.schedule=cosine") if base is None else base
     torch.manual_seed(1)
     cfg = build_config("refiner", Refiner.Config,
                        overrides=TINY_DDPM + ["base=/a/run", f"t_switch={t_switch}", *overrides]).model
@@ -221,6 +221,22 @@ def test_a_switch_above_the_trained_range_is_refused():
     with pytest.raises(ConfigError, match="model.sample_switch=41"):
         _refiner(40, "sample_switch=41")
     assert refiner.switch == 40
+
+
+def test_a_refiner_initialised_from_the_base_samples_exactly_as_the_base():
+    base = _ddpm(DIGITS, "model.schedule=cosine")
+    with torch.no_grad():  # a base with nonzero outputs (its last layer starts at zero)
+        for q in base.parameters():
+            q.add_(0.1 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())))
+    fresh, copied = _refiner(40, base=base), _refiner(40, "init_from_base=true", base=base)
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 30])
+    assert torch.equal(copied.backbone(x, t), copied.base.backbone(x, t))
+    assert not torch.allclose(fresh.backbone(x, t), fresh.base.backbone(x, t))
+    assert all(q.requires_grad for q in copied.backbone.parameters())  # it trains; the base stays frozen
+    alone = copied.base.sample(2, steps=5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(copied.sample(2, steps=5, generator=torch.Generator().manual_seed(3)), alone, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="init_from_base=true needs the base's network"):
+        _refiner(40, "init_from_base=true", "model.unet.base_channels=8")
 
 
 def test_sdedit_with_the_exact_denoiser_of_one_image_returns_that_image():

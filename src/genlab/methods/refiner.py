@@ -51,6 +51,9 @@ class RefinerConfig(DDPMConfig):
     # Where sampling hands over (the base denoises t >= sample_switch); None: t_switch. At most t_switch:
     # a lower switch keeps the refiner on the levels it denoises better than the base.
     sample_switch: PositiveInt | None = None
+    # Start from the base's denoiser (eDiff-I's experts are fine-tuned copies of one model) instead of random
+    # weights: the refiner then starts as good as the base on every level and only specialises.
+    init_from_base: bool = False
 
 
 def check_same_process(expert: DDPM, base: DDPM, where: str) -> None:
@@ -81,7 +84,19 @@ class Refiner(DDPM):
         self.check_switch(config.sample_switch, config, "model.sample_switch")
         super().__init__(config, data_info, parents)
         check_same_process(self, self.base, f"model.base={config.base}")
+        if config.init_from_base:
+            self._copy_base_denoiser()
         self._switch: int | None = None  # the handoff step of the sample() call under way (None: the config's)
+
+    def _copy_base_denoiser(self) -> None:
+        """Load the base's denoiser weights into this model's (the same network and sizes are required)."""
+        ours, theirs = self.backbone, self.base.backbone
+        mine, base = ours.state_dict(), theirs.state_dict()
+        if type(ours) is not type(theirs) or mine.keys() != base.keys() or any(
+                mine[k].shape != base[k].shape for k in mine):
+            raise ConfigError("model.init_from_base=true needs the base's network and sizes (model.network, "
+                              "model.unet / model.dit as in the base's config.yaml), or set it to false")
+        ours.load_state_dict(base)
 
     @staticmethod
     def check_switch(switch: int | None, config: RefinerConfig, where: str) -> None:
