@@ -7,8 +7,10 @@ lets the base denoise t >= t_switch and hands the partly denoised images over to
 rest, one sampler over one list of timesteps, so the number of network evaluations is what the base
 alone would spend (:func:`genlab.diffusion.experts.handoff_denoiser`). The handoff may come later than
 the training range's edge (``model.sample_switch`` or ``sample(..., switch=T)``, any T <= t_switch): the
-refiner saw every t < t_switch in training, and it is the better denoiser well inside its range, not
-always at its edge (docs/results.md, "Cascade and refiner"). The refiner alone also refines
+refiner saw every t < t_switch in training, so every lower switch stays inside its range
+(``benchmarks/sdxl_cascade_refiner.py refiner --switch ...`` compares them). ``model.init_from_base``
+starts the refiner from the base's weights (eDiff-I's experts are fine-tuned copies of one model): on
+MNIST only that refiner lowers FID (docs/results.md, "Cascade and refiner"). The refiner alone also refines
 any image SDEdit-style (:meth:`Refiner.refine`: noise to t_start < t_switch, denoise back).
 
 Why a child run and not ``genlab sample BASE --refiner RUN --switch T``: the pairing (which base,
@@ -48,8 +50,8 @@ class RefinerConfig(DDPMConfig):
     # The refiner trains on t in [0, t_switch) and takes over from the base below t_switch. SDXL's
     # refiner covers the last ~20% of a 1000-step schedule (t_switch = 200).
     t_switch: Annotated[int, Range(1)] = 200
-    # Where sampling hands over (the base denoises t >= sample_switch); None: t_switch. At most t_switch:
-    # a lower switch keeps the refiner on the levels it denoises better than the base.
+    # Where sampling hands over (the base denoises t >= sample_switch); None: t_switch. At most t_switch
+    # (the refiner never saw higher levels); lower keeps it on the levels nearest the data.
     sample_switch: PositiveInt | None = None
     # Start from the base's denoiser (eDiff-I's experts are fine-tuned copies of one model) instead of random
     # weights: the refiner then starts as good as the base on every level and only specialises.
