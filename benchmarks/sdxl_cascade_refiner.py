@@ -5,12 +5,12 @@ refiner handoff (base alone vs base + refiner at equal NFE), with the shipped MN
     genlab train ddpm --preset small --run-dir runs/base14 data.image_size=14
     genlab train sr --base runs/base14 --preset small --run-dir runs/sr_aug                      # max_augmentation 0.4
     genlab train sr --base runs/base14 --preset small --run-dir runs/sr_plain model.max_augmentation=0
-    PYTHONPATH=src python benchmarks/sdxl_cascade_refiner.py cascade --base runs/base14 --sr runs/sr_aug runs/sr_plain --n 500
+    PYTHONPATH=src python benchmarks/sdxl_cascade_refiner.py cascade --base runs/base14 --sr runs/sr_aug runs/sr_plain --levels 0.0 0.4 --n 2000
 
     # refiner: trained on t < 200 on top of a ddpm base
     genlab train ddpm --preset small --run-dir runs/base28
     genlab train refiner --base runs/base28 --preset small --run-dir runs/refiner
-    PYTHONPATH=src python benchmarks/sdxl_cascade_refiner.py refiner --refiner runs/refiner --n 500 --steps 20 50
+    PYTHONPATH=src python benchmarks/sdxl_cascade_refiner.py refiner --refiner runs/refiner --n 2000 --steps 20 --switch 200 150 100
 
 Prints one JSON object per line. FID against mnist:test (10,000 images) in the evaluator's feature
 space (``--extractor`` default: the run data's evaluator, mnist). Same seed for every row: the rows of
@@ -73,15 +73,17 @@ def refiner(a) -> None:
     base = run.method.base  # the base stored in the refiner's checkpoint
     # One sampler for both rows (default: the base's own), else the rows would differ in more than the refiner.
     sampler = a.sampler or base.config.sampler
+    switches = a.switch or [run.method.switch]
     for steps in a.steps:
         alone = torch.cat([base.sample(m, generator=torch.Generator().manual_seed(a.seed + i), steps=steps,
                                        sampler=sampler) for i, m in enumerate(_chunks(a.n))])
-        handoff = torch.cat([run.method.sample(m, generator=torch.Generator().manual_seed(a.seed + i), steps=steps,
-                                               sampler=sampler) for i, m in enumerate(_chunks(a.n))])
-        print(json.dumps({"table": "refiner", "refiner_run": a.refiner, "refiner_step": run.step,
-                          "t_switch": run.method.config.t_switch, "n": a.n, "sampler": sampler, "nfe": steps,
-                          "fid_base_alone": fid(alone, a.data_root), "fid_base_then_refiner": fid(handoff, a.data_root)}),
-              flush=True)
+        row = {"table": "refiner", "refiner_run": a.refiner, "refiner_step": run.step,
+               "t_switch": run.method.config.t_switch, "n": a.n, "sampler": sampler, "nfe": steps,
+               "fid_base_alone": fid(alone, a.data_root)}
+        for switch in switches:  # the same x_T and step noise as the base-alone row: only the handoff differs
+            handoff = torch.cat([run.method.sample(m, generator=torch.Generator().manual_seed(a.seed + i), steps=steps,
+                                                   sampler=sampler, switch=switch) for i, m in enumerate(_chunks(a.n))])
+            print(json.dumps({**row, "switch": switch, "fid_base_then_refiner": fid(handoff, a.data_root)}), flush=True)
 
 
 def _chunks(n: int, size: int = 250) -> list[int]:
@@ -101,6 +103,8 @@ def main() -> None:
     r.add_argument("--refiner", required=True)
     r.add_argument("--steps", type=int, nargs="+", default=[20])
     r.add_argument("--sampler", default=None, help="sampler of both rows (default: the base's model.sampler)")
+    r.add_argument("--switch", type=int, nargs="*", help="handoff steps to compare (each <= the run's t_switch; "
+                                                        "default: the run's sample_switch, else t_switch)")
     for q in (c, r):
         q.add_argument("--n", type=int, default=500)
         q.add_argument("--seed", type=int, default=0)

@@ -88,6 +88,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
                                                              "(default: the target size; smaller: up-scaled-looking images)")
     p.add_argument("--target-size", metavar="N|HxW", help="micro-conditioned multi-aspect runs: the shape to sample, "
                                                            "e.g. 20x40 (an aspect bucket of the training data)")
+    p.add_argument("--switch", type=int, metavar="T", help="refiner runs: the base denoises t >= T, the refiner below "
+                                                          "(default model.sample_switch, else model.t_switch; T <= t_switch)")
     p.add_argument("--control-from", metavar="SOURCE:SPLIT", help="controlnet, t2i-adapter: control maps of the first "
                                                                   "N images of this split (e.g. mnist:test; eval's "
                                                                   "default: the run's test split)")
@@ -123,7 +125,8 @@ def _sampling_options(a, n: int) -> dict:
     options = {k: v for k, v in (("sampler", a.sampler), ("steps", a.steps), ("eta", getattr(a, "eta", None)),
                                  ("guidance_scale", a.guidance_scale), ("classifier", a.classifier),
                                  ("classifier_scale", a.classifier_scale), ("rules", a.rule),
-                                 ("truncation", a.truncation), ("temperature", a.temperature), ("top_k", a.top_k))
+                                 ("truncation", a.truncation), ("temperature", a.temperature), ("top_k", a.top_k),
+                                 ("switch", getattr(a, "switch", None)))
                if v is not None}
     if getattr(a, "class_label", None) is not None:
         # "all": the run resolves it to balanced labels 0, 1, ..., C-1, 0, 1, ... (it knows C).

@@ -222,6 +222,7 @@ SAMPLING_RANGES = {
     "temperature": (float, Range(0, lo_open=True)),
     "top_k": (int, Range(1)),
     "control_scale": (float, Range(0)),  # 0: the frozen base; 1: as trained
+    "switch": (int, Range(1)),  # refiner handoff step; the refiner refuses one above its t_switch
 }
 
 

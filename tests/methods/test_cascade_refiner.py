@@ -153,10 +153,11 @@ def test_the_handoff_uses_the_base_at_and_above_t_switch_and_the_refiner_below()
     assert base.calls == [[500, 300]] and refiner.calls == [[299]]
 
 
-def _refiner(t_switch: int = 40) -> Refiner:
-    base = _ddpm(DIGITS, "model.schedule=cosine")
+def _refiner(t_switch: int = 40, *overrides: str, base: DDPM | None = None) -> Refiner:
+    base = _ddpm(DIGITS, "model.schedule=cosine") if base is None else base
     torch.manual_seed(1)
-    cfg = build_config("refiner", Refiner.Config, overrides=TINY_DDPM + ["base=/a/run", f"t_switch={t_switch}"]).model
+    cfg = build_config("refiner", Refiner.Config,
+                       overrides=TINY_DDPM + ["base=/a/run", f"t_switch={t_switch}", *overrides]).model
     return Refiner(cfg, DIGITS, parents={"base": base})
 
 
@@ -173,8 +174,8 @@ def test_the_refiner_trains_below_t_switch_on_the_base_noise_schedule():
             _refiner(bad)
 
 
-def test_refiner_sampling_hands_over_from_the_base_to_the_refiner(monkeypatch):
-    refiner = _refiner(40)
+def _record_handoff(refiner: Refiner, monkeypatch) -> dict[str, list[int]]:
+    """The timesteps at which the base's and the refiner's own networks are called (one entry per call)."""
     calls = {"base": [], "refiner": []}
     base_denoise, own_denoise = refiner.base._denoise, DDPM._denoise
 
@@ -189,9 +190,53 @@ def test_refiner_sampling_hands_over_from_the_base_to_the_refiner(monkeypatch):
 
     monkeypatch.setattr(refiner.base, "_denoise", base_recording)
     monkeypatch.setattr(DDPM, "_denoise", own_recording)
+    return calls
+
+
+def test_refiner_sampling_hands_over_from_the_base_to_the_refiner(monkeypatch):
+    refiner = _refiner(40)
+    calls = _record_handoff(refiner, monkeypatch)
     refiner.sample(2, steps=5, generator=torch.Generator().manual_seed(0))
     timesteps = make_timesteps(100, 5).tolist()  # 99, 79, 59, 39, 19
     assert calls["base"] == [t for t in timesteps if t >= 40] and calls["refiner"] == [t for t in timesteps if t < 40]
+
+
+@pytest.mark.parametrize("how", ["argument", "config"])
+def test_a_sampling_switch_below_t_switch_keeps_the_base_down_to_it(monkeypatch, how):
+    # Trained on t < 40; handing over at 25 must run the base at 39 (inside the refiner's range) too.
+    refiner = _refiner(40, "sample_switch=25") if how == "config" else _refiner(40)
+    calls = _record_handoff(refiner, monkeypatch)
+    refiner.sample(2, steps=10, generator=torch.Generator().manual_seed(0), **({"switch": 25} if how == "argument" else {}))
+    timesteps = make_timesteps(100, 10).tolist()  # 99, 89, ..., 29, 19, 9
+    assert calls["base"] == [t for t in timesteps if t >= 25] == [99, 89, 79, 69, 59, 49, 39, 29]
+    assert calls["refiner"] == [19, 9]
+    assert refiner.switch == (25 if how == "config" else 40)  # an argument lasts one call
+
+
+def test_a_switch_above_the_trained_range_is_refused():
+    refiner = _refiner(40)
+    for bad in (41, 0):
+        with pytest.raises(ConfigError, match=r"hand over at a step in \[1, 40\]"):
+            refiner.sample(1, steps=2, switch=bad)
+    with pytest.raises(ConfigError, match="model.sample_switch=41"):
+        _refiner(40, "sample_switch=41")
+    assert refiner.switch == 40
+
+
+def test_a_refiner_initialised_from_the_base_samples_exactly_as_the_base():
+    base = _ddpm(DIGITS, "model.schedule=cosine")
+    with torch.no_grad():  # a base with nonzero outputs (its last layer starts at zero)
+        for q in base.parameters():
+            q.add_(0.1 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())))
+    fresh, copied = _refiner(40, base=base), _refiner(40, "init_from_base=true", base=base)
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 30])
+    assert torch.equal(copied.backbone(x, t), copied.base.backbone(x, t))
+    assert not torch.allclose(fresh.backbone(x, t), fresh.base.backbone(x, t))
+    assert all(q.requires_grad for q in copied.backbone.parameters())  # it trains; the base stays frozen
+    alone = copied.base.sample(2, steps=5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(copied.sample(2, steps=5, generator=torch.Generator().manual_seed(3)), alone, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="init_from_base=true needs the base's network"):
+        _refiner(40, "init_from_base=true", "model.unet.base_channels=8")
 
 
 def test_sdedit_with_the_exact_denoiser_of_one_image_returns_that_image():

@@ -5,14 +5,19 @@ specialises in the details a generalist renders last. It is a child run of its b
 ``base``, any diffusion run on the same images and noise schedule): ``genlab sample REFINER_RUN``
 lets the base denoise t >= t_switch and hands the partly denoised images over to the refiner for the
 rest, one sampler over one list of timesteps, so the number of network evaluations is what the base
-alone would spend (:func:`genlab.diffusion.experts.handoff_denoiser`). The refiner alone also refines
+alone would spend (:func:`genlab.diffusion.experts.handoff_denoiser`). The handoff may come later than
+the training range's edge (``model.sample_switch`` or ``sample(..., switch=T)``, any T <= t_switch): the
+refiner saw every t < t_switch in training, so every lower switch stays inside its range
+(``benchmarks/sdxl_cascade_refiner.py refiner --switch ...`` compares them). ``model.init_from_base``
+starts the refiner from the base's weights (eDiff-I's experts are fine-tuned copies of one model): on
+MNIST only that refiner lowers FID (docs/results.md, "Cascade and refiner"). The refiner alone also refines
 any image SDEdit-style (:meth:`Refiner.refine`: noise to t_start < t_switch, denoise back).
 
 Why a child run and not ``genlab sample BASE --refiner RUN --switch T``: the pairing (which base,
 which t_switch the refiner was trained for) is a fact of the refiner's training, so it is stored once
 in the refiner's run (with the base's weights, by the one parent mechanism of :mod:`genlab.runs`) and
 every sampling, evaluation and report of that run uses it, even after the base folder is gone; no
-sampling flag can pair a refiner with a base of another noise schedule or a switch it never saw.
+sampling flag can pair a refiner with a base of another noise schedule or a switch above its range.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from genlab.methods.base import DataInfo, ParentRun, checked_parents
 from genlab.methods.capabilities import Denoiser
 from genlab.methods.ddpm import DDPM, DDPMConfig
 from genlab.noise import ImageNoise
-from genlab.ranges import Range
+from genlab.ranges import PositiveInt, Range
 
 
 @dataclass
@@ -45,6 +50,12 @@ class RefinerConfig(DDPMConfig):
     # The refiner trains on t in [0, t_switch) and takes over from the base below t_switch. SDXL's
     # refiner covers the last ~20% of a 1000-step schedule (t_switch = 200).
     t_switch: Annotated[int, Range(1)] = 200
+    # Where sampling hands over (the base denoises t >= sample_switch); None: t_switch. At most t_switch
+    # (the refiner never saw higher levels); lower keeps it on the levels nearest the data.
+    sample_switch: PositiveInt | None = None
+    # Start from the base's denoiser (eDiff-I's experts are fine-tuned copies of one model) instead of random
+    # weights: the refiner then starts as good as the base on every level and only specialises.
+    init_from_base: bool = False
 
 
 def check_same_process(expert: DDPM, base: DDPM, where: str) -> None:
@@ -72,8 +83,36 @@ class Refiner(DDPM):
         config = dataclasses.replace(config, schedule=base.config.schedule, num_timesteps=base.config.num_timesteps)
         if not 1 <= config.t_switch < config.num_timesteps:
             raise ConfigError(f"model.t_switch={config.t_switch} must be in [1, model.num_timesteps={config.num_timesteps})")
+        self.check_switch(config.sample_switch, config, "model.sample_switch")
         super().__init__(config, data_info, parents)
         check_same_process(self, self.base, f"model.base={config.base}")
+        if config.init_from_base:
+            self._copy_base_denoiser()
+        self._switch: int | None = None  # the handoff step of the sample() call under way (None: the config's)
+
+    def _copy_base_denoiser(self) -> None:
+        """Load the base's denoiser weights into this model's (the same network and sizes are required)."""
+        ours, theirs = self.backbone, self.base.backbone
+        mine, base = ours.state_dict(), theirs.state_dict()
+        if type(ours) is not type(theirs) or mine.keys() != base.keys() or any(
+                mine[k].shape != base[k].shape for k in mine):
+            raise ConfigError("model.init_from_base=true needs the base's network and sizes (model.network, "
+                              "model.unet / model.dit as in the base's config.yaml), or set it to false")
+        ours.load_state_dict(base)
+
+    @staticmethod
+    def check_switch(switch: int | None, config: RefinerConfig, where: str) -> None:
+        """Refuse a handoff step outside [1, t_switch]: above it the refiner would denoise levels it never saw."""
+        if switch is not None and not (isinstance(switch, int) and 1 <= switch <= config.t_switch):
+            raise ConfigError(f"{where}={switch}: the refiner was trained on t < t_switch={config.t_switch}; "
+                              f"hand over at a step in [1, {config.t_switch}]")
+
+    @property
+    def switch(self) -> int:
+        """The handoff step of sampling: the base denoises t >= switch, the refiner t < switch."""
+        if self._switch is not None:
+            return self._switch
+        return self.config.t_switch if self.config.sample_switch is None else self.config.sample_switch
 
     def _training_timesteps(self) -> tuple[int, int]:
         """Only the low noise levels: t ~ U{0..t_switch-1}."""
@@ -85,7 +124,18 @@ class Refiner(DDPM):
         base_y = y if getattr(self.base, "num_classes", None) is not None else None
         base = functools.partial(self.base._denoise, y=base_y)
         refiner = functools.partial(super()._denoise, y=y, backbone_kwargs=backbone_kwargs, **inputs)
-        return handoff_denoiser(base, refiner, self.config.t_switch)(x_t, t)
+        return handoff_denoiser(base, refiner, self.switch)(x_t, t)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, switch: int | None = None, **options: Any) -> torch.Tensor:
+        """DDPM.sample through the handoff at ``switch`` (default :attr:`switch`: model.sample_switch, else
+        t_switch), any step in [1, t_switch]; ``options`` are DDPM's."""
+        self.check_switch(switch, self.config, "switch")
+        self._switch = switch  # read by _denoise, which every sampler and guidance of DDPM.sample calls
+        try:
+            return super().sample(n, **options)
+        finally:
+            self._switch = None
 
     @torch.no_grad()
     def refine(self, images: torch.Tensor, t_start: int | None = None, steps: int | None = None, *,
