@@ -35,6 +35,26 @@ class LDMConfig(DDPMConfig):
     clip_denoised: bool = False
 
 
+def _check_image_size(run: str | None, parent: nn.Module, data_info: DataInfo) -> None:
+    """The data must have the autoencoder's channels, and its image size unless the autoencoder is fully
+    convolutional (then any multiple of its downsampling factor f, so that no padding needs cropping back: a kl-ae
+    trained on 28 px digits gives 14x14 latents of 56 px two-digit canvases)."""
+    seen = parent.data_info
+    if seen.channels == data_info.channels and seen.image_size == data_info.image_size:
+        return
+    trained = f"the autoencoder {run} was trained on {seen.channels}x{seen.image_size}px images, " \
+              f"the data is {data_info.channels}x{data_info.image_size}px"
+    if seen.channels != data_info.channels:
+        raise ConfigError(f"{trained}: train ldm on data with the autoencoder's channels")
+    if not getattr(parent, "fully_convolutional", False):
+        raise ConfigError(f"{trained}, and its latent depends on the image size (a dense bottleneck or self-attention): "
+                          "train ldm on the autoencoder's data, or an autoencoder on this data")
+    if data_info.image_size % parent.f:
+        raise ConfigError(f"{trained}: a fully convolutional autoencoder takes other sizes only as multiples of its "
+                          f"downsampling factor f = {parent.f}; resize the data (data.image_size) or train an "
+                          "autoencoder on this data")
+
+
 class LDM(DDPM):
     """Diffusion on the scaled latents of a frozen kl-ae / vq-ae; samples are decoded to pixels."""
 
@@ -44,12 +64,7 @@ class LDM(DDPM):
 
     def __init__(self, config: LDMConfig, data_info: DataInfo, parents: Mapping[str, nn.Module] | None = None):
         parent = checked_parents(type(self), config, parents)["autoencoder"]
-        seen = parent.data_info
-        if (seen.channels, seen.image_size) != (data_info.channels, data_info.image_size):
-            raise ConfigError(
-                f"the autoencoder {config.autoencoder} was trained on {seen.channels}x{seen.image_size}px images, "
-                f"the data is {data_info.channels}x{data_info.image_size}px: train ldm on the autoencoder's data"
-            )
+        _check_image_size(config.autoencoder, parent, data_info)
         with torch.no_grad():  # the latent shape for this image size, whatever the autoencoder's kind
             probe = parent.encode(torch.zeros(1, data_info.channels, data_info.image_size, data_info.image_size))
         c, h, w = probe.shape[1:]
