@@ -288,3 +288,32 @@ def test_an_autoencoder_is_refused_at_another_size_unless_fully_convolutional():
         ldm_on(kl[False], 9)  # 9 px would be padded to 10 and the decoder could not crop back
     with pytest.raises(ConfigError, match="1x8px images, the data is 3x8px: train ldm on data with the autoencoder's channels"):
         ldm_on(kl[False], 8, channels=3)
+
+
+def test_each_distinct_training_image_is_encoded_once_alone(kl_ae_run, monkeypatch):
+    import genlab.methods.ldm as ldm_module
+
+    method = _ldm(kl_ae_run)
+    ae = method.autoencoder
+    calls = []
+    encode = ae.encode
+    monkeypatch.setattr(ae, "encode", lambda x: (calls.append(len(x)), encode(x))[1])
+    x = _digits(6)
+    with torch.no_grad():
+        alone = torch.cat([encode(x[i: i + 1]) for i in range(6)]) * ae.latent_scale
+        batched = encode(x) * ae.latent_scale
+    z = method._diffused(x[:4])
+    assert calls == [1] * 4 and torch.equal(z, alone[:4])  # each image alone: independent of its batch
+    assert torch.allclose(z, batched[:4], atol=1e-5)  # ... and what the batch would give, up to rounding
+    calls.clear()
+    z = method._diffused(x[[5, 0, 4, 0, 3]])  # two new images; 0 (twice) and 3 are cached
+    assert calls == [1, 1] and torch.equal(z, alone[[5, 0, 4, 0, 3]])
+    calls.clear()
+    assert torch.equal(method._diffused(x), alone) and calls == []  # all six cached now
+    # A full cache keeps what it holds and encodes the rest every time.
+    method = _ldm(kl_ae_run)
+    monkeypatch.setattr(method.autoencoder, "encode", lambda x: (calls.append(len(x)), encode(x))[1])
+    monkeypatch.setattr(ldm_module, "LATENT_CACHE_BYTES", 2 * alone[0].numel() * 4)
+    for _ in range(2):
+        assert torch.equal(method._diffused(x), alone)
+    assert calls == [1] * 6 + [1] * 4 and len(method._latent_cache.latents) == 2
