@@ -314,3 +314,13 @@ def test_name_table_covers_every_weight_of_genlab_unets():
     assert set(state) == set(reference.state_dict())
     assert all(state[k].shape == v.shape for k, v in reference.state_dict().items())
     assert len(module_pairs(unet.config)) > 0
+
+
+def test_export_refuses_a_unet_with_coordinate_channels():
+    from genlab.interop.diffusers import unet2d_config
+    from genlab.models.unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                           norm_groups=4, coordinates=True), in_channels=1, out_channels=1, image_size=8)
+    with pytest.raises(ConfigError, match="model.unet.coordinates=true: .*UNet2DModel lacks"):
+        unet2d_config(unet)

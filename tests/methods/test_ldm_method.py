@@ -241,3 +241,79 @@ def test_the_small_preset_fits_the_latents_of_any_image_size(monkeypatch, size, 
     assert method.latent_shape[1] == size // 4
     with torch.no_grad():
         assert method.network(z, torch.tensor([0, 999])).shape == z.shape
+
+
+def test_a_fully_convolutional_kl_ae_serves_data_of_another_size(kl_ae_run):
+    # The tiny kl-ae (convolutions only, f = 2) was trained on 8 px digits; an ldm on 16 px data
+    # diffuses its 8x8 latents of the 16 px images and decodes samples back to 16 px, uncropped.
+    cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM + [f"autoencoder={kl_ae_run}",
+                                                               "model.unet.attention_resolutions=[4]"])
+    method = build_method(cfg, DataInfo(channels=1, image_size=16, num_classes=10))
+    ae = method.autoencoder
+    assert ae.fully_convolutional and ae.data_info.image_size == 8 and method.latent_shape == (4, 8, 8)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = method.encode_latents(x)
+        assert torch.equal(z, ae.encode(x) * ae.latent_scale) and z.shape == (3, 4, 8, 8)
+        assert method.decode_latents(z).shape == (3, 1, 16, 16)
+    images = method.sample(2, generator=torch.Generator().manual_seed(0), steps=2)
+    assert images.shape == (2, 1, 16, 16) and images.abs().max() <= 1
+
+
+def test_an_autoencoder_is_refused_at_another_size_unless_fully_convolutional():
+    from genlab.methods.autoencoder import KLAutoencoder
+    from genlab.methods.vq import VQAutoencoder
+
+    def ldm_on(parent, size, channels=1, attention=2):
+        cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM + ["autoencoder=/ae/run",
+                                                                   f"model.unet.attention_resolutions=[{attention}]"])
+        return LDM(cfg.model, DataInfo(channels=channels, image_size=size, num_classes=10), parents={"autoencoder": parent})
+
+    net = ["model.net.base_channels=8", "model.net.channel_mult=[1,2]", "model.net.num_res_blocks=0",
+           "model.net.norm_groups=4", "model.loss.perceptual=0"]
+    kl = {a: KLAutoencoder(build_config("kl-ae", KLAutoencoder.Config, overrides=net + [f"model.net.attention={a}"]).model,
+                           DIGITS) for a in (False, True)}
+    vq = {a: VQAutoencoder(build_config("vq-ae", VQAutoencoder.Config, overrides=net + [
+        f"model.net.attention={a}", "model.quantizer.codebook_size=16", "model.quantizer.dim=4",
+        "model.disc.base_channels=8", "model.disc.num_layers=1"]).model, DIGITS) for a in (False, True)}
+    for family in (kl, vq):
+        assert family[False].fully_convolutional and not family[True].fully_convolutional
+        assert ldm_on(family[False], 16, attention=4).latent_shape == (4, 8, 8)  # convolutions only: any multiple of f
+        assert ldm_on(family[True], 8).latent_shape == (4, 4, 4)  # self-attention: its own size still works
+        with pytest.raises(ConfigError, match=r"trained on 1x8px images, the data is 1x16px, and its latent depends on "
+                                              r"the image size \(a dense bottleneck or self-attention\)") as e:
+            ldm_on(family[True], 16, attention=4)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="multiples of its downsampling factor f = 2"):
+        ldm_on(kl[False], 9)  # 9 px would be padded to 10 and the decoder could not crop back
+    with pytest.raises(ConfigError, match="1x8px images, the data is 3x8px: train ldm on data with the autoencoder's channels"):
+        ldm_on(kl[False], 8, channels=3)
+
+
+def test_each_distinct_training_image_is_encoded_once_alone(kl_ae_run, monkeypatch):
+    import genlab.methods.ldm as ldm_module
+
+    method = _ldm(kl_ae_run)
+    ae = method.autoencoder
+    calls = []
+    encode = ae.encode
+    monkeypatch.setattr(ae, "encode", lambda x: (calls.append(len(x)), encode(x))[1])
+    x = _digits(6)
+    with torch.no_grad():
+        alone = torch.cat([encode(x[i: i + 1]) for i in range(6)]) * ae.latent_scale
+        batched = encode(x) * ae.latent_scale
+    z = method._diffused(x[:4])
+    assert calls == [1] * 4 and torch.equal(z, alone[:4])  # each image alone: independent of its batch
+    assert torch.allclose(z, batched[:4], atol=1e-5)  # ... and what the batch would give, up to rounding
+    calls.clear()
+    z = method._diffused(x[[5, 0, 4, 0, 3]])  # two new images; 0 (twice) and 3 are cached
+    assert calls == [1, 1] and torch.equal(z, alone[[5, 0, 4, 0, 3]])
+    calls.clear()
+    assert torch.equal(method._diffused(x), alone) and calls == []  # all six cached now
+    # A full cache keeps what it holds and encodes the rest every time.
+    method = _ldm(kl_ae_run)
+    monkeypatch.setattr(method.autoencoder, "encode", lambda x: (calls.append(len(x)), encode(x))[1])
+    monkeypatch.setattr(ldm_module, "LATENT_CACHE_BYTES", 2 * alone[0].numel() * 4)
+    for _ in range(2):
+        assert torch.equal(method._diffused(x), alone)
+    assert calls == [1] * 6 + [1] * 4 and len(method._latent_cache.latents) == 2

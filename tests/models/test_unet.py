@@ -202,3 +202,30 @@ def test_config_errors_name_the_value():
         model(torch.randn(1, 2, 8, 8), torch.tensor([1]), torch.tensor([0]))
     with pytest.raises(ConfigError, match="input of size 7x7 is not divisible by 2"):
         model(torch.randn(1, 2, 7, 7), torch.tensor([1]))
+
+
+def test_coordinate_channels_run_left_to_right_and_top_to_bottom():
+    from genlab.models.unet import coordinate_channels
+
+    grid = coordinate_channels(torch.zeros(3, 5, 4, 6))  # (3, 2, 4, 6)
+    assert grid.shape == (3, 2, 4, 6)
+    assert torch.allclose(grid[1, 0, 2], torch.linspace(-1, 1, 6)) and torch.allclose(grid[1, 1, :, 5], torch.linspace(-1, 1, 4))
+    assert torch.equal(grid[:, 0], grid[:, 0, :1].expand(3, 4, 6)) and torch.equal(grid[:, 1], grid[:, 1, :, :1].expand(3, 4, 6))
+
+
+def test_a_unet_with_coordinates_is_one_reading_them_as_two_more_input_channels():
+    from dataclasses import replace
+
+    from genlab.models.unet import coordinate_channels
+
+    torch.manual_seed(0)
+    with_coordinates = UNet(replace(SMALL, coordinates=True), in_channels=2, out_channels=3, image_size=8)
+    randomise_(with_coordinates)
+    plain = UNet(SMALL, in_channels=4, out_channels=3, image_size=8)
+    plain.load_state_dict(with_coordinates.state_dict())  # the same weights: conv_in takes 2 + 2 channels
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        out = with_coordinates(x, t)
+        assert torch.equal(out, plain(torch.cat([x, coordinate_channels(x)], 1), t))
+        # ... and they are read: blank coordinate channels change the output
+        assert (plain(torch.cat([x, torch.zeros_like(x)], 1), t) - out).abs().max() > 1e-3

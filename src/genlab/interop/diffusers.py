@@ -240,6 +240,9 @@ def unet2d_config(unet: UNet) -> dict[str, Any]:
         raise ConfigError(f"the U-Net cross-attends to a context (context_dim={unet.context_dim}, text "
                           "conditioning); UNet2DModel has no cross-attention: only unconditional and "
                           "class-conditional runs export")
+    if c.coordinates:
+        raise ConfigError("model.unet.coordinates=true: the U-Net reads two coordinate channels beside the image, "
+                          "which UNet2DModel lacks; export a run trained without them")
     if c.channel_mult[0] != 1:
         raise ConfigError(f"model.unet.channel_mult={list(c.channel_mult)}: UNet2DModel's first level has the width of "
                           "conv_in (block_out_channels[0]); export a run whose channel_mult starts with 1")

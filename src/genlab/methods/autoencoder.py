@@ -33,6 +33,7 @@ from genlab.models.autoencoder import (
     DenseEncoderHead,
     Encoder,
     downsampling_factor,
+    is_fully_convolutional,
     latent_size,
 )
 from genlab.noise import ImageNoise
@@ -134,6 +135,12 @@ class _AutoencoderFamily(Method, Reconstructs, Encodes):
             self.decoder = Decoder(config.net, config.latent_channels, c)
 
     # ------------------------------------------------------------------ networks
+
+    @property
+    def fully_convolutional(self) -> bool:
+        """Whether encode/decode apply unchanged to images of another size than the training one
+        (no dense bottleneck, no self-attention; see :func:`is_fully_convolutional`)."""
+        return self.latent_dim is None and is_fully_convolutional(self.config.net)
 
     def latent_shape(self) -> tuple[int, int, int]:
         """Shape of one latent z for the training image size: (c, h, w), (latent_dim, 1, 1) when dense."""

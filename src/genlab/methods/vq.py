@@ -35,7 +35,14 @@ from genlab.losses import (
 )
 from genlab.methods.base import DataInfo, Method, OptimizerSpec
 from genlab.methods.capabilities import DiscreteCodes, Encodes, LatentCodec, Reconstructs
-from genlab.models.autoencoder import AutoencoderNetConfig, Decoder, Encoder, downsampling_factor, latent_size
+from genlab.models.autoencoder import (
+    AutoencoderNetConfig,
+    Decoder,
+    Encoder,
+    downsampling_factor,
+    is_fully_convolutional,
+    latent_size,
+)
 from genlab.models.patchgan import PatchDiscriminator, PatchGANConfig, patchgan_layers_fitting, patchgan_output_size
 from genlab.nn.quantize import QuantizerConfig, VectorQuantizer, perplexity
 
@@ -106,6 +113,11 @@ class VQVAE(Method, Reconstructs, Encodes, DiscreteCodes):
     def codebook_size(self) -> int:
         """K, the number of codes (the vocabulary of a prior over code maps)."""
         return self.quantizer.codebook_size
+
+    @property
+    def fully_convolutional(self) -> bool:
+        """Whether encode/decode apply unchanged to images of another size (see :func:`is_fully_convolutional`)."""
+        return is_fully_convolutional(self.config.net)
 
     @property
     def code_shape(self) -> tuple[int, int]:

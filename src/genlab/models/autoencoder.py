@@ -43,6 +43,13 @@ def downsampling_factor(cfg: AutoencoderNetConfig) -> int:
     return 2 ** (len(cfg.channel_mult) - 1)
 
 
+def is_fully_convolutional(cfg: AutoencoderNetConfig) -> bool:
+    """True when the encoder/decoder pair is convolutions, GroupNorm and pointwise maps only (no self-attention):
+    each latent position then depends on a local window of the image, so a network trained at one size
+    encodes and decodes images of another size the same way (GroupNorm's per-image statistics aside)."""
+    return not cfg.attention
+
+
 def latent_size(size: int, f: int) -> int:
     """Side of the latent map for an image side ``size`` (the encoder pads to a multiple of f)."""
     return -(-size // f)

@@ -118,7 +118,7 @@ class ControlNet(nn.Module):
         context, context_mask, pooled; micro-conditions) conditions the copy as it does the U-Net."""
         e = self.encoder
         emb = e.embed(x, t, y, pooled, micro)  # (N, E)
-        h = e.conv_in(x) + self.condition(control)  # (N, base, h, w): the condition joins after conv_in
+        h = e.stem(x) + self.condition(control)  # (N, base, h, w): the condition joins after conv_in
         skips = [h]
         for module in e.down:
             h = module(h, emb, context, context_mask) if isinstance(module, UNetLayer) else module(h)
