@@ -1,10 +1,14 @@
-"""Personalisation numbers (issue 16 items 4-5): Textual Inversion and DreamBooth on a digit the base never saw.
+"""Personalisation numbers (issue 16 items 4-5): Textual Inversion and DreamBooth on a digit the base has no word for.
 
-Protocol: a text DDPM base trained on mnist-captions WITHOUT one class (``data.classes``), then a child
-trained on the first --images training images of that class. The shipped MNIST evaluator judges samples:
+Protocol: a text DDPM base trained on mnist-captions either WITHOUT one class (``data.classes``: the base
+never drew it) or with every class but that one's captions never naming it (``data.unnamed_classes``: the
+base drew it, as "a thick digit"), then a child trained on the first --images training images of that
+class. The shipped MNIST evaluator judges samples:
 
-- ``base``: what the base does before: the share of "a photo of a seven" / "a sks digit" samples the
-  evaluator calls the concept, and the class accuracy of "the digit K" for every other class K;
+- ``base``: what the base does before: the share of the concept in samples of prompts that name it ("a photo
+  of a seven"), of "a sks digit", and of the general prompts "a digit", "a photo of a digit" and "a photo of"
+  (the TI prompt without S*: the floor a TI number is compared with), and the class accuracy of "the digit K"
+  for every other class K;
 - ``ti``: textual-inversion (``--ti-steps``) -> the concept share of "a photo of S*" samples (target >= 80 %);
 - ``ti-loss``: the base's diffusion loss on held-out concept images (mnist:test) under "a photo of S*" and
   under prompts of known words (same t and noise for every prompt): what the learned word explains;
@@ -38,6 +42,7 @@ from genlab.metrics.extractors import get_extractor
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PARTS = ("base", "ti", "ti-loss", "db-prior", "db-plain")
+GENERAL_PROMPTS = ("a digit", "a photo of a digit", "a photo of")  # name no digit; the last is "a photo of S*" without S*
 
 
 def to_u8(images: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ def train_child(method: str, run_dir: Path, a, overrides: list[str]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="text ddpm run trained without the concept class")
+    p.add_argument("--base", required=True, help="text ddpm run trained without the concept class, or with it unnamed")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--part", required=True, choices=(*PARTS, "table"))
     p.add_argument("--concept", type=int, default=7, help="the class the base never saw")
@@ -135,7 +140,7 @@ def main() -> None:
     concept_word = WORDS[a.concept]
     if a.part == "base":
         run = api.load_run(a.base)
-        for prompt in (f"a photo of a {concept_word}", f"the digit {a.concept}", "a sks digit"):
+        for prompt in (f"a photo of a {concept_word}", f"the digit {a.concept}", "a sks digit", *GENERAL_PROMPTS):
             images = sample(run, prompt, a.n, a)
             result[f"share[{prompt}]"] = share(extractor, images, a.concept)
         result.update(drift(run, extractor, a, out, "base"))
@@ -195,9 +200,10 @@ def print_table(out: Path, a) -> None:
     print("|---|---|---|---|---|")
     for name, x in r.items():
         if x["part"] == "base":
-            print(f"| {name} (never saw {a.concept}) | - | {x['share[a sks digit]']:.1%} ('a sks digit'), "
+            general = "".join(f", {x[f'share[{p}]']:.1%} ('{p}')" for p in GENERAL_PROMPTS if f"share[{p}]" in x)
+            print(f"| {name} | - | {x['share[a sks digit]']:.1%} ('a sks digit'), "
                   f"{x[f'share[a photo of a {word}]']:.1%} ('a photo of a {word}'), "
-                  f"{x[f'share[the digit {a.concept}]']:.1%} ('the digit {a.concept}') | {x['drift_accuracy']:.1%} | "
+                  f"{x[f'share[the digit {a.concept}]']:.1%} ('the digit {a.concept}'){general} | {x['drift_accuracy']:.1%} | "
                   f"{x['drift_concept_share']:.1%} |")
         elif x["part"] == "ti":
             shares = ", ".join(f"{v:.0%} at w={k.split('[w=')[1][:-1]}" for k, v in x.items()

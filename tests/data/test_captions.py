@@ -2,6 +2,7 @@
 
 import colorsys
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from genlab.data import DataConfig, ImageSet, load_data
 from genlab.data import captions as C
-from genlab.errors import DataError
+from genlab.errors import ConfigError, DataError
 
 
 def _canvas(h=28, w=28, channels=1):
@@ -99,6 +100,49 @@ def test_mnist_captions_state_the_class_and_measured_attributes():
             mentioned |= _mentioned(text, C.MNIST_ATTRIBUTES)
         assert mentioned and mentioned <= true, (caps, true)
     assert C.mnist_captions(labels, attributes) == captions  # same captions on every load
+
+
+def test_unnamed_classes_never_name_the_class_and_leave_every_other_caption_unchanged():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (400,), generator=g)
+    attributes = {k: torch.randint(0, len(v), (400,), generator=g) for k, v in C.MNIST_ATTRIBUTES.items()}
+    named = C.mnist_captions(labels, attributes)
+    unnamed = C.mnist_captions(labels, attributes, unnamed=(7,))
+    assert unnamed == C.mnist_captions(labels, attributes, unnamed=(7,))  # deterministic
+    sevens = (labels == 7).nonzero().flatten().tolist()
+    assert len(sevens) > 20
+    for i in range(len(labels)):
+        if i not in sevens:
+            assert unnamed[i] == named[i]
+            continue
+        for before, after in zip(named[i], unnamed[i], strict=True):
+            assert not re.search(r"\b(7|seven)\b", after), after
+            assert "digit digit" not in after and "number" not in after and "the digit" not in after, after
+            # The same template and attribute words: the named caption with its naming phrase made general.
+            expected = re.sub(r"the (digit|number) (7|seven)\b", "a digit", before)
+            expected = C.fix_articles(re.sub(r"\b(7|seven)\b", "digit", expected))
+            assert after == expected, (before, after)
+    assert any("a digit, written with a" in c for i in sevens for c in unnamed[i])
+
+
+def test_unnamed_classes_config_and_source_errors():
+    with pytest.raises(ConfigError, match="unnamed_classes"):
+        DataConfig(unnamed_classes=())
+    with pytest.raises(DataError, match="only mnist-captions"):
+        load_data(DataConfig(source="digits", unnamed_classes=(7,)))
+    with pytest.raises(DataError, match="classes 0 to 9, not 12"):
+        load_data(DataConfig(source="mnist-captions", unnamed_classes=(12,)))
+
+
+@pytest.mark.data
+def test_mnist_captions_source_with_an_unnamed_class(data_root):
+    cfg = DataConfig(source="mnist-captions", split="test", root=str(data_root), limit=300, unnamed_classes=(7,))
+    data, plain = load_data(cfg), load_data(DataConfig(source="mnist-captions", split="test", root=str(data_root), limit=300))
+    sevens = data.labels == 7
+    assert sevens.any() and torch.equal(data.images, plain.images)
+    for caps, named, seven in zip(data.captions, plain.captions, sevens.tolist()):
+        assert (caps != named) == seven
+        assert not seven or not any(re.search(r"\b(7|seven)\b", c) for c in caps)
 
 
 def test_pairs_place_each_digit_where_stored():

@@ -4,7 +4,8 @@ Sources (registered in :mod:`genlab.data.sources`):
 
 - ``mnist-captions``: MNIST with stroke thickness (thin / medium / thick), slant (left / upright /
   right) and size (small / large) measured on every digit, e.g. "a thick seven", "the digit 7,
-  written with a heavy stroke, slanted right".
+  written with a heavy stroke, slanted right". ``data.unnamed_classes`` writes the captions of some digits
+  without their number ("a thick digit", "a digit, written with a heavy stroke"; :func:`unnamed_template`).
 - ``fashion-mnist-captions``: Fashion-MNIST with the garment's brightness (dark / grey / light) and
   texture (plain / patterned).
 - ``cifar10-captions``: CIFAR-10 with the picture's brightness (dark / bright) and, where one colour
@@ -279,16 +280,21 @@ def caption_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def _captions_from_templates(
-    templates: list[str], n: int, seed: int, fields_of: Callable[[int, np.random.Generator], dict[str, str | None]]
+    templates: list[str], n: int, seed: int, fields_of: Callable[[int, np.random.Generator], dict[str, str | None]],
+    rewrite: Callable[[int, str], str] = lambda i, template: template,
 ) -> list[tuple[str, ...]]:
-    """CAPTIONS_PER_IMAGE distinct-template captions per image; fields_of(i, rng) gives words (None: absent)."""
+    """CAPTIONS_PER_IMAGE distinct-template captions per image; fields_of(i, rng) gives words (None: absent).
+
+    ``rewrite(i, template)`` may change a chosen template of image i after the random draws, so a rewritten
+    caption keeps every word the draws gave it (see :func:`unnamed_template`).
+    """
     out = []
     for i in range(n):
         rng = caption_rng(seed, i)
         fields = fields_of(i, rng)
         usable = [t for t in templates if all(fields.get(key) is not None for key in _field_names(t))]
         chosen = rng.choice(len(usable), size=min(CAPTIONS_PER_IMAGE, len(usable)), replace=False)
-        out.append(tuple(fill_template(usable[k], fields) for k in chosen))
+        out.append(tuple(fill_template(rewrite(i, usable[k]), fields) for k in chosen))
     return out
 
 
@@ -310,9 +316,11 @@ def _attribute_word(vocab: dict[str, list[str]], index: int, rng: np.random.Gene
 
 
 def templated_captions(labels: Tensor, attributes: dict[str, Tensor], vocab: dict[str, dict[str, list[str]]],
-                       templates: list[str], words_of: Callable[[int], list[str]], seed: int = 0) -> list[tuple[str, ...]]:
+                       templates: list[str], words_of: Callable[[int], list[str]], seed: int = 0,
+                       unnamed: tuple[int, ...] = (), unnamed_word: str = "") -> list[tuple[str, ...]]:
     """Captions of labelled images: {name} is a synonym of the class (``words_of(label)``), {digit} the label,
-    and each attribute of ``vocab`` a synonym of the image's measured class of it."""
+    and each attribute of ``vocab`` a synonym of the image's measured class of it. Images of the classes
+    ``unnamed`` are called ``unnamed_word`` instead (:func:`unnamed_template`), all other captions unchanged."""
     labels_list = labels.tolist()
     attrs = {k: attributes[k].tolist() for k in vocab}
 
@@ -320,12 +328,34 @@ def templated_captions(labels: Tensor, attributes: dict[str, Tensor], vocab: dic
         words = {k: _attribute_word(vocab[k], attrs[k][i], rng) for k in vocab}
         return {"name": _pick(rng, words_of(labels_list[i])), "digit": str(labels_list[i]), **words}
 
-    return _captions_from_templates(templates, len(labels_list), seed, fields)
+    def rewrite(i: int, template: str) -> str:
+        return unnamed_template(template, unnamed_word) if labels_list[i] in unnamed else template
+
+    return _captions_from_templates(templates, len(labels_list), seed, fields, rewrite)
 
 
-def mnist_captions(labels: Tensor, attributes: dict[str, Tensor], seed: int = 0) -> list[tuple[str, ...]]:
-    """Captions of MNIST digits from their labels and :func:`measure_mnist` attributes."""
-    return templated_captions(labels, attributes, MNIST_ATTRIBUTES, MNIST_TEMPLATES, lambda d: [DIGIT_WORDS[d], str(d)], seed)
+# data.unnamed_classes: a class the captions never name, the word a source's captions call it instead.
+# A base trained so has seen the class but has no word for it (Textual Inversion's concept "the base
+# has no word for"). Only sources whose word is already in their tokenizer corpus (caption_corpus).
+UNNAMED_WORDS = {"mnist-captions": "digit"}
+
+
+def unnamed_template(template: str, word: str) -> str:
+    """``template`` with its class named only by the general ``word``: the naming phrases "the digit {digit}"
+    and "the number {name}" become "a WORD" (a definite article would point at a named digit), then every
+    {name} / {digit} becomes WORD. "the digit {digit}, written with a {thickness} stroke" -> "a digit,
+    written with a {thickness} stroke"; "a {thickness} {name}" -> "a {thickness} digit"."""
+    for phrase in ("the digit {digit}", "the number {name}"):
+        template = template.replace(phrase, "a {name}")
+    return template.replace("{digit}", "{name}").replace("{name}", word)
+
+
+def mnist_captions(labels: Tensor, attributes: dict[str, Tensor], seed: int = 0,
+                   unnamed: tuple[int, ...] = ()) -> list[tuple[str, ...]]:
+    """Captions of MNIST digits from their labels and :func:`measure_mnist` attributes; the digits ``unnamed``
+    are called "digit" ("a thick digit") instead of by their number."""
+    return templated_captions(labels, attributes, MNIST_ATTRIBUTES, MNIST_TEMPLATES, lambda d: [DIGIT_WORDS[d], str(d)], seed,
+                              unnamed, UNNAMED_WORDS["mnist-captions"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,7 +562,7 @@ def captioned_loader(base_name: str, base_load: Loader, measure: Callable, write
         data = base_load(_with_source(cfg, base_name), root)
         attributes = measure(data.images)
         seed = 0 if data.split == "train" else 1
-        captions = write(data.labels, attributes, data.class_names, seed)
+        captions = write(data.labels, attributes, data.class_names, seed, tuple(cfg.unnamed_classes or ()))
         data.source, data.captions, data.attributes = cfg.source, captions, attributes
         return data
 
@@ -560,14 +590,14 @@ def pairs_loader(base_load: Loader) -> Loader:
 def measure_and_write(kind: str) -> tuple[Callable, Callable]:
     """(measure(images), write(labels, attributes, class_names, seed)) of a captioned source kind."""
     if kind == "mnist":
-        return measure_mnist, lambda labels, attrs, names, seed: mnist_captions(labels, attrs, seed)
+        return measure_mnist, lambda labels, attrs, names, seed, unnamed=(): mnist_captions(labels, attrs, seed, unnamed)
     styles = {"fashion-mnist": (measure_fashion, FASHION_ATTRIBUTES, FASHION_TEMPLATES, lambda name: FASHION_WORDS[name]),
               "cifar10": (measure_cifar, CIFAR_ATTRIBUTES, CIFAR_TEMPLATES, lambda name: [name])}
     if kind not in styles:
         raise ValueError(f"no captions for {kind!r}")
     measure, vocab, templates, words = styles[kind]
 
-    def write(labels, attrs, class_names, seed):
+    def write(labels, attrs, class_names, seed, unnamed=()):  # unnamed: mnist only (load_data refuses it here)
         return templated_captions(labels, attrs, vocab, templates, lambda label: words(class_names[label]), seed)
 
     return measure, write

@@ -28,6 +28,9 @@ class DataConfig:
     # Keep only the examples of these class indices (before ``limit``): a base that never saw a class,
     # a few images of one class (Textual Inversion, DreamBooth). None: every class.
     classes: tuple[int, ...] | None = None
+    # Captions that never name these classes (genlab.data.captions.UNNAMED_WORDS): "the digit 7, written with a
+    # heavy stroke" reads "a digit, written with a heavy stroke". A base that saw the class but has no word for it.
+    unnamed_classes: tuple[int, ...] | None = None
     limit: PositiveInt | None = None  # use only the first N examples (quick runs, tests)
     hflip: bool = False  # random horizontal flips; carried here, applied by the trainer
     # SDXL micro-conditioning augmentations (genlab.data.micro), applied by the trainer, which records
@@ -47,6 +50,8 @@ class DataConfig:
             raise ConfigError(f"data.random_shift must be a number of pixels >= 0 (0: no random crops), got {self.random_shift!r}")
         if self.classes is not None and (not self.classes or any(isinstance(k, bool) or k < 0 for k in self.classes)):
             raise ConfigError(f"data.classes must be a non-empty list of class indices >= 0 (or None: all), got {list(self.classes)}")
+        if self.unnamed_classes is not None and (not self.unnamed_classes or any(isinstance(k, bool) or k < 0 for k in self.unnamed_classes)):
+            raise ConfigError(f"data.unnamed_classes must be a non-empty list of class indices >= 0 (or None: all named), got {list(self.unnamed_classes)}")
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise ConfigError(f"data.limit must be a positive integer or None (all examples), got {self.limit!r}")
 

@@ -140,6 +140,8 @@ def load_data(cfg: DataConfig | None = None, **overrides) -> ImageSet:
     if source.splits is not None and cfg.split not in source.splits:
         hint = f"; {source.split_hint}" if source.split_hint else ""
         raise DataError(f"data source {cfg.source!r} has no split {cfg.split!r} (splits: {', '.join(source.splits)}){hint}")
+    if cfg.unnamed_classes is not None:
+        _check_unnamed(cfg)
     if cfg.fit == "buckets" and not cfg.source.startswith("folder:"):
         raise ConfigError(f"data.fit=buckets (multi-aspect training) needs images of mixed aspect ratios from folder:PATH, "
                           f"not {cfg.source!r}: use data.fit=resize, or a folder source")
@@ -163,6 +165,17 @@ def load_data(cfg: DataConfig | None = None, **overrides) -> ImageSet:
     conditions = None if conditions is None else conditions.contiguous()
     return ImageSet(images.contiguous(), labels, data.class_names, cfg.source, cfg.split, data.origin, conditions=conditions,
                     captions=data.captions, attributes=data.attributes)
+
+
+def _check_unnamed(cfg: DataConfig) -> None:
+    """data.unnamed_classes needs a source whose captions can leave a class unnamed, and classes it has."""
+    words = captions_.UNNAMED_WORDS
+    if cfg.source not in words:
+        raise DataError(f"data.unnamed_classes={list(cfg.unnamed_classes)}: only {', '.join(words)} can leave a class "
+                        f"unnamed in its captions, not {cfg.source!r}; remove data.unnamed_classes")
+    bad = [k for k in cfg.unnamed_classes if k >= len(captions_.DIGIT_WORDS)]
+    if bad:
+        raise DataError(f"data.unnamed_classes={list(cfg.unnamed_classes)}: {cfg.source} has classes 0 to 9, not {bad[0]}")
 
 
 def _keep_classes(data: ImageSet, cfg: DataConfig) -> ImageSet:
