@@ -125,6 +125,28 @@ def test_unnamed_classes_never_name_the_class_and_leave_every_other_caption_unch
     assert any("a digit, written with a" in c for i in sevens for c in unnamed[i])
 
 
+def test_generic_share_writes_the_last_captions_of_every_named_image_without_its_name():
+    """So that the general word does not come to mean the unnamed class: with share 0.5 the last 2 of each other
+    image's 4 captions are the generic rewrite of its named ones, the first 2 unchanged; the 7s stay all generic."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 10, (300,), generator=g)
+    attributes = {k: torch.randint(0, len(v), (300,), generator=g) for k, v in C.MNIST_ATTRIBUTES.items()}
+    only7 = C.mnist_captions(labels, attributes, unnamed=(7,))
+    half = C.mnist_captions(labels, attributes, unnamed=(7,), generic_share=0.5)
+    everyone = C.mnist_captions(labels, attributes, unnamed=tuple(range(10)))
+    assert C.mnist_captions(labels, attributes, generic_share=0.5) == C.mnist_captions(labels, attributes)  # needs unnamed
+    generic_others = 0
+    for i, label in enumerate(labels.tolist()):
+        if label == 7:
+            assert half[i] == only7[i]
+            continue
+        assert half[i][:2] == only7[i][:2] and half[i][2:] == everyone[i][2:]
+        generic_others += sum(not re.search(r"\b(%d|%s)\b" % (label, C.DIGIT_WORDS[label]), c) for c in half[i][2:])
+    assert generic_others >= 2 * (labels != 7).sum().item() - 5  # nearly all of them really lost the name
+    with pytest.raises(ConfigError, match="generic_share"):
+        DataConfig(generic_share=1.5)
+
+
 def test_unnamed_classes_config_and_source_errors():
     with pytest.raises(ConfigError, match="unnamed_classes"):
         DataConfig(unnamed_classes=())
@@ -136,13 +158,18 @@ def test_unnamed_classes_config_and_source_errors():
 
 @pytest.mark.data
 def test_mnist_captions_source_with_an_unnamed_class(data_root):
-    cfg = DataConfig(source="mnist-captions", split="test", root=str(data_root), limit=300, unnamed_classes=(7,))
+    cfg = DataConfig(source="mnist-captions", split="test", root=str(data_root), limit=300, unnamed_classes=(7,),
+                     generic_share=0.0)
     data, plain = load_data(cfg), load_data(DataConfig(source="mnist-captions", split="test", root=str(data_root), limit=300))
     sevens = data.labels == 7
     assert sevens.any() and torch.equal(data.images, plain.images)
     for caps, named, seven in zip(data.captions, plain.captions, sevens.tolist()):
         assert (caps != named) == seven
         assert not seven or not any(re.search(r"\b(7|seven)\b", c) for c in caps)
+    # The default generic_share (0.5) also writes half of the other digits' captions without their names.
+    half = load_data(DataConfig(source="mnist-captions", split="test", root=str(data_root), limit=300, unnamed_classes=(7,)))
+    for caps, named, seven in zip(half.captions, plain.captions, sevens.tolist()):
+        assert seven or (caps[:2] == named[:2] and caps[2:] != named[2:])
 
 
 def test_pairs_place_each_digit_where_stored():

@@ -281,12 +281,12 @@ def caption_rng(seed: int, index: int) -> np.random.Generator:
 
 def _captions_from_templates(
     templates: list[str], n: int, seed: int, fields_of: Callable[[int, np.random.Generator], dict[str, str | None]],
-    rewrite: Callable[[int, str], str] = lambda i, template: template,
+    rewrite: Callable[[int, int, str], str] = lambda i, j, template: template,
 ) -> list[tuple[str, ...]]:
     """CAPTIONS_PER_IMAGE distinct-template captions per image; fields_of(i, rng) gives words (None: absent).
 
-    ``rewrite(i, template)`` may change a chosen template of image i after the random draws, so a rewritten
-    caption keeps every word the draws gave it (see :func:`unnamed_template`).
+    ``rewrite(i, j, template)`` may change the j-th chosen template of image i after the random draws, so a
+    rewritten caption keeps every word the draws gave it (see :func:`unnamed_template`).
     """
     out = []
     for i in range(n):
@@ -294,7 +294,7 @@ def _captions_from_templates(
         fields = fields_of(i, rng)
         usable = [t for t in templates if all(fields.get(key) is not None for key in _field_names(t))]
         chosen = rng.choice(len(usable), size=min(CAPTIONS_PER_IMAGE, len(usable)), replace=False)
-        out.append(tuple(fill_template(rewrite(i, usable[k]), fields) for k in chosen))
+        out.append(tuple(fill_template(rewrite(i, j, usable[k]), fields) for j, k in enumerate(chosen)))
     return out
 
 
@@ -317,10 +317,12 @@ def _attribute_word(vocab: dict[str, list[str]], index: int, rng: np.random.Gene
 
 def templated_captions(labels: Tensor, attributes: dict[str, Tensor], vocab: dict[str, dict[str, list[str]]],
                        templates: list[str], words_of: Callable[[int], list[str]], seed: int = 0,
-                       unnamed: tuple[int, ...] = (), unnamed_word: str = "") -> list[tuple[str, ...]]:
+                       unnamed: tuple[int, ...] = (), unnamed_word: str = "",
+                       generic_share: float = 0.0) -> list[tuple[str, ...]]:
     """Captions of labelled images: {name} is a synonym of the class (``words_of(label)``), {digit} the label,
     and each attribute of ``vocab`` a synonym of the image's measured class of it. Images of the classes
-    ``unnamed`` are called ``unnamed_word`` instead (:func:`unnamed_template`), all other captions unchanged."""
+    ``unnamed`` are called ``unnamed_word`` instead (:func:`unnamed_template`); of every other image, the last
+    round(generic_share x its caption count) captions are written so too, the rest unchanged."""
     labels_list = labels.tolist()
     attrs = {k: attributes[k].tolist() for k in vocab}
 
@@ -328,8 +330,11 @@ def templated_captions(labels: Tensor, attributes: dict[str, Tensor], vocab: dic
         words = {k: _attribute_word(vocab[k], attrs[k][i], rng) for k in vocab}
         return {"name": _pick(rng, words_of(labels_list[i])), "digit": str(labels_list[i]), **words}
 
-    def rewrite(i: int, template: str) -> str:
-        return unnamed_template(template, unnamed_word) if labels_list[i] in unnamed else template
+    n_generic = round(generic_share * CAPTIONS_PER_IMAGE) if unnamed else 0
+
+    def rewrite(i: int, j: int, template: str) -> str:
+        generic = labels_list[i] in unnamed or j >= CAPTIONS_PER_IMAGE - n_generic
+        return unnamed_template(template, unnamed_word) if generic else template
 
     return _captions_from_templates(templates, len(labels_list), seed, fields, rewrite)
 
@@ -351,11 +356,11 @@ def unnamed_template(template: str, word: str) -> str:
 
 
 def mnist_captions(labels: Tensor, attributes: dict[str, Tensor], seed: int = 0,
-                   unnamed: tuple[int, ...] = ()) -> list[tuple[str, ...]]:
+                   unnamed: tuple[int, ...] = (), generic_share: float = 0.0) -> list[tuple[str, ...]]:
     """Captions of MNIST digits from their labels and :func:`measure_mnist` attributes; the digits ``unnamed``
     are called "digit" ("a thick digit") instead of by their number."""
     return templated_captions(labels, attributes, MNIST_ATTRIBUTES, MNIST_TEMPLATES, lambda d: [DIGIT_WORDS[d], str(d)], seed,
-                              unnamed, UNNAMED_WORDS["mnist-captions"])
+                              unnamed, UNNAMED_WORDS["mnist-captions"], generic_share)
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,7 +567,7 @@ def captioned_loader(base_name: str, base_load: Loader, measure: Callable, write
         data = base_load(_with_source(cfg, base_name), root)
         attributes = measure(data.images)
         seed = 0 if data.split == "train" else 1
-        captions = write(data.labels, attributes, data.class_names, seed, tuple(cfg.unnamed_classes or ()))
+        captions = write(data.labels, attributes, data.class_names, seed, tuple(cfg.unnamed_classes or ()), cfg.generic_share)
         data.source, data.captions, data.attributes = cfg.source, captions, attributes
         return data
 
@@ -590,14 +595,15 @@ def pairs_loader(base_load: Loader) -> Loader:
 def measure_and_write(kind: str) -> tuple[Callable, Callable]:
     """(measure(images), write(labels, attributes, class_names, seed)) of a captioned source kind."""
     if kind == "mnist":
-        return measure_mnist, lambda labels, attrs, names, seed, unnamed=(): mnist_captions(labels, attrs, seed, unnamed)
+        return measure_mnist, (lambda labels, attrs, names, seed, unnamed=(), generic_share=0.0:
+                               mnist_captions(labels, attrs, seed, unnamed, generic_share))
     styles = {"fashion-mnist": (measure_fashion, FASHION_ATTRIBUTES, FASHION_TEMPLATES, lambda name: FASHION_WORDS[name]),
               "cifar10": (measure_cifar, CIFAR_ATTRIBUTES, CIFAR_TEMPLATES, lambda name: [name])}
     if kind not in styles:
         raise ValueError(f"no captions for {kind!r}")
     measure, vocab, templates, words = styles[kind]
 
-    def write(labels, attrs, class_names, seed, unnamed=()):  # unnamed: mnist only (load_data refuses it here)
+    def write(labels, attrs, class_names, seed, unnamed=(), generic_share=0.0):  # unnamed: mnist only (load_data refuses it here)
         return templated_captions(labels, attrs, vocab, templates, lambda label: words(class_names[label]), seed)
 
     return measure, write

@@ -31,6 +31,9 @@ class DataConfig:
     # Captions that never name these classes (genlab.data.captions.UNNAMED_WORDS): "the digit 7, written with a
     # heavy stroke" reads "a digit, written with a heavy stroke". A base that saw the class but has no word for it.
     unnamed_classes: tuple[int, ...] | None = None
+    # With unnamed_classes: the share of every OTHER image's captions also written without its class name, so
+    # the general word ("a digit") does not come to mean the unnamed class (at 0 it does: only 7s are "a digit").
+    generic_share: float = 0.5
     limit: PositiveInt | None = None  # use only the first N examples (quick runs, tests)
     hflip: bool = False  # random horizontal flips; carried here, applied by the trainer
     # SDXL micro-conditioning augmentations (genlab.data.micro), applied by the trainer, which records
@@ -52,6 +55,8 @@ class DataConfig:
             raise ConfigError(f"data.classes must be a non-empty list of class indices >= 0 (or None: all), got {list(self.classes)}")
         if self.unnamed_classes is not None and (not self.unnamed_classes or any(isinstance(k, bool) or k < 0 for k in self.unnamed_classes)):
             raise ConfigError(f"data.unnamed_classes must be a non-empty list of class indices >= 0 (or None: all named), got {list(self.unnamed_classes)}")
+        if isinstance(self.generic_share, bool) or not 0.0 <= self.generic_share <= 1.0:
+            raise ConfigError(f"data.generic_share must be a share in [0, 1] of the named images' captions, got {self.generic_share!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise ConfigError(f"data.limit must be a positive integer or None (all examples), got {self.limit!r}")
 
