@@ -29,6 +29,7 @@ import torch
 
 from genlab import api
 from genlab.evaluation import evaluate
+from genlab.metrics.extractors import DEFAULT_EXTRACTORS
 from genlab.runs import checkpoint_choice, load_run
 
 # Rows of the share table (targets, conv_rank): each kind alone, then the combinations the adaptation table uses.
@@ -102,8 +103,7 @@ def main() -> None:
     p.add_argument("--no-full", action="store_true", help="skip the full fine-tuning baseline")
     p.add_argument("--lora-lr", type=float, help="train.lr of the LoRA runs (default: the preset's)")
     p.add_argument("--full-lr", type=float, help="train.lr of full fine-tuning (default: the preset's)")
-    p.add_argument("--extractor", help="evaluator network of the FID (default: the one named like --data; "
-                   "mnist for mnist-bold)")
+    p.add_argument("--extractor", help="evaluator network of the FID (default: the data's own, e.g. mnist for mnist-bold)")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--fid-at", default="", help="also score these earlier checkpoints of each run (steps, e.g. 500)")
@@ -130,7 +130,7 @@ def main() -> None:
                      [f"model.rank={r}", f"model.alpha={r}", f"model.targets={targets}", *lora_lr])
                     for r in a.ranks.split(",") if r]
     fid_at = [int(s) for s in a.fid_at.split(",") if s]
-    extractor = a.extractor or a.data
+    extractor = a.extractor or DEFAULT_EXTRACTORS.get(a.data, a.data)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
 
