@@ -13,7 +13,8 @@ base itself, unadapted, is scored the same way. Prints one Markdown row per conf
 parameters and their share of the base networks' parameters, FID, the last logged training loss and
 the training wall time (the trainer's own clock: no loading, no preview grid). Finished runs in
 --out-dir are reused (delete a folder, or its entry in results.json, to redo it); --targets is
-repeatable and every targets set is run at every rank.
+repeatable and every targets set is run at every rank. One configuration per process (one CPU-queue job
+each): `--ranks ''` runs full fine-tuning alone, `--no-full --ranks 4 --targets T` one adapter.
 
     python benchmarks/lora_adapt.py --base runs/ddpm-mnist --shares   # the share table only, no training
 """
@@ -28,6 +29,7 @@ import torch
 
 from genlab import api
 from genlab.evaluation import evaluate
+from genlab.metrics.extractors import DEFAULT_EXTRACTORS
 from genlab.runs import checkpoint_choice, load_run
 
 # Rows of the share table (targets, conv_rank): each kind alone, then the combinations the adaptation table uses.
@@ -50,6 +52,13 @@ def training_seconds(run_dir: Path) -> float:
     from genlab.train.checkpoint import STATE_FILE, latest_checkpoint
 
     return float(json.loads((latest_checkpoint(run_dir) / STATE_FILE).read_text())["elapsed_seconds"])
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    """Whether run_dir holds a run trained to ``steps`` (its log's "end" entry at that step)."""
+    log = run_dir / "log.jsonl"
+    return log.is_file() and any(e.get("kind") == "end" and e.get("step") == steps and not e["values"].get("stopped_early")
+                                 for e in map(json.loads, log.read_text().splitlines()))
 
 
 def last_loss(run_dir: Path) -> float | None:
@@ -94,6 +103,7 @@ def main() -> None:
     p.add_argument("--no-full", action="store_true", help="skip the full fine-tuning baseline")
     p.add_argument("--lora-lr", type=float, help="train.lr of the LoRA runs (default: the preset's)")
     p.add_argument("--full-lr", type=float, help="train.lr of full fine-tuning (default: the preset's)")
+    p.add_argument("--extractor", help="evaluator network of the FID (default: the data's own, e.g. mnist for mnist-bold)")
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--fid-at", default="", help="also score these earlier checkpoints of each run (steps, e.g. 500)")
@@ -120,13 +130,14 @@ def main() -> None:
                      [f"model.rank={r}", f"model.alpha={r}", f"model.targets={targets}", *lora_lr])
                     for r in a.ranks.split(",") if r]
     fid_at = [int(s) for s in a.fid_at.split(",") if s]
+    extractor = a.extractor or DEFAULT_EXTRACTORS.get(a.data, a.data)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
 
     def fid(target, checkpoint=None) -> tuple[float, dict]:
         with checkpoint_choice(checkpoint):
             result = evaluate(target, "generation", ref=f"{a.data}:test", metrics="fid", n=a.n, steps=a.sample_steps,
-                              seed=0, extractor=a.data, data_root=a.data_root, write=False)
+                              seed=0, extractor=extractor, data_root=a.data_root, write=False)
         return float(result["metrics"]["fid"]), result["protocol"]
 
     def save() -> None:
@@ -140,9 +151,10 @@ def main() -> None:
         if name in results:
             continue
         run_dir = out / name
-        api.train("lora", data=a.data, preset="small", run_dir=run_dir, data_root=a.data_root, progress=False,
-                  overrides=[f"model.base={a.base}", f"train.steps={a.steps}", f"train.threads={a.threads}",
-                             "train.sample_n=16", *a.set, *overrides])
+        if not _finished(run_dir, a.steps):  # a run whose training ended but whose scoring did not is only scored
+            api.train("lora", data=a.data, preset="small", run_dir=run_dir, data_root=a.data_root, progress=False,
+                      overrides=[f"model.base={a.base}", f"train.steps={a.steps}", f"train.threads={a.threads}",
+                                 "train.sample_n=16", *a.set, *overrides])
         trained, total = trainable_share(run_dir)
         entry = {"label": label, "overrides": overrides, "steps": a.steps, "trained": trained, "base_params": total,
                  "train_min": training_seconds(run_dir) / 60, "loss": last_loss(run_dir)}

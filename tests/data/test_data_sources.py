@@ -92,7 +92,7 @@ def test_list_sources_names_and_root_needs():
     rows = {name: needs_root for name, _, needs_root in list_sources()}
     assert rows == {"digits": False, "mnist5k": False, "mnist": True, "fashion-mnist": True, "cifar10": True, "folder:PATH": False,
                     "paired:PATH": False, "mnist-captions": True, "fashion-mnist-captions": True, "cifar10-captions": True,
-                    "mnist-pairs": True}
+                    "mnist-pairs": True, "mnist-bold": True}
 
 
 def test_split_source_ref():
@@ -164,6 +164,25 @@ def test_idx_sources_read_both_layouts(tmp_path, name, folder, gz):
         assert torch.equal(data.images[:, 0], torch.from_numpy(images))
         assert data.labels.tolist() == labels.tolist() and data.num_classes == 10
     assert load_data(source=name, root=str(tmp_path), limit=3).labels.tolist() == written["train"][1][:3].tolist()
+
+
+def test_mnist_bold_is_mnist_with_each_pixel_the_max_of_its_3x3_neighbourhood(tmp_path):
+    written = _write_mnist_like(tmp_path / "mnist", n_train=4, n_test=3)
+    images = written["train"][0].copy()
+    images[0] = 0
+    images[0, 10, 10], images[0, 0, 27] = 200, 90  # closed form: a 3x3 square and a 2x2 corner square
+    for base, array in zip(sources.IDX_FILES["train"], (images, written["train"][1])):
+        (tmp_path / "mnist" / (base + ".gz")).write_bytes(gzip.compress(write_idx(array)))
+    bold = load_data(source="mnist-bold", root=str(tmp_path)).images[:, 0].numpy()
+    expected = np.zeros((28, 28), np.uint8)
+    expected[9:12, 9:12], expected[0:2, 26:28] = 200, 90
+    assert np.array_equal(bold[0], expected)
+    for split, raw in (("train", images), ("test", written["test"][0])):  # reference: max over the 9 shifts
+        padded = np.pad(raw, ((0, 0), (1, 1), (1, 1)))
+        reference = np.max([padded[:, 1 + dr : 29 + dr, 1 + dc : 29 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)], axis=0)
+        data = load_data(source="mnist-bold", split=split, root=str(tmp_path))
+        assert np.array_equal(data.images[:, 0].numpy(), reference) and data.source == "mnist-bold"
+        assert data.labels.tolist() == written[split][1].tolist()
 
 
 def test_truncated_idx_in_root_names_the_file(tmp_path):

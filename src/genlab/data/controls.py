@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genlab.data.paired import luminance, sobel_gradients
+from genlab.data.transforms import grey_dilate
 from genlab.errors import ConfigError
 
 CONTROLS = ("edges", "mask", "scribble", "thickness")
@@ -124,9 +125,7 @@ def thin(b: Tensor, max_iterations: int = 100) -> Tensor:
 
 def dilate(b: Tensor, radius: int = 1) -> Tensor:
     """A bool map (N, 1, H, W) grown by ``radius`` pixels in the chessboard metric ((2r+1)^2 square)."""
-    if radius <= 0:
-        return b
-    return F.max_pool2d(b.float(), 2 * radius + 1, stride=1, padding=radius) > 0
+    return grey_dilate(b, radius)
 
 
 def scribble(x: Tensor, threshold: float = 0.0, width: int = 1) -> Tensor:

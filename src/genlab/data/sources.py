@@ -10,6 +10,8 @@ Sources (``genlab data list``):
 - ``mnist``, ``fashion-mnist``: the four IDX files (gzip or plain) in ROOT/mnist/ and
   ROOT/fashion_mnist/ (or torchvision's ROOT/MNIST/raw/, ROOT/FashionMNIST/raw/). When they are
   missing, torchvision downloads them into ROOT (into $GENLAB_CACHE/data when no root is set).
+- ``mnist-bold``: MNIST in a bold style (a style, not a new domain, for adapting an MNIST model): every
+  pixel replaced by the brightest of its 3x3 neighbourhood, so each stroke grows 1 px on each side.
 - ``cifar10``: the official binary version (ROOT/cifar-10-batches-bin/ or
   ROOT/cifar-10-binary.tar.gz, lossless, preferred) or an image-folder layout
   (ROOT/cifar10_jpg/{train,test}/<class>/*.jpg or ROOT/cifar10_jpg.tar.gz, read without
@@ -57,7 +59,7 @@ from genlab.data.folder import (
 from genlab.data.idx import read_bytes, read_idx
 from genlab.data.imageset import ImageSet
 from genlab.data.paired import PAIRED_PREFIX, load_paired
-from genlab.data.transforms import convert_channels, fit_size
+from genlab.data.transforms import convert_channels, fit_size, grey_dilate
 from genlab.errors import ConfigError, DataError
 
 DIGIT_NAMES = [str(d) for d in range(10)]
@@ -528,6 +530,18 @@ register_source(Source(
 register_source(Source("mnist", "MNIST: 60,000 + 10,000 28x28 grey digits (IDX files in ROOT/mnist/)", True, ("train", "test"), _load_idx(MNIST)))
 register_source(Source(
     "fashion-mnist", "Fashion-MNIST: 60,000 + 10,000 28x28 grey clothes (IDX files in ROOT/fashion_mnist/)", True, ("train", "test"), _load_idx(FASHION_MNIST)
+))
+
+
+def _load_mnist_bold(cfg: DataConfig, root: Path | None) -> ImageSet:
+    """MNIST with every stroke one pixel bolder on each side (grey dilation): a digit *style* to adapt to."""
+    data = _load_idx(MNIST)(cfg, root)
+    return dataclasses.replace(data, images=grey_dilate(data.images, 1), source="mnist-bold")
+
+
+register_source(Source(
+    "mnist-bold", "MNIST in a bold style: each pixel the brightest of its 3x3 neighbourhood, so every stroke is 2 px "
+    "wider (data root, like mnist)", True, ("train", "test"), _load_mnist_bold,
 ))
 register_source(Source(
     "cifar10", "CIFAR-10: 50,000 + 10,000 32x32 RGB, 10 classes (ROOT/cifar10_jpg[.tar.gz] or the binary version)", True, ("train", "test"), _load_cifar10

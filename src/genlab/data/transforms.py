@@ -1,4 +1,4 @@
-"""Deterministic pixel transforms on uint8 batches: size fitting and grey <-> RGB conversion.
+"""Deterministic pixel transforms on uint8 batches: size fitting, grey <-> RGB conversion, grey dilation.
 
 All functions take and return uint8 tensors (N, C, H, W) and keep their device. Augmentation
 (random flips) belongs to the trainer, not here.
@@ -78,3 +78,13 @@ def convert_channels(images: Tensor, channels: int) -> Tensor:
     if have == 3 and channels == 1:
         return rgb_to_grey(images)
     raise ConfigError(f"data.channels={channels} is not reachable from {have}-channel images; use 1 (grey) or 3 (RGB)")
+
+
+def grey_dilate(images: Tensor, radius: int = 1) -> Tensor:
+    """Each pixel replaced by the brightest pixel of its (2r+1)^2 square neighbourhood (grey-level dilation;
+    outside the image counts as dark). On bright-ink images (MNIST) every stroke grows by ``radius`` pixels on
+    each side: the ``mnist-bold`` style. Any dtype (uint8 included); a bool map gives the binary dilation."""
+    if radius <= 0:
+        return images
+    grown = F.max_pool2d(images.float(), 2 * radius + 1, stride=1, padding=radius)  # exact for uint8 values
+    return grown.to(images.dtype) if images.dtype != torch.bool else grown > 0

@@ -65,8 +65,8 @@ __all__ = [
 SHIPPED_EVALUATORS = ("mnist", "fashion-mnist", "cifar10")
 # Which extractor judges which data by default: the project's own evaluators where they exist
 # (offline, and far more telling on grey digits than ImageNet features), else the FID Inception network.
-DEFAULT_EXTRACTORS = {"mnist": "mnist", "mnist5k": "mnist", "digits": "mnist", "fashion-mnist": "fashion-mnist",
-                      "cifar10": "cifar10"}
+DEFAULT_EXTRACTORS = {"mnist": "mnist", "mnist5k": "mnist", "digits": "mnist", "mnist-bold": "mnist",
+                      "fashion-mnist": "fashion-mnist", "cifar10": "cifar10"}
 # What an evaluator card must record, so a metric can cite the network that produced it (SPEC E5).
 CARD_KEYS = ("name", "architecture", "config", "training_command", "seed", "test_accuracy", "sha256", "feature_layer")
 CLASSIFIER_FEATURE_LAYER = "feature: ReLU of the feature_dim-unit linear layer, the input of the last linear layer (head)"
