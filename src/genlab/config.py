@@ -62,6 +62,7 @@ class TrainConfig:
     threads: PositiveInt | None = None  # torch CPU threads; None: torch's default (all cores)
     device: str | None = None  # cpu, cuda, cuda:N or mps; None: accelerate's choice (CUDA when present)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp32 is the fast path on CPUs
+    compile: bool = False  # diffusion: torch.compile the denoiser for training (faster steps after a compile of minutes)
 
     def __post_init__(self) -> None:
         if len(self.adam_betas) != 2:

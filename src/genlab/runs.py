@@ -181,17 +181,16 @@ def compiled_sampler(method: Method):
     """``method.sample`` with its denoiser network compiled by torch.compile (static shapes; each new batch
     shape or timestep dtype compiles once more), falling back to the eager network with a one-line warning
     when compilation fails (no C++ compiler, an unsupported operator)."""
-    import warnings
+    from genlab.compiling import compile_network, fall_back, is_compiled
 
     backbone = getattr(method, "backbone", None)
     if not isinstance(backbone, torch.nn.Module):
         raise ConfigError(f"--compile applies to diffusion runs (a denoiser network); a {method.name} run has none: "
                           "sample without --compile")
-    if backbone._compiled_call_impl is None:  # compile once per loaded run
-        backbone.compile(dynamic=False)
+    compile_network(backbone)  # once per loaded run
 
     def sample(n: int, generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:
-        if backbone._compiled_call_impl is None:  # an earlier batch fell back
+        if not is_compiled(backbone):  # an earlier batch fell back
             return method.sample(n, generator=generator, **options)
         state = None if generator is None else generator.get_state()
         try:
@@ -199,9 +198,7 @@ def compiled_sampler(method: Method):
         except GenlabError:
             raise  # the user's input, not the compiler
         except Exception as error:  # inductor's failures have many types (compiler missing, lowering, C++ build)
-            backbone._compiled_call_impl = None
-            warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                          "sampling with the eager network", RuntimeWarning, stacklevel=2)
+            fall_back(backbone, error, "sampling")
             if state is not None:
                 generator.set_state(state)  # the same images as an eager run
             return method.sample(n, generator=generator, **options)
