@@ -106,24 +106,20 @@ def _add_data_options(p: argparse.ArgumentParser, data_flag: str = "--data",
         p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
 
 
-def _batch_size(text: str) -> int | str:
-    """--batch-size: a number of images or the word `auto`."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of images (e.g. 64) or `auto`") from None
+def _int_or(word: str, what: str):
+    """An argparse type taking an integer or ``word``: ``what`` names the integer in the error."""
+    def parse(text: str) -> int | str:
+        if text == word:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what} or `{word}`") from None
+    return parse
 
 
-def _class_label(text: str) -> int | str:
-    """--class: a class index or the word `all`."""
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a class index (0, 1, ...) or `all`") from None
+_batch_size = _int_or("auto", "a number of images (e.g. 64)")  # --batch-size
+_class_label = _int_or("all", "a class index (0, 1, ...)")  # --class
 
 
 def _sampling_options(a, n: int) -> dict:
