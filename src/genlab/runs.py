@@ -72,9 +72,9 @@ class Run:
         diffusion model's network, measured once and cached (:func:`genlab.autotune.auto_batch_size`).
 
         ``compile``: run a diffusion model's denoiser network through ``torch.compile`` (inductor,
-        static shapes): measured 1.75x faster U-Net evaluations on a 1-thread CPU, 1.3x (DDIM-50) and 1.2x
-        (DPM-Solver++ 10) faster sampling, after a one-off compile of minutes (docs/results.md: it pays after
-        thousands of images). If compiling fails, a one-line
+        static shapes): measured 1.75x faster U-Net evaluations on a 1-thread CPU, 1.27x (DDIM-50) and 1.16x
+        (DPM-Solver++ 10) faster sampling than diffusers, after a one-off compile of minutes (docs/results.md:
+        it pays after thousands of images). A last, smaller batch runs eagerly. If compiling fails, a one-line
         warning and the eager network.
 
         Text-conditioned runs take ``prompt`` (one string for every sample) or ``prompts`` (n strings, or P
