@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--run", help="a trained pixel ddpm run (default: the ddpm small preset, random weights)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per sampling call (both libraries)")
+    parser.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default=64,
+                        help="images per sampling call (both libraries), or auto: genlab's choice for its network "
+                             "(genlab.autotune.auto_batch_size, as `genlab sample` makes it)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per library and sampler (median)")
     parser.add_argument("--seed", type=int, default=0)
@@ -110,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         folder = export_diffusers(run_dir, Path(tmp) / "export")
         method = load_run(run_dir, device="cpu").method
         c, p = method.config, method.config.patch_size
+        if args.batch_size == "auto":
+            from genlab.autotune import auto_batch_size
+
+            args.batch_size = auto_batch_size(method, 10_000)  # what sampling an FID set would use
         base = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler").config
         samplers: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {}
         ddim = DiffusersSampler(folder, DDIMScheduler.from_config(base), p)

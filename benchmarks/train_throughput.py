@@ -9,8 +9,17 @@ GFLOP/s are medians over repeats, and the ratio is the median of the per-repeat 
 repeat's two timings are taken back to back, which cancels slow drifts of the machine's load).
 Prints a Markdown table and the machine it ran on.
 
+genlab's step is its trainer's (``genlab.train.trainer.make_optimizer``: AdamW with the fused kernel);
+diffusers' is its training scripts' (``torch.optim.AdamW``, the per-tensor loop). ``--compile`` adds a
+third contender, genlab with its U-Net compiled for training as ``train.compile=true`` does
+(``genlab.compiling.compile_network``: inductor, ``dynamic=False``, forward and backward); its one-off
+compile time (the first step, minus a timed step) is reported separately with the number of steps after
+which it pays. GFLOP/s are also given as a fraction of this CPU's measured fp32 GEMM rate (a 1024^3
+matmul at the same threads), the most a step made of matrix products could reach.
+
     python benchmarks/train_throughput.py                   # the small CPU preset (ddpm_small.yaml)
     python benchmarks/train_throughput.py --patch-size 1 --channel-mult 1,2,2   # U-Net at 28x28x1
+    python benchmarks/train_throughput.py --compile         # also genlab compiled (make bench)
 
 The defaults are the U-Net of the ``ddpm_small`` preset: 28x28x1 images, batch 64, pixel_unshuffle
 by 2 so the U-Net sees 14x14x4 (``model.patch_size: 2``), base 32, mult (1, 2), one residual block
@@ -20,6 +29,7 @@ per level, attention at 7x7 and in the middle, 4 heads, GroupNorm 8, no dropout.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -83,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run both models in channels_last memory format")
     timing.add_argument("--models", default="genlab,diffusers",
                         help="comma-separated subset of: genlab, diffusers")
+    timing.add_argument("--compile", action="store_true",
+                        help="also time genlab's U-Net compiled for training (train.compile=true)")
     timing.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     return parser.parse_args(argv)
 
@@ -166,8 +178,9 @@ class Patched(nn.Module):
         return F.pixel_shuffle(self.unet(h, t), p)  # (N, C, H, W)
 
 
-def make_step(model: nn.Module, args: argparse.Namespace) -> Callable[[], None]:
-    """A closure doing one full training step of ``model`` on a fixed random batch."""
+def make_step(model: nn.Module, args: argparse.Namespace,
+              optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> Callable[[], torch.Tensor]:
+    """A closure doing one full training step of ``model`` on a fixed random batch; returns the loss."""
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.batch_size, args.channels, args.image_size, args.image_size)
     x = torch.randn(shape, generator=generator)
@@ -178,15 +191,38 @@ def make_step(model: nn.Module, args: argparse.Namespace) -> Callable[[], None]:
         x = x.contiguous(memory_format=torch.channels_last)
         target = target.contiguous(memory_format=torch.channels_last)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = optimizer(list(model.parameters()))
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         loss = F.mse_loss(model(x, t), target)
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        opt.step()
+        return loss.detach()
 
     return step
+
+
+def genlab_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimiser genlab's trainer builds for a network (train.lr 1e-4, its other defaults)."""
+    from genlab.config import TrainConfig
+    from genlab.methods.base import OptimizerSpec
+    from genlab.train.trainer import make_optimizer
+
+    return make_optimizer(OptimizerSpec(params=params), TrainConfig(lr=1e-4))
+
+
+def diffusers_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimiser of diffusers' training scripts (train_unconditional.py: torch.optim.AdamW)."""
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def gemm_peak(threads: int) -> float:
+    """GFLOP/s of a float32 1024^3 matrix product on this CPU at the current threads (best of 5)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = min(time_steps(lambda: a @ b, 3) for _ in range(5))
+    return 2 * 1024**3 / best / 1e9
 
 
 def count_flops(step: Callable[[], None]) -> int:
@@ -219,46 +255,64 @@ def cpu_model_name() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Build, warm up, count and time each model; print the Markdown table."""
+    from genlab.compiling import compile_network
+
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.patch_size < 1 or args.image_size % args.patch_size:
         raise SystemExit(f"error: --patch-size {args.patch_size} must divide --image-size {args.image_size}")
     builders = {"genlab": build_genlab, "diffusers": DiffusersUNet}
+    optimizers = {"genlab": genlab_optimizer, "diffusers": diffusers_optimizer}
     names = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in names if name not in builders]
     if unknown:
         raise SystemExit(f"error: unknown model(s) {unknown}; choose from {sorted(builders)}")
+    if args.compile and "genlab" not in names:
+        raise SystemExit("error: --compile times genlab's compiled U-Net against eager genlab: keep genlab in --models")
+    contenders = names + (["genlab compiled"] if args.compile else [])
 
-    steps, params, flops = {}, {}, {}
-    for name in names:
+    steps, params, flops, first_loss = {}, {}, {}, {}
+    compile_seconds = 0.0
+    for name in contenders:
+        kind = name.split()[0]
         torch.manual_seed(args.seed)
         try:
-            model = Patched(builders[name](args), args.patch_size)
+            model = Patched(builders[kind](args), args.patch_size)
         except ConfigError as error:
             raise SystemExit(f"error: {error}") from None
         params[name] = sum(p.numel() for p in model.parameters())
-        steps[name] = make_step(model, args)
-        flops[name] = count_flops(steps[name])  # also the first warm-up step
+        steps[name] = make_step(model, args, optimizers[kind])
+        if name == "genlab compiled":
+            compile_network(model.unet)  # what train.compile=true does to the method's denoiser
+            start = time.perf_counter()
+            first_loss[name] = float(steps[name]())  # compiles the forward and the backward graphs
+            compile_seconds = time.perf_counter() - start
+            flops[name] = flops["genlab"]  # the same network: the same work (counting would trace the graph)
+        else:
+            first_loss[name] = float(steps[name]()) if kind == "genlab" else None
+            flops[name] = count_flops(steps[name])  # also a warm-up step
         for _ in range(args.warmup):
             steps[name]()
 
-    seconds: dict[str, list[float]] = {name: [] for name in names}
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
     for repeat in range(args.repeats):
-        # A B, then B A: alternate, and alternate who goes first, so both share the machine's noise.
-        for name in names if repeat % 2 == 0 else names[::-1]:
+        # A B C, then C B A: alternate, and alternate who goes first, so all share the machine's noise.
+        for name in contenders if repeat % 2 == 0 else contenders[::-1]:
             seconds[name].append(time_steps(steps[name], args.steps))
+    peak = gemm_peak(torch.get_num_threads())
 
     reference = "diffusers" if "diffusers" in names else names[0]
-    rate = {name: flops[name] / statistics.median(seconds[name]) / 1e9 for name in names}
-    # Per repeat, (GFLOP/s of name) / (GFLOP/s of reference) from two timings taken back to back.
+    rate = {name: flops[name] / statistics.median(seconds[name]) / 1e9 for name in contenders}
+    # Per repeat, (GFLOP/s of name) / (GFLOP/s of reference) from timings taken back to back.
     paired = {
         name: sorted((flops[name] / s) / (flops[reference] / r)
                      for s, r in zip(seconds[name], seconds[reference]))
-        for name in names
+        for name in contenders
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model_name()}, "
-          f"{platform.system()} {platform.machine()}, python {platform.python_version()}")
+          f"{platform.system()} {platform.machine()}, python {platform.python_version()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     unet_channels, unet_size = unet_shape(args)
     print(f"batch {args.batch_size} x {args.channels}x{args.image_size}x{args.image_size}, "
           f"U-Net input {unet_channels}x{unet_size}x{unet_size} (patch size {args.patch_size}), "
@@ -267,20 +321,30 @@ def main(argv: list[str] | None = None) -> None:
           f"{'' if args.no_mid_attention else ' + middle'}, {args.num_heads} heads, "
           f"dropout {args.dropout}, {'add' if args.no_scale_shift else 'scale-shift'} time embedding"
           f"{', channels_last' if args.channels_last else ''}; "
-          f"median of {args.repeats} x {args.steps} steps after {args.warmup + 1} warm-up\n")
-    print(f"| model | params | GFLOP/step | images/s | GFLOP/s | GFLOP/s ratio vs {reference} "
+          f"median of {args.repeats} x {args.steps} steps after {args.warmup + 1} warm-up; "
+          f"fp32 GEMM peak {peak:.1f} GFLOP/s\n")
+    print(f"| model | params | GFLOP/step | images/s | GFLOP/s | fraction of GEMM peak | GFLOP/s ratio vs {reference} "
           "(paired median) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name in names:
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in contenders:
         images_per_s = args.batch_size / statistics.median(seconds[name])
         print(f"| {name} | {params[name]:,} | {flops[name] / 1e9:.2f} | "
-              f"{images_per_s:.1f} | {rate[name]:.2f} | {statistics.median(paired[name]):.3f} |")
-    for name in names:
+              f"{images_per_s:.1f} | {rate[name]:.2f} | {rate[name] / peak:.3f} | "
+              f"{statistics.median(paired[name]):.3f} |")
+    for name in contenders:
         if name != reference:
             quartiles = statistics.quantiles(paired[name], n=4) if len(paired[name]) > 1 else paired[name] * 3
             print(f"\n{name} / {reference} per-repeat GFLOP/s ratios: min {paired[name][0]:.3f}, "
                   f"quartiles {quartiles[0]:.3f} / {quartiles[1]:.3f} / {quartiles[2]:.3f}, "
                   f"max {paired[name][-1]:.3f}")
+    if args.compile:
+        eager_s, compiled_s = statistics.median(seconds["genlab"]), statistics.median(seconds["genlab compiled"])
+        compile_only = max(0.0, compile_seconds - compiled_s)  # the first step's own work is not compile time
+        saved = eager_s - compiled_s
+        pays = f"pays after {compile_only / saved:.0f} steps" if saved > 0 else "never pays"
+        print(f"\ncompile (inductor, dynamic=False, forward + backward): {compile_only:.1f} s (first step "
+              f"{compile_seconds:.1f} s); saves {1000 * saved:.1f} ms/step against eager genlab: {pays}; "
+              f"first-step loss eager {first_loss['genlab']:.7f}, compiled {first_loss['genlab compiled']:.7f}")
 
 
 if __name__ == "__main__":

@@ -213,3 +213,21 @@ def test_compiled_sampling_agrees_with_eager_sampling(tmp_path):
         compiled = run.sample(4, seed=1, sampler=sampler, steps=steps, compile=True)
         assert run.method.backbone._compiled_call_impl is not None  # it did compile, no fallback
         assert float((compiled - eager).abs().max()) < 1e-4  # float32 reassociation only
+
+
+def test_compiled_sampling_draws_a_last_partial_batch_eagerly(tmp_path, monkeypatch):
+    run = _tiny_ddpm(tmp_path)
+    eager = run.sample(10, seed=2, batch_size=4, sampler="ddim", steps=2)
+    seen = []
+
+    def recording(fn, *args, **kwargs):  # stands in for torch.compile: records the batch shapes it is called with
+        def call(*a, **k):
+            seen.append(len(a[0]))
+            return fn(*a, **k)
+        return call
+
+    monkeypatch.setattr(torch, "compile", recording)
+    compiled = run.sample(10, seed=2, batch_size=4, sampler="ddim", steps=2, compile=True)
+    assert set(seen) == {4} and len(seen) == 2 * 2  # two full batches of two steps; the batch of 2 ran eagerly
+    assert torch.equal(compiled, eager)
+    assert run.method.backbone._compiled_call_impl is not None  # compiled again after the eager remainder

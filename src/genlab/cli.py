@@ -108,14 +108,20 @@ def _add_data_options(p: argparse.ArgumentParser, data_flag: str = "--data",
         p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
 
 
-def _class_label(text: str) -> int | str:
-    """--class: a class index or the word `all`."""
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a class index (0, 1, ...) or `all`") from None
+def _int_or(word: str, what: str):
+    """An argparse type taking an integer or ``word``: ``what`` names the integer in the error."""
+    def parse(text: str) -> int | str:
+        if text == word:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what} or `{word}`") from None
+    return parse
+
+
+_batch_size = _int_or("auto", "a number of images (e.g. 64)")  # --batch-size
+_class_label = _int_or("all", "a class index (0, 1, ...)")  # --class
 
 
 def _sampling_options(a, n: int) -> dict:
@@ -203,7 +209,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="class K for every sample, or `all`: classes 0..C-1 in turn (class-conditional runs)")
     s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     s.add_argument("--checkpoint", metavar="STEP|latest", help="checkpoint to sample (default: the newest intact one)")
-    s.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
+    s.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="images per sampling call, or auto (default): the fastest per image for a diffusion model's "
+                        "network on this machine, timed once and cached in $GENLAB_CACHE")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: OMP_NUM_THREADS when set, else the usable "
+                                               "physical cores)")
     s.add_argument("--compile", action="store_true", help="diffusion runs: torch.compile the denoiser (faster steps "
                                                           "after a compile of minutes: pays for thousands of images)")
     s.add_argument("--lora", metavar="A[:W],B[:W]", help="LoRA adapters (lora run folders or PEFT folders) added to "
@@ -512,7 +522,13 @@ def _cmd_sample(a) -> int:
     out = Path(a.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise GenlabError(f"--out {out}: the file must end in .png (a grid) or .npz (uint8 images N x H x W x C)")
-    check_sampling_options(n=a.n, seed=a.seed, batch_size=a.batch_size)  # before the (slow) load
+    check_sampling_options(n=a.n, seed=a.seed, batch_size=None if a.batch_size == "auto" else a.batch_size,
+                           threads=a.threads)  # before the (slow) load
+    import torch
+
+    from genlab.autotune import default_threads
+
+    torch.set_num_threads(a.threads or default_threads())
     n, nrow, prompts = a.n, None, None
     if a.prompts_file is not None:
         if a.prompt is not None:

@@ -64,6 +64,7 @@ class TrainConfig:
     # fp32 is the fast path for the small U-Nets on this CPU; bf16 autocast paid 1.7x for the CIFAR-10
     # classifier's channels_last convs on an avx512_bf16 CPU (docs/results.md): measure per model.
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = False  # diffusion: torch.compile the denoiser for training (faster steps after a compile of minutes)
 
     def __post_init__(self) -> None:
         if len(self.adam_betas) != 2:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from genlab.compiling import compile_network, eager, fall_back, is_compiled
 from genlab.config import RunConfig, build_config, read_config_file, to_dict
 from genlab.data import is_path_source, load_data
 from genlab.errors import ConfigError, DataError, GenlabError
@@ -62,14 +63,18 @@ class Run:
     step: int
     weights: str  # "ema" or "raw"
 
-    def sample(self, n: int, seed: int = 0, batch_size: int = 256, progress: bool = False, compile: bool = False,
-               **options: Any) -> torch.Tensor:
-        """``n`` images in [-1, 1] (N, C, H, W), drawn in batches; same seed, same images.
+    def sample(self, n: int, seed: int = 0, batch_size: int | str = "auto", progress: bool = False,
+               compile: bool = False, **options: Any) -> torch.Tensor:
+        """``n`` images in [-1, 1] (N, C, H, W), drawn in batches; same seed, same images (another batch size
+        changes them only by float rounding, ~1e-6: the noise of each image follows from the seed alone).
+
+        ``batch_size``: images per sampling call, or "auto": the fastest per image on this machine for a
+        diffusion model's network, measured once and cached (:func:`genlab.autotune.auto_batch_size`).
 
         ``compile``: run a diffusion model's denoiser network through ``torch.compile`` (inductor,
-        static shapes): measured 1.75x faster U-Net evaluations on a 1-thread CPU, 1.3x (DDIM-50) and 1.2x
-        (DPM-Solver++ 10) faster sampling, after a one-off compile of minutes (docs/results.md: it pays after
-        thousands of images). If compiling fails, a one-line
+        static shapes): measured 1.75x faster U-Net evaluations on a 1-thread CPU, 1.27x (DDIM-50) and 1.16x
+        (DPM-Solver++ 10) faster sampling than diffusers, after a one-off compile of minutes (docs/results.md:
+        it pays after thousands of images). A last, smaller batch runs eagerly. If compiling fails, a one-line
         warning and the eager network.
 
         Text-conditioned runs take ``prompt`` (one string for every sample) or ``prompts`` (n strings, or P
@@ -78,6 +83,11 @@ class Run:
         """
         from tqdm.auto import tqdm
 
+        if batch_size == "auto":
+            from genlab.autotune import auto_batch_size
+
+            check_sampling_options(n=n)
+            batch_size = auto_batch_size(self.method, n)
         check_sampling_options(n=n, seed=seed, batch_size=batch_size, **options)
         generator = torch.Generator().manual_seed(seed)
         self.method.eval()
@@ -101,7 +111,10 @@ class Run:
                 for key in ("prompts", "negative_prompts"):
                     if opts.get(key) is not None:
                         opts[key] = opts[key][start: start + m]
-                chunks.append(draw(m, generator=generator, **opts).cpu())
+                # A compiled network is specialised to the batch shape: a last, smaller batch runs eagerly
+                # (compiling it again would take minutes for a few images).
+                with eager(self.method.backbone) if compile and 0 < start and m < batch_size else contextlib.nullcontext():
+                    chunks.append(draw(m, generator=generator, **opts).cpu())
                 bar.update(m)
         return torch.cat(chunks)
 
@@ -181,17 +194,14 @@ def compiled_sampler(method: Method):
     """``method.sample`` with its denoiser network compiled by torch.compile (static shapes; each new batch
     shape or timestep dtype compiles once more), falling back to the eager network with a one-line warning
     when compilation fails (no C++ compiler, an unsupported operator)."""
-    import warnings
-
     backbone = getattr(method, "backbone", None)
     if not isinstance(backbone, torch.nn.Module):
         raise ConfigError(f"--compile applies to diffusion runs (a denoiser network); a {method.name} run has none: "
                           "sample without --compile")
-    if backbone._compiled_call_impl is None:  # compile once per loaded run
-        backbone.compile(dynamic=False)
+    compile_network(backbone)  # once per loaded run
 
     def sample(n: int, generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:
-        if backbone._compiled_call_impl is None:  # an earlier batch fell back
+        if not is_compiled(backbone):  # an earlier batch fell back
             return method.sample(n, generator=generator, **options)
         state = None if generator is None else generator.get_state()
         try:
@@ -199,9 +209,7 @@ def compiled_sampler(method: Method):
         except GenlabError:
             raise  # the user's input, not the compiler
         except Exception as error:  # inductor's failures have many types (compiler missing, lowering, C++ build)
-            backbone._compiled_call_impl = None
-            warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                          "sampling with the eager network", RuntimeWarning, stacklevel=2)
+            fall_back(backbone, error, "sampling")
             if state is not None:
                 generator.set_state(state)  # the same images as an eager run
             return method.sample(n, generator=generator, **options)
@@ -214,6 +222,7 @@ SAMPLING_RANGES = {
     "n": (int, Range(1)),
     "seed": (int, Range(0, 2**63 - 1)),  # torch.Generator.manual_seed's range
     "batch_size": (int, Range(1)),
+    "threads": (int, Range(1)),
     "steps": (int, Range(1, 100_000)),  # far beyond any sampler's need; bounds the solvers' step grids
     "eta": (float, Range(0, 1)),  # DDIM: 0 deterministic, 1 DDPM-like; above 1 the step's variance exceeds 1 - abar
     "guidance_scale": (float, Range(0)),  # w = 0 is the unconditional model; --negative-class steers away

@@ -57,7 +57,8 @@ from tqdm.auto import tqdm
 from genlab.config import RunConfig, read_config_file, save_config, to_dict
 from genlab.data import ImageSet, to_model_range
 from genlab.data.micro import micro_augment
-from genlab.errors import ConfigError, TrainingDiverged
+from genlab.compiling import compile_network, eager, fall_back, is_compiled
+from genlab.errors import ConfigError, GenlabError, TrainingDiverged
 from genlab.methods.base import Method, OptimizerSpec
 from genlab.methods.capabilities import Generates, has
 from genlab.train.checkpoint import (
@@ -82,7 +83,7 @@ RESUMABLE_KEYS = frozenset({
     "train.steps", "train.lr", "train.grad_clip", "train.time_limit", "train.checkpoint_every",
     "train.keep_checkpoints", "train.time_clock", "train.log_every", "train.sample_every", "train.sample_n", "train.eval_every",
     "train.eval_n", "train.eval_ref", "train.threads", "train.device", "train.report_every", "train.tensorboard",
-    "data.root",
+    "train.compile", "data.root",
 })
 
 
@@ -114,6 +115,9 @@ def lr_lambda(cfg, plan: LRPlan = LRPlan()) -> Callable[[int], float]:
     return f
 
 
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # torch's fused AdamW supports these
+
+
 def make_optimizer(spec: OptimizerSpec | list, tc) -> torch.optim.Optimizer:
     """The optimiser a method asked for; unset fields of the spec come from the run's train config."""
     if not isinstance(spec, OptimizerSpec):
@@ -128,7 +132,10 @@ def make_optimizer(spec: OptimizerSpec | list, tc) -> torch.optim.Optimizer:
     if spec.kind != "adamw":
         raise ConfigError(f"unknown optimiser kind {spec.kind!r}; valid: adamw, sgd")
     betas = tuple(tc.adam_betas) if spec.betas is None else tuple(spec.betas)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    # The fused kernel updates every tensor in one pass (the per-tensor loop launches ~10 ops per tensor:
+    # 8.5 -> 1.3 ms per step for the small U-Net's 128 tensors on one CPU thread); same maths, float32 rounding.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
 
 
 class _StepContext:
@@ -289,12 +296,22 @@ class Trainer:
         self.emas = {}
         if tc.ema_decay is not None:
             self.emas = {name: EMA(module, decay=tc.ema_decay) for name, module in method.ema_targets().items()}
+        self.compiled = self._compiled_network() if tc.compile else None
         self.step = 0
         self.elapsed = 0.0  # seconds of training over all launches of this run (logged; time_limit is per launch)
         self.cpu_elapsed = 0.0  # CPU seconds of the same (all threads of the process; train.time_clock=cpu)
         self.changes: dict[str, list[Any]] = {}  # settings this launch changed on resume: key -> [old, new]
         self._perm_epoch = -1
         self._perm = None
+
+    def _compiled_network(self) -> torch.nn.Module:
+        """The method's denoiser network, compiled in place for training (``train.compile``)."""
+        network = getattr(self.method, "backbone", None)
+        if not isinstance(network, torch.nn.Module):
+            raise ConfigError(f"train.compile applies to diffusion methods (a denoiser network); {self.cfg.method} "
+                              "has none: set train.compile=false")
+        compile_network(network)
+        return network
 
     # ------------------------------------------------------------------ data and randomness
 
@@ -517,6 +534,8 @@ class Trainer:
     def _with_ema_weights(self) -> ExitStack:
         """Context in which the method holds its EMA weights (in eval mode); raw weights after."""
         stack = ExitStack()
+        if self.compiled is not None:  # previews and scores in eval mode, without grad: the eager network
+            stack.enter_context(eager(self.compiled))
         targets = self.method.ema_targets()
         for name, ema in self.emas.items():
             stack.enter_context(ema.averaged(targets[name]))
@@ -630,7 +649,25 @@ class Trainer:
         return None
 
     def _train_step(self) -> dict[str, torch.Tensor]:
-        """One optimiser step over train.grad_accum micro-batches, EMA update included; returns the step's logs."""
+        """One optimiser step over train.grad_accum micro-batches, EMA update included; returns the step's logs.
+
+        With ``train.compile``, a failure of the compiler (no C++ compiler, an unsupported operator: first seen
+        inside the forward or backward pass, before any optimiser step) makes the network eager for good, with
+        one warning, and the step is redone: its randomness is a function of (seed, step), so the redone step
+        is the eager run's step."""
+        if self.compiled is None or not is_compiled(self.compiled):
+            return self._train_step_once()
+        try:
+            return self._train_step_once()
+        except GenlabError:
+            raise  # the run's own failure (a non-finite loss), not the compiler's
+        except Exception as error:  # inductor's failures have many types (compiler missing, lowering, C++ build)
+            fall_back(self.compiled, error, "training")
+            for optimizer in self.optimizers.values():  # the failed pass may have left partial gradients
+                optimizer.zero_grad(set_to_none=True)
+            return self._train_step_once()
+
+    def _train_step_once(self) -> dict[str, torch.Tensor]:
         tc = self.cfg.train
         logs: dict[str, torch.Tensor] = {}
         for k in range(tc.grad_accum):
