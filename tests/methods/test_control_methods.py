@@ -194,21 +194,24 @@ def _copy_activations(controlnet) -> tuple[list, list]:
     return records, handles
 
 
-def _text_base():
+def _text_base(extra: tuple[str, ...] = ()):
     from methods.test_text_conditioning import _text_method
 
-    return _text_method("unet")
+    return _text_method("unet", extra=extra)
 
 
 @pytest.mark.parametrize("phase", ["guided sampling", "training"])
-@pytest.mark.parametrize("conditioning", ["class", "text"])
+@pytest.mark.parametrize("conditioning", ["class", "text", "refined text"])
 def test_the_controlnet_copy_sees_the_condition_the_base_sees(conditioning, phase):
     """The trainable copy's time + class (or text) embedding path matches the frozen encoder's: at initialisation
     (weights copied, the condition encoder's zero output) its encoder activations equal the base's, call by call,
     through classifier-free guidance's [conditional; null] batch and through a training step (labels or captions,
     some dropped). A copy fed no condition (or the null class, or the empty prompt, for every row) would differ:
     the check that the condition changes the base's activations makes sure it can."""
-    base = _base("model.class_conditional=true") if conditioning == "class" else _text_base()
+    from methods.test_text_conditioning import REFINED
+
+    base = (_base("model.class_conditional=true") if conditioning == "class"
+            else _text_base(tuple(REFINED) if conditioning == "refined text" else ()))
     child = _child(ControlNetMethod, base)
     captions = [["the digit one"], ["a thick two"], ["three"], ["a thin four"]]
     _, _, control = _inputs(4)

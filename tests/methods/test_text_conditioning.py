@@ -27,9 +27,12 @@ TINY_TEXT = ["model.text.kind=tiny", "model.text.width=16", "model.text.layers=1
 INFO = DataInfo(channels=1, image_size=8, num_classes=10, source="mnist-captions")
 
 
-def _text_method(network: str = "unet", conditioning: str = "adaln-zero", seed: int = 0):
+REFINED = ["model.unet.context_layers=1", "model.unet.context_width=8"]  # a ContextRefiner before cross-attention
+
+
+def _text_method(network: str = "unet", conditioning: str = "adaln-zero", seed: int = 0, extra: tuple[str, ...] = ()):
     """A tiny text DDPM on 8x8 images with every weight perturbed (zero-initialised outputs would hide the text)."""
-    overrides = TINY_DDPM + TINY_TEXT if network == "unet" else [
+    overrides = TINY_DDPM + TINY_TEXT + list(extra) if network == "unet" else [
         "model.network=dit", "model.dit.hidden_size=32", "model.dit.depth=2", "model.dit.num_heads=2",
         "model.dit.patch_size=2", f"model.dit.conditioning={conditioning}", *TINY_TEXT]
     cls = get_method("ddpm")
@@ -119,10 +122,11 @@ def test_cfg_with_the_empty_prompt_equals_the_unconditional_branch(network):
                           method.sample(2, generator=g(), steps=3), atol=1e-5)
 
 
-@pytest.mark.parametrize("network, conditioning", [("unet", None), ("dit", "adaln-zero"), ("dit", "cross-attention"),
-                                                   ("dit", "in-context")])
-def test_prompts_of_different_lengths_share_a_batch_padding_masked(network, conditioning):
-    method = _text_method(network, conditioning or "adaln-zero")
+@pytest.mark.parametrize("network, conditioning, extra", [("unet", None, ()), ("unet", None, tuple(REFINED)),
+                                                          ("dit", "adaln-zero", ()), ("dit", "cross-attention", ()),
+                                                          ("dit", "in-context", ())])
+def test_prompts_of_different_lengths_share_a_batch_padding_masked(network, conditioning, extra):
+    method = _text_method(network, conditioning or "adaln-zero", extra=extra)
     short, long = "a 7", "the digit 7, written with a heavy stroke, slanted right"
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 60])
     both = method.encode_prompts([short, long])
@@ -137,6 +141,33 @@ def test_prompts_of_different_lengths_share_a_batch_padding_masked(network, cond
     assert torch.allclose(method.denoiser(garbage)(x, t), method.denoiser(alone)(x, t), atol=1e-5)
     unmasked = TextEncoding(garbage.tokens, garbage.pooled, torch.ones_like(garbage.mask))
     assert not torch.allclose(method.denoiser(unmasked)(x, t), method.denoiser(alone)(x, t), atol=1e-3)
+
+
+def test_context_refiner_lets_word_order_reach_the_output_and_pooled_text_can_be_left_out():
+    """The refiner's self-attention mixes the tokens before cross-attention reads them; pooled_text=false drops the
+    order-blind pooled path (the network has no pooled_embed and a changed pooled vector changes nothing)."""
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 60])
+    plain, refined = _text_method(), _text_method(extra=REFINED)
+    assert refined.backbone.context_refiner is not None and plain.backbone.context_refiner is None
+    # The cross-attention layers read the refiner's width, not the encoder's.
+    assert refined.backbone.context_dim == 8 and plain.backbone.context_dim == 16
+    enc = refined.encode_prompts(["a 3 left of an 8"] * 2)
+    refined_context = refined.backbone.refine_context(enc.tokens, enc.mask)
+    # Another word's state changes a token's refined state (self-attention across the words), which a
+    # cross-attention query alone cannot do: it reads each token as it is.
+    changed = enc.tokens.clone()
+    changed[:, 1] += 1.0
+    moved = refined.backbone.refine_context(changed, enc.mask)
+    assert not torch.allclose(moved[:, 3], refined_context[:, 3], atol=1e-4)
+    assert torch.equal(plain.backbone.refine_context(changed, enc.mask), changed)
+    blind = _text_method(extra=[*REFINED, "model.unet.pooled_text=false"])
+    assert not hasattr(blind.backbone, "pooled_embed") and hasattr(refined.backbone, "pooled_embed")
+    enc = blind.encode_prompts(["a 3 left of an 8"] * 2)
+    other_pooled = TextEncoding(enc.tokens, torch.randn_like(enc.pooled) * 5, enc.mask)
+    assert torch.allclose(blind.denoiser(other_pooled)(x, t), blind.denoiser(enc)(x, t), atol=1e-6)
+    enc = refined.encode_prompts(["a 3 left of an 8"] * 2)
+    other_pooled = TextEncoding(enc.tokens, torch.randn_like(enc.pooled) * 5, enc.mask)
+    assert not torch.allclose(refined.denoiser(other_pooled)(x, t), refined.denoiser(enc)(x, t), atol=1e-3)
 
 
 def test_text_encoding_cat_pads_and_masks():

@@ -118,6 +118,7 @@ class ControlNet(nn.Module):
         context, context_mask, pooled; micro-conditions) conditions the copy as it does the U-Net."""
         e = self.encoder
         emb = e.embed(x, t, y, pooled, micro)  # (N, E)
+        context = e.refine_context(context, context_mask)  # (N, S, D_ctx)
         h = e.stem(x) + self.condition(control)  # (N, base, h, w): the condition joins after conv_in
         skips = [h]
         for module in e.down:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from genlab.errors import ConfigError
-from genlab.nn.attention import SpatialAttention
+from genlab.nn.attention import ContextRefiner, SpatialAttention
 from genlab.nn.blocks import Downsample, ResBlock, Upsample, group_norm
 from genlab.nn.embeddings import MicroConditionEmbedder, TimestepEmbedder
 from genlab.ranges import PositiveInt, Range
@@ -42,6 +42,16 @@ class UNetConfig:
     # layers, and the cross-attention queries built on them, know where they are, which zero padding alone
     # teaches slowly. Spatial prompts ("a 3 to the left of an 8") bind each digit to a side through it.
     coordinates: bool = False
+    # Text models: trainable transformer blocks (genlab.nn.attention.ContextRefiner) that refine the text
+    # encoder's token states before every cross-attention reads them (0: the states as they come), at
+    # context_width channels (None: the encoder's width). A frozen encoder's states name the words; these
+    # blocks learn the roles this data's captions give them ("the 8 is the right-hand digit").
+    context_layers: Annotated[int, Range(0)] = 0
+    context_width: PositiveInt | None = None
+    # Text models: add the encoder's pooled vector to the time embedding (SDXL). The mean over the words is
+    # blind to their order, and a network can settle on it as a bag of words; false leaves the text only
+    # the cross-attention path.
+    pooled_text: bool = True
 
 
 # Width multipliers of derived levels: DDPM's (1, 2, 2, 2) for 32 px, extended as ADM's 256 px model.
@@ -133,7 +143,14 @@ class UNet(nn.Module):
         self.out_channels = out_channels
         self.image_size = image_size
         self.num_classes = num_classes
+        self.context_refiner = None
+        if context_dim is not None and config.context_layers:
+            width = config.context_width or context_dim
+            self.context_refiner = ContextRefiner(context_dim, width, config.context_layers, config.num_heads)
+            context_dim = width  # what the cross-attention layers read
         self.context_dim = context_dim
+        if not config.pooled_text:
+            pooled_dim = None
         self.downsample_factor = 2 ** (len(config.channel_mult) - 1)
 
         base = config.base_channels
@@ -240,6 +257,7 @@ class UNet(nn.Module):
                 f"(2 ** (len(channel_mult) - 1)): resize or pad the images, or use fewer levels"
             )
         emb = self.embed(x, t, y, pooled, micro)  # (N, E)
+        context = self.refine_context(context, context_mask)  # (N, S, D_ctx)
         h = self.stem(x)  # (N, base, H, W)
         skips = [h]
         features = {}
@@ -264,6 +282,13 @@ class UNet(nn.Module):
         h = nn.functional.silu(self.norm_out(h))  # (N, base * channel_mult[0], H, W)
         return self.conv_out(h)  # (N, C_out, H, W)
 
+    def refine_context(self, context: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The text context every cross-attention reads: the encoder's states (N, S, D), through the
+        context refiner when configured -> (N, S, context_dim)."""
+        if context is None or self.context_refiner is None:
+            return context
+        return self.context_refiner(context, mask)
+
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """conv_in of the input x (N, C_in, H, W), with the coordinate channels when configured -> (N, base, H, W)."""
         if self.config.coordinates:
@@ -285,7 +310,7 @@ class UNet(nn.Module):
         elif y is not None:
             raise ConfigError("class labels y were given but the UNet has num_classes=None: "
                               "build it with num_classes=... or pass y=None")
-        if pooled is not None:
+        if pooled is not None and self.config.pooled_text:
             if self.pooled_dim is None:
                 raise ConfigError("a pooled text vector was given but the UNet has pooled_dim=None: "
                                   "build it with pooled_dim=... or pass pooled=None")

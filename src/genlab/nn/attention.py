@@ -100,3 +100,40 @@ class SpatialAttention(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, H*W, C)
         out = self.attention(tokens, context, key_mask=context_mask)  # (N, H*W, C)
         return x + out.transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W)
+
+
+class TransformerBlock(nn.Module):
+    """x + Attention(LN(x)), then x + MLP(LN(x)): the pre-LN block of GPT-2 / CLIP's text tower."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask=mask)  # (N, L, D); padding is never attended to
+        return x + self.mlp(self.norm2(x))
+
+
+class ContextRefiner(nn.Module):
+    """Trainable transformer blocks over a (frozen) text encoder's token states: (N, S, D_in) -> (N, S, W).
+
+    A frozen sentence encoder's state of a word carries its own meaning but little of its role in this
+    data's captions: in "an 8 to the right of a 3" MiniLM's state of "8" does not say "right-hand
+    digit" (a linear probe on held-out templates is at chance, docs/results.md). A cross-attention
+    query cannot combine two tokens (the digit and the relation word) in one step, so these blocks,
+    trained with the denoiser, let every token read the others first (as a trainable text tower does).
+    """
+
+    def __init__(self, in_dim: int, width: int, layers: int, heads: int):
+        super().__init__()
+        self.proj_in = nn.Linear(in_dim, width)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.proj_in(context)  # (N, S, W)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)  # (N, S, W)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genlab.errors import ConfigError
-from genlab.nn.attention import Attention
+from genlab.nn.attention import TransformerBlock
 from genlab.text.tokenizer import Tokenizer, train_tokenizer
 
 ENCODER_KINDS = ("tiny", "onehot", "minilm")
@@ -197,20 +197,6 @@ class TinyTextEncoder(_StoredTokenizer):
             x = block(x, mask)
         x = self.final_norm(x)  # (N, L, D)
         return TextEncoding(x, masked_mean(x, mask), mask)
-
-
-class TransformerBlock(nn.Module):
-    """x + Attention(LN(x)), then x + MLP(LN(x)): the pre-LN block of GPT-2 / CLIP's text tower."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_mask=mask)  # (N, L, D); padding is never attended to
-        return x + self.mlp(self.norm2(x))
 
 
 class OneHotTextEncoder(_StoredTokenizer):
