@@ -565,6 +565,29 @@ def test_sampling_bar_moves_at_every_sampler_step(tiny_ddpm_run, bar_updates):
     assert torch.equal(images, run.sample(10, seed=0, batch_size=4, steps=3))
 
 
+def test_the_timing_probe_samples_the_first_images_own_prompts_and_labels():
+    """`genlab eval` of a text run times a first batch before sampling: each per-image option (prompts as a list,
+    labels as a tensor) must be cut to that batch, or a run checking one prompt per sample refuses it."""
+    from types import SimpleNamespace
+
+    from genlab.evaluation.generation import sample_run
+
+    calls = []
+
+    def sample(n, seed=0, batch_size=None, prompts=None, labels=None, progress=False):
+        assert len(prompts) == n and len(labels) == n  # what DDPM.sample requires of per-sample options
+        calls.append((n, list(prompts), labels.tolist()))
+        return torch.zeros(n, 1, 4, 4)
+
+    run = SimpleNamespace(method=torch.nn.Linear(1, 1), path="runs/stub", sample=sample)
+    prompts = [f"the digit {k % 10}" for k in range(40)]
+    logged = []
+    sample_run(run, 40, seed=0, batch_size=32, options={"prompts": prompts, "labels": torch.arange(40)}, log=logged.append)
+    probe, full = calls
+    assert probe[1] == prompts[: probe[0]] and probe[2] == list(range(probe[0])) and full[1] == prompts
+    assert "40 images" in logged[0]
+
+
 def test_feature_bar_moves_every_few_extractor_batches(tiny, bar_updates):
     from genlab.evaluation.reference import features_and_probabilities
 

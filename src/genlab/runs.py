@@ -52,6 +52,19 @@ def data_info_for(cfg: RunConfig, images) -> DataInfo:
 
 # Sampling options holding one row per sample (class labels, control maps): a batch of samples takes its rows.
 PER_SAMPLE_OPTIONS = ("labels", "negative_labels", "control")
+PER_SAMPLE_PROMPTS = ("prompts", "negative_prompts")
+
+
+def per_sample_slice(options: dict, start: int, stop: int) -> dict:
+    """``options`` with every per-image option (labels, control maps, prompt lists) cut to images [start, stop)."""
+    out = dict(options)
+    for key in PER_SAMPLE_OPTIONS:
+        if out.get(key) is not None:
+            out[key] = torch.as_tensor(out[key])[start:stop]
+    for key in PER_SAMPLE_PROMPTS:
+        if out.get(key) is not None and not isinstance(out[key], str):
+            out[key] = list(out[key])[start:stop]
+    return out
 
 @dataclass
 class Run:
@@ -104,13 +117,7 @@ class Run:
         with tqdm(total=n, disable=not progress, desc="sample", unit="img") as bar:
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
-                opts = dict(options)
-                for key in PER_SAMPLE_OPTIONS:  # per-image options follow the batch
-                    if opts.get(key) is not None:
-                        opts[key] = torch.as_tensor(opts[key])[start: start + m]
-                for key in ("prompts", "negative_prompts"):
-                    if opts.get(key) is not None:
-                        opts[key] = opts[key][start: start + m]
+                opts = per_sample_slice(options, start, start + m)  # per-image options follow the batch
                 # A compiled network is specialised to the batch shape: a last, smaller batch runs eagerly
                 # (compiling it again would take minutes for a few images).
                 with eager(self.method.backbone) if compile and 0 < start and m < batch_size else contextlib.nullcontext():

@@ -160,7 +160,7 @@ def sample_run(run, n: int, seed: int, batch_size: int, options: dict, progress:
     receives the probe's seconds.
     """
     from genlab.methods.capabilities import Denoiser, has
-    from genlab.runs import PER_SAMPLE_OPTIONS
+    from genlab.runs import per_sample_slice
     from tqdm.auto import tqdm
 
     if not (progress or log is not None):
@@ -168,9 +168,8 @@ def sample_run(run, n: int, seed: int, batch_size: int, options: dict, progress:
     steps_seen = []
     diffusion = has(run.method, Denoiser)
     probe = min(n, batch_size, PROBE_IMAGES)
-    # Per-image options (the class or control map of each sample) follow the probe's first images.
-    probe_options = {k: v[:probe] if k in PER_SAMPLE_OPTIONS and isinstance(v, torch.Tensor) else v
-                     for k, v in options.items()}
+    # Per-image options (the class, control map or prompt of each sample) follow the probe's first images.
+    probe_options = per_sample_slice(options, 0, probe)
     if diffusion:
         probe_options["callback"] = lambda *args: steps_seen.append(1)
     start = time.perf_counter()

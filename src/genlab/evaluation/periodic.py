@@ -12,7 +12,7 @@ from genlab.evaluation.common import parse_ref, resolve_extractor
 from genlab.evaluation.generation import score_images
 from genlab.evaluation.reference import reference_stats
 from genlab.metrics.extractors import FeatureExtractor
-from genlab.runs import PER_SAMPLE_OPTIONS
+from genlab.runs import per_sample_slice
 
 
 def periodic_eval(
@@ -44,8 +44,7 @@ def periodic_eval(
         chunks = []
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
-            options = {k: v[start: start + m] if k in PER_SAMPLE_OPTIONS and isinstance(v, torch.Tensor) else v
-                       for k, v in (sample_options or {}).items()}  # the class or control map of each sample
+            options = per_sample_slice(sample_options or {}, start, start + m)  # the class, map or prompt of each sample
             chunks.append(from_model_range(method.sample(m, generator=generator, **options).cpu()))
     finally:
         method.train(was_training)
