@@ -170,6 +170,38 @@ def test_context_refiner_lets_word_order_reach_the_output_and_pooled_text_can_be
     assert not torch.allclose(refined.denoiser(other_pooled)(x, t), refined.denoiser(enc)(x, t), atol=1e-3)
 
 
+def _fresh_unet_params(extra: list[str]):
+    """(name, parameter) of a freshly built tiny text DDPM's U-Net (no perturbation)."""
+    cls = get_method("ddpm")
+    return list(cls(build_config("ddpm", cls.Config, overrides=TINY_DDPM + TINY_TEXT + extra).model, INFO).backbone.named_parameters())
+
+
+def test_query_positions_start_as_the_plain_network_and_make_a_prompt_act_by_place():
+    """Learned query positions are zero at init (the network is exactly the one without them), and a position's
+    embedding changes what the text does at that place: a network whose queries differ by place gives a
+    position-dependent response to the same prompt that a plain one cannot learn from the queries alone."""
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 60])
+    plain, placed = _text_method(), _text_method(extra=["model.unet.query_positions=true"])
+    extra = {k for k in placed.state_dict() if "query_position" in k}
+    assert extra and all("cross_attention" in k for k in extra)
+    assert all(not p.any() for n, p in _fresh_unet_params(["model.unet.query_positions=true"]) if "query_position" in n)
+    placed.load_state_dict(plain.state_dict(), strict=False)  # the same weights but the positions ...
+    with torch.no_grad():  # ... which _text_method perturbed: back to their initial zeros
+        for name, p in placed.named_parameters():
+            if "query_position" in name:
+                p.zero_()
+    prompt = plain.encode_prompts(["a 3 left of an 8"] * 2)
+    assert torch.equal(placed.denoiser(prompt)(x, t), plain.denoiser(prompt)(x, t))
+    block = next(m for m in placed.backbone.modules() if isinstance(m, SpatialAttention) and m.query_position is not None)
+    with torch.no_grad():
+        block.query_position.normal_()
+    assert not torch.allclose(placed.denoiser(prompt)(x, t), plain.denoiser(prompt)(x, t), atol=1e-4)
+    with pytest.raises(ConfigError, match="query positions for"):
+        block(torch.randn(1, block.query_position.shape[1], 3, 3), torch.randn(1, 2, 16))
+    with pytest.raises(ConfigError, match="cross-attention"):
+        SpatialAttention(8, 2, 4, positions=16)
+
+
 def test_text_encoding_cat_pads_and_masks():
     a = TextEncoding(torch.ones(1, 2, 3), torch.ones(1, 3), torch.ones(1, 2, dtype=torch.bool))
     b = TextEncoding(torch.full((2, 4, 3), 2.0), torch.zeros(2, 3), torch.ones(2, 4, dtype=torch.bool))

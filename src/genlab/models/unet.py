@@ -52,6 +52,11 @@ class UNetConfig:
     # blind to their order, and a network can settle on it as a bag of words; false leaves the text only
     # the cross-attention path.
     pooled_text: bool = True
+    # Text models: a learned embedding of each position (zero at init) added to the cross-attention queries,
+    # as a DiT's tokens carry theirs into every attention. CoordConv's two input channels reach the queries
+    # only through the convolutions; spatial prompts need "where am I" in what each position asks the text.
+    # Ties the network to its image size.
+    query_positions: bool = False
 
 
 # Width multipliers of derived levels: DDPM's (1, 2, 2, 2) for 32 px, extended as ADM's 256 px model.
@@ -171,7 +176,7 @@ class UNet(nn.Module):
         def layer(c_in: int, c_out: int, resolution: int) -> UNetLayer:
             if resolution not in config.attention_resolutions:
                 return UNetLayer(res_block(c_in, c_out))
-            return UNetLayer(res_block(c_in, c_out), *self._attention_pair(c_out))
+            return UNetLayer(res_block(c_in, c_out), *self._attention_pair(c_out, resolution))
 
         # Encoder: conv_in, then num_res_blocks layers per level and a Downsample between levels.
         self.conv_in = nn.Conv2d(in_channels + (2 if config.coordinates else 0), base, 3, padding=1)
@@ -192,7 +197,7 @@ class UNet(nn.Module):
         self.skip_channels = tuple(skip_channels)  # (C,) of each skip activation, conv_in's first
 
         # Middle: residual, attention, residual at the lowest resolution.
-        mid_attention = self._attention_pair(channels) if config.mid_attention else ()
+        mid_attention = self._attention_pair(channels, resolution) if config.mid_attention else ()
         self.middle = nn.ModuleList(
             [
                 UNetLayer(res_block(channels, channels), *mid_attention),
@@ -216,14 +221,16 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def _attention_pair(self, channels: int) -> tuple[SpatialAttention, SpatialAttention | None]:
-        """Self-attention at this width, plus cross-attention when the model has a context."""
+    def _attention_pair(self, channels: int, resolution: int) -> tuple[SpatialAttention, SpatialAttention | None]:
+        """Self-attention at this width, plus cross-attention when the model has a context (at a square
+        feature map of ``resolution`` pixels a side: its query positions, when configured)."""
         c = self.config
         heads = channels // c.num_head_channels if c.num_head_channels else c.num_heads
         self_attention = SpatialAttention(channels, heads, c.norm_groups)
         if self.context_dim is None:
             return self_attention, None
-        return self_attention, SpatialAttention(channels, heads, c.norm_groups, self.context_dim)
+        positions = resolution * resolution if c.query_positions else None
+        return self_attention, SpatialAttention(channels, heads, c.norm_groups, self.context_dim, positions)
 
     def forward(
         self,

@@ -80,14 +80,19 @@ class SpatialAttention(nn.Module):
     The output projection starts at zero (Ho et al. 2020 use init_scale=0 there), so the block is
     the identity at initialisation and the network starts as its attention-free version. With
     ``context_dim`` set it is a cross-attention block: queries from the positions, keys and values
-    from the context.
+    from the context. ``positions`` (cross-attention only) = H*W adds a learned embedding of each
+    position (zero at init) to the queries, so what a position asks the context can depend on where it is.
     """
 
     def __init__(
-        self, channels: int, num_heads: int, norm_groups: int = 32, context_dim: int | None = None
+        self, channels: int, num_heads: int, norm_groups: int = 32, context_dim: int | None = None,
+        positions: int | None = None,
     ):
         super().__init__()
+        if positions is not None and context_dim is None:
+            raise ConfigError("query position embeddings are for cross-attention: build the block with context_dim")
         self.norm = group_norm(channels, norm_groups)
+        self.query_position = None if positions is None else nn.Parameter(torch.zeros(positions, channels))
         self.attention = Attention(channels, num_heads, context_dim=context_dim)
         nn.init.zeros_(self.attention.proj.weight)
         nn.init.zeros_(self.attention.proj.bias)
@@ -98,6 +103,11 @@ class SpatialAttention(nn.Module):
         (True on real tokens: text padding is never attended to) -> (N, C, H, W)."""
         n, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, H*W, C)
+        if self.query_position is not None:
+            if self.query_position.shape[0] != h * w:
+                raise ConfigError(f"this cross-attention block has query positions for {self.query_position.shape[0]} "
+                                  f"pixels, the feature map has {h}x{w}: sample at the size the run was trained at")
+            tokens = tokens + self.query_position  # (N, H*W, C): only the queries read it (keys come from the context)
         out = self.attention(tokens, context, key_mask=context_mask)  # (N, H*W, C)
         return x + out.transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W)
 
