@@ -35,7 +35,7 @@ from genlab.runs import checkpoint_choice, load_run
 # Rows of the share table (targets, conv_rank): each kind alone, then the combinations the adaptation table uses.
 SHARE_TARGETS = [("attn", None), ("conv1x1", None), ("linear", None), ("emb_proj", None), ("conv", None),
                  ("attn,conv1x1", None), ("attn,emb_proj", None), ("attn,linear", None), ("attn,linear,conv1x1", None),
-                 ("attn,conv", None), ("attn,conv", 1), ("attn,conv", 2)]
+                 ("attn,conv", None), ("attn,conv", 1), ("attn,conv", 2), ("conv", 1)]
 
 
 def trainable_share(run_dir: Path) -> tuple[int, int]:

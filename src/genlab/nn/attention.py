@@ -130,10 +130,12 @@ class ContextRefiner(nn.Module):
     """Trainable transformer blocks over a (frozen) text encoder's token states: (N, S, D_in) -> (N, S, W).
 
     A frozen sentence encoder's state of a word carries its own meaning but little of its role in this
-    data's captions: in "an 8 to the right of a 3" MiniLM's state of "8" does not say "right-hand
-    digit" (a linear probe on held-out templates is at chance, docs/results.md). A cross-attention
-    query cannot combine two tokens (the digit and the relation word) in one step, so these blocks,
-    trained with the denoiser, let every token read the others first (as a trainable text tower does).
+    data's captions: MiniLM's state of the "8" in "an 8 to the right of a 3" does not say "right-hand
+    digit" in a form that carries across phrasings (a linear probe fitted on the other templates reads
+    most held-out ones backwards; benchmarks/pairs_binding.py). A cross-attention query cannot combine
+    two tokens (the digit and the relation word) in one step, so these blocks, trained with the
+    denoiser, let every token read the others first (as a trainable text tower does). On mnist-pairs at
+    20 CPU-minutes they did not help (docs/results.md, "mnist-pairs composition").
     """
 
     def __init__(self, in_dim: int, width: int, layers: int, heads: int):
