@@ -9,7 +9,8 @@ class. The shipped MNIST evaluator judges samples:
   of a seven"), of "a sks digit", and of the general prompts "a digit", "a photo of a digit" and "a photo of"
   (the TI prompt without S*: the floor a TI number is compared with), and the class accuracy of "the digit K"
   for every other class K;
-- ``ti``: textual-inversion (``--ti-steps``) -> the concept share of "a photo of S*" samples (target >= 80 %);
+- ``ti``: textual-inversion (``--ti-steps``) -> the concept share of "a photo of S*" samples (target >= 80 %),
+  and its floor: the same samples with v* at its initial value (before any step);
 - ``ti-loss``: the base's diffusion loss on held-out concept images (mnist:test) under "a photo of S*" and
   under prompts of known words (same t and noise for every prompt): what the learned word explains;
 - ``db-prior`` / ``db-plain``: dreambooth with / without the prior-preservation loss (``--db-steps``) ->
@@ -70,21 +71,6 @@ def drift(run, extractor, a, out: Path, name: str) -> dict[str, float]:
     concept = sum(share(extractor, images[k], a.concept) for k in others) / len(others)
     return {"drift_accuracy": sum(per_class.values()) / len(others), "drift_per_class": per_class,
             "drift_concept_share": concept}  # "the digit K" samples the evaluator calls the concept
-
-
-@torch.no_grad()
-def heldout_loss(method, images: torch.Tensor, prompt: str, seed: int = 0) -> float:
-    """The base's diffusion loss on held-out images with one prompt, t and noise drawn from ``seed`` (the same
-    draws for every prompt): how well the prompt explains the images to the denoiser."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, method.config.num_timesteps, (len(images),), generator=g)
-    noise = torch.randn(images.shape, generator=g)
-    total = 0.0
-    for i in range(0, len(images), 100):
-        x0, n = images[i: i + 100], len(images[i: i + 100])
-        loss, _ = method.loss(x0, t[i: i + n], noise[i: i + n], method.encode_prompts([prompt] * n))
-        total += float(loss) * n
-    return total / len(images)
 
 
 def train_child(method: str, run_dir: Path, a, overrides: list[str]) -> float:
@@ -153,14 +139,24 @@ def main() -> None:
             "train.ema_decay=0.99", f"model.num_vectors={a.ti_vectors}", f"model.init_word={a.ti_init}",
             f"model.init_noise={a.ti_init_noise}", f"model.caption_words=[{','.join(words)}]"])
         run = api.load_run(run_dir)
-        for w in [float(g) for g in a.guidance_scales.split(",")]:  # the concept share at each guidance scale
-            images = run.sample(a.n, seed=a.seed, prompt="a photo of S*", guidance_scale=w, steps=a.sample_steps,
-                                batch_size=100)
-            save_grid(images[:50], out / f"{name}_samples_w{w:g}.png", nrow=10, scale=2)
-            result[f"share[a photo of S*][w={w:g}]"] = share(extractor, images, a.concept)
-            if w == a.guidance_scale:
-                result["share[a photo of S*]"] = result[f"share[a photo of S*][w={w:g}]"]
         run.method.save_embeddings(out / f"{name}_s_star.safetensors")
+        vectors = run.method.embedding.vectors
+        learned = vectors.detach().clone()
+        # The floor each number is compared with: the same prompt, seed and scales with v* at its start (the init
+        # word's embedding or the mean row, without init_noise), i.e. what the base draws before any TI step.
+        run.method.config.init_noise = 0.0
+        initial = run.method._initial_vectors(run.method.text_encoder)
+        for key, v in (("share", learned), ("floor", initial)):
+            with torch.no_grad():
+                vectors.copy_(v)
+            for w in [float(g) for g in a.guidance_scales.split(",")]:  # the concept share at each guidance scale
+                images = run.sample(a.n, seed=a.seed, prompt="a photo of S*", guidance_scale=w, steps=a.sample_steps,
+                                    batch_size=100)
+                save_grid(images[:50], out / f"{name}_{'samples' if key == 'share' else 'floor'}_w{w:g}.png", nrow=10,
+                          scale=2)
+                result[f"{key}[a photo of S*][w={w:g}]"] = share(extractor, images, a.concept)
+                if w == a.guidance_scale:
+                    result[f"{key}[a photo of S*]"] = result[f"{key}[a photo of S*][w={w:g}]"]
     elif a.part == "ti-loss":
         from genlab.data import load_data
 
@@ -170,7 +166,9 @@ def main() -> None:
         prompts = ["a photo of S*", f"a photo of a {concept_word}", f"the digit {a.concept}", "a photo of a digit", ""]
         result["heldout_n"] = len(held)
         for prompt in prompts:
-            result[f"heldout_loss[{prompt}]"] = heldout_loss(run.method.base, held.to_model_range(), prompt)
+            # the same t and noise for every prompt; an ldm base scores the images' latents
+            result[f"heldout_loss[{prompt}]"] = run.method.base.heldout_loss(held.to_model_range(), prompt=prompt,
+                                                                            batch_size=100)
     else:
         prior = a.part == "db-prior"
         run_dir = out / name
@@ -206,8 +204,9 @@ def print_table(out: Path, a) -> None:
                   f"{x[f'share[the digit {a.concept}]']:.1%} ('the digit {a.concept}'){general} | {x['drift_accuracy']:.1%} | "
                   f"{x['drift_concept_share']:.1%} |")
         elif x["part"] == "ti":
-            shares = ", ".join(f"{v:.0%} at w={k.split('[w=')[1][:-1]}" for k, v in x.items()
-                               if k.startswith("share[a photo of S*][w="))
+            shares = ", ".join(f"{v:.0%} at w={k.split('[w=')[1][:-1]}"
+                               + (f" (floor {x[f'floor{k[5:]}']:.0%})" if f"floor{k[5:]}" in x else "")
+                               for k, v in x.items() if k.startswith("share[a photo of S*][w="))
             print(f"| {name}: textual-inversion, {x.get('ti_vectors')} vectors, {x.get('ti_steps')} steps, lr "
                   f"{x.get('ti_lr')}, init {x.get('ti_init')}, caption words {x.get('ti_caption_words') or '-'} | "
                   f"{x['train_seconds']:.0f} | {shares} ('a photo of S*') | unchanged (frozen) | unchanged |")

@@ -317,3 +317,28 @@ def test_each_distinct_training_image_is_encoded_once_alone(kl_ae_run, monkeypat
     for _ in range(2):
         assert torch.equal(method._diffused(x), alone)
     assert calls == [1] * 6 + [1] * 4 and len(method._latent_cache.latents) == 2
+
+
+def test_heldout_loss_of_a_text_ldm_scores_the_latents_under_the_given_prompt(kl_ae_run):
+    """The held-out loss with a prompt (what personalization.py's ti-loss compares prompts by) is the diffusion
+    loss on the images' scaled latents, every image conditioned on that prompt, with t then noise drawn from the
+    seed; the batch size does not change it, and another prompt gives another loss."""
+    from methods.test_text_conditioning import TINY_TEXT
+
+    cfg = build_config("ldm", LDM.Config, overrides=TINY_LDM + TINY_TEXT + [f"autoencoder={kl_ae_run}"])
+    torch.manual_seed(0)
+    method = build_method(cfg, DataInfo(channels=1, image_size=8, num_classes=10, source="mnist-captions")).eval()
+    with torch.no_grad():  # zero-initialised outputs would hide the text
+        for p in method.backbone.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = _digits(10)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, method.config.num_timesteps, (10,), generator=g)
+    noise = torch.randn((10, *method.latent_shape), generator=g)
+    with torch.no_grad():
+        z = method.autoencoder.encode(x) * method.latent_scale
+        expected = {p: float(method.loss(z, t, noise, method.encode_prompts([p] * 10))[0])
+                    for p in ("a thick seven", "the digit 1")}
+    for p, loss in expected.items():
+        assert method.heldout_loss(x, seed=5, batch_size=3, prompt=p) == pytest.approx(loss, rel=1e-5)
+    assert expected["a thick seven"] != pytest.approx(expected["the digit 1"], rel=1e-4)

@@ -319,11 +319,12 @@ class DDPM(Method, Generates, Denoiser):
 
     @torch.no_grad()
     def heldout_loss(self, images: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0,
-                     batch_size: int = 500) -> float:
+                     batch_size: int = 500, prompt: str | None = None) -> float:
         """The training loss on held-out images (N, C, H, W) in [-1, 1], with t and noise drawn from
         ``seed`` (the same draws for every run: runs of one data set are compared on equal terms)
-        and the true labels (no condition dropout). Lower is better; comparable between runs with
-        the same prediction target, schedule and weighting."""
+        and the true labels (no condition dropout); a text run conditions every image on ``prompt``
+        (the same draws for every prompt: how well each prompt explains the images). Lower is better;
+        comparable between runs with the same prediction target, schedule and weighting."""
         n = len(images)
         shape = self._diffused(images[:1].to(self.device)).shape[1:]
         # All draws up front: the result does not depend on batch_size.
@@ -335,7 +336,10 @@ class DDPM(Method, Generates, Denoiser):
             x0 = self._diffused(images[start: start + batch_size].to(self.device))
             t = t_all[start: start + len(x0)].to(self.device)
             noise = noise_all[start: start + len(x0)].to(self.device)
-            y = None if self.num_classes is None or labels is None else labels[start: start + len(x0)].to(self.device)
+            if prompt is not None:
+                y = self.encode_prompts([prompt] * len(x0))
+            else:
+                y = None if self.num_classes is None or labels is None else labels[start: start + len(x0)].to(self.device)
             loss, _ = self.loss(x0, t, noise, y)
             total += float(loss) * len(x0)
         return total / n
