@@ -149,6 +149,59 @@ def test_vae_sampling_takes_temperature_and_rejects_unknown_options():
         method.sample(2, guidance_scale=2.0)
 
 
+def test_aggregate_prior_tracks_the_moments_of_q_z_as_an_ema():
+    # Known posteriors: means mu ~ N(m, C) per batch, every variance s2; q(z) then has mean m and
+    # covariance C + s2 I. The buffers must be the exact EMA of the batch moments, and the fitted
+    # Gaussian must approach that closed form.
+    method = _method("vae", "model.prior=aggregate", "model.aggregate_decay=0.9")
+    g = torch.Generator().manual_seed(0)
+    m = torch.linspace(-1, 1, 8)
+    a = torch.randn(8, 8, generator=g) * 0.5
+    cov, s2 = a @ a.T + 0.2 * torch.eye(8), 0.05
+    seen = []
+
+    def posterior(x):
+        mu = m + torch.randn(len(x), 8, generator=g) @ torch.linalg.cholesky(cov).T
+        seen.append(mu)
+        return mu[:, :, None, None], torch.full((len(x), 8, 1, 1), math.log(s2))
+
+    method._posterior = posterior
+    x = torch.zeros(400, 1, 8, 8)
+    for step in range(80):
+        method.training_step({"image": x}, FakeContext(400, step=step))
+    ema_mean, ema_second = seen[0].mean(0), seen[0].T @ seen[0] / 400
+    for mu in seen[1:]:
+        ema_mean = 0.9 * ema_mean + 0.1 * mu.mean(0)
+        ema_second = 0.9 * ema_second + 0.1 * mu.T @ mu / 400
+    assert torch.allclose(method.aggregate_mean, ema_mean, atol=1e-5)
+    assert torch.allclose(method.aggregate_second_moment, ema_second + s2 * torch.eye(8), atol=1e-4)
+    assert int(method.aggregate_updates) == 80
+    mean, chol = method.aggregate_gaussian()
+    assert torch.allclose(mean, m, atol=0.05)
+    assert torch.allclose(chol @ chol.T, cov + s2 * torch.eye(8), atol=0.1)
+
+
+def test_aggregate_prior_samples_decode_z_from_the_fitted_gaussian():
+    method = _method("vae", "model.prior=aggregate").eval()
+    standard = _method("vae").eval()
+    # Before any training update the aggregate Gaussian is N(0, I): the same images as the standard prior.
+    a = method.sample(6, generator=torch.Generator().manual_seed(3))
+    b = standard.sample(6, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(a, b, atol=1e-5)
+    assert "aggregate_mean" not in standard.state_dict()  # standard runs' checkpoints are unchanged
+    m, cov = torch.tensor([2.0, -1.0, 0, 0, 0, 0, 0, 0.5]), torch.diag(torch.tensor([4.0, 0.25, 1, 1, 1, 1, 1, 0.01]))
+    cov[0, 1] = cov[1, 0] = 0.5
+    method.aggregate_mean.copy_(m)
+    method.aggregate_second_moment.copy_(cov + torch.outer(m, m))
+    drawn = []
+    method.decode = lambda z: drawn.append(z) or torch.zeros(len(z), 1, 8, 8)
+    for temperature in (1.0, 0.5):
+        method.sample(20000, generator=torch.Generator().manual_seed(0), temperature=temperature)
+        z = drawn[-1].flatten(1)
+        assert torch.allclose(z.mean(0), m, atol=0.05)
+        assert torch.allclose(torch.cov(z.T), temperature**2 * cov, atol=0.06 * temperature**2)
+
+
 @pytest.mark.parametrize("name", ["ae", "dae", "kl-ae"])
 def test_autoencoders_without_prior_refuse_to_sample(name):
     method = _method(name)
@@ -260,6 +313,24 @@ def test_trains_on_digits_and_resumes_exactly(name, tmp_path):
     if name == "vae":
         s1, s2 = straight.sample(8, seed=3), straight.sample(8, seed=3)
         assert torch.equal(s1, s2) and not torch.equal(s1, straight.sample(8, seed=4))
+
+
+def test_aggregate_prior_statistics_are_saved_and_resumed(tmp_path):
+    common = TINY["vae"] + ["model.prior=aggregate", "train.checkpoint_every=10"]
+    straight = api.train("vae", data="digits", overrides=common + ["train.steps=20"], run_dir=tmp_path / "a",
+                         progress=False)
+    api.train("vae", data="digits", overrides=common + ["train.steps=10"], run_dir=tmp_path / "b", progress=False)
+    api.train("vae", overrides=["train.steps=20"], run_dir=tmp_path / "b", resume=True, progress=False)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert int(a["aggregate_updates"]) == 20 and not torch.equal(a["aggregate_mean"], torch.zeros(8))
+    for k in ("aggregate_mean", "aggregate_second_moment", "aggregate_updates"):
+        assert torch.equal(a[k], b[k]), k
+    # The loaded run samples from those statistics: the same images as a method rebuilt from them.
+    rebuilt = _method("vae", "model.prior=aggregate")
+    rebuilt.load_state_dict(a)
+    mean, chol = rebuilt.aggregate_gaussian()
+    assert torch.equal(mean, a["aggregate_mean"]) and torch.allclose(
+        chol @ chol.T, a["aggregate_second_moment"] - torch.outer(mean, mean), atol=1e-5)
 
 
 def test_wrong_images_are_data_errors():

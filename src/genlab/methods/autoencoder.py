@@ -88,6 +88,13 @@ class VAEConfig:
     likelihood: Literal["discretized-gaussian", "discretized-logistic"] = "discretized-gaussian"
     decoder_scale: Literal["channel", "global"] = "channel"  # learned scale of p(x|z): one per channel or one
     init_scale: float = 0.1  # initial decoder scale, in units of the [-1, 1] pixel range
+    # What sample() draws z from. "standard": N(0, I), the prior of the ELBO. "aggregate": the Gaussian
+    # with the mean and covariance of the aggregate posterior q(z) = E_x q(z|x), tracked during training
+    # (an EMA, aggregate_decay per step). Training and the ELBO still use N(0, I); the learned decoder
+    # scale keeps the KL small, so q(z) drifts far from N(0, I) and N(0, I) samples land in its holes
+    # (ex-post density estimation, Ghosh et al. 2020; measured in docs/results.md "Every generative preset draws").
+    prior: Literal["standard", "aggregate"] = "standard"
+    aggregate_decay: float = 0.99
 
 
 @dataclass
@@ -199,6 +206,24 @@ class _AutoencoderFamily(Method, Reconstructs, Encodes):
     def sample(self, n: int, *, generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:
         """Autoencoders without a prior cannot sample."""
         raise ConfigError(NO_PRIOR)
+
+
+@torch.no_grad()
+def fold_moment(running: torch.Tensor, batch: torch.Tensor, first: bool, decay: float) -> None:
+    """running <- batch (first update: no bias towards the initial value) or decay running + (1 - decay) batch.
+
+    ``batch`` is this process's batch moment; under torch.distributed it is averaged over the processes
+    first, so every process keeps the same buffer.
+    """
+    batch = batch.detach().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        batch = batch.clone()
+        torch.distributed.all_reduce(batch)
+        batch /= torch.distributed.get_world_size()
+    if first:
+        running.copy_(batch)
+    else:
+        running.mul_(decay).add_((1 - decay) * batch)
 
 
 def _draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
@@ -347,10 +372,39 @@ class VAE(_AutoencoderFamily, Generates, HasELBO):
             raise ConfigError(f"model.beta={config.beta} must be >= 0")
         if config.init_scale <= 0:
             raise ConfigError(f"model.init_scale={config.init_scale} must be > 0")
+        if not 0.0 <= config.aggregate_decay < 1.0:
+            raise ConfigError(f"model.aggregate_decay={config.aggregate_decay} must be in [0, 1)")
         scales = data_info.channels if config.decoder_scale == "channel" else 1
         # log of the decoder's scale (std for the Gaussian, s for the logistic), learned jointly
         # (the "sigma-VAE" of Rybkin et al. 2021 learns it instead of fixing it to a guess).
         self.log_scale = nn.Parameter(torch.full((scales,), math.log(config.init_scale)))
+        if config.prior == "aggregate":  # only then: checkpoints of "standard" runs keep their tensors
+            d = math.prod(self.latent_shape())
+            # EMAs of E[z] and E[z z^T] under q(z) = E_x q(z|x), z flattened; before any update they
+            # describe N(0, I), so an untrained model samples as with the standard prior.
+            self.register_buffer("aggregate_mean", torch.zeros(d))
+            self.register_buffer("aggregate_second_moment", torch.eye(d))
+            self.register_buffer("aggregate_updates", torch.tensor(0, dtype=torch.long))
+
+    @torch.no_grad()
+    def update_aggregate(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        """Fold a batch of posteriors q(z|x) = N(mean, diag e^logvar), each (n, c, h, w), into the q(z) moments.
+
+        The batch's mixture of Gaussians has E[z] = avg mean and E[z z^T] = avg (mean mean^T + diag e^logvar).
+        """
+        mu = mean.flatten(1).float()  # (n, d)
+        second = mu.T @ mu / len(mu) + torch.diag(logvar.flatten(1).float().exp().mean(0))  # (d, d)
+        first, d = self.aggregate_updates.item() == 0, self.config.aggregate_decay
+        fold_moment(self.aggregate_mean, mu.mean(0), first, d)
+        fold_moment(self.aggregate_second_moment, second, first, d)
+        self.aggregate_updates.add_(1)
+
+    def aggregate_gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (d,), Cholesky factor L (d, d)) of the Gaussian fitted to q(z): covariance = E[z z^T] - E[z] E[z]^T."""
+        m = self.aggregate_mean.double()
+        cov = self.aggregate_second_moment.double() - torch.outer(m, m)
+        cov = 0.5 * (cov + cov.T) + 1e-6 * torch.eye(len(m), dtype=cov.dtype, device=cov.device)
+        return self.aggregate_mean, torch.linalg.cholesky(cov).float()
 
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x | z) in nats per image, (N,): the discretised decoder summed over pixels."""
@@ -358,11 +412,11 @@ class VAE(_AutoencoderFamily, Generates, HasELBO):
         log_scale = self.log_scale.clamp(min=-9.0).view(1, -1, 1, 1)  # floor keeps 1/scale finite
         return discretized_log_likelihood(x, mean, log_scale, self.config.likelihood).flatten(1).sum(1)
 
-    def _terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(-log p(x|z), KL(q(z|x) || p(z))) in nats per image, z = mu + sigma eps (one sample)."""
+    def _terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(-log p(x|z), KL(q(z|x) || p(z))) in nats per image, z = mu + sigma eps (one sample), and (mu, log sigma^2)."""
         mean, logvar = self._posterior(x)  # (N, c, h, w) each
         z = reparameterize(mean, logvar, eps)
-        return -self.log_likelihood(x, z), kl_diagonal_gaussian(mean, logvar)
+        return -self.log_likelihood(x, z), kl_diagonal_gaussian(mean, logvar), (mean, logvar)
 
     def negative_elbo(self, x: torch.Tensor, *, generator: torch.Generator | None = None,
                       samples: int = 1) -> torch.Tensor:
@@ -375,7 +429,7 @@ class VAE(_AutoencoderFamily, Generates, HasELBO):
         total = torch.zeros(len(x), device=x.device)
         for _ in range(samples):
             eps = _draw_normal((len(x), *self.latent_shape()), generator, x)
-            rec, kl = self._terms(x, eps)
+            rec, kl, _ = self._terms(x, eps)
             total = total + rec
         return total / samples + kl
 
@@ -390,7 +444,9 @@ class VAE(_AutoencoderFamily, Generates, HasELBO):
         """Minimise (-log p(x|z) + beta KL) / (C H W), i.e. the negative beta-ELBO in nats per dimension."""
         x = batch["image"]  # (n, C, H, W) in [-1, 1]
         eps = ctx.randn(*self.latent_shape())  # (n, c, h, w)
-        rec, kl = self._terms(x, eps)  # (n,) each, nats
+        rec, kl, posterior = self._terms(x, eps)  # (n,) each, nats
+        if self.config.prior == "aggregate":
+            self.update_aggregate(*posterior)
         dims = x[0].numel()
         loss = (rec + self.beta_at(ctx.step) * kl).mean() / dims
         ctx.optimize(loss)
@@ -401,12 +457,16 @@ class VAE(_AutoencoderFamily, Generates, HasELBO):
     @torch.no_grad()
     def sample(self, n: int, *, generator: ImageNoise | torch.Generator | None = None, temperature: float = 1.0,
                **unknown: Any) -> torch.Tensor:
-        """Decode z ~ N(0, temperature^2 I): the decoder mean, clamped to [-1, 1]; z_i from image i's noise."""
+        """Decode z from the prior (N(0, I), or the aggregate Gaussian N(m, L L^T) when model.prior=aggregate)
+        with its deviations scaled by ``temperature``: the decoder mean, clamped to [-1, 1]; z_i from image i's noise."""
         if unknown:
             raise ConfigError(f"vae sampling does not take {', '.join(sorted(unknown))}")
         if temperature <= 0:
             raise ConfigError(f"temperature={temperature} must be > 0")
         z = temperature * ImageNoise.of(generator, n).randn(*self.latent_shape(), device=self.log_scale.device)
+        if self.config.prior == "aggregate":
+            m, chol = self.aggregate_gaussian()
+            z = (m + z.flatten(1) @ chol.T).view(n, *self.latent_shape())
         return self.decode(z).clamp(-1, 1)
 
 
@@ -437,15 +497,8 @@ class KLAutoencoder(_AutoencoderFamily, LatentCodec):
     @torch.no_grad()
     def update_latent_scale(self, z: torch.Tensor) -> None:
         """Fold a batch of latents into the EMA of E[z^2]; latent_scale = 1 / sqrt(that)."""
-        moment = z.detach().float().pow(2).mean()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(moment)  # every process keeps the same buffer
-            moment /= torch.distributed.get_world_size()
-        if self.latent_updates.item() == 0:
-            self.latent_second_moment.copy_(moment)  # no bias towards the initial value
-        else:
-            d = self.config.latent_scale_decay
-            self.latent_second_moment.mul_(d).add_((1 - d) * moment)
+        fold_moment(self.latent_second_moment, z.detach().float().pow(2).mean(), self.latent_updates.item() == 0,
+                    self.config.latent_scale_decay)
         self.latent_updates.add_(1)
         self.latent_scale.copy_(self.latent_second_moment.clamp(min=1e-12).rsqrt())
 
