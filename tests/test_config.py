@@ -93,3 +93,14 @@ def test_presets_of_a_longer_method_name_are_not_listed_under_the_shorter_one():
     assert "small" in list_presets("gan-encoder")
     assert not any(p.startswith("encoder") for p in list_presets("gan"))
     assert "wgan_gp_small" in list_presets("gan")
+
+
+def test_or_null_is_offered_only_for_the_key_that_may_be_null():
+    """model.unet is an optional section, its keys are not: an error about a key inside it must not say
+    "or null" (it used to, e.g. "pooled_text must be bool or null, got None"); an optional key still does."""
+    with pytest.raises(ConfigError, match=r"'model\.unet\.pooled_text' must be bool, got None$"):
+        build("model.unet.pooled_text=null")
+    with pytest.raises(ConfigError, match=r"'model\.unet\.num_res_blocks' must be >= 0, got -1$"):
+        build("model.unet.num_res_blocks=-1")
+    with pytest.raises(ConfigError, match=r"'model\.unet\.num_head_channels' must be >= 1 or null, got 0$"):
+        build("model.unet.num_head_channels=0")

@@ -144,7 +144,9 @@ def _coerce(value: Any, tp: Any, key: str, range_: Range | None = None) -> Any:
             except ConfigError as e:
                 if len(options) == 1:  # `float | None`: the float's own message says more (its range)
                     message = str(e)
-                    if type(None) in args:
+                    # "or null" belongs to this key only: an error inside an optional section names a key
+                    # of its own, which may not be null.
+                    if type(None) in args and message.startswith(f"config key '{key}' "):
                         message = message.replace(", got ", " or null, got ", 1)
                     raise ConfigError(message) from None
         raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
