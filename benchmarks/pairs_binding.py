@@ -60,19 +60,14 @@ def probe(kind: str) -> None:
 
 def negative_swapped(run_dir: str, scales: list[float], per_prompt: int, sampler: str, steps: int) -> None:
     from genlab import api
-    from genlab.data.captions import HORIZONTAL, PAIR_TEMPLATES, VERTICAL, pair_caption
+    from genlab.data.captions import pair_caption
     from genlab.evaluation.common import resolve_extractor
-    from genlab.evaluation.text_to_image import COMPOSITION_PAIRS, _samples_u8, composition_scores
+    from genlab.evaluation.text_to_image import _samples_u8, composition_asks, composition_scores
 
     run = api.load_run(run_dir, device="cpu")
     classifier = resolve_extractor(None, "mnist", "cpu")
-    asks = [(a, b, kind, i % len(PAIR_TEMPLATES[kind])) for i, (a, b) in enumerate(COMPOSITION_PAIRS)
-            for kind in (HORIZONTAL, VERTICAL)]  # the composition block's asks
-    reps = max(1, per_prompt // 2)
-    prompts = [pair_caption(a, b, kind, t) for a, b, kind, t in asks for _ in range(reps)]
+    prompts, classes, arrangement, asks, reps = composition_asks(per_prompt)  # the composition block's prompts
     swapped = [pair_caption(b, a, kind, t) for a, b, kind, t in asks for _ in range(reps)]
-    classes = torch.tensor([[a, b] for a, b, _, _ in asks]).repeat_interleave(reps, 0)
-    arrangement = torch.tensor([kind for _, _, kind, _ in asks]).repeat_interleave(reps)
     for w in scales:
         options = {"guidance_scale": w, "sampler": sampler, "steps": steps, "negative_prompts": swapped}
         images = _samples_u8(run, prompts, 0, 250, options, False)

@@ -588,6 +588,15 @@ def test_the_timing_probe_samples_the_first_images_own_prompts_and_labels():
     assert "40 images" in logged[0]
 
 
+def test_per_sample_slice_keeps_whole_run_specs_whole():
+    from genlab.runs import per_sample_slice
+
+    cut = per_sample_slice({"labels": "all", "prompt": "a 7", "prompts": ["a", "b", "c"], "negative_labels": [1, 2, 3],
+                            "steps": 3}, 1, 3)
+    assert cut["labels"] == "all" and cut["prompt"] == "a 7" and cut["prompts"] == ["b", "c"] and cut["steps"] == 3
+    assert cut["negative_labels"].tolist() == [2, 3]
+
+
 def test_feature_bar_moves_every_few_extractor_batches(tiny, bar_updates):
     from genlab.evaluation.reference import features_and_probabilities
 

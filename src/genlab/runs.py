@@ -56,15 +56,18 @@ PER_SAMPLE_PROMPTS = ("prompts", "negative_prompts")
 
 
 def per_sample_slice(options: dict, start: int, stop: int) -> dict:
-    """``options`` with every per-image option (labels, control maps, prompt lists) cut to images [start, stop)."""
+    """``options`` with every per-image option (labels, control maps, prompt lists) cut to images [start, stop).
+
+    A string stands for every image ("all" classes, one prompt) and is kept whole.
+    """
     out = dict(options)
-    for key in PER_SAMPLE_OPTIONS:
-        if out.get(key) is not None:
-            out[key] = torch.as_tensor(out[key])[start:stop]
-    for key in PER_SAMPLE_PROMPTS:
-        if out.get(key) is not None and not isinstance(out[key], str):
-            out[key] = list(out[key])[start:stop]
+    for key in PER_SAMPLE_OPTIONS + PER_SAMPLE_PROMPTS:
+        value = out.get(key)
+        if value is None or isinstance(value, str):
+            continue
+        out[key] = list(value)[start:stop] if key in PER_SAMPLE_PROMPTS else torch.as_tensor(value)[start:stop]
     return out
+
 
 @dataclass
 class Run:

@@ -141,9 +141,10 @@ def composition_scores(images_u8: torch.Tensor, classes: torch.Tensor, arrangeme
             "composition_swapped": float(((p1 == b) & (p2 == a) & (a != b)).double().mean())}
 
 
-def _pair_composition(run, seed: int, batch_size: int, options: dict, per_prompt: int, progress: bool, classifier
-                      ) -> tuple[dict[str, float], str]:
-    """Samples of spatial prompts ("the digit 3 is left of the digit 6"), scored half by half."""
+def composition_asks(per_prompt: int) -> tuple[list[str], torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]], int]:
+    """The composition block's spatial prompts: (prompts (N,), asked digits (N, 2), arrangement (N,), the 20 asks
+    (first digit, second digit, arrangement, template), samples per ask). Each pair of COMPOSITION_PAIRS side by
+    side and stacked, the templates in turn, per_prompt / 2 samples each."""
     from genlab.data.captions import HORIZONTAL, PAIR_TEMPLATES, VERTICAL, pair_caption
 
     asks = [(a, b, kind, i % len(PAIR_TEMPLATES[kind])) for i, (a, b) in enumerate(COMPOSITION_PAIRS)
@@ -152,6 +153,13 @@ def _pair_composition(run, seed: int, batch_size: int, options: dict, per_prompt
     prompts = [pair_caption(a, b, kind, t) for a, b, kind, t in asks for _ in range(reps)]
     classes = torch.tensor([[a, b] for a, b, _, _ in asks]).repeat_interleave(reps, 0)
     arrangement = torch.tensor([kind for _, _, kind, _ in asks]).repeat_interleave(reps)
+    return prompts, classes, arrangement, asks, reps
+
+
+def _pair_composition(run, seed: int, batch_size: int, options: dict, per_prompt: int, progress: bool, classifier
+                      ) -> tuple[dict[str, float], str]:
+    """Samples of spatial prompts ("the digit 3 is left of the digit 6"), scored half by half."""
+    prompts, classes, arrangement, asks, reps = composition_asks(per_prompt)
     images = _samples_u8(run, prompts, seed, batch_size, options, progress)
     return composition_scores(images, classes, arrangement, classifier, batch_size), (
         f"{len(asks)} spatial prompts (digits {COMPOSITION_PAIRS} side by side and stacked, the templates in turn, "

@@ -497,7 +497,7 @@ class KLAutoencoder(_AutoencoderFamily, LatentCodec):
     @torch.no_grad()
     def update_latent_scale(self, z: torch.Tensor) -> None:
         """Fold a batch of latents into the EMA of E[z^2]; latent_scale = 1 / sqrt(that)."""
-        fold_moment(self.latent_second_moment, z.detach().float().pow(2).mean(), self.latent_updates.item() == 0,
+        fold_moment(self.latent_second_moment, z.float().pow(2).mean(), self.latent_updates.item() == 0,
                     self.config.latent_scale_decay)
         self.latent_updates.add_(1)
         self.latent_scale.copy_(self.latent_second_moment.clamp(min=1e-12).rsqrt())
