@@ -58,7 +58,11 @@ def share(extractor, images: torch.Tensor, label: int) -> float:
 
 def sample(run, prompt: str, n: int, a) -> torch.Tensor:
     return run.sample(n, seed=a.seed, prompt=prompt, guidance_scale=a.guidance_scale, steps=a.sample_steps,
-                      batch_size=100)
+                      batch_size=100, **sampler_option(a))
+
+
+def sampler_option(a) -> dict[str, str]:
+    return {"sampler": a.sampler} if a.sampler else {}
 
 
 def drift(run, extractor, a, out: Path, name: str) -> dict[str, float]:
@@ -109,11 +113,14 @@ def main() -> None:
     p.add_argument("--n-drift", type=int, default=30, help="samples per 'the digit K' prompt")
     p.add_argument("--n-heldout", type=int, default=500, help="held-out concept images (mnist:test) for ti-loss")
     p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--sample-steps", type=int, default=25, help="sampler steps")
+    p.add_argument("--sampler", help="the sampler of every measured sample (default: the run's own, ddim for the presets); "
+                   "a measurement with another sampler writes OUT/<name>_<sampler><steps>.json beside the default one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     name = a.name or a.part
+    result_name = f"{name}_{a.sampler}{a.sample_steps}" if a.sampler else name  # the json and grids of this measurement
     torch.set_num_threads(a.threads)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,14 +129,15 @@ def main() -> None:
     extractor = get_extractor("mnist")
     start = time.perf_counter()
     result: dict = {"part": a.part, "concept": a.concept, "images": a.images, "n": a.n, "n_drift": a.n_drift,
-                    "guidance_scale": a.guidance_scale, "sample_steps": a.sample_steps, "seed": a.seed}
+                    "guidance_scale": a.guidance_scale, "sample_steps": a.sample_steps, "seed": a.seed,
+                    "sampler": a.sampler or "the run's"}
     concept_word = WORDS[a.concept]
     if a.part == "base":
         run = api.load_run(a.base)
         for prompt in (f"a photo of a {concept_word}", f"the digit {a.concept}", "a sks digit", *GENERAL_PROMPTS):
             images = sample(run, prompt, a.n, a)
             result[f"share[{prompt}]"] = share(extractor, images, a.concept)
-        result.update(drift(run, extractor, a, out, "base"))
+        result.update(drift(run, extractor, a, out, result_name))
     elif a.part == "ti":
         run_dir = out / name
         words = [w for w in a.ti_caption_words.split(",") if w]
@@ -151,8 +159,8 @@ def main() -> None:
                 vectors.copy_(v)
             for w in [float(g) for g in a.guidance_scales.split(",")]:  # the concept share at each guidance scale
                 images = run.sample(a.n, seed=a.seed, prompt="a photo of S*", guidance_scale=w, steps=a.sample_steps,
-                                    batch_size=100)
-                save_grid(images[:50], out / f"{name}_{'samples' if key == 'share' else 'floor'}_w{w:g}.png", nrow=10,
+                                    batch_size=100, **sampler_option(a))
+                save_grid(images[:50], out / f"{result_name}_{'samples' if key == 'share' else 'floor'}_w{w:g}.png", nrow=10,
                           scale=2)
                 result[f"{key}[a photo of S*][w={w:g}]"] = share(extractor, images, a.concept)
                 if w == a.guidance_scale:
@@ -181,11 +189,11 @@ def main() -> None:
             f"model.class_guidance_scale={a.guidance_scale}", f"model.class_sample_steps={a.sample_steps}"])
         run = api.load_run(run_dir)
         images = sample(run, "a sks digit", a.n, a)
-        save_grid(images[:50], out / f"{name}_samples.png", nrow=10, scale=2)
+        save_grid(images[:50], out / f"{result_name}_samples.png", nrow=10, scale=2)
         result["fidelity"] = share(extractor, images, a.concept)
-        result.update(drift(run, extractor, a, out, name))
+        result.update(drift(run, extractor, a, out, result_name))
     result["measure_seconds"] = time.perf_counter() - start
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{result_name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
 

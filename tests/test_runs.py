@@ -231,3 +231,17 @@ def test_compiled_sampling_draws_a_last_partial_batch_eagerly(tmp_path, monkeypa
     assert set(seen) == {4} and len(seen) == 2 * 2  # two full batches of two steps; the batch of 2 ran eagerly
     assert torch.equal(compiled, eager)
     assert run.method.backbone._compiled_call_impl is not None  # compiled again after the eager remainder
+
+
+def test_a_class_conditional_run_asked_no_class_draws_every_class_in_turn(tmp_path):
+    from tiny_configs import TINY_DDPM
+
+    api.train("ddpm", data="digits", overrides=[*TINY_DDPM, "train.steps=2", "model.class_conditional=true",
+                                                "model.p_uncond=0.2"], run_dir=tmp_path / "cfg", progress=False)
+    run = load_run(tmp_path / "cfg")
+    options = dict(sampler="ddim", steps=3, batch_size=4)
+    default = run.sample(10, seed=1, **options)
+    assert torch.equal(default, run.sample(10, seed=1, labels="all", **options))  # 0, 1, ..., 9
+    # the null class (what label dropout trained, and what this drew before) stays one option away: w = 0
+    null_class = run.sample(10, seed=1, labels="all", guidance_scale=0.0, **options)
+    assert (default - null_class).abs().max() > 1e-3

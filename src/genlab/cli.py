@@ -206,7 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
     s.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 ancestral-like")
     s.add_argument("--class", dest="class_label", type=_class_label, metavar="K|all",
-                   help="class K for every sample, or `all`: classes 0..C-1 in turn (class-conditional runs)")
+                   help="class K for every sample, or `all`: classes 0..C-1 in turn (class-conditional runs; the default "
+                        "there is all; --guidance-scale 0 draws the null class's, i.e. unconditional, samples)")
     s.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     s.add_argument("--checkpoint", metavar="STEP|latest", help="checkpoint to sample (default: the newest intact one)")
     s.add_argument("--batch-size", type=_batch_size, default="auto",
@@ -267,9 +268,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_options(e, "--recon-data", "held-out images for reconstruction (or pix2pix translation) metrics "
                                             "(default: the run's test split; mnist:test for mnist5k)")
     e.add_argument("--class", dest="class_label", type=_class_label, metavar="K|all",
-                   help="sample class K only, or `all`: every class equally often; also reports class_accuracy, the "
-                        "share of samples the evaluator assigns to their requested class (class-conditional runs, "
-                        "or --classifier guidance)")
+                   help="sample class K only, or `all` (the default for class-conditional runs): every class "
+                        "equally often; also reports class_accuracy, the share of samples the evaluator assigns to "
+                        "their requested class (class-conditional runs, or --classifier guidance)")
     _add_sampling_options(e)
 
     r = sub.add_parser("reconstruct", help="inputs above, reconstructions below, for an autoencoder-family run",

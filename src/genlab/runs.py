@@ -108,6 +108,7 @@ class Run:
         generator = torch.Generator().manual_seed(seed)
         self.method.eval()
         options = resolve_prompts(self.method, dict(options), n)  # a prompt for all, or one per sample
+        self.default_labels(options)
         if isinstance(options.get("labels"), str):
             options["labels"] = self.labels(options["labels"], n)
         if options.get("classifier") is not None:
@@ -127,6 +128,16 @@ class Run:
                     chunks.append(draw(m, generator=generator, **opts).cpu())
                 bar.update(m)
         return torch.cat(chunks)
+
+    def default_labels(self, options: dict) -> None:
+        """Sampling options asking no class of a class-conditional run ask for every class in turn ("all").
+
+        A user sampling a class-conditional model without naming a class expects digits of every class, not the
+        null class that label dropout trained (the demo's FID is 18.6 with every class, 71.4 from the null
+        class). Those unconditional samples stay one option away: ``guidance_scale=0`` is the null-class branch.
+        """
+        if options.get("labels") is None and getattr(self.method, "num_classes", None):
+            options["labels"] = "all"
 
     def labels(self, spec: str, n: int) -> torch.Tensor:
         """Class labels for ``n`` samples from a spec: ``"all"`` is every class equally often, in turn."""
