@@ -229,3 +229,14 @@ def test_a_unet_with_coordinates_is_one_reading_them_as_two_more_input_channels(
         assert torch.equal(out, plain(torch.cat([x, coordinate_channels(x)], 1), t))
         # ... and they are read: blank coordinate channels change the output
         assert (plain(torch.cat([x, torch.zeros_like(x)], 1), t) - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("key, value", [("context_layers", 2), ("context_width", 64), ("pooled_text", False),
+                                        ("query_positions", True)])
+def test_text_only_options_on_a_model_without_text_are_refused_in_one_line(key, value):
+    config = UNetConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8, **{key: value})
+    with pytest.raises(ConfigError) as info:
+        UNet(config, 1, 1, 16)
+    message = str(info.value)
+    assert "\n" not in message and f"model.unet.{key}" in message and "model.text" in message
+    UNet(config, 1, 1, 16, context_dim=32)  # with a context they build

@@ -372,6 +372,13 @@ def _validate(
 ) -> None:
     """Raise ConfigError, naming the value and the fix, for a U-Net that cannot be built."""
     c = config
+    if context_dim is None:  # these shape what the cross-attention reads, and a model without text has none
+        text_only = {"context_layers": c.context_layers != 0, "context_width": c.context_width is not None,
+                     "pooled_text": not c.pooled_text, "query_positions": c.query_positions}
+        given = [f"model.unet.{k}" for k, v in text_only.items() if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only act on a text-conditioned model: remove them, or add a "
+                              "model.text section and captioned data (e.g. --preset text_small --data mnist-captions)")
     if c.base_channels < 1 or not c.channel_mult or min(c.channel_mult) < 1:
         raise ConfigError(
             f"base_channels={c.base_channels}, channel_mult={c.channel_mult}: need base_channels >= 1 "
