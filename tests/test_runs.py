@@ -213,6 +213,13 @@ def test_compiled_sampling_agrees_with_eager_sampling(tmp_path):
         compiled = run.sample(4, seed=1, sampler=sampler, steps=steps, compile=True)
         assert run.method.backbone._compiled_call_impl is not None  # it did compile, no fallback
         assert float((compiled - eager).abs().max()) < 1e-4  # float32 reassociation only
+    # One graph per timestep dtype, then none: DPM-Solver++'s float timesteps of other values, and a second
+    # call, run the compiled graph (a recompile per step would fall back to eager after dynamo's limit).
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    run.sample(4, seed=2, sampler="dpmpp-2m", steps=5, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_compiled_sampling_draws_a_last_partial_batch_eagerly(tmp_path, monkeypatch):
