@@ -50,10 +50,12 @@ def test_adaln_zero_dit_outputs_zero_at_initialisation_and_others_do_not():
         assert (out.abs().max() == 0) == (kind == "adaln-zero"), kind
 
 
+@pytest.mark.parametrize("long_skips", [False, True])
 @pytest.mark.parametrize("kind", CONDITIONINGS)
-def test_every_variant_depends_on_t_and_y(kind):
+def test_every_variant_depends_on_t_and_y(kind, long_skips):
     torch.manual_seed(0)
-    model = DiT(DiTConfig(patch_size=2, hidden_size=32, depth=2, num_heads=4, conditioning=kind), 1, 1, 8, 10)
+    model = DiT(DiTConfig(patch_size=2, hidden_size=32, depth=2, num_heads=4, conditioning=kind, long_skips=long_skips),
+                1, 1, 8, 10)
     with torch.no_grad():  # leave the zero init so the condition paths are exercised
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
