@@ -15,6 +15,9 @@ the blocks in one of the four ways of the paper's section 3.2:
   with the regression layers initialised to zero so each block starts as the identity. The paper
   found this the best of the four (its figure 5).
 
+With ``long_skips`` the blocks are joined as in U-ViT (Bao et al. 2023): block k's output is concatenated to
+the input of block depth - 1 - k and projected back to the width.
+
 Text (built with ``context_dim``): the text encoder's token states, projected to the width, are a
 context every block attends to with a cross-attention layer after self-attention (masked where the
 text is padding). In the ``cross-attention`` variant they join the condition tokens in the context of
@@ -57,8 +60,8 @@ class DiTConfig:
     embedding_init: Literal["dit", "unit"] = "dit"
     # U-ViT's long skip connections (Bao et al. 2023): the output of each of the first depth // 2 blocks is
     # concatenated to the input of its mirror among the last depth // 2 blocks and projected back to the
-    # width by a linear layer, as a U-Net's skips carry fine detail past its middle. U-ViT found them
-    # essential for small-data pixel diffusion with few blocks. False: the paper's DiT (no extra weights).
+    # width by a linear layer, as a U-Net's skips carry fine detail past its middle; U-ViT's ablation found
+    # them crucial for pixel-space diffusion. False: the paper's DiT (no extra weights).
     long_skips: bool = False
 
 
