@@ -50,10 +50,12 @@ def test_adaln_zero_dit_outputs_zero_at_initialisation_and_others_do_not():
         assert (out.abs().max() == 0) == (kind == "adaln-zero"), kind
 
 
+@pytest.mark.parametrize("long_skips", [False, True])
 @pytest.mark.parametrize("kind", CONDITIONINGS)
-def test_every_variant_depends_on_t_and_y(kind):
+def test_every_variant_depends_on_t_and_y(kind, long_skips):
     torch.manual_seed(0)
-    model = DiT(DiTConfig(patch_size=2, hidden_size=32, depth=2, num_heads=4, conditioning=kind), 1, 1, 8, 10)
+    model = DiT(DiTConfig(patch_size=2, hidden_size=32, depth=2, num_heads=4, conditioning=kind, long_skips=long_skips),
+                1, 1, 8, 10)
     with torch.no_grad():  # leave the zero init so the condition paths are exercised
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -86,3 +88,58 @@ def test_embedding_init_sets_the_scale_of_the_condition_and_dit_is_the_papers():
     assert c_paper < 0.1 < 0.5 < c_unit
     with pytest.raises(ConfigError, match="embedding_init"):
         DiT(DiTConfig(embedding_init="big"), 1, 1, 8, 10)
+
+
+def _perturbed(model: DiT, seed: int = 1) -> DiT:
+    """The model with every weight moved off its (partly zero) initialisation, the same way for equal shapes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_long_skips_off_is_the_plain_dit_and_on_adds_only_the_skip_path():
+    config = dict(patch_size=2, hidden_size=32, depth=4, num_heads=4)
+    torch.manual_seed(0)
+    plain = DiT(DiTConfig(**config), 1, 1, 8, 10)
+    torch.manual_seed(0)
+    skipped = DiT(DiTConfig(**config, long_skips=True), 1, 1, 8, 10)
+    assert plain.config.long_skips is False and plain.skip_proj is None  # off by default: no extra weights
+    assert not any("skip" in k for k in plain.state_dict())
+    extra = set(skipped.state_dict()) - set(plain.state_dict())
+    assert extra == {f"skip_proj.{i}.{w}" for i in range(2) for w in ("weight", "bias")}
+    for key, value in plain.state_dict().items():  # registered last: the other weights draw the same numbers
+        assert torch.equal(value, skipped.state_dict()[key]), key
+    _perturbed(plain)
+    skipped.load_state_dict(plain.state_dict(), strict=False)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 500]), torch.tensor([1, 7])
+    with torch.no_grad():
+        for proj in skipped.skip_proj:  # [I, 0]: pass x through, ignore the skip -> exactly the plain DiT
+            proj.weight.copy_(torch.cat([torch.eye(32), torch.zeros(32, 32)], dim=1))
+            proj.bias.zero_()
+        torch.testing.assert_close(skipped(x, t, y), plain(x, t, y), rtol=0, atol=1e-6)
+        skipped.skip_proj[0].weight[:, 32:].normal_(0, 0.1)  # now the skip carries something
+        assert not torch.allclose(skipped(x, t, y), plain(x, t, y), atol=1e-3)
+
+
+@pytest.mark.parametrize("depth", [4, 5])
+def test_long_skips_join_each_early_block_to_its_mirror(depth):
+    model = _perturbed(DiT(DiTConfig(patch_size=2, hidden_size=32, depth=depth, num_heads=4, long_skips=True), 1, 1, 8, 10))
+    inputs, outputs = {}, {}
+    def record(i):
+        def hook(module, args, out):
+            inputs[i], outputs[i] = args[0], out
+        return hook
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(record(i))
+    with torch.no_grad():
+        for proj in model.skip_proj:  # [0, I]: a block of the second half sees only its skip
+            proj.weight.copy_(torch.cat([torch.zeros(32, 32), torch.eye(32)], dim=1))
+            proj.bias.zero_()
+        model(torch.randn(2, 1, 8, 8), torch.tensor([5, 500]), torch.tensor([1, 7]))
+    half = depth // 2
+    for k in range(half):  # block depth-1-k is fed by block k (U-ViT's stack order); the middle one has no skip
+        torch.testing.assert_close(inputs[depth - 1 - k], outputs[k], rtol=0, atol=1e-6)
+    if depth % 2:
+        assert torch.equal(inputs[half], outputs[half - 1])

@@ -15,6 +15,9 @@ the blocks in one of the four ways of the paper's section 3.2:
   with the regression layers initialised to zero so each block starts as the identity. The paper
   found this the best of the four (its figure 5).
 
+With ``long_skips`` the blocks are joined as in U-ViT (Bao et al. 2023): block k's output is concatenated to
+the input of block depth - 1 - k and projected back to the width.
+
 Text (built with ``context_dim``): the text encoder's token states, projected to the width, are a
 context every block attends to with a cross-attention layer after self-attention (masked where the
 text is padding). In the ``cross-attention`` variant they join the condition tokens in the context of
@@ -55,6 +58,11 @@ class DiTConfig:
     # reach the blocks only after many steps (fine at 400k steps, not at a few thousand). "unit": an
     # N(0, 1) class table and a Xavier timestep MLP (as the U-Net's), so c starts at O(1).
     embedding_init: Literal["dit", "unit"] = "dit"
+    # U-ViT's long skip connections (Bao et al. 2023): the output of each of the first depth // 2 blocks is
+    # concatenated to the input of its mirror among the last depth // 2 blocks and projected back to the
+    # width by a linear layer, as a U-Net's skips carry fine detail past its middle; U-ViT's ablation found
+    # them crucial for pixel-space diffusion. False: the paper's DiT (no extra weights).
+    long_skips: bool = False
 
 
 # The paper's sizes (table 1); the CPU presets use smaller ones.
@@ -240,6 +248,12 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(dim, c.num_heads, c.mlp_ratio, c.conditioning, text) for _ in range(c.depth)])
         self.final = FinalLayer(dim, c.patch_size ** 2 * out_channels, c.conditioning)
         self._init_weights()
+        # Built after the other weights are drawn, so these draw the same random numbers with or without them.
+        # skip_proj[i] feeds block depth - depth // 2 + i: concat(x, skip) (N, T, 2D) -> (N, T, D).
+        self.skip_proj = nn.ModuleList([nn.Linear(2 * dim, dim) for _ in range(c.depth // 2)]) if c.long_skips else None
+        for proj in self.skip_proj or ():
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
 
     def _init_weights(self) -> None:
         """Xavier-uniform linears and patch embedding, N(0, 0.02) embeddings (DiT's initialisation)."""
@@ -306,8 +320,13 @@ class DiT(nn.Module):
         if kind == "in-context":
             tokens = torch.cat([tokens, cond], dim=1)  # (N, T + S, D)
         keys, key_mask = self._cross_context(cond, context, context_mask)
-        for block in self.blocks:
+        skips, first_out = [], len(self.blocks) - len(self.skip_proj or ())  # the mirrored half starts here
+        for i, block in enumerate(self.blocks):
+            if i >= first_out:  # U-ViT: the skip of the mirror block, concatenated and projected
+                tokens = self.skip_proj[i - first_out](torch.cat([tokens, skips.pop()], dim=-1))  # (N, T, D)
             tokens = block(tokens, c, context=keys, context_mask=key_mask)
+            if i < len(self.skip_proj or ()):
+                skips.append(tokens)
         if kind == "in-context":
             tokens = tokens[:, : self.grid ** 2]  # drop the condition tokens
         patches = self.final(tokens, c)  # (N, T, p*p*C_out)
