@@ -181,6 +181,19 @@ def test_aggregate_prior_tracks_the_moments_of_q_z_as_an_ema():
     assert torch.allclose(chol @ chol.T, cov + s2 * torch.eye(8), atol=0.1)
 
 
+def test_aggregate_prior_moments_stay_float32_under_bf16_autocast():
+    # train.mixed_precision=bf16 runs training_step under autocast; the E[z z^T] matmul must not be
+    # rounded to bfloat16 (relative error ~4e-3, far above this tolerance).
+    g = torch.Generator().manual_seed(1)
+    mean, logvar = torch.randn(64, 8, 1, 1, generator=g) * 3, torch.randn(64, 8, 1, 1, generator=g)
+    plain, mixed = (_method("vae", "model.prior=aggregate") for _ in range(2))
+    plain.update_aggregate(mean, logvar)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed.update_aggregate(mean, logvar)
+    assert mixed.aggregate_second_moment.dtype == torch.float32
+    assert torch.allclose(mixed.aggregate_second_moment, plain.aggregate_second_moment, rtol=1e-6, atol=1e-6)
+
+
 def test_aggregate_prior_samples_decode_z_from_the_fitted_gaussian():
     method = _method("vae", "model.prior=aggregate").eval()
     standard = _method("vae").eval()

@@ -108,6 +108,14 @@ def test_training_without_size_overrides_works_on_digits(tmp_path, method, prese
     _train_and_reload(tmp_path, method, "digits", preset)
 
 
+def test_trainings_with_different_mixed_precision_share_one_process(tmp_path):
+    # accelerate's process-wide state would refuse the second and third Accelerator (bf16, then back).
+    for i, precision in enumerate(["bf16", "no", "bf16"]):
+        api.train("ddpm", data="digits", overrides=TINY_RUN + [f"train.mixed_precision='{precision}'"],
+                  run_dir=tmp_path / f"run{i}", progress=False)
+        assert yaml.safe_load((tmp_path / f"run{i}" / "config.yaml").read_text())["train"]["mixed_precision"] == precision
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", [None, "small"])
 @pytest.mark.parametrize("source", ["mnist5k", "mnist", "fashion-mnist", "cifar10"])

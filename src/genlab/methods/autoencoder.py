@@ -393,7 +393,10 @@ class VAE(_AutoencoderFamily, Generates, HasELBO):
         The batch's mixture of Gaussians has E[z] = avg mean and E[z z^T] = avg (mean mean^T + diag e^logvar).
         """
         mu = mean.flatten(1).float()  # (n, d)
-        second = mu.T @ mu / len(mu) + torch.diag(logvar.flatten(1).float().exp().mean(0))  # (d, d)
+        # float32 even under bf16 autocast (train.mixed_precision), which would round the matmul to
+        # ~3 digits and leave E[z z^T] - m m^T with spurious negative eigenvalues (no Cholesky factor).
+        with torch.autocast(mu.device.type, enabled=False):
+            second = mu.T @ mu / len(mu) + torch.diag(logvar.flatten(1).float().exp().mean(0))  # (d, d)
         first, d = self.aggregate_updates.item() == 0, self.config.aggregate_decay
         fold_moment(self.aggregate_mean, mu.mean(0), first, d)
         fold_moment(self.aggregate_second_moment, second, first, d)

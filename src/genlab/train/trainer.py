@@ -250,6 +250,7 @@ class Trainer:
                  evaluate: Callable[[Method], dict[str, float]] | None = None,
                  observe: Callable[[dict], None] | None = None):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         self.run_dir = Path(run_dir)
         self.evaluate = evaluate
@@ -261,6 +262,11 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         # accelerate only forms a multi-process CPU group (gloo) when told it runs on the CPU.
         on_cpu = tc.device == "cpu" or (tc.device is None and not torch.cuda.is_available())
+        # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
+        # mixed_precision; a later training in the same process (bench families, tests, notebooks) may ask
+        # for another one, so forget the state's precision (the process group, PartialState, is kept).
+        if AcceleratorState._shared_state.get("_mixed_precision", tc.mixed_precision) != tc.mixed_precision:
+            AcceleratorState._reset_state()
         self.accelerator = Accelerator(cpu=on_cpu, mixed_precision=tc.mixed_precision)
         self.device = self.accelerator.device if tc.device in (None, "cpu") else torch.device(tc.device)
         self.world = self.accelerator.num_processes
