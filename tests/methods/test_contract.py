@@ -61,11 +61,12 @@ def _build(name: str, preset: str | None, info: DataInfo | None = None):
         loss.perceptual = 0.0  # no VGG16: its ImageNet weights cannot be downloaded here (no network)
     parents = {}
     for role, spec in cls.parents.items():  # the first family that has the capability, same preset name
-        family = capable_methods(spec.capability)[0]  # (or the preset the child names for a parent: a text base)
-        fallback = getattr(cls, "parent_presets", {}).get(role, "small")
+        family = capable_methods(spec.capability)[0]  # (or the preset the child names for its parent)
+        declared = getattr(cls, "parent_presets", {}).get(role)  # a child that needs a kind of parent names it
+        parent_preset = declared or (preset if preset in list_presets(family) else "small")
         # A cascade's super-resolution stage builds on a base at half its size.
         parent_info = dataclasses.replace(info, image_size=info.image_size // 2) if name == "sr" else info
-        parents[role] = _build(family, preset if preset in list_presets(family) else fallback, parent_info)
+        parents[role] = _build(family, parent_preset, parent_info)
     torch.manual_seed(0)
     return cls(cfg.model, info, parents) if parents else cls(cfg.model, info)
 
