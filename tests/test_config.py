@@ -104,3 +104,12 @@ def test_or_null_is_offered_only_for_the_key_that_may_be_null():
         build("model.unet.num_res_blocks=-1")
     with pytest.raises(ConfigError, match=r"'model\.unet\.num_head_channels' must be >= 1 or null, got 0$"):
         build("model.unet.num_head_channels=0")
+
+
+def test_a_bare_no_reaches_a_choice_that_offers_no():
+    """YAML 1.1 reads `no` as false: `train.mixed_precision=no` (and a preset's `mixed_precision: no`) must still
+    mean the choice "no", not an error; a boolean where the choices have no "no" stays an error."""
+    assert build("train.mixed_precision=no").train.mixed_precision == "no"
+    assert build("train.mixed_precision=bf16").train.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match=r"'train.lr_schedule' must be one of .*got False$"):
+        build("train.lr_schedule=no")

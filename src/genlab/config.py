@@ -151,6 +151,8 @@ def _coerce(value: Any, tp: Any, key: str, range_: Range | None = None) -> Any:
                     raise ConfigError(message) from None
         raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and ("no" if value is False else "yes") in args:
+            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` (as in mixed_precision=no) as false
         if any(value == a and type(value) is type(a) for a in args):
             return value
         raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
