@@ -234,10 +234,8 @@ def _target_images(
         run = as_run(target, weights)
         control_flags = {k: sample_options.pop(k, None) for k in CONTROL_FLAGS}
         options = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
-        run.default_labels(sample_options)  # no class asked of a class-conditional run: every class, in turn
+        run.resolve_labels(sample_options, n)  # "all", or none asked of a class-conditional run: every class in turn
         options.update(sample_options)
-        if isinstance(options.get("labels"), str):  # "all": balanced classes, resolved by the run
-            options["labels"] = sample_options["labels"] = run.labels(options["labels"], n)
         control = _control(run, n, control_flags, data_root, options)
         config = run.config.model
         # A control run samples with its frozen base's sampler (its own config has none).
