@@ -270,3 +270,39 @@ def test_text_run_saves_and_loads_with_its_own_tokenizer(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "run"), "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "x.png")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "has no prompts" in err[-1]
+
+
+CLIP_TEXT = ["model.text.kind=clip", "model.text.clip=clip-mnist-pairs"]
+
+
+def test_clip_kind_conditions_on_the_frozen_text_tower_of_a_clip(tmp_path):
+    from genlab.evaluation.text import load_clip
+
+    tower = load_clip("clip-mnist-pairs")[0].text_encoder
+    cls = get_method("ddpm")
+    method = cls(build_config("ddpm", cls.Config, overrides=TINY_DDPM + CLIP_TEXT).model, INFO).train()
+    prompts = ["the digit 3 is left of the digit 8", "the digit 8 is left of the digit 3", ""]
+    ours, theirs = method.encode_prompts(prompts), tower(*tower.tokenize(prompts))
+    assert torch.equal(ours.mask, theirs.mask[:, : ours.mask.shape[1]])
+    assert torch.allclose(ours.tokens[ours.mask], theirs.tokens[theirs.mask], atol=1e-6)
+    assert torch.allclose(ours.pooled, theirs.pooled, atol=1e-6)
+    # The tower's pooled vector reads word order (its CLIP was trained with swapped-digit negatives).
+    assert (ours.pooled[0] - ours.pooled[1]).norm() > 0.1 * ours.pooled[0].norm()
+    # Frozen: a training step gives the tower no gradient, so no optimizer moves it.
+    batch = {"image": torch.rand(8, 1, 8, 8) * 2 - 1, "captions": [(prompts[0],)] * 8}
+    ctx = RecordingContext(8, seed=1)
+    method.training_step(batch, ctx)
+    ctx.losses[0].backward()
+    assert all(p.grad is None and not p.requires_grad for p in method.text_encoder.parameters())
+    assert any(p.grad is not None for p in method.backbone.parameters())
+
+
+def test_clip_kind_needs_its_clip_and_only_then():
+    cls = get_method("ddpm")
+    with pytest.raises(ConfigError, match="model.text.clip"):
+        build_config("ddpm", cls.Config, overrides=TINY_DDPM + ["model.text.kind=clip"])
+    with pytest.raises(ConfigError, match="model.text.clip"):
+        build_config("ddpm", cls.Config, overrides=TINY_DDPM + TINY_TEXT + ["model.text.clip=clip-mnist-pairs"])
+    cfg = build_config("ddpm", cls.Config, overrides=TINY_DDPM + ["model.text.kind=clip", "model.text.clip=no-such-clip"])
+    with pytest.raises(ConfigError, match="no CLIP judge 'no-such-clip'"):
+        cls(cfg.model, INFO)

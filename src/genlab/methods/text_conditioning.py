@@ -13,7 +13,8 @@ A ``ddpm`` / ``dit`` / ``ldm`` run with a ``model.text`` section (a
   prompt, and a negative prompt replaces it (Ho & Salimans 2022);
 - ``tiny`` is trained jointly with the denoiser (its WordPiece vocabulary is trained on the data
   source's caption corpus, :func:`genlab.methods.clip.training_corpus`, and stored in the
-  checkpoint); ``minilm`` is frozen, and its embeddings of repeated captions are cached.
+  checkpoint); ``minilm`` and ``clip`` (a genlab CLIP's text tower, ``model.text.clip``) are frozen, and
+  their embeddings of repeated captions are cached.
 
 The encoder is the method's ``text_encoder`` attribute; its token embedding table (``tiny``:
 ``text_encoder.token_embedding``, an ``nn.Embedding`` of ``vocab_size`` rows; ``minilm``:
@@ -40,7 +41,7 @@ def text_encoder_for(config: TextEncoderConfig, source: str | None) -> TextEncod
     """The encoder of ``config``; ``tiny`` / ``onehot`` train their tokenizer on ``source``'s captions (as CLIP does)."""
     from genlab.methods.clip import training_corpus
 
-    return build_text_encoder(config, [] if config.kind == "minilm" else training_corpus(source))
+    return build_text_encoder(config, [] if config.kind in ("minilm", "clip") else training_corpus(source))
 
 
 def token_embedding(encoder: TextEncoder) -> nn.Embedding:

@@ -14,6 +14,10 @@ Kinds:
 - ``onehot``: no parameters; token states are one-hot vectors of the token ids and the pooled
   vector the normalised bag of words (for tests and baselines).
 - ``minilm``: the frozen sentence encoder all-MiniLM-L6-v2 (see :mod:`genlab.text.minilm`).
+- ``clip``: the frozen text tower of a genlab CLIP (``clip=`` a clip run folder, or a shipped or exported
+  CLIP evaluator name such as ``clip-mnist-pairs``), as Stable Diffusion conditions on CLIP's text tower.
+  Contrastive training with word-order negatives makes its pooled vector tell "3 left of 8" from
+  "8 left of 3", which a sentence encoder's mean hardly does (docs/results.md, mnist-pairs composition).
 
 Embeddings of repeated captions are cached while an encoder is frozen (eval mode, or ``minilm``):
 :meth:`TextEncoder.encode` then computes each distinct caption once. Switching to train mode
@@ -34,7 +38,7 @@ from genlab.errors import ConfigError
 from genlab.nn.attention import TransformerBlock
 from genlab.text.tokenizer import Tokenizer, train_tokenizer
 
-ENCODER_KINDS = ("tiny", "onehot", "minilm")
+ENCODER_KINDS = ("tiny", "onehot", "minilm", "clip")
 TOKENIZER_CAPACITY = 1 << 16  # bytes reserved for a tokenizer's JSON in a checkpoint (a caption vocabulary needs ~5-20 KB)
 CACHE_SIZE = 100_000  # captions whose embeddings a frozen encoder keeps
 
@@ -43,7 +47,8 @@ CACHE_SIZE = 100_000  # captions whose embeddings a frozen encoder keeps
 class TextEncoderConfig:
     """Which text encoder and, for ``tiny``, its size."""
 
-    kind: Literal["tiny", "onehot", "minilm"] = "tiny"
+    kind: Literal["tiny", "onehot", "minilm", "clip"] = "tiny"
+    clip: str | None = None  # clip: the CLIP whose text tower is used (run folder or evaluator name)
     vocab_size: int = 512  # tiny / onehot: most tokens the tokenizer may learn (the embedding table's rows)
     tokenizer: Literal["wordpiece", "bpe"] = "wordpiece"
     max_length: int = 32  # tokens per caption, [CLS] and [SEP] included
@@ -54,6 +59,9 @@ class TextEncoderConfig:
     def __post_init__(self):
         if self.kind not in ENCODER_KINDS:
             raise ConfigError(f"text encoder kind must be one of {', '.join(ENCODER_KINDS)}, got {self.kind!r}")
+        if (self.kind == "clip") != (self.clip is not None):
+            raise ConfigError("model.text.clip names the CLIP whose text tower a clip encoder uses: set it (a clip run "
+                              "folder or an evaluator such as clip-mnist-pairs) with kind=clip, and only then")
         if self.max_length < 3:
             raise ConfigError(f"text max_length must be at least 3 ([CLS], a token, [SEP]), got {self.max_length}")
         if self.width < 1 or self.layers < 0 or self.heads < 1 or self.width % self.heads:
@@ -222,6 +230,11 @@ def build_text_encoder(config: TextEncoderConfig, corpus: Sequence[str] = ()) ->
         from genlab.text.minilm import MiniLMEncoder
 
         return MiniLMEncoder.load()
+    if config.kind == "clip":
+        from genlab.evaluation.text import load_clip
+
+        # The tower keeps its own tokenizer and max_length; frozen, so its embeddings are cached.
+        return load_clip(config.clip)[0].text_encoder.requires_grad_(False)
     if not corpus:
         raise ConfigError(f"the {config.kind} text encoder trains its tokenizer on captions, but none were given")
     tokenizer = train_tokenizer(corpus, config.vocab_size, config.tokenizer)
