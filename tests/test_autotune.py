@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,22 @@ def test_default_threads_follow_omp_num_threads_else_the_usable_cores(monkeypatc
     siblings = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}  # two cores with two hardware threads each
     monkeypatch.setattr(autotune.Path, "read_text", lambda self: siblings[int(self.parts[-3][3:])] + "\n")
     assert default_threads() == 2
+
+
+def test_auto_mixed_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    for flags, expected in [({"avx2", "avx512f"}, "no"), ({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"), (set(), "no")]:
+        monkeypatch.setattr(autotune, "cpu_flags", lambda flags=flags: flags)
+        assert autotune.auto_mixed_precision(torch.device("cpu")) == expected
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert autotune.auto_mixed_precision(torch.device("cuda")) == ("bf16" if supported else "no")
+    assert autotune.auto_mixed_precision(torch.device("mps")) == "no"
+
+
+def test_cpu_flags_read_the_flags_line():
+    from genlab.autotune import cpu_flags
+
+    flags = cpu_flags()
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    line = next((l for l in text.splitlines() if l.startswith("flags")), None)
+    assert flags == (set(line.split(":", 1)[1].split()) if line else set())

@@ -1,4 +1,4 @@
-"""Sampling settings chosen by measurement on the machine at hand: the batch size and the CPU threads.
+"""Settings chosen for the machine at hand: the sampling batch size, the CPU threads, the training precision.
 
 ``batch_size="auto"`` (the default of ``genlab sample`` and ``Run.sample``) times one forward pass of a
 diffusion model's denoiser network at a few batch sizes and takes the one with the fewest milliseconds per
@@ -6,6 +6,10 @@ image: a sampler's cost is its number of network evaluations times that. The pro
 answer is cached per network (class, parameter count, input shape), device and thread count in
 ``$GENLAB_CACHE/sampling_batch_size.json``. Methods without a denoiser network (GANs, VAEs: one cheap pass
 per image) use :data:`DEFAULT_BATCH_SIZE`.
+
+``train.mixed_precision: auto`` trains in bf16 autocast where the hardware computes bf16 natively (a CUDA
+GPU that supports it; a CPU with AVX512-BF16 or AMX) and in float32 elsewhere: on a CPU without them bf16
+is emulated and slower than float32 (:func:`auto_mixed_precision`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,24 @@ def default_threads() -> int:
     """Torch threads when the user chose none: OMP_NUM_THREADS when set, else :func:`usable_cores`."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     return int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS or Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def auto_mixed_precision(device: torch.device) -> str:
+    """``bf16`` where ``device`` computes bf16 natively, else ``no`` (float32, never slower there)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if device.type == "cpu":
+        return "bf16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "no"
+    return "no"  # mps and others: float32
 
 
 def auto_batch_size(method, n: int) -> int:

@@ -63,7 +63,8 @@ class TrainConfig:
     device: str | None = None  # cpu, cuda, cuda:N or mps; None: accelerate's choice (CUDA when present)
     # fp32 is the fast path for the small U-Nets on this CPU; bf16 autocast paid 1.7x for the CIFAR-10
     # classifier's channels_last convs on an avx512_bf16 CPU (docs/results.md): measure per model.
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 where the device computes it natively (genlab.autotune.auto_mixed_precision), else no.
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     compile: bool = False  # diffusion: torch.compile the denoiser for training (faster steps after a compile of minutes)
 
     def __post_init__(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,17 @@ def test_trainings_with_different_mixed_precision_share_one_process(tmp_path):
         api.train("ddpm", data="digits", overrides=TINY_RUN + [f"train.mixed_precision='{precision}'"],
                   run_dir=tmp_path / f"run{i}", progress=False)
         assert yaml.safe_load((tmp_path / f"run{i}" / "config.yaml").read_text())["train"]["mixed_precision"] == precision
+
+
+def test_auto_mixed_precision_trains_in_what_the_machine_computes_natively(tmp_path, monkeypatch):
+    from genlab import autotune
+
+    for i, (flags, expected) in enumerate([({"avx512_bf16"}, "bf16"), ({"avx2"}, "no")]):
+        monkeypatch.setattr(autotune, "cpu_flags", lambda flags=flags: flags)
+        api.train("ddpm", data="digits", overrides=TINY_RUN + ["train.mixed_precision=auto", "train.device=cpu"],
+                  run_dir=tmp_path / f"run{i}", progress=False)
+        start = next(r for r in map(json.loads, (tmp_path / f"run{i}" / "log.jsonl").read_text().splitlines()) if r["kind"] == "start")
+        assert start["values"]["mixed_precision"] == expected and start["values"]["config"]["train"]["mixed_precision"] == "auto"
 
 
 @pytest.mark.slow

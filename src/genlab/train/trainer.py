@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from genlab.config import RunConfig, read_config_file, save_config, to_dict
 from genlab.data import ImageSet, to_model_range
 from genlab.data.micro import micro_augment
+from genlab.autotune import auto_mixed_precision
 from genlab.compiling import compile_network, eager, fall_back, is_compiled
 from genlab.errors import ConfigError, GenlabError, TrainingDiverged
 from genlab.methods.base import Method, OptimizerSpec
@@ -265,9 +266,12 @@ class Trainer:
         # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
         # mixed_precision; a later training in the same process (bench families, tests, notebooks) may ask
         # for another one, so forget the state's precision (the process group, PartialState, is kept).
-        if AcceleratorState._shared_state.get("_mixed_precision", tc.mixed_precision) != tc.mixed_precision:
+        precision = tc.mixed_precision
+        if precision == "auto":
+            precision = auto_mixed_precision(torch.device("cpu") if on_cpu else torch.device(tc.device or "cuda"))
+        if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
             AcceleratorState._reset_state()
-        self.accelerator = Accelerator(cpu=on_cpu, mixed_precision=tc.mixed_precision)
+        self.accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision)
         self.device = self.accelerator.device if tc.device in (None, "cpu") else torch.device(tc.device)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -615,7 +619,7 @@ class Trainer:
         (self.run_dir / "samples").mkdir(exist_ok=True)
         log.begin_launch(self.step)
         values = {"config": to_dict(self.cfg), "argv": list(sys.argv), "world_size": self.world,
-                  "num_images": len(self.data)}
+                  "num_images": len(self.data), "mixed_precision": self.accelerator.mixed_precision}
         if self.step > 0:
             values.update(resumed_from=self.step, changes=self.changes, lr_plan=dataclasses.asdict(self.lr_plan))
         log.log(self.step, values, kind="start")
