@@ -306,3 +306,24 @@ def test_clip_kind_needs_its_clip_and_only_then():
     cfg = build_config("ddpm", cls.Config, overrides=TINY_DDPM + ["model.text.kind=clip", "model.text.clip=no-such-clip"])
     with pytest.raises(ConfigError, match="no CLIP judge 'no-such-clip'"):
         cls(cfg.model, INFO)
+
+
+def test_finetuned_clip_tower_starts_from_the_clip_and_learns_with_the_denoiser():
+    from genlab.evaluation.text import load_clip
+
+    tower = load_clip("clip-mnist-pairs")[0].text_encoder
+    cls = get_method("ddpm")
+    cfg = build_config("ddpm", cls.Config, overrides=TINY_DDPM + CLIP_TEXT + ["model.text.finetune=true"])
+    method = cls(cfg.model, INFO).train()
+    start = method.text_encoder.state_dict()
+    assert all(torch.equal(v, tower.state_dict()[k]) for k, v in start.items())
+    assert "text_encoder" in method.ema_targets()
+    with torch.no_grad():  # zero-initialised outputs would pass the text no gradient at step 0
+        for p in method.backbone.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    ctx = RecordingContext(8, seed=1)
+    method.training_step({"image": torch.rand(8, 1, 8, 8) * 2 - 1, "captions": [("the digit 3 is left of the digit 8",)] * 8}, ctx)
+    ctx.losses[0].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.text_encoder.parameters())
+    with pytest.raises(ConfigError, match="needs kind=clip"):
+        build_config("ddpm", cls.Config, overrides=TINY_DDPM + TINY_TEXT + ["model.text.finetune=true"])

@@ -18,6 +18,7 @@ Kinds:
   CLIP evaluator name such as ``clip-mnist-pairs``), as Stable Diffusion conditions on CLIP's text tower.
   Contrastive training with word-order negatives makes its pooled vector tell "3 left of 8" from
   "8 left of 3", which a sentence encoder's mean hardly does (docs/results.md, mnist-pairs composition).
+  ``finetune=True`` trains the tower on from those weights instead.
 
 Embeddings of repeated captions are cached while an encoder is frozen (eval mode, or ``minilm``):
 :meth:`TextEncoder.encode` then computes each distinct caption once. Switching to train mode
@@ -49,6 +50,7 @@ class TextEncoderConfig:
 
     kind: Literal["tiny", "onehot", "minilm", "clip"] = "tiny"
     clip: str | None = None  # clip: the CLIP whose text tower is used (run folder or evaluator name)
+    finetune: bool = False  # clip: train the tower with the model that uses it, starting from the CLIP's weights
     vocab_size: int = 512  # tiny / onehot: most tokens the tokenizer may learn (the embedding table's rows)
     tokenizer: Literal["wordpiece", "bpe"] = "wordpiece"
     max_length: int = 32  # tokens per caption, [CLS] and [SEP] included
@@ -62,6 +64,8 @@ class TextEncoderConfig:
         if (self.kind == "clip") != (self.clip is not None):
             raise ConfigError("model.text.clip names the CLIP whose text tower a clip encoder uses: set it (a clip run "
                               "folder or an evaluator such as clip-mnist-pairs) with kind=clip, and only then")
+        if self.finetune and self.kind != "clip":
+            raise ConfigError(f"model.text.finetune=true starts from a trained CLIP's text tower: it needs kind=clip, not {self.kind}")
         if self.max_length < 3:
             raise ConfigError(f"text max_length must be at least 3 ([CLS], a token, [SEP]), got {self.max_length}")
         if self.width < 1 or self.layers < 0 or self.heads < 1 or self.width % self.heads:
@@ -233,8 +237,8 @@ def build_text_encoder(config: TextEncoderConfig, corpus: Sequence[str] = ()) ->
     if config.kind == "clip":
         from genlab.evaluation.text import load_clip
 
-        # The tower keeps its own tokenizer and max_length; frozen, so its embeddings are cached.
-        return load_clip(config.clip)[0].text_encoder.requires_grad_(False)
+        # The tower keeps its own tokenizer and max_length; frozen (its embeddings then cached) unless fine-tuned.
+        return load_clip(config.clip)[0].text_encoder.requires_grad_(config.finetune)
     if not corpus:
         raise ConfigError(f"the {config.kind} text encoder trains its tokenizer on captions, but none were given")
     tokenizer = train_tokenizer(corpus, config.vocab_size, config.tokenizer)
