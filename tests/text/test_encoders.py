@@ -67,3 +67,21 @@ def test_tokenizer_travels_in_the_state_dict(tiny):
     assert other.tokenizer.to_json() == tiny.tokenizer.to_json()
     with torch.no_grad():
         assert torch.allclose(other.eval().encode(["a thick seven"]).pooled, tiny.encode(["a thick seven"]).pooled)
+
+
+def test_joint_encoder_puts_both_sequences_in_their_own_coordinates(tiny):
+    from genlab.text.encoders import JointTextEncoder
+
+    onehot = build_text_encoder(TextEncoderConfig(kind="onehot", vocab_size=200, max_length=12), CORPUS)
+    joint = JointTextEncoder(tiny, onehot).eval()
+    texts = ["a thin one", "the digit 7 is left of the digit 1", ""]
+    with torch.no_grad():
+        a, b, both = tiny.encode(texts), onehot.encode(texts), joint.encode(texts)
+    la, da = a.tokens.shape[1], tiny.width
+    assert joint.width == da + onehot.width and both.tokens.shape[1] == la + b.tokens.shape[1]
+    assert torch.equal(both.tokens[:, :la, :da], a.tokens) and torch.equal(both.tokens[:, la:, da:], b.tokens)
+    assert not both.tokens[:, :la, da:].any() and not both.tokens[:, la:, :da].any()
+    assert torch.equal(both.mask, torch.cat([a.mask, b.mask], 1))
+    assert torch.equal(both.pooled, torch.cat([a.pooled, b.pooled], 1))
+    with pytest.raises(TypeError, match="call encode"):
+        joint(*tiny.tokenize(texts))

@@ -41,7 +41,7 @@ def text_encoder_for(config: TextEncoderConfig, source: str | None) -> TextEncod
     """The encoder of ``config``; ``tiny`` / ``onehot`` train their tokenizer on ``source``'s captions (as CLIP does)."""
     from genlab.methods.clip import training_corpus
 
-    return build_text_encoder(config, [] if config.kind in ("minilm", "clip") else training_corpus(source))
+    return build_text_encoder(config, [] if config.kind in ("minilm", "clip", "minilm+clip") else training_corpus(source))
 
 
 def token_embedding(encoder: TextEncoder) -> nn.Embedding:

@@ -19,6 +19,8 @@ Kinds:
   Contrastive training with word-order negatives makes its pooled vector tell "3 left of 8" from
   "8 left of 3", which a sentence encoder's mean hardly does (docs/results.md, mnist-pairs composition).
   ``finetune=True`` trains the tower on from those weights instead.
+- ``minilm+clip``: both, read as one encoder (:class:`JointTextEncoder`), as SDXL and SD3 condition on two or
+  three: MiniLM's token states name the digits well, the CLIP's pooled vector knows their order.
 
 Embeddings of repeated captions are cached while an encoder is frozen (eval mode, or ``minilm``):
 :meth:`TextEncoder.encode` then computes each distinct caption once. Switching to train mode
@@ -39,7 +41,7 @@ from genlab.errors import ConfigError
 from genlab.nn.attention import TransformerBlock
 from genlab.text.tokenizer import Tokenizer, train_tokenizer
 
-ENCODER_KINDS = ("tiny", "onehot", "minilm", "clip")
+ENCODER_KINDS = ("tiny", "onehot", "minilm", "clip", "minilm+clip")
 TOKENIZER_CAPACITY = 1 << 16  # bytes reserved for a tokenizer's JSON in a checkpoint (a caption vocabulary needs ~5-20 KB)
 CACHE_SIZE = 100_000  # captions whose embeddings a frozen encoder keeps
 
@@ -48,9 +50,9 @@ CACHE_SIZE = 100_000  # captions whose embeddings a frozen encoder keeps
 class TextEncoderConfig:
     """Which text encoder and, for ``tiny``, its size."""
 
-    kind: Literal["tiny", "onehot", "minilm", "clip"] = "tiny"
-    clip: str | None = None  # clip: the CLIP whose text tower is used (run folder or evaluator name)
-    finetune: bool = False  # clip: train the tower with the model that uses it, starting from the CLIP's weights
+    kind: Literal["tiny", "onehot", "minilm", "clip", "minilm+clip"] = "tiny"
+    clip: str | None = None  # clip, minilm+clip: the CLIP whose text tower is used (run folder or evaluator name)
+    finetune: bool = False  # clip, minilm+clip: train the tower with the model that uses it, from the CLIP's weights
     vocab_size: int = 512  # tiny / onehot: most tokens the tokenizer may learn (the embedding table's rows)
     tokenizer: Literal["wordpiece", "bpe"] = "wordpiece"
     max_length: int = 32  # tokens per caption, [CLS] and [SEP] included
@@ -61,10 +63,11 @@ class TextEncoderConfig:
     def __post_init__(self):
         if self.kind not in ENCODER_KINDS:
             raise ConfigError(f"text encoder kind must be one of {', '.join(ENCODER_KINDS)}, got {self.kind!r}")
-        if (self.kind == "clip") != (self.clip is not None):
+        uses_clip = self.kind in ("clip", "minilm+clip")
+        if uses_clip != (self.clip is not None):
             raise ConfigError("model.text.clip names the CLIP whose text tower a clip encoder uses: set it (a clip run "
-                              "folder or an evaluator such as clip-mnist-pairs) with kind=clip, and only then")
-        if self.finetune and self.kind != "clip":
+                              "folder or an evaluator such as clip-mnist-pairs) with kind=clip or minilm+clip, and only then")
+        if self.finetune and not uses_clip:
             raise ConfigError(f"model.text.finetune=true starts from a trained CLIP's text tower: it needs kind=clip, not {self.kind}")
         if self.max_length < 3:
             raise ConfigError(f"text max_length must be at least 3 ([CLS], a token, [SEP]), got {self.max_length}")
@@ -228,17 +231,43 @@ class OneHotTextEncoder(_StoredTokenizer):
         return TextEncoding(tokens, F.normalize(counts, dim=-1), mask)
 
 
+class JointTextEncoder(TextEncoder):
+    """Two encoders read as one, as SDXL and SD3 read theirs: the context is both token sequences, one after the
+    other (SD3 joins its encoders' sequences), and the pooled vector both pooled vectors side by side (SDXL, SD3).
+    Each encoder keeps its own coordinates of the joint width D1 + D2 (zeros in the other's), so no projection
+    comes before the model's own key, value and pooled maps."""
+
+    def __init__(self, first: TextEncoder, second: TextEncoder):
+        super().__init__()
+        self.first, self.second = first, second
+        self.width, self.max_length = first.width + second.width, first.max_length + second.max_length
+        self.tokenizer = first.tokenizer
+
+    def encode(self, texts: Sequence[str]) -> TextEncoding:
+        a, b = self.first.encode(texts), self.second.encode(texts)  # each with its own cache
+        tokens = torch.cat([F.pad(a.tokens, (0, self.second.width)), F.pad(b.tokens, (self.first.width, 0))], dim=1)
+        return TextEncoding(tokens, torch.cat([a.pooled, b.pooled], dim=-1), torch.cat([a.mask, b.mask], dim=1))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
+        raise TypeError("a joint text encoder has one tokenizer per encoder: call encode(captions)")
+
+
 def build_text_encoder(config: TextEncoderConfig, corpus: Sequence[str] = ()) -> TextEncoder:
     """The encoder of ``config``; ``tiny`` and ``onehot`` train their tokenizer on ``corpus`` here."""
     if config.kind == "minilm":
         from genlab.text.minilm import MiniLMEncoder
 
         return MiniLMEncoder.load()
-    if config.kind == "clip":
+    if config.kind in ("clip", "minilm+clip"):
         from genlab.evaluation.text import load_clip
 
         # The tower keeps its own tokenizer and max_length; frozen (its embeddings then cached) unless fine-tuned.
-        return load_clip(config.clip)[0].text_encoder.requires_grad_(config.finetune)
+        tower = load_clip(config.clip)[0].text_encoder.requires_grad_(config.finetune)
+        if config.kind == "clip":
+            return tower
+        from genlab.text.minilm import MiniLMEncoder
+
+        return JointTextEncoder(MiniLMEncoder.load(), tower)
     if not corpus:
         raise ConfigError(f"the {config.kind} text encoder trains its tokenizer on captions, but none were given")
     tokenizer = train_tokenizer(corpus, config.vocab_size, config.tokenizer)
