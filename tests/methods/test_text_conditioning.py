@@ -304,7 +304,7 @@ def test_clip_kind_needs_its_clip_and_only_then():
     with pytest.raises(ConfigError, match="model.text.clip"):
         build_config("ddpm", cls.Config, overrides=TINY_DDPM + TINY_TEXT + ["model.text.clip=clip-mnist-pairs"])
     cfg = build_config("ddpm", cls.Config, overrides=TINY_DDPM + ["model.text.kind=clip", "model.text.clip=no-such-clip"])
-    with pytest.raises(ConfigError, match="no CLIP judge 'no-such-clip'"):
+    with pytest.raises(ConfigError, match="no CLIP evaluator 'no-such-clip'"):
         cls(cfg.model, INFO)
 
 

@@ -10,7 +10,8 @@ from genlab.cli import main
 from genlab.data import DataConfig, load_data
 from genlab.errors import ConfigError, DataError
 from genlab.imageio import load_npz_captions
-from genlab.evaluation.text import evaluators_dir, first_captions, load_clip, score_captions, zero_shot
+from genlab.evaluation.text import first_captions, load_clip, score_captions, zero_shot
+from genlab.metrics.extractors import _evaluators_dir as evaluators_dir
 
 SHIPPED = sorted(p.stem for p in evaluators_dir().glob("clip-*.json"))
 

@@ -10,11 +10,9 @@ protocol naming the judge, so numbers are only compared under the same one.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,8 +20,9 @@ import torch
 from genlab.data import ImageSet
 from genlab.errors import ConfigError, DataError, GenlabError
 from genlab.metrics.clip_score import HESSEL_W, clip_score, duplicate_ceiling, r_precision, recall_at_k
-from genlab.metrics.extractors import user_evaluators_dir
-from genlab.models.clip import CLIP, CLIPConfig
+from genlab.fileio import sha256_file
+from genlab.metrics.extractors import _evaluators_dir as shipped_evaluators_dir
+from genlab.models.clip import CLIP, clip_evaluator_card, clip_evaluator_choices, load_clip_card, load_clip_evaluator
 
 # Data source -> the shipped CLIP evaluator trained on it (or on the same images).
 EVALUATOR_FOR_SOURCE = {
@@ -31,25 +30,6 @@ EVALUATOR_FOR_SOURCE = {
     "fashion-mnist-captions": "clip-fashion-mnist-captions", "fashion-mnist": "clip-fashion-mnist-captions",
     "mnist-pairs": "clip-mnist-pairs",
 }
-
-
-def evaluators_dir() -> Path:
-    return Path(str(resources.files("genlab") / "evaluators"))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _build_from_card(card: dict) -> CLIP:
-    """An untrained CLIP of the card's configuration (tokenizer and weights come with load_state_dict)."""
-    from genlab.config import from_dict
-    from genlab.text.encoders import build_text_encoder
-
-    config = from_dict(CLIPConfig, card["config"])
-    # The corpus only seeds a placeholder vocabulary: the saved tokenizer replaces it on loading.
-    encoder = build_text_encoder(config.text, corpus=["a"] if config.text.kind != "minilm" else ())
-    return CLIP(config, encoder)
 
 
 def load_clip(judge: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CLIP, str]:
@@ -63,28 +43,9 @@ def load_clip(judge: str | os.PathLike, device: str | torch.device = "cpu") -> t
             raise ConfigError(f"{path} is a '{run.config.method}' run; a CLIP judge must be a 'clip' run or a shipped evaluator")
         return run.method.clip.eval(), f"run:{path}@{run.step}"
     name = EVALUATOR_FOR_SOURCE.get(str(judge), str(judge))
-    # A shipped evaluator first, then the user's own (genlab export-evaluator CLIP_RUN NAME).
-    card_path = next((d / f"{name}.json" for d in (evaluators_dir(), user_evaluators_dir()) if (d / f"{name}.json").is_file()), None)
-    if card_path is None:
-        shipped = sorted(p.stem for p in evaluators_dir().glob("clip-*.json"))
-        raise ConfigError(f"no CLIP judge {str(judge)!r}: give a clip run folder, a name exported with genlab export-evaluator, "
-                          f"or one of {', '.join(shipped) or '(none shipped)'}")
-    return _load_card(card_path, device)
-
-
-def _load_card(card_path: Path, device: str | torch.device = "cpu") -> tuple[CLIP, str]:
-    """A CLIP evaluator from its card and the weights beside it, after checking their sha256."""
-    from safetensors.torch import load_file
-
-    card = json.loads(card_path.read_text())
-    if card.get("architecture") != "genlab.models.clip.CLIP":
-        raise ConfigError(f"{card_path} is not a CLIP evaluator (architecture {card.get('architecture')!r})")
-    weights = card_path.with_name(card["weights"])
-    if _sha256(weights) != card["sha256"]:
-        raise GenlabError(f"{weights} does not match the sha256 in {card_path.name}; reinstall genlab or export it again")
-    clip = _build_from_card(card)
-    clip.load_state_dict(load_file(str(weights)))
-    return clip.to(device).eval(), f"{card['name']} (sha256 {card['sha256'][:12]})"
+    if clip_evaluator_card(name) is None:
+        raise ConfigError(f"no CLIP judge {str(judge)!r}: give a clip run folder, {clip_evaluator_choices()}")
+    return load_clip_evaluator(name, device)
 
 
 def class_words(class_names: Sequence[str]) -> list[list[str]]:
@@ -199,7 +160,7 @@ def export_clip_evaluator(run_dir: str | os.PathLike, name: str, data_root: str 
     scores = {"retrieval": retrieve(clip, test, gallery=100)}
     if test.labels is not None:
         scores["zero_shot"] = {k: v for k, v in zero_shot(clip, test, prompts).items() if k != "per_class"}
-    out_dir = Path(out_dir) if out_dir is not None else evaluators_dir()
+    out_dir = Path(out_dir) if out_dir is not None else shipped_evaluators_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
@@ -212,7 +173,7 @@ def export_clip_evaluator(run_dir: str | os.PathLike, name: str, data_root: str 
         "dataset": source,
         "test_split": f"{source}:test",
         "scores": scores,
-        "sha256": _sha256(weights),
+        "sha256": sha256_file(weights),
         "weights": weights.name,
         "bytes": weights.stat().st_size,
         "parameters": sum(p.numel() for p in clip.parameters()),
@@ -225,7 +186,7 @@ def export_clip_evaluator(run_dir: str | os.PathLike, name: str, data_root: str 
     }
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
     # What the metrics load must be what was measured: reload the written files and re-check retrieval.
-    reloaded, _ = _load_card(out_dir / f"{name}.json")
+    reloaded, _ = load_clip_card(out_dir / f"{name}.json")
     again = retrieve(reloaded, test, gallery=100)
     if abs(again["text_to_image_recall@1"] - scores["retrieval"]["text_to_image_recall@1"]) > 1e-9:
         raise GenlabError(f"the exported evaluator {name} scores differently from its run; the export is inconsistent")

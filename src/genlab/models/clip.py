@@ -13,15 +13,17 @@ scale never exceeds 100 (section 2.5 of the paper: "to prevent scaling the logit
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.errors import ConfigError
+from genlab.errors import ConfigError, GenlabError
 from genlab.models.classifier import Classifier, ClassifierConfig
 from genlab.text.encoders import TextEncoder, TextEncoderConfig
 
@@ -73,3 +75,51 @@ class CLIP(nn.Module):
     def forward(self, images: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
         """Logits (N_images, N_captions): scale * cosine similarity."""
         return self.scale() * self.encode_image(images) @ self.encode_text(captions).T
+
+
+# CLIP evaluators: a JSON card (configuration, training command, scores, sha256) beside its safetensors weights,
+# shipped in src/genlab/evaluators or exported by `genlab export-evaluator CLIP_RUN NAME` to the user's folder.
+
+
+def clip_evaluator_card(name: str) -> Path | None:
+    """The card of the CLIP evaluator ``name``: a shipped one first, then the user's own; None if neither."""
+    from genlab.metrics.extractors import _evaluators_dir, user_evaluators_dir
+
+    return next((d / f"{name}.json" for d in (_evaluators_dir(), user_evaluators_dir()) if (d / f"{name}.json").is_file()), None)
+
+
+def clip_evaluator_choices() -> str:
+    """What may name a CLIP evaluator, for error messages."""
+    from genlab.metrics.extractors import _evaluators_dir
+
+    shipped = sorted(p.stem for p in _evaluators_dir().glob("clip-*.json"))
+    return f"a name exported with genlab export-evaluator, or one of {', '.join(shipped) or '(none shipped)'}"
+
+
+def load_clip_evaluator(name: str, device: str | torch.device = "cpu") -> tuple[CLIP, str]:
+    """(CLIP in eval mode, "name (sha256 ...)") of the evaluator ``name``."""
+    card_path = clip_evaluator_card(name)
+    if card_path is None:
+        raise ConfigError(f"no CLIP evaluator {name!r}: give {clip_evaluator_choices()}")
+    return load_clip_card(card_path, device)
+
+
+def load_clip_card(card_path: Path, device: str | torch.device = "cpu") -> tuple[CLIP, str]:
+    """A CLIP evaluator from its card and the weights beside it, after checking their sha256."""
+    from safetensors.torch import load_file
+
+    from genlab.config import from_dict
+    from genlab.fileio import sha256_file
+    from genlab.text.encoders import build_text_encoder
+
+    card = json.loads(card_path.read_text())
+    if card.get("architecture") != "genlab.models.clip.CLIP":
+        raise ConfigError(f"{card_path} is not a CLIP evaluator (architecture {card.get('architecture')!r})")
+    weights = card_path.with_name(card["weights"])
+    if sha256_file(weights) != card["sha256"]:
+        raise GenlabError(f"{weights} does not match the sha256 in {card_path.name}; reinstall genlab or export it again")
+    config = from_dict(CLIPConfig, card["config"])
+    # The corpus only seeds a placeholder vocabulary: the saved tokenizer replaces it on loading.
+    clip = CLIP(config, build_text_encoder(config.text, corpus=["a"] if config.text.kind != "minilm" else ()))
+    clip.load_state_dict(load_file(str(weights)))
+    return clip.to(device).eval(), f"{card['name']} (sha256 {card['sha256'][:12]})"

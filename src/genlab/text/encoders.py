@@ -14,8 +14,9 @@ Kinds:
 - ``onehot``: no parameters; token states are one-hot vectors of the token ids and the pooled
   vector the normalised bag of words (for tests and baselines).
 - ``minilm``: the frozen sentence encoder all-MiniLM-L6-v2 (see :mod:`genlab.text.minilm`).
-- ``clip``: the frozen text tower of a genlab CLIP (``clip=`` a clip run folder, or a shipped or exported
-  CLIP evaluator name such as ``clip-mnist-pairs``), as Stable Diffusion conditions on CLIP's text tower.
+- ``clip``: the frozen text tower of a genlab CLIP evaluator (``clip=`` a shipped name such as
+  ``clip-mnist-pairs``, or a clip run exported by ``genlab export-evaluator RUN NAME``), as Stable Diffusion
+  conditions on CLIP's text tower.
   Contrastive training with word-order negatives makes its pooled vector tell "3 left of 8" from
   "8 left of 3", which a sentence encoder's mean hardly does (docs/results.md, mnist-pairs composition).
   ``finetune=True`` trains the tower on from those weights instead.
@@ -51,7 +52,7 @@ class TextEncoderConfig:
     """Which text encoder and, for ``tiny``, its size."""
 
     kind: Literal["tiny", "onehot", "minilm", "clip", "minilm+clip"] = "tiny"
-    clip: str | None = None  # clip, minilm+clip: the CLIP whose text tower is used (run folder or evaluator name)
+    clip: str | None = None  # clip, minilm+clip: the CLIP evaluator whose text tower is used (shipped or exported)
     finetune: bool = False  # clip, minilm+clip: train the tower with the model that uses it, from the CLIP's weights
     vocab_size: int = 512  # tiny / onehot: most tokens the tokenizer may learn (the embedding table's rows)
     tokenizer: Literal["wordpiece", "bpe"] = "wordpiece"
@@ -65,8 +66,9 @@ class TextEncoderConfig:
             raise ConfigError(f"text encoder kind must be one of {', '.join(ENCODER_KINDS)}, got {self.kind!r}")
         uses_clip = self.kind in ("clip", "minilm+clip")
         if uses_clip != (self.clip is not None):
-            raise ConfigError("model.text.clip names the CLIP whose text tower a clip encoder uses: set it (a clip run "
-                              "folder or an evaluator such as clip-mnist-pairs) with kind=clip or minilm+clip, and only then")
+            raise ConfigError("model.text.clip names the CLIP evaluator whose text tower a clip encoder uses: set it (e.g. "
+                              "clip-mnist-pairs, or a clip run exported by genlab export-evaluator) with kind=clip or "
+                              "minilm+clip, and only then")
         if self.finetune and not uses_clip:
             raise ConfigError(f"model.text.finetune=true starts from a trained CLIP's text tower: it needs kind=clip, not {self.kind}")
         if self.max_length < 3:
@@ -259,10 +261,11 @@ def build_text_encoder(config: TextEncoderConfig, corpus: Sequence[str] = ()) ->
 
         return MiniLMEncoder.load()
     if config.kind in ("clip", "minilm+clip"):
-        from genlab.evaluation.text import load_clip
+        from genlab.models.clip import load_clip_evaluator
 
+        # A named evaluator, not a run folder: the text model then depends on fixed, hash-checked weights.
         # The tower keeps its own tokenizer and max_length; frozen (its embeddings then cached) unless fine-tuned.
-        tower = load_clip(config.clip)[0].text_encoder.requires_grad_(config.finetune)
+        tower = load_clip_evaluator(config.clip)[0].text_encoder.requires_grad_(config.finetune)
         if config.kind == "clip":
             return tower
         from genlab.text.minilm import MiniLMEncoder
