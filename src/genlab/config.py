@@ -66,6 +66,10 @@ class TrainConfig:
     # auto: bf16 where the device computes it natively (genlab.autotune.auto_mixed_precision), else no.
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     compile: bool = False  # diffusion: torch.compile the denoiser for training (faster steps after a compile of minutes)
+    # diffusion: keep the denoiser's weights, and so its activations, in NHWC memory (oneDNN's native layout: NCHW
+    # convolutions reorder to a blocked layout and back at every call). 1.06x per training step on this CPU
+    # (docs/results.md, "Issue 17 point 1"); the values are the same up to float rounding.
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if len(self.adam_betas) != 2:
