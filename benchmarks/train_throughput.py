@@ -100,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated subset of: genlab, diffusers")
     timing.add_argument("--compile", action="store_true",
                         help="also time genlab's U-Net compiled for training (train.compile=true), channels_last")
+    timing.add_argument("--compile-diffusers", action="store_true",
+                        help="also time diffusers' UNet2DModel compiled the same way (NCHW, as its users run it)")
     timing.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     return parser.parse_args(argv)
 
@@ -279,6 +281,8 @@ def contenders_of(args: argparse.Namespace) -> dict[str, tuple[str, bool, bool]]
         contenders[f"{library} channels_last"] = (library, True, False)
     if args.compile:
         contenders["genlab compiled, channels_last"] = ("genlab", True, True)
+    if args.compile_diffusers and "diffusers" in libraries:
+        contenders["diffusers compiled"] = ("diffusers", False, True)
     return contenders
 
 
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     contenders = contenders_of(args)
 
     steps, params, flops, first_loss = {}, {}, {}, {}
-    compile_seconds = 0.0
+    compile_seconds = {}
     for name, (library, channels_last, compiled) in contenders.items():
         torch.manual_seed(args.seed)
         try:
@@ -309,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
             compile_network(model.unet)  # what train.compile=true does to the method's denoiser
             start = time.perf_counter()
             first_loss[name] = float(steps[name]())  # compiles the forward and the backward graphs
-            compile_seconds = time.perf_counter() - start
+            compile_seconds[name] = time.perf_counter() - start
             flops[name] = flops[library]  # the same network: the same work (counting would trace the graph)
         else:
             first_loss[name] = float(steps[name]())
@@ -367,16 +371,18 @@ def main(argv: list[str] | None = None) -> None:
               f"{statistics.median(paired(cpu_seconds, best)):.3f}x (CPU time); vs diffusers in channels_last: "
               f"{statistics.median(paired(cpu_seconds, best)) / statistics.median(paired(cpu_seconds, 'diffusers channels_last')):.3f}x "
               "(CPU time)")
-    if args.compile:
-        name = "genlab compiled, channels_last"
-        eager_s, compiled_s = statistics.median(seconds["genlab channels_last"]), statistics.median(seconds[name])
-        compile_only = max(0.0, compile_seconds - compiled_s)  # the first step's own work is not compile time
+    for name, eager_name in (("genlab compiled, channels_last", "genlab channels_last"),
+                             ("diffusers compiled", "diffusers")):
+        if name not in compile_seconds:
+            continue
+        eager_s, compiled_s = statistics.median(seconds[eager_name]), statistics.median(seconds[name])
+        compile_only = max(0.0, compile_seconds[name] - compiled_s)  # the first step's own work is not compile time
         saved = eager_s - compiled_s
-        pays = f"pays after {compile_only / saved:.0f} steps" if saved > 0 else "never pays"
-        print(f"\ncompile (inductor, dynamic=False, forward + backward): {compile_only:.1f} s (first step "
-              f"{compile_seconds:.1f} s); saves {1000 * saved:.1f} ms/step against eager genlab channels_last: {pays}; "
-              f"first-step loss eager {first_loss['genlab channels_last']:.7f}, compiled {first_loss[name]:.7f}")
-
+        pays = f"saves {1000 * saved:.1f} ms/step, pays after {compile_only / saved:.0f} steps" if saved > 0 else \
+            f"{1000 * -saved:.1f} ms/step slower: never pays"
+        print(f"\n{name} (inductor, dynamic=False, forward + backward): compile {compile_only:.1f} s (first step "
+              f"{compile_seconds[name]:.1f} s); against eager {eager_name}: {pays}; "
+              f"first-step loss eager {first_loss[eager_name]:.7f}, compiled {first_loss[name]:.7f}")
 
 if __name__ == "__main__":
     main()
