@@ -41,6 +41,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated subset of: genlab, diffusers")
     timing.add_argument("--compile", action="store_true",
                         help="also time genlab's U-Net compiled for training (train.compile=true), channels_last")
+    timing.add_argument("--bf16", action="store_true",
+                        help="also time both models under bf16 autocast (train.mixed_precision=bf16), "
+                        "genlab also in channels_last")
+    timing.add_argument("--profile", action="store_true",
+                        help="also print where one step's time goes (torch.profiler, eager contenders)")
     timing.add_argument("--compile-diffusers", action="store_true",
                         help="also time diffusers' UNet2DModel compiled the same way (NCHW, as its users run it)")
     timing.add_argument("--seed", type=int, default=0, help="seed of weights and data")
@@ -187,11 +193,12 @@ class Patched(nn.Module):
 
 def make_step(model: nn.Module, args: argparse.Namespace,
               optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-              channels_last: bool = False) -> Callable[[], torch.Tensor]:
+              channels_last: bool = False, bf16: bool = False) -> Callable[[], torch.Tensor]:
     """A closure doing one full training step of ``model`` on a fixed random batch; returns the loss.
 
     ``channels_last`` puts the network's weights in NHWC memory, as ``train.channels_last`` does (the data
-    stay NCHW, as the trainer's batches: the first convolution's output is NHWC and the layout carries on)."""
+    stay NCHW, as the trainer's batches: the first convolution's output is NHWC and the layout carries on).
+    ``bf16`` runs the forward pass and the loss under bf16 autocast, as ``train.mixed_precision=bf16`` does."""
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.batch_size, args.channels, args.image_size, args.image_size)
     x = torch.randn(shape, generator=generator)
@@ -203,7 +210,8 @@ def make_step(model: nn.Module, args: argparse.Namespace,
     opt = optimizer(list(model.parameters()))
 
     def step() -> torch.Tensor:
-        loss = F.mse_loss(model(x, t), target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.mse_loss(model(x, t), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -255,6 +263,34 @@ def time_steps(step: Callable[[], None], n: int) -> tuple[float, float]:
     return (time.perf_counter() - start) / n, (time.process_time() - start_cpu) / n
 
 
+PROFILE_GROUPS = {  # profiler op names -> what they are
+    "convolution forward": ("aten::mkldnn_convolution",),
+    "convolution backward": ("aten::convolution_backward",),
+    "attention (SDPA forward + backward)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "matmul (linear layers)": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "group norm forward + backward": ("aten::native_group_norm", "aten::native_group_norm_backward"),
+    "SiLU forward + backward": ("aten::silu", "aten::silu_backward"),
+    "copies and concatenation": ("aten::copy_", "aten::cat"),
+    "optimizer (fused AdamW kernel, or the per-tensor loop's ops)": (
+        "aten::_fused_adamw_", "aten::lerp_", "aten::addcdiv_", "aten::sqrt", "aten::_foreach_add_"),
+}
+
+
+def profile_steps(step: Callable[[], None], n: int = 3) -> dict[str, float]:
+    """Milliseconds per step by PROFILE_GROUPS (self CPU time of torch.profiler over n steps), the rest, total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    per_op = {event.key: event.self_cpu_time_total / n / 1000 for event in prof.key_averages()}
+    groups = {group: sum(per_op.get(op, 0.0) for op in ops) for group, ops in PROFILE_GROUPS.items()}
+    groups["everything else (element-wise ops, autograd and Python)"] = sum(per_op.values()) - sum(groups.values())
+    groups["total"] = sum(per_op.values())
+    return groups
+
+
 def cpu_model_name() -> str:
     """The CPU's model name (as lscpu shows it), or platform's guess."""
     try:
@@ -267,8 +303,17 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def contenders_of(args: argparse.Namespace) -> dict[str, tuple[str, bool, bool]]:
-    """name -> (library, channels_last, compiled) of every contender the command line asks for."""
+class Contender(NamedTuple):
+    """One way of running a library's training step."""
+
+    library: str  # genlab or diffusers
+    channels_last: bool = False
+    compiled: bool = False
+    bf16: bool = False
+
+
+def contenders_of(args: argparse.Namespace) -> dict[str, Contender]:
+    """name -> Contender of every contender the command line asks for."""
     libraries = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in libraries if name not in ("genlab", "diffusers")]
     if unknown:
@@ -277,12 +322,16 @@ def contenders_of(args: argparse.Namespace) -> dict[str, tuple[str, bool, bool]]
         raise SystemExit("error: --compile times genlab's compiled U-Net against eager genlab: keep genlab in --models")
     contenders = {}
     for library in libraries:
-        contenders[library] = (library, False, False)
-        contenders[f"{library} channels_last"] = (library, True, False)
+        contenders[library] = Contender(library)
+        contenders[f"{library} channels_last"] = Contender(library, channels_last=True)
+        if args.bf16:
+            contenders[f"{library} bf16 autocast"] = Contender(library, bf16=True)
+    if args.bf16 and "genlab" in libraries:
+        contenders["genlab bf16 autocast, channels_last"] = Contender("genlab", channels_last=True, bf16=True)
     if args.compile:
-        contenders["genlab compiled, channels_last"] = ("genlab", True, True)
+        contenders["genlab compiled, channels_last"] = Contender("genlab", channels_last=True, compiled=True)
     if args.compile_diffusers and "diffusers" in libraries:
-        contenders["diffusers compiled"] = ("diffusers", False, True)
+        contenders["diffusers compiled"] = Contender("diffusers", compiled=True)
     return contenders
 
 
@@ -301,14 +350,14 @@ def main(argv: list[str] | None = None) -> None:
 
     steps, params, flops, first_loss = {}, {}, {}, {}
     compile_seconds = {}
-    for name, (library, channels_last, compiled) in contenders.items():
+    for name, (library, channels_last, compiled, bf16) in contenders.items():
         torch.manual_seed(args.seed)
         try:
             model = Patched(builders[library](args), args.patch_size)
         except ConfigError as error:
             raise SystemExit(f"error: {error}") from None
         params[name] = sum(p.numel() for p in model.parameters())
-        steps[name] = make_step(model, args, optimizers[library], channels_last)
+        steps[name] = make_step(model, args, optimizers[library], channels_last, bf16)
         if compiled:
             compile_network(model.unet)  # what train.compile=true does to the method's denoiser
             start = time.perf_counter()
@@ -331,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds[name].append(wall)
             cpu_seconds[name].append(cpu)
     mkl_rate, onednn_rate = fp32_peak()
+    profiles = {name: profile_steps(steps[name]) for name in names if args.profile and not contenders[name].compiled}
     peak = max(mkl_rate, onednn_rate)
 
     reference = "diffusers" if "diffusers" in contenders else names[0]
@@ -363,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {params[name]:,} | {flops[name] / 1e9:.2f} | "
               f"{images_per_s:.1f} | {rate[name]:.2f} | {rate[name] / peak:.3f} | "
               f"{spread(paired(seconds, name))} | {spread(paired(cpu_seconds, name))} |")
-    genlab_names = [name for name in names if contenders[name][0] == "genlab"]
+    genlab_names = [name for name in names if contenders[name].library == "genlab"]
     if reference == "diffusers" and genlab_names:
         best = max(genlab_names, key=lambda name: statistics.median(paired(cpu_seconds, name)))
         print(f"\ngenlab's best setting ({best}) per FLOP vs diffusers as its users run it: "
@@ -371,6 +421,13 @@ def main(argv: list[str] | None = None) -> None:
               f"{statistics.median(paired(cpu_seconds, best)):.3f}x (CPU time); vs diffusers in channels_last: "
               f"{statistics.median(paired(cpu_seconds, best)) / statistics.median(paired(cpu_seconds, 'diffusers channels_last')):.3f}x "
               "(CPU time)")
+    if profiles:
+        print("\n| ms per step (torch.profiler, self CPU time, 3 steps; share of the step) | "
+              + " | ".join(profiles) + " |")
+        print("|---|" + "---:|" * len(profiles))
+        for group in next(iter(profiles.values())):
+            print(f"| {group} | " + " | ".join(f"{p[group]:.1f} ({100 * p[group] / p['total']:.0f} %)"
+                                              for p in profiles.values()) + " |")
     for name, eager_name in (("genlab compiled, channels_last", "genlab channels_last"),
                              ("diffusers compiled", "diffusers")):
         if name not in compile_seconds:
