@@ -33,9 +33,14 @@ def multihead_attention(
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, S), broadcast over heads and queries
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         # train.mixed_precision=bf16 on a CPU: torch's bf16 attention kernel splits the work into thousands of
-        # tiny matrix products (20 ms per small-U-Net step against 3.4 ms in float32), so attention keeps float32.
-        with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        # tiny matrix products (6x slower than float32 on the small U-Net's 49 tokens). Without a mask the explicit
+        # form is faster still: two batched bf16 products and a float32 softmax (autocast's own choice for each).
+        if mask is None:
+            out = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (N, h, L, S) logits
+            out = out.softmax(dim=-1) @ v  # (N, h, L, d_head)
+        else:
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, h, L, d_head)
     return out.transpose(1, 2).reshape(n, length, dim)  # (N, L, D)
