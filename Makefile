@@ -52,7 +52,7 @@ test-browser: install-dev
 # (DDIM-50 and DPM-Solver++ 10, ms per image vs diffusers' schedulers on the same weights). The compiles take
 # minutes on a small CPU the first time; inductor's on-disk cache makes later runs start faster.
 bench: install-bench
-	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/train_throughput.py --compile
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/train_throughput.py --bf16 --compile --threads 1
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/sampling_speed.py --compile --batch-size auto --repeats 3
 
 clean:

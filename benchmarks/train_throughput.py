@@ -10,12 +10,19 @@ repeat's two timings are taken back to back, which cancels slow drifts of the ma
 Prints a Markdown table and the machine it ran on.
 
 genlab's step is its trainer's (``genlab.train.trainer.make_optimizer``: AdamW with the fused kernel);
-diffusers' is its training scripts' (``torch.optim.AdamW``, the per-tensor loop). ``--compile`` adds a
-third contender, genlab with its U-Net compiled for training as ``train.compile=true`` does
-(``genlab.compiling.compile_network``: inductor, ``dynamic=False``, forward and backward); its one-off
-compile time (the first step, minus a timed step) is reported separately with the number of steps after
-which it pays. GFLOP/s are also given as a fraction of this CPU's measured fp32 GEMM rate (a 1024^3
-matmul at the same threads), the most a step made of matrix products could reach.
+diffusers' is its training scripts' (``torch.optim.AdamW``, the per-tensor loop). Each library runs as its
+users run it by default (NCHW memory) and in channels_last (NHWC, oneDNN's native layout: genlab's
+``train.channels_last=true``; for diffusers ``model.to(memory_format=torch.channels_last)``, which its
+training scripts do not do). ``--compile`` adds genlab compiled for training as ``train.compile=true`` does
+(``genlab.compiling.compile_network``: inductor, ``dynamic=False``, forward and backward), in channels_last;
+its one-off compile time (the first step, minus a timed step) is reported separately with the number of steps
+after which it pays.
+
+Each repeat is timed twice: wall time and this process's CPU time. On a shared machine the CPU time is
+the steadier measure (time slices lost to other processes are not counted), so the paired ratios are
+given for both. GFLOP/s are also given as a fraction of this core's measured fp32 peak: the faster of a
+1024^3 matmul (MKL) and a large 3x3 convolution (oneDNN) at the same threads; on AMD CPUs MKL takes
+its AVX2 path, so the convolution is the one that reaches the FMA units' rate.
 
     python benchmarks/train_throughput.py                   # the small CPU preset (ddpm_small.yaml)
     python benchmarks/train_throughput.py --patch-size 1 --channel-mult 1,2,2   # U-Net at 28x28x1
@@ -34,6 +41,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -89,12 +97,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed repeats per model (alternating models); the median is reported")
     timing.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, usually all cores)")
-    timing.add_argument("--channels-last", action="store_true",
-                        help="run both models in channels_last memory format")
     timing.add_argument("--models", default="genlab,diffusers",
                         help="comma-separated subset of: genlab, diffusers")
     timing.add_argument("--compile", action="store_true",
-                        help="also time genlab's U-Net compiled for training (train.compile=true)")
+                        help="also time genlab's U-Net compiled for training (train.compile=true), channels_last")
+    timing.add_argument("--bf16", action="store_true",
+                        help="also time both models under bf16 autocast (train.mixed_precision=bf16), "
+                        "genlab also in channels_last")
+    timing.add_argument("--profile", action="store_true",
+                        help="also print where one step's time goes (torch.profiler, eager contenders)")
+    timing.add_argument("--compile-diffusers", action="store_true",
+                        help="also time diffusers' UNet2DModel compiled the same way (NCHW, as its users run it)")
     timing.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     return parser.parse_args(argv)
 
@@ -179,22 +192,26 @@ class Patched(nn.Module):
 
 
 def make_step(model: nn.Module, args: argparse.Namespace,
-              optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> Callable[[], torch.Tensor]:
-    """A closure doing one full training step of ``model`` on a fixed random batch; returns the loss."""
+              optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+              channels_last: bool = False, bf16: bool = False) -> Callable[[], torch.Tensor]:
+    """A closure doing one full training step of ``model`` on a fixed random batch; returns the loss.
+
+    ``channels_last`` puts the network's weights in NHWC memory, as ``train.channels_last`` does (the data
+    stay NCHW, as the trainer's batches: the first convolution's output is NHWC and the layout carries on).
+    ``bf16`` runs the forward pass and the loss under bf16 autocast, as ``train.mixed_precision=bf16`` does."""
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.batch_size, args.channels, args.image_size, args.image_size)
     x = torch.randn(shape, generator=generator)
     target = torch.randn(shape, generator=generator)
     t = torch.randint(0, 1000, (args.batch_size,), generator=generator)
-    if args.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-        target = target.contiguous(memory_format=torch.channels_last)
     model.train()
     opt = optimizer(list(model.parameters()))
 
     def step() -> torch.Tensor:
-        loss = F.mse_loss(model(x, t), target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.mse_loss(model(x, t), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -217,12 +234,17 @@ def diffusers_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4)
 
 
-def gemm_peak(threads: int) -> float:
-    """GFLOP/s of a float32 1024^3 matrix product on this CPU at the current threads (best of 5)."""
+def fp32_peak() -> tuple[float, float]:
+    """GFLOP/s of a float32 1024^3 matrix product (MKL) and of a 3x3 convolution, 256 -> 256 channels on
+    16 x 16 x 16 NHWC (oneDNN), on this CPU at the current threads (best of 5 wall-time measurements)."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    best = min(time_steps(lambda: a @ b, 3) for _ in range(5))
-    return 2 * 1024**3 / best / 1e9
+    x = torch.randn(16, 256, 16, 16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
+    rates = []
+    for op, flops in ((lambda: a @ b, 2 * 1024**3), (lambda: F.conv2d(x, w, padding=1), 2 * 16 * 256**2 * 9 * 16**2)):
+        op()
+        rates.append(flops / min(time_steps(op, 3)[0] for _ in range(5)) / 1e9)
+    return rates[0], rates[1]
 
 
 def count_flops(step: Callable[[], None]) -> int:
@@ -233,12 +255,40 @@ def count_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def time_steps(step: Callable[[], None], n: int) -> float:
-    """Seconds per step over n consecutive steps."""
-    start = time.perf_counter()
+def time_steps(step: Callable[[], None], n: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) per step over n consecutive steps."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         step()
-    return (time.perf_counter() - start) / n
+    return (time.perf_counter() - start) / n, (time.process_time() - start_cpu) / n
+
+
+PROFILE_GROUPS = {  # profiler op names -> what they are
+    "convolution forward": ("aten::mkldnn_convolution",),
+    "convolution backward": ("aten::convolution_backward",),
+    "attention (SDPA forward + backward)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "matmul (linear layers)": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "group norm forward + backward": ("aten::native_group_norm", "aten::native_group_norm_backward"),
+    "SiLU forward + backward": ("aten::silu", "aten::silu_backward"),
+    "copies and concatenation": ("aten::copy_", "aten::cat"),
+    "optimizer (fused AdamW kernel, or the per-tensor loop's ops)": (
+        "aten::_fused_adamw_", "aten::lerp_", "aten::addcdiv_", "aten::sqrt", "aten::_foreach_add_"),
+}
+
+
+def profile_steps(step: Callable[[], None], n: int = 3) -> dict[str, float]:
+    """Milliseconds per step by PROFILE_GROUPS (self CPU time of torch.profiler over n steps), the rest, total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    per_op = {event.key: event.self_cpu_time_total / n / 1000 for event in prof.key_averages()}
+    groups = {group: sum(per_op.get(op, 0.0) for op in ops) for group, ops in PROFILE_GROUPS.items()}
+    groups["everything else (element-wise ops, autograd and Python)"] = sum(per_op.values()) - sum(groups.values())
+    groups["total"] = sum(per_op.values())
+    return groups
 
 
 def cpu_model_name() -> str:
@@ -253,8 +303,40 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+class Contender(NamedTuple):
+    """One way of running a library's training step."""
+
+    library: str  # genlab or diffusers
+    channels_last: bool = False
+    compiled: bool = False
+    bf16: bool = False
+
+
+def contenders_of(args: argparse.Namespace) -> dict[str, Contender]:
+    """name -> Contender of every contender the command line asks for."""
+    libraries = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = [name for name in libraries if name not in ("genlab", "diffusers")]
+    if unknown:
+        raise SystemExit(f"error: unknown model(s) {unknown}; choose from ['diffusers', 'genlab']")
+    if args.compile and "genlab" not in libraries:
+        raise SystemExit("error: --compile times genlab's compiled U-Net against eager genlab: keep genlab in --models")
+    contenders = {}
+    for library in libraries:
+        contenders[library] = Contender(library)  # first: its FLOPs are counted, and stand for the others'
+        contenders[f"{library} channels_last"] = Contender(library, channels_last=True)
+        if args.bf16:
+            contenders[f"{library} bf16 autocast"] = Contender(library, bf16=True)
+    if args.bf16 and "genlab" in libraries:
+        contenders["genlab bf16 autocast, channels_last"] = Contender("genlab", channels_last=True, bf16=True)
+    if args.compile:
+        contenders["genlab compiled, channels_last"] = Contender("genlab", channels_last=True, compiled=True)
+    if args.compile_diffusers and "diffusers" in libraries:
+        contenders["diffusers compiled"] = Contender("diffusers", compiled=True)
+    return contenders
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Build, warm up, count and time each model; print the Markdown table."""
+    """Build, warm up, count and time each contender; print the Markdown table."""
     from genlab.compiling import compile_network
 
     args = parse_args(argv)
@@ -264,52 +346,55 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --patch-size {args.patch_size} must divide --image-size {args.image_size}")
     builders = {"genlab": build_genlab, "diffusers": DiffusersUNet}
     optimizers = {"genlab": genlab_optimizer, "diffusers": diffusers_optimizer}
-    names = [name.strip() for name in args.models.split(",") if name.strip()]
-    unknown = [name for name in names if name not in builders]
-    if unknown:
-        raise SystemExit(f"error: unknown model(s) {unknown}; choose from {sorted(builders)}")
-    if args.compile and "genlab" not in names:
-        raise SystemExit("error: --compile times genlab's compiled U-Net against eager genlab: keep genlab in --models")
-    contenders = names + (["genlab compiled"] if args.compile else [])
+    contenders = contenders_of(args)
 
     steps, params, flops, first_loss = {}, {}, {}, {}
-    compile_seconds = 0.0
-    for name in contenders:
-        kind = name.split()[0]
+    compile_seconds = {}
+    for name, (library, channels_last, compiled, bf16) in contenders.items():
         torch.manual_seed(args.seed)
         try:
-            model = Patched(builders[kind](args), args.patch_size)
+            model = Patched(builders[library](args), args.patch_size)
         except ConfigError as error:
             raise SystemExit(f"error: {error}") from None
         params[name] = sum(p.numel() for p in model.parameters())
-        steps[name] = make_step(model, args, optimizers[kind])
-        if name == "genlab compiled":
+        steps[name] = make_step(model, args, optimizers[library], channels_last, bf16)
+        if compiled:
             compile_network(model.unet)  # what train.compile=true does to the method's denoiser
             start = time.perf_counter()
             first_loss[name] = float(steps[name]())  # compiles the forward and the backward graphs
-            compile_seconds = time.perf_counter() - start
-            flops[name] = flops["genlab"]  # the same network: the same work (counting would trace the graph)
+            compile_seconds[name] = time.perf_counter() - start
         else:
-            first_loss[name] = float(steps[name]()) if kind == "genlab" else None
+            first_loss[name] = float(steps[name]())
+        if name == library:
             flops[name] = count_flops(steps[name])  # also a warm-up step
+        else:  # the same network: the same work (the counter would see bf16 attention's explicit products as more)
+            flops[name] = flops[library]
         for _ in range(args.warmup):
             steps[name]()
 
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(args.repeats):
         # A B C, then C B A: alternate, and alternate who goes first, so all share the machine's noise.
-        for name in contenders if repeat % 2 == 0 else contenders[::-1]:
-            seconds[name].append(time_steps(steps[name], args.steps))
-    peak = gemm_peak(torch.get_num_threads())
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            wall, cpu = time_steps(steps[name], args.steps)
+            seconds[name].append(wall)
+            cpu_seconds[name].append(cpu)
+    mkl_rate, onednn_rate = fp32_peak()
+    profiles = {name: profile_steps(steps[name]) for name in names if args.profile and not contenders[name].compiled}
+    peak = max(mkl_rate, onednn_rate)
 
-    reference = "diffusers" if "diffusers" in names else names[0]
-    rate = {name: flops[name] / statistics.median(seconds[name]) / 1e9 for name in contenders}
-    # Per repeat, (GFLOP/s of name) / (GFLOP/s of reference) from timings taken back to back.
-    paired = {
-        name: sorted((flops[name] / s) / (flops[reference] / r)
-                     for s, r in zip(seconds[name], seconds[reference]))
-        for name in contenders
-    }
+    reference = "diffusers" if "diffusers" in contenders else names[0]
+
+    def paired(times: dict[str, list[float]], name: str) -> list[float]:
+        """Per repeat, (GFLOP/s of name) / (GFLOP/s of reference), from timings taken back to back."""
+        return sorted((flops[name] / s) / (flops[reference] / r) for s, r in zip(times[name], times[reference]))
+
+    def spread(ratios: list[float]) -> str:
+        return f"{statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})"
+
+    rate = {name: flops[name] / statistics.median(seconds[name]) / 1e9 for name in names}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model_name()}, "
           f"{platform.system()} {platform.machine()}, python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -319,33 +404,44 @@ def main(argv: list[str] | None = None) -> None:
           f"base {args.base_channels}, mult {args.channel_mult}, res blocks {args.num_res_blocks}, "
           f"attention at {args.attention_resolutions or 'none'}"
           f"{'' if args.no_mid_attention else ' + middle'}, {args.num_heads} heads, "
-          f"dropout {args.dropout}, {'add' if args.no_scale_shift else 'scale-shift'} time embedding"
-          f"{', channels_last' if args.channels_last else ''}; "
+          f"dropout {args.dropout}, {'add' if args.no_scale_shift else 'scale-shift'} time embedding; "
           f"median of {args.repeats} x {args.steps} steps after {args.warmup + 1} warm-up; "
-          f"fp32 GEMM peak {peak:.1f} GFLOP/s\n")
-    print(f"| model | params | GFLOP/step | images/s | GFLOP/s | fraction of GEMM peak | GFLOP/s ratio vs {reference} "
-          "(paired median) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in contenders:
+          f"fp32 peak {peak:.1f} GFLOP/s (matmul, MKL: {mkl_rate:.1f}; 3x3 conv, oneDNN: {onednn_rate:.1f})\n")
+    print(f"| model | params | GFLOP/step | images/s | GFLOP/s | fraction of fp32 peak | GFLOP/s ratio vs {reference}, "
+          "wall time (paired median, min-max) | same, CPU time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
         images_per_s = args.batch_size / statistics.median(seconds[name])
         print(f"| {name} | {params[name]:,} | {flops[name] / 1e9:.2f} | "
               f"{images_per_s:.1f} | {rate[name]:.2f} | {rate[name] / peak:.3f} | "
-              f"{statistics.median(paired[name]):.3f} |")
-    for name in contenders:
-        if name != reference:
-            quartiles = statistics.quantiles(paired[name], n=4) if len(paired[name]) > 1 else paired[name] * 3
-            print(f"\n{name} / {reference} per-repeat GFLOP/s ratios: min {paired[name][0]:.3f}, "
-                  f"quartiles {quartiles[0]:.3f} / {quartiles[1]:.3f} / {quartiles[2]:.3f}, "
-                  f"max {paired[name][-1]:.3f}")
-    if args.compile:
-        eager_s, compiled_s = statistics.median(seconds["genlab"]), statistics.median(seconds["genlab compiled"])
-        compile_only = max(0.0, compile_seconds - compiled_s)  # the first step's own work is not compile time
+              f"{spread(paired(seconds, name))} | {spread(paired(cpu_seconds, name))} |")
+    genlab_names = [name for name in names if contenders[name].library == "genlab"]
+    if reference == "diffusers" and genlab_names:
+        best = max(genlab_names, key=lambda name: statistics.median(paired(cpu_seconds, name)))
+        print(f"\ngenlab's best setting ({best}) per FLOP vs diffusers as its users run it: "
+              f"{statistics.median(paired(seconds, best)):.3f}x (wall time), "
+              f"{statistics.median(paired(cpu_seconds, best)):.3f}x (CPU time); vs diffusers in channels_last: "
+              f"{statistics.median(paired(cpu_seconds, best)) / statistics.median(paired(cpu_seconds, 'diffusers channels_last')):.3f}x "
+              "(CPU time)")
+    if profiles:
+        print("\n| ms per step (torch.profiler, self CPU time, 3 steps; share of the step) | "
+              + " | ".join(profiles) + " |")
+        print("|---|" + "---:|" * len(profiles))
+        for group in next(iter(profiles.values())):
+            print(f"| {group} | " + " | ".join(f"{p[group]:.1f} ({100 * p[group] / p['total']:.0f} %)"
+                                              for p in profiles.values()) + " |")
+    for name, eager_name in (("genlab compiled, channels_last", "genlab channels_last"),
+                             ("diffusers compiled", "diffusers")):
+        if name not in compile_seconds:
+            continue
+        eager_s, compiled_s = statistics.median(seconds[eager_name]), statistics.median(seconds[name])
+        compile_only = max(0.0, compile_seconds[name] - compiled_s)  # the first step's own work is not compile time
         saved = eager_s - compiled_s
-        pays = f"pays after {compile_only / saved:.0f} steps" if saved > 0 else "never pays"
-        print(f"\ncompile (inductor, dynamic=False, forward + backward): {compile_only:.1f} s (first step "
-              f"{compile_seconds:.1f} s); saves {1000 * saved:.1f} ms/step against eager genlab: {pays}; "
-              f"first-step loss eager {first_loss['genlab']:.7f}, compiled {first_loss['genlab compiled']:.7f}")
-
+        pays = f"saves {1000 * saved:.1f} ms/step, pays after {compile_only / saved:.0f} steps" if saved > 0 else \
+            f"{1000 * -saved:.1f} ms/step slower: never pays"
+        print(f"\n{name} (inductor, dynamic=False, forward + backward): compile {compile_only:.1f} s (first step "
+              f"{compile_seconds[name]:.1f} s); against eager {eager_name}: {pays}; "
+              f"first-step loss eager {first_loss[eager_name]:.7f}, compiled {first_loss[name]:.7f}")
 
 if __name__ == "__main__":
     main()

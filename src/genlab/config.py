@@ -61,11 +61,17 @@ class TrainConfig:
     time_clock: Literal["wall", "cpu"] = "wall"  # what time_limit counts: wall time, or this process's CPU time (all its threads; a budget other jobs on the cores cannot shrink)
     threads: PositiveInt | None = None  # torch CPU threads; None: torch's default (all cores)
     device: str | None = None  # cpu, cuda, cuda:N or mps; None: accelerate's choice (CUDA when present)
-    # fp32 is the fast path for the small U-Nets on this CPU; bf16 autocast paid 1.7x for the CIFAR-10
-    # classifier's channels_last convs on an avx512_bf16 CPU (docs/results.md): measure per model.
+    # bf16 autocast on an avx512_bf16 CPU: 1.4x per training step of the small U-Net (NCHW; in channels_last
+    # its GroupNorms are 6x slower), 1.7x for the CIFAR-10 classifier's channels_last convs (docs/results.md,
+    # "Issue 17 point 1"); measure per model and machine (not measured on CPUs without bf16 instructions).
     # auto: bf16 where the device computes it natively (genlab.autotune.auto_mixed_precision), else no.
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     compile: bool = False  # diffusion: torch.compile the denoiser for training (faster steps after a compile of minutes)
+    # diffusion: keep the denoiser's weights, and so its activations, in NHWC memory (oneDNN's native layout: NCHW
+    # convolutions reorder to a blocked layout and back at every call). 1.07x per float32 training step of the
+    # small U-Net on this CPU, but slower with bf16 (docs/results.md, "Issue 17 point 1"); same values up to
+    # float rounding. The classifier has its own model.channels_last (it also converts its inputs).
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if len(self.adam_betas) != 2:

@@ -112,3 +112,49 @@ def test_attention_errors_are_config_errors():
         cross(torch.randn(1, 2, 8))
     with pytest.raises(ConfigError, match="context_dim=5"):
         cross(torch.randn(1, 2, 8), torch.randn(1, 3, 6))
+
+
+def test_spatial_self_attention_on_nhwc_maps_equals_the_token_path():
+    # NHWC input takes the 1x1-convolution path (train.channels_last); NCHW input the token path, checked
+    # against the explicit computation above. Same values and gradients, and the output stays NHWC.
+    torch.manual_seed(0)
+    block = randomise_(SpatialAttention(16, num_heads=4, norm_groups=8))
+    x = torch.randn(3, 16, 5, 6)
+    nchw = x.clone().requires_grad_()
+    nhwc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    outputs, grads = [], []
+    for inp in (nchw, nhwc):
+        block.zero_grad()
+        out = block(inp)
+        (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
+        outputs.append(out)
+        grads.append([inp.grad] + [p.grad.clone() for p in block.parameters()])
+    assert outputs[1].is_contiguous(memory_format=torch.channels_last) and not outputs[1].is_contiguous()
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for g_nhwc, g_nchw in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_nhwc, g_nchw)
+
+
+def test_masked_attention_keeps_float32_under_cpu_autocast():
+    # bf16 mixed precision on a CPU: torch's bf16 attention kernel is 6x slower on short sequences, so masked
+    # attention runs in float32 (the projections around it still follow autocast).
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 7, 16).unbind(0)
+    mask = torch.rand(2, 7) > 0.3
+    mask[:, 0] = True
+    expected = multihead_attention(q, k, v, 4, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = multihead_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 4, mask)
+    assert out.dtype == torch.float32
+    reference = multihead_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), 4, mask)
+    assert torch.equal(out, reference) and not torch.equal(out, expected)  # float32 maths on the bf16 inputs
+
+
+def test_unmasked_attention_under_cpu_autocast_is_attention_at_bf16_precision():
+    # Without a mask, the explicit form: bf16 products, float32 softmax. Same attention, to bf16's precision.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 49, 64).unbind(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = multihead_attention(q, k, v, 4)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference_attention(q, k, v, 4), atol=2e-2, rtol=2e-2)

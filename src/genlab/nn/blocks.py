@@ -69,7 +69,8 @@ class ResBlock(nn.Module):
         emb_out = self.emb_proj(F.silu(emb))[:, :, None, None]  # (N, C_out or 2 C_out, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)  # 2 x (N, C_out, 1, 1)
-            h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # (N, C_out, H, W)
+            # Multiply, then add: torch.addcmul with these broadcast shapes is 3x (float32) to 4.5x (bf16) slower on CPU.
+            h = self.norm2(h) * (1 + scale) + shift  # (N, C_out, H, W)
         else:
             h = self.norm2(h + emb_out)  # (N, C_out, H, W)
         h = self.conv2(self.dropout(F.silu(h)))  # (N, C_out, H, W)

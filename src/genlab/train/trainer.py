@@ -84,7 +84,7 @@ RESUMABLE_KEYS = frozenset({
     "train.steps", "train.lr", "train.grad_clip", "train.time_limit", "train.checkpoint_every",
     "train.keep_checkpoints", "train.time_clock", "train.log_every", "train.sample_every", "train.sample_n", "train.eval_every",
     "train.eval_n", "train.eval_ref", "train.threads", "train.device", "train.report_every", "train.tensorboard",
-    "train.compile", "data.root",
+    "train.compile", "train.channels_last", "data.root",
 })
 
 
@@ -137,6 +137,20 @@ def make_optimizer(spec: OptimizerSpec | list, tc) -> torch.optim.Optimizer:
     # 8.5 -> 1.3 ms per step for the small U-Net's 128 tensors on one CPU thread); same maths, float32 rounding.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (AdamW's moments, SGD's momentum) its parameter's memory layout.
+
+    Checkpoints store contiguous tensors, and a resumed run may switch train.channels_last; the fused AdamW
+    kernel walks parameter, gradient and moments as flat memory, so moments in another layout than their
+    NHWC parameter would be applied to the wrong elements, silently."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 class _StepContext:
@@ -292,6 +306,8 @@ class Trainer:
         self.batches_per_epoch = len(data) // self.micro_batch  # drop the last partial batch
 
         self.method = method.to(self.device)
+        if tc.channels_last:
+            self._denoiser_network("train.channels_last").to(memory_format=torch.channels_last)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         self.group_params: dict[str, list[torch.nn.Parameter]] = {}
@@ -306,7 +322,9 @@ class Trainer:
         self.emas = {}
         if tc.ema_decay is not None:
             self.emas = {name: EMA(module, decay=tc.ema_decay) for name, module in method.ema_targets().items()}
-        self.compiled = self._compiled_network() if tc.compile else None
+        self.compiled = self._denoiser_network("train.compile") if tc.compile else None
+        if self.compiled is not None:
+            compile_network(self.compiled)
         self.step = 0
         self.elapsed = 0.0  # seconds of training over all launches of this run (logged; time_limit is per launch)
         self.cpu_elapsed = 0.0  # CPU seconds of the same (all threads of the process; train.time_clock=cpu)
@@ -314,13 +332,12 @@ class Trainer:
         self._perm_epoch = -1
         self._perm = None
 
-    def _compiled_network(self) -> torch.nn.Module:
-        """The method's denoiser network, compiled in place for training (``train.compile``)."""
+    def _denoiser_network(self, key: str) -> torch.nn.Module:
+        """The method's denoiser network, which ``key`` (train.compile, train.channels_last) acts on."""
         network = getattr(self.method, "backbone", None)
         if not isinstance(network, torch.nn.Module):
-            raise ConfigError(f"train.compile applies to diffusion methods (a denoiser network); {self.cfg.method} "
-                              "has none: set train.compile=false")
-        compile_network(network)
+            raise ConfigError(f"{key} applies to diffusion methods (a denoiser network); {self.cfg.method} "
+                              f"has none: set {key}=false")
         return network
 
     # ------------------------------------------------------------------ data and randomness
@@ -462,6 +479,7 @@ class Trainer:
             ema.load_state_dict(unflatten_state(tensors[f"ema_{name}"], sk[f"ema_{name}"]))
         for group in self.optimizers:
             self.optimizers[group].load_state_dict(unflatten_state(tensors[f"optim_{group}"], sk[f"optim_{group}"]))
+            match_state_layout(self.optimizers[group])
             self.schedulers[group].load_state_dict(unflatten_state(tensors[f"sched_{group}"], sk[f"sched_{group}"]))
         restore_rng_state(tensors.get("rng", {}), state["rng"])
         self.step = int(state["step"])
