@@ -17,6 +17,8 @@ Simplifications of this "lite" version, chosen for small images on a CPU:
   is therefore synthesised at its own size (7x7 constant) rather than at 32 and cropped: no pixel
   is wasted and D sees the data untouched.
 * Channels: ``channels`` at the output resolution, doubled at every halving up to ``max_channels``.
+* Output: the paper's summed toRGB outputs (``output="linear"``) or their tanh (``"tanh"``), for data
+  whose pixels pile up at the end of the range (MNIST's background).
 """
 
 from __future__ import annotations
