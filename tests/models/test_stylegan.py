@@ -163,3 +163,21 @@ def test_base_resolution_halves_down_to_at_least_four():
     assert [base_resolution(s) for s in (8, 28, 32, 64, 5)] == [4, 7, 4, 4, 5]
     with pytest.raises(ConfigError, match="at least 4"):
         base_resolution(3)
+
+
+def test_tanh_output_squashes_the_summed_rgb_and_linear_is_the_papers():
+    torch.manual_seed(0)
+    linear = Generator(_tiny_net(), image_size=8, image_channels=1)
+    tanh = Generator(_tiny_net(output="tanh"), image_size=8, image_channels=1)
+    tanh.load_state_dict(linear.state_dict())  # same weights: the output map is the only difference
+    with torch.no_grad():
+        linear.synthesis.to_rgbs[-1].bias.fill_(3.0)  # push the unbounded output past 1 ...
+        tanh.synthesis.to_rgbs[-1].bias.fill_(3.0)
+    z = torch.randn(4, 16)
+    noise = linear.make_noise(4, torch.Generator().manual_seed(1))
+    x_linear, x_tanh = linear(z, noise=noise), tanh(z, noise=noise)
+    assert x_linear.max() > 1  # ... which the paper's linear output keeps
+    torch.testing.assert_close(x_tanh, torch.tanh(x_linear))
+    assert x_tanh.abs().max() < 1
+    with pytest.raises(ConfigError, match="model.net.output"):
+        Generator(_tiny_net(output="sigmoid"), image_size=8, image_channels=1)

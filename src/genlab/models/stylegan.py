@@ -17,6 +17,8 @@ Simplifications of this "lite" version, chosen for small images on a CPU:
   is therefore synthesised at its own size (7x7 constant) rather than at 32 and cropped: no pixel
   is wasted and D sees the data untouched.
 * Channels: ``channels`` at the output resolution, doubled at every halving up to ``max_channels``.
+* Output: the paper's summed toRGB outputs (``output="linear"``) or their tanh (``"tanh"``), for data
+  whose pixels pile up at the end of the range (MNIST's background).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class StyleGANNetConfig:
     # by the demodulation factor around one shared conv (paper's fused_modconv=False path). Same
     # maths; "activation" is several times faster on CPUs.
     modconv: Literal["grouped", "activation"] = "activation"
+    # The generator's last operation: "linear" (the paper: the summed toRGB outputs, unbounded) or "tanh"
+    # (DCGAN's bounded output). Data whose pixels sit on the range's end (MNIST: ~80 % exactly -1) need
+    # "tanh": a linear output reaches that point mass only by exact cancellation, and D separates real from
+    # fake by background level alone (docs/results.md, issue 17 point 5, sgan).
+    output: Literal["linear", "tanh"] = "linear"
 
 
 def lrelu(x: torch.Tensor) -> torch.Tensor:
@@ -259,9 +266,10 @@ class SynthesisNetwork(nn.Module):
     """
 
     def __init__(self, w_dim: int, image_size: int, image_channels: int, channels: int, max_channels: int,
-                 grouped: bool = False):
+                 grouped: bool = False, output: str = "linear"):
         super().__init__()
         self.image_size = image_size
+        self.output = output
         self.resolutions = resolutions(image_size)
         ch = [_channels_at(r, image_size, channels, max_channels) for r in self.resolutions]
         r0 = self.resolutions[0]
@@ -298,7 +306,7 @@ class SynthesisNetwork(nn.Module):
                 x = self.convs[j](x, ws[:, self.conv_w_index[j]], noise[j])  # (N, C_b, r_b, r_b)
             rgb = self.to_rgbs[b](x, ws[:, self.rgb_w_index[b]])  # (N, image_channels, r_b, r_b)
             image = rgb if image is None else upsample2x(image) + rgb  # skip architecture: sum of upsampled RGBs
-        return image
+        return torch.tanh(image) if self.output == "tanh" else image
 
 
 class Generator(nn.Module):
@@ -309,12 +317,15 @@ class Generator(nn.Module):
         super().__init__()
         if config.modconv not in ("grouped", "activation"):
             raise ConfigError(f"model.net.modconv must be 'grouped' or 'activation', got {config.modconv!r}")
+        if config.output not in ("linear", "tanh"):
+            raise ConfigError(f"model.net.output must be 'linear' or 'tanh', got {config.output!r}")
         self.z_dim, self.w_dim = config.z_dim, config.w_dim
         self.num_classes = num_classes
         self.mapping = MappingNetwork(config.z_dim, config.w_dim, config.mapping_layers, num_classes,
                                       config.mapping_lr_multiplier)
         self.synthesis = SynthesisNetwork(config.w_dim, image_size, image_channels, config.channels,
-                                          config.max_channels, grouped=config.modconv == "grouped")
+                                          config.max_channels, grouped=config.modconv == "grouped",
+                                          output=config.output)
         self.num_ws = self.synthesis.num_ws
         # Running mean of mapped w (paper's truncation trick centre), updated by the training step.
         self.register_buffer("w_avg", torch.zeros(config.w_dim))
