@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/pairs_binding.py --probe [--encoder minilm]
     PYTHONPATH=src python benchmarks/pairs_binding.py --negative-swapped RUN --scales 4,8 --per-prompt 50
+    PYTHONPATH=src python benchmarks/pairs_binding.py --per-template RUN --scales 4 --per-prompt 4 --sampler ddpm --steps 50
 
 ``--probe``: every caption of the 90 ordered digit pairs x 2 arrangements x 6 templates (1,080) goes through the
 text encoder; each digit token's state is labelled "first digit" (left / top) or "second", and a logistic
@@ -13,6 +14,11 @@ held-out template that mentions it second ("an 8 to the right of a 3").
 ``--negative-swapped RUN``: the composition block of `genlab eval` (20 spatial prompts, N = per-prompt / 2 each)
 sampled with classifier-free guidance against the caption with the two digits swapped, instead of the empty
 prompt; scored as `genlab eval` scores composition (each half classified by the mnist evaluator).
+
+``--per-template RUN``: composition per caption template. Every pair of the composition block (K, K+3) with
+every one of the 12 templates (6 side by side, 6 stacked), ``per-prompt`` samples each; a row per template, with
+whether the template names the left / top digit first (a model that only follows the order of mention gets
+the order right exactly there).
 """
 
 from __future__ import annotations
@@ -74,11 +80,38 @@ def negative_swapped(run_dir: str, scales: list[float], per_prompt: int, sampler
         print(f"{run_dir} w={w} negative=swapped caption:", composition_scores(images, classes, arrangement, classifier))
 
 
+def per_template(run_dir: str, scales: list[float], per_prompt: int, sampler: str, steps: int) -> None:
+    from genlab import api
+    from genlab.data.captions import PAIR_TEMPLATES, pair_caption
+    from genlab.evaluation.common import resolve_extractor
+    from genlab.evaluation.text_to_image import COMPOSITION_PAIRS, _samples_u8, composition_scores
+
+    run = api.load_run(run_dir, device="cpu")
+    classifier = resolve_extractor(None, "mnist", "cpu")
+    asks = [(a, b, kind, t) for kind in PAIR_TEMPLATES for t in range(len(PAIR_TEMPLATES[kind])) for a, b in COMPOSITION_PAIRS]
+    prompts = [pair_caption(*ask) for ask in asks for _ in range(per_prompt)]
+    classes = torch.tensor([[a, b] for a, b, _, _ in asks]).repeat_interleave(per_prompt, 0)
+    arrangement = torch.tensor([kind for _, _, kind, _ in asks]).repeat_interleave(per_prompt)
+    per = len(COMPOSITION_PAIRS) * per_prompt  # samples of one template
+    for w in scales:
+        images = _samples_u8(run, prompts, 0, 250, {"guidance_scale": w, "sampler": sampler, "steps": steps}, False)
+        print(f"{run_dir} w={w} {sampler} {steps}: composition per template, {per} samples each")
+        print("| template | left / top digit named first | composition | swapped |\n|---|---|---|---|")
+        for k, (kind, t) in enumerate((kind, t) for kind in PAIR_TEMPLATES for t in range(len(PAIR_TEMPLATES[kind]))):
+            rows = slice(k * per, (k + 1) * per)
+            score = composition_scores(images[rows], classes[rows], arrangement[rows], classifier)
+            template = PAIR_TEMPLATES[kind][t]
+            in_order = template.index("{a}") < template.index("{b}")
+            print(f"| {template} | {'yes' if in_order else 'no'} | {score['composition_accuracy']:.3f} | {score['composition_swapped']:.3f} |")
+        print("all:", composition_scores(images, classes, arrangement, classifier))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--probe", action="store_true")
     p.add_argument("--encoder", default="minilm")
     p.add_argument("--negative-swapped", metavar="RUN")
+    p.add_argument("--per-template", metavar="RUN")
     p.add_argument("--scales", default="4,8")
     p.add_argument("--per-prompt", type=int, default=50)
     p.add_argument("--sampler", default="dpmpp-2m")
@@ -88,6 +121,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.probe:
         probe(args.encoder)
+    if args.per_template:
+        per_template(args.per_template, [float(s) for s in args.scales.split(",")], args.per_prompt, args.sampler, args.steps)
     if args.negative_swapped:
         negative_swapped(args.negative_swapped, [float(s) for s in args.scales.split(",")], args.per_prompt,
                          args.sampler, args.steps)
