@@ -50,7 +50,7 @@ def _build(name: str, preset: str | None, info: DataInfo | None = None):
     base = None if cls.default_source is None else {"data": {"source": cls.default_source}}  # as api.train_config
     cfg = build_config(name, cls.Config, preset=preset, base=base)
     text = getattr(cfg.model, "text", None)
-    if getattr(text, "kind", None) == "minilm":
+    if getattr(text, "kind", None) in ("minilm", "minilm+clip"):
         from genlab.text.minilm import model_dir
 
         if model_dir() is None:
