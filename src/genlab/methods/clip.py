@@ -25,7 +25,7 @@ from genlab.errors import ConfigError
 from genlab.methods.base import DataInfo, Method
 from genlab.methods.classifier import random_shift
 from genlab.models.clip import CLIP, CLIPConfig
-from genlab.text.encoders import build_text_encoder
+from genlab.text.encoders import CORPUS_KINDS, build_text_encoder
 
 
 def info_nce(logits: torch.Tensor, hard_negatives: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,7 +85,7 @@ class CLIPMethod(Method):
         clip_config = dataclasses.replace(
             config.clip, image=dataclasses.replace(config.clip.image, in_channels=data_info.channels, image_size=data_info.image_size)
         )
-        corpus = [] if clip_config.text.kind == "minilm" else training_corpus(data_info.source)
+        corpus = training_corpus(data_info.source) if clip_config.text.kind in CORPUS_KINDS else []
         self.clip = CLIP(clip_config, build_text_encoder(clip_config.text, corpus))
 
     def ema_targets(self) -> dict[str, torch.nn.Module]:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from genlab.errors import ConfigError
-from genlab.text.encoders import TextEncoder, TextEncoderConfig, TextEncoding, build_text_encoder
+from genlab.text.encoders import CORPUS_KINDS, TextEncoder, TextEncoderConfig, TextEncoding, build_text_encoder
 
 EMPTY_PROMPT = ""  # the unconditional "caption": what caption dropout trains and CFG subtracts
 PROMPT_OPTIONS = ("prompt", "prompts", "negative_prompt", "negative_prompts")
@@ -41,7 +41,7 @@ def text_encoder_for(config: TextEncoderConfig, source: str | None) -> TextEncod
     """The encoder of ``config``; ``tiny`` / ``onehot`` train their tokenizer on ``source``'s captions (as CLIP does)."""
     from genlab.methods.clip import training_corpus
 
-    return build_text_encoder(config, [] if config.kind in ("minilm", "clip", "minilm+clip") else training_corpus(source))
+    return build_text_encoder(config, training_corpus(source) if config.kind in CORPUS_KINDS else [])
 
 
 def token_embedding(encoder: TextEncoder) -> nn.Embedding:

@@ -110,7 +110,7 @@ def load_clip_card(card_path: Path, device: str | torch.device = "cpu") -> tuple
 
     from genlab.config import from_dict
     from genlab.fileio import sha256_file
-    from genlab.text.encoders import build_text_encoder
+    from genlab.text.encoders import CORPUS_KINDS, build_text_encoder
 
     card = json.loads(card_path.read_text())
     if card.get("architecture") != "genlab.models.clip.CLIP":
@@ -120,6 +120,6 @@ def load_clip_card(card_path: Path, device: str | torch.device = "cpu") -> tuple
         raise GenlabError(f"{weights} does not match the sha256 in {card_path.name}; reinstall genlab or export it again")
     config = from_dict(CLIPConfig, card["config"])
     # The corpus only seeds a placeholder vocabulary: the saved tokenizer replaces it on loading.
-    clip = CLIP(config, build_text_encoder(config.text, corpus=["a"] if config.text.kind != "minilm" else ()))
+    clip = CLIP(config, build_text_encoder(config.text, corpus=["a"] if config.text.kind in CORPUS_KINDS else ()))
     clip.load_state_dict(load_file(str(weights)))
     return clip.to(device).eval(), f"{card['name']} (sha256 {card['sha256'][:12]})"

@@ -43,6 +43,7 @@ from genlab.nn.attention import TransformerBlock
 from genlab.text.tokenizer import Tokenizer, train_tokenizer
 
 ENCODER_KINDS = ("tiny", "onehot", "minilm", "clip", "minilm+clip")
+CORPUS_KINDS = ("tiny", "onehot")  # kinds that train their tokenizer on the captions given to build_text_encoder
 TOKENIZER_CAPACITY = 1 << 16  # bytes reserved for a tokenizer's JSON in a checkpoint (a caption vocabulary needs ~5-20 KB)
 CACHE_SIZE = 100_000  # captions whose embeddings a frozen encoder keeps
 
